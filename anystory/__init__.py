@@ -1,0 +1,4 @@
+"""AnyStory: personalized single- and multi-subject generation, encode-then-route (arXiv 2501.09503)."""
+from .subjects import MAX_SUBJECTS, AlphaOrWholeImageSegmenter, PreparedSubject, Segmenter, Subject, prepare_subjects
+
+__all__ = ["MAX_SUBJECTS", "AlphaOrWholeImageSegmenter", "PreparedSubject", "Segmenter", "Subject", "prepare_subjects"]
