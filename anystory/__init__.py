@@ -2,3 +2,7 @@
 from .subjects import MAX_SUBJECTS, AlphaOrWholeImageSegmenter, PreparedSubject, Segmenter, Subject, prepare_subjects
 
 __all__ = ["MAX_SUBJECTS", "AlphaOrWholeImageSegmenter", "PreparedSubject", "Segmenter", "Subject", "prepare_subjects"]
+from .adapter_sdxl import AnyStorySDXLAdapter
+from .pipeline_sdxl import AnyStoryPipelineOutput, AnyStorySDXLPipeline
+
+__all__ += ["AnyStorySDXLAdapter", "AnyStoryPipelineOutput", "AnyStorySDXLPipeline"]

@@ -1,0 +1,191 @@
+"""``AnyStorySDXLPipeline``: SDXL with AnyStory's encode-then-route subject conditioning.
+
+The pipeline is diffusers' ``StableDiffusionXLPipeline`` plus one optional component, ``anystory`` (the
+:class:`AnyStorySDXLAdapter`). ``__call__`` validates and encodes the subjects once (ReferenceNet, CLIP +
+QFormers), hands the result to the attention processors through the adapter's state, and then runs the parent's
+denoising loop untouched. With no subjects nothing is conditioned and the output is SDXL's own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionXLPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils import BaseOutput
+
+from .adapter_sdxl import AnyStorySDXLAdapter
+from .subjects import MAX_SUBJECTS, PreparedSubject, Segmenter, Subject, prepare_subjects
+
+#: IP-Adapter's ViT-H/14 image encoder, the paper's CLIP (penultimate layer, 257 tokens).
+DEFAULT_IMAGE_ENCODER = ("h94/IP-Adapter", "models/image_encoder")
+
+
+@dataclass
+class AnyStoryPipelineOutput(BaseOutput):
+    """images: as ``StableDiffusionXLPipelineOutput``. routing_maps: when requested, one ``[batch, N+1, h, w]``
+    float tensor per denoising step (latent resolution; channel i < N is subject i, channel N the background),
+    the gating maps averaged over the cross-attention layers of that step."""
+
+    images: List[PIL.Image.Image] | np.ndarray
+    routing_maps: Optional[List[torch.Tensor]] = None
+
+
+class AnyStorySDXLPipeline(StableDiffusionXLPipeline):
+    _optional_components = StableDiffusionXLPipeline._optional_components + ["anystory"]
+    _exclude_from_cpu_offload = ["anystory"]  # its modules run inside the UNet's forward
+
+    def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler,
+                 image_encoder=None, feature_extractor=None, anystory: Optional[AnyStorySDXLAdapter] = None,
+                 force_zeros_for_empty_prompt: bool = True, add_watermarker: Optional[bool] = None,
+                 segmenter: Optional[Segmenter] = None):
+        super().__init__(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, image_encoder,
+                         feature_extractor, force_zeros_for_empty_prompt, add_watermarker=add_watermarker)
+        self.register_modules(anystory=None)
+        self.segmenter = segmenter
+        if anystory is not None:
+            self._set_anystory(anystory)
+
+    @property
+    def max_subjects(self) -> int:
+        return self.anystory.config.max_subjects if self.anystory is not None else MAX_SUBJECTS
+
+    # ---- our weights -------------------------------------------------------------------------------------------
+    def _set_anystory(self, adapter: AnyStorySDXLAdapter) -> None:
+        if self.image_encoder is not None and adapter.config.image_embed_dim != self.image_encoder.config.hidden_size:
+            raise ValueError(f"AnyStory weights expect image features of width {adapter.config.image_embed_dim}, "
+                             f"the image encoder gives {self.image_encoder.config.hidden_size}")
+        adapter.to(device=self.unet.device, dtype=self.unet.dtype)
+        adapter.attach(self.unet)
+        self.register_modules(anystory=adapter)
+
+    def init_anystory(self, **config) -> AnyStorySDXLAdapter:
+        """Fresh (untrained) AnyStory modules for this UNet: the starting point of training."""
+        if self.image_encoder is None:
+            raise ValueError("init_anystory needs the pipeline's image_encoder (a CLIPVisionModelWithProjection)")
+        adapter = AnyStorySDXLAdapter.from_unet(self.unet, self.image_encoder.config.hidden_size, **config)
+        self._set_anystory(adapter)
+        return adapter
+
+    def load_anystory_weights(self, path: str) -> AnyStorySDXLAdapter:
+        """Load ``anystory.safetensors`` + ``anystory_config.json`` (a folder, or the weights file beside its config)."""
+        self._set_anystory(AnyStorySDXLAdapter.load_anystory(path))
+        return self.anystory
+
+    def save_anystory_weights(self, directory: str) -> None:
+        if self.anystory is None:
+            raise ValueError("no AnyStory weights to save: call init_anystory or load_anystory_weights first")
+        self.anystory.save_anystory(directory)
+
+    def set_routing_override(self, maps: Optional[torch.Tensor]) -> None:
+        """Test/debug hook: force every layer's routing to ``maps`` (``[N+1, H, W]`` one-hot, any resolution,
+        resized nearest per layer; channel N is the background). ``None`` restores the learned router."""
+        self._routing_override = maps
+
+    def _forced_maps(self, n: int, device) -> Optional[torch.Tensor]:
+        maps = getattr(self, "_routing_override", None)
+        if maps is None:
+            return None
+        if maps.ndim != 3 or maps.shape[0] != n + 1:
+            raise ValueError(f"routing override must be [N+1={n + 1}, H, W], got {tuple(maps.shape)}")
+        return maps.to(device=device, dtype=torch.float32)
+
+    # ---- subject encoding --------------------------------------------------------------------------------------
+    def check_subjects(self, subjects: Optional[Sequence[Subject]]) -> List[PreparedSubject]:
+        prepared = prepare_subjects(subjects, self.max_subjects, self.segmenter)
+        if prepared:
+            if self.anystory is None:
+                raise ValueError("subjects were given but no AnyStory weights are loaded: call "
+                                 "load_anystory_weights(path) (or init_anystory() to train)")
+            if self.image_encoder is None or self.feature_extractor is None:
+                raise ValueError("subjects need the pipeline's image_encoder and feature_extractor")
+        return prepared
+
+    def subject_tensors(self, prepared: Sequence[PreparedSubject], device, dtype) -> dict:
+        """Pixel tensors for ``encode_subjects``: VAE input, mask, and CLIP input (plus a blank image last)."""
+        size = self.anystory.config.reference_size
+        images = [p.image.resize((size, size), PIL.Image.BICUBIC) for p in prepared]
+        masks = [PIL.Image.fromarray(p.mask.astype(np.uint8) * 255).resize((size, size), PIL.Image.NEAREST) for p in prepared]
+        blank = PIL.Image.new("RGB", (size, size), (255, 255, 255))
+        pixels = self.image_processor.preprocess(images, height=size, width=size).to(device, dtype)
+        mask = torch.from_numpy(np.stack([np.asarray(m) > 127 for m in masks])).to(device, dtype)[:, None]
+        clip = self.feature_extractor(images=images + [blank], return_tensors="pt").pixel_values.to(device, dtype)
+        return {"pixels": pixels[None], "masks": mask[None], "clip_pixels": clip[None]}
+
+    def encode_subjects(self, pixels: torch.Tensor, masks: torch.Tensor, clip_pixels: torch.Tensor) -> dict:
+        """Encode ``[b, N, 3, R, R]`` references (+ masks ``[b, N, 1, R, R]``, CLIP input ``[b, N+1, ...]`` whose
+        last image is blank) into the state fields the processors read. Differentiable (used by training too)."""
+        b, n = pixels.shape[:2]
+        adapter = self.anystory
+        latents = self.vae.encode(pixels.flatten(0, 1).to(self.vae.dtype)).latent_dist.mode()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        latents = ((latents - shift) * self.vae.config.scaling_factor).to(self.unet.dtype)
+        small = F.interpolate(masks.flatten(0, 1).float(), size=latents.shape[-2:], mode="area").to(latents.dtype)
+        feats = adapter.reference_net(latents, small, adapter.config.reference_size)
+        reference = {k: v.unflatten(0, (b, n)) for k, v in feats.items()}
+
+        hidden = self.image_encoder(clip_pixels.flatten(0, 1).to(self.image_encoder.dtype),
+                                    output_hidden_states=True).hidden_states[-2].to(self.unet.dtype)
+        hidden = hidden.unflatten(0, (b, n + 1))
+        semantic = adapter.semantic_qformer(hidden[:, :n].flatten(0, 1)).unflatten(0, (b, n))
+        background = adapter.semantic_qformer(hidden[:, n])[:, None].expand(-1, n, -1, -1)
+        routing = adapter.routing_qformer(hidden.flatten(0, 1))[:, 0].unflatten(0, (b, n + 1))
+        return {"num_subjects": n, "reference_features": reference, "semantic_tokens": semantic,
+                "semantic_uncond_tokens": background, "routing_tokens": routing}
+
+    # ---- call --------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, prompt=None, subjects: Optional[Sequence[Subject]] = None, *, height: Optional[int] = None,
+                 width: Optional[int] = None, num_inference_steps: int = 30, guidance_scale: float = 5.0,
+                 negative_prompt=None, num_images_per_prompt: int = 1, generator=None, latents=None,
+                 output_type: str = "pil", return_dict: bool = True, callback_on_step_end: Optional[Callable] = None,
+                 callback_on_step_end_tensor_inputs: Optional[List[str]] = None, return_routing_maps: bool = False,
+                 **kwargs):
+        """Generate. ``subjects``: up to ``max_subjects`` :class:`Subject`. Every other argument is
+        ``StableDiffusionXLPipeline``'s. ``return_routing_maps`` adds per-step routing maps to the output."""
+        prepared = self.check_subjects(subjects)
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            tensor_inputs = callback_on_step_end.tensor_inputs
+        maps: List[torch.Tensor] = []
+
+        def on_step_end(pipe, i, t, tensors):
+            if return_routing_maps:
+                step = self.anystory.state.take_step_maps() if self.anystory is not None else None
+                if step is not None:
+                    maps.append(step.cpu())
+            return callback_on_step_end(pipe, i, t, tensors) if callback_on_step_end is not None else {}
+
+        try:
+            if prepared:
+                device, dtype = self._execution_device, self.unet.dtype
+                encoded = self.encode_subjects(**self.subject_tensors(prepared, device, dtype))
+                self.anystory.reset_state(
+                    **encoded,
+                    scales=torch.tensor([p.scale for p in prepared], device=device),
+                    reference_scales=torch.tensor([p.reference_scale for p in prepared], device=device),
+                    cfg=guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None,
+                    latent_hw=(height // self.vae_scale_factor, width // self.vae_scale_factor),
+                    forced_maps=self._forced_maps(len(prepared), device),
+                    record_maps=return_routing_maps,
+                )
+            out = super().__call__(
+                prompt=prompt, height=height, width=width, num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents,
+                output_type=output_type, return_dict=True,
+                callback_on_step_end=on_step_end if (return_routing_maps or callback_on_step_end) else None,
+                callback_on_step_end_tensor_inputs=tensor_inputs, **kwargs)
+        finally:
+            if self.anystory is not None:
+                self.anystory.reset_state()
+        routing = maps if return_routing_maps else None
+        if not return_dict:
+            return (out.images, routing)
+        return AnyStoryPipelineOutput(images=out.images, routing_maps=routing)
