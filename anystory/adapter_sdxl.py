@@ -67,6 +67,7 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
             for name, latent_dim, cdim, inner in cross_attention_layers
         })
         self.state = AnyStoryState(gumbel_tau=gumbel_tau)
+        self.eval()  # inference (hard routing) unless a trainer calls .train()
 
     @classmethod
     def from_unet(cls, unet: UNet2DConditionModel, image_embed_dim: int, **config) -> "AnyStorySDXLAdapter":
@@ -105,6 +106,8 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
         for k, v in values.items():
             setattr(self.state, k, v)
         self.state.training = self.training
+        if self.state.forced_maps is not None:
+            self.state.prev_map = self.state.forced_maps[None]  # forced routing holds from the very first layer
         return self.state
 
     def save_anystory(self, directory: str) -> None:

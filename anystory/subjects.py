@@ -122,7 +122,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         arr = np.asarray(image, dtype=np.float64)
         hi = 65535.0 if image.mode.startswith("I;16") else max(float(arr.max()), 1.0)
         arr = np.clip(arr / hi * 255.0, 0, 255).round().astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
+        return Image.fromarray(arr).convert("RGB")
     if image.mode in ("RGBA", "LA", "PA", "P"):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

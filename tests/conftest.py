@@ -1,0 +1,18 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+DREAMBENCH = os.path.join(os.path.dirname(ROOT), "shared", "data", "dreambench")
+
+
+@pytest.fixture
+def dreambench_dir():
+    if not os.path.isdir(DREAMBENCH):
+        pytest.skip(f"DreamBench data not found at {DREAMBENCH}")
+    return DREAMBENCH
