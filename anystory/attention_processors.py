@@ -125,10 +125,8 @@ class AnyStorySelfAttnProcessor:
             prev = _resize_map(st.prev_map, st.layer_hw(length)).flatten(2)  # [Bc, N+1, L]
             gate = _to_batch(prev[:, :n].detach().to(query.dtype), batch) * gate  # [B, N, L]
         bias_subject = torch.log(gate).transpose(-1, -2)  # [B or 1, L or 1, N]: 0 inside, -inf outside
-        bias = torch.cat([
-            torch.zeros(bias_subject.shape[0], length, length, device=query.device, dtype=query.dtype),
-            bias_subject.expand(-1, length, -1).repeat_interleave(lr, dim=-1),
-        ], dim=-1).unsqueeze(1)
+        bias = query.new_zeros(bias_subject.shape[0], 1, length, length + n * lr)
+        bias[:, 0, :, length:].unflatten(-1, (n, lr)).copy_(bias_subject.unsqueeze(-1).expand(-1, length, -1, lr))
 
         out = F.scaled_dot_product_attention(_heads(query, attn.heads), _heads(key, attn.heads),
                                              _heads(value, attn.heads), attn_mask=bias)

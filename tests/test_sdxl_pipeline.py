@@ -269,3 +269,22 @@ def test_tiny_components_mirror_sdxl(components):
                                                + components["text_encoder_2"].config.hidden_size)
     ids = components["tokenizer"]("a photo of a dog").input_ids
     assert ids == [49406, 320, 1125, 539, 320, 1929, 49407]  # CLIP's real BPE ids
+
+
+def test_processors_compile_without_graph_breaks(pipe):
+    """torch.compile(fullgraph=True) raises on any graph break inside the UNet, our processors included."""
+    enc = pipe.encode_subjects(**pipe.subject_tensors(pipe.check_subjects([Subject(_image(1)), Subject(_image(2))]),
+                                                      "cpu", torch.float32))
+    pipe.anystory.reset_state(**enc, scales=torch.ones(2), reference_scales=torch.ones(2), cfg=True, latent_hw=(32, 32))
+    try:
+        args = (torch.randn(2, 4, 32, 32), torch.tensor([500]), torch.randn(2, 7, 64))
+        added = {"text_embeds": torch.randn(2, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+        with torch.no_grad():
+            eager = pipe.unet(*args, added_cond_kwargs=added).sample
+            pipe.anystory.state.prev_map, pipe.anystory.state.kv_cache = None, {}
+            torch._dynamo.reset()
+            compiled = torch.compile(pipe.unet, backend="eager", fullgraph=True)(*args, added_cond_kwargs=added).sample
+        assert torch.allclose(eager, compiled, atol=1e-5)
+    finally:
+        pipe.anystory.reset_state()
+        torch._dynamo.reset()

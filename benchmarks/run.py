@@ -1,0 +1,84 @@
+"""``python -m benchmarks.run [--device cpu|cuda] [--backbone sdxl|flux] [--shape tiny|real]``
+
+Per-step latency of the bare diffusers pipeline against AnyStory with 0, 1, 2 and 4 subjects, measured in one
+run (median over repeats) and reported as ratios against the goals; reference-encoder passes per call; peak
+memory; and eval-metric throughput. Prints a table and writes CSV.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+
+import pandas as pd
+import torch
+
+GOALS = {"sdxl": 1.10, "flux": 1.25}  # per-step time at 2 subjects / bare pipeline
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--backbone", default="sdxl", choices=["sdxl", "flux", "all"])
+    p.add_argument("--shape", default="tiny", choices=["tiny", "real"])
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--height", type=int, default=None, help="override the image size (square)")
+    p.add_argument("--skip-eval", action="store_true", help="skip eval-metric throughput")
+    p.add_argument("--out", default="runs/benchmarks")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but no CUDA device is available")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+
+    rows = []
+    backbones = ["sdxl", "flux"] if args.backbone == "all" else [args.backbone]
+    for backbone in backbones:
+        if backbone == "sdxl":
+            from .sdxl import run
+        else:
+            from .flux import run
+        rows += run(args.shape, args.device, steps=args.steps, repeats=args.repeats, dtype=dtype, height=args.height)
+    table = pd.DataFrame(rows)
+    table["device"] = device_name(args.device)
+    table["goal_step_ratio_at_2"] = table["backbone"].map(GOALS)
+    two = table["subjects"] == 2
+    table.loc[two, "meets_goal"] = table.loc[two, "step_ratio"] <= table.loc[two, "goal_step_ratio_at_2"]
+    table["passes_ok"] = table["reference_passes_per_call"] == table["subjects"]
+
+    os.makedirs(args.out, exist_ok=True)
+    name = f"{args.backbone}_{args.shape}_{args.device}"
+    table.to_csv(os.path.join(args.out, f"latency_{name}.csv"), index=False)
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
+        print(table.drop(columns=["goal_step_ratio_at_2"]).to_string(index=False))
+    for backbone in backbones:
+        r = table[(table.backbone == backbone) & two]
+        if len(r):
+            ratio = float(r.step_ratio.iloc[0])
+            print(f"{backbone}: per-step ratio at 2 subjects {ratio:.3f}x vs goal <= {GOALS[backbone]:.2f}x "
+                  f"({'met' if ratio <= GOALS[backbone] else 'NOT met'}); reference passes per call == subjects: "
+                  f"{bool(table[table.backbone == backbone].passes_ok.all())}")
+
+    if not args.skip_eval:
+        try:
+            from .eval_throughput import measure_eval_throughput
+        except ImportError as e:
+            print(f"eval throughput: not measured ({e})")
+        else:
+            ev = pd.DataFrame(measure_eval_throughput(device=args.device))
+            ev.to_csv(os.path.join(args.out, f"eval_throughput_{args.device}.csv"), index=False)
+            print(ev.to_string(index=False))
+    print(f"CSV written under {args.out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
