@@ -121,7 +121,14 @@ class AnyStorySDXLPipeline(StableDiffusionXLPipeline):
         last image is blank) into the state fields the processors read. Differentiable (used by training too)."""
         b, n = pixels.shape[:2]
         adapter = self.anystory
-        latents = self.vae.encode(pixels.flatten(0, 1).to(self.vae.dtype)).latent_dist.mode()
+        upcast = self.vae.dtype == torch.float16 and self.vae.config.force_upcast  # SDXL's VAE overflows in fp16
+        if upcast:
+            self.vae.to(dtype=torch.float32)
+        try:
+            latents = self.vae.encode(pixels.flatten(0, 1).to(self.vae.dtype)).latent_dist.mode()
+        finally:
+            if upcast:
+                self.vae.to(dtype=torch.float16)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         latents = ((latents - shift) * self.vae.config.scaling_factor).to(self.unet.dtype)
         small = F.interpolate(masks.flatten(0, 1).float(), size=latents.shape[-2:], mode="area").to(latents.dtype)

@@ -288,3 +288,15 @@ def test_processors_compile_without_graph_breaks(pipe):
     finally:
         pipe.anystory.reset_state()
         torch._dynamo.reset()
+
+
+def test_user_callback_runs_beside_routing_maps(pipe):
+    seen = []
+
+    def callback(p, i, t, tensors):
+        seen.append((i, tuple(tensors["latents"].shape)))
+        return {}
+
+    out = _run(pipe, [Subject(_image(1))], steps=3, callback_on_step_end=callback, return_routing_maps=True)
+    assert [i for i, _ in seen] == [0, 1, 2] and seen[0][1] == (1, 4, 32, 32)
+    assert len(out.routing_maps) == 3 and out.routing_maps[0].shape == (1, 2, 32, 32)
