@@ -56,10 +56,20 @@ def build(shape: str, device: str, dtype):
         comps = tiny_sdxl_components(0, TinySpec(image_size=128))
         config, size = TINY_ANYSTORY_CONFIG, 128
     else:
-        comps = real_shape_components(dtype)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # build in the target dtype: two fp32 SDXL UNets would not fit in 24 GiB
+        try:
+            comps = real_shape_components(dtype)
+        finally:
+            torch.set_default_dtype(default)
         config, size = {}, 1024
     pipe = AnyStorySDXLPipeline(**comps)
-    pipe.init_anystory(**config)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(pipe.unet.dtype)
+    try:
+        pipe.init_anystory(**config)
+    finally:
+        torch.set_default_dtype(default)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe, size
