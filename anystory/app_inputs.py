@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -122,7 +123,7 @@ class SubjectSlot:
 
 
 def collect_subjects(slots: Sequence[SubjectSlot], max_subjects: int, segmenter: Segmenter,
-                     require_one: bool = True) -> Tuple[List[Subject], List[str]]:
+                     require_one: bool = True, noun: str = "Subject") -> Tuple[List[Subject], List[str]]:
     """Validated :class:`Subject` objects with full-size masks, and where each mask came from.
 
     Masks are resolved here (upload, else drawing, else ``segmenter``) so the user sees the source, and the
@@ -136,7 +137,7 @@ def collect_subjects(slots: Sequence[SubjectSlot], max_subjects: int, segmenter:
                          "Remove some subjects.")
     subjects, sources = [], []
     for i, slot in used:
-        label = f"Subject {i + 1}" + (f" ({slot.name.strip()})" if slot.name and slot.name.strip() else "")
+        label = f"{noun} {i + 1}" + (f" ({slot.name.strip()})" if slot.name and slot.name.strip() else "")
         if slot.image is None:
             raise InputError(f"{label}: a mask was given but no image; upload the subject's reference image.")
         image = load_image_file(slot.image, f"{label} image")
@@ -149,13 +150,14 @@ def collect_subjects(slots: Sequence[SubjectSlot], max_subjects: int, segmenter:
             if mask is None:
                 mask = np.asarray(segmenter(image), dtype=bool)
                 source = f"automatic ({getattr(segmenter, 'last_source', None) or segmenter.name})"
-        subjects.append(Subject(image=image, mask=mask, name=slot.name.strip() if slot.name else f"subject {i + 1}",
-                                scale=slot.scale, reference_scale=slot.reference_scale))
+        subject = Subject(image=image, mask=mask, name=slot.name.strip() if slot.name else f"subject {i + 1}",
+                          scale=slot.scale, reference_scale=slot.reference_scale)
+        try:  # the shared checks (mask size and content, scales), relabelled with the UI's 1-based numbering
+            prepare_subjects([Subject(image, mask, "", subject.scale, subject.reference_scale)], max_subjects)
+        except ValueError as e:
+            raise InputError(re.sub(r"^subject 0", label, str(e))) from None
+        subjects.append(subject)
         sources.append(f"{label}: {source}")
-    try:
-        prepare_subjects(subjects, max_subjects)
-    except ValueError as e:
-        raise InputError(str(e)[0].upper() + str(e)[1:]) from None
     return subjects, sources
 
 

@@ -497,7 +497,7 @@ def story_subjects(script: Script, segmenter, max_characters: int = 16) -> Dict[
         if c.reference is None:
             raise InputError(f"Character '{c.alias}' acts in a shot but has no reference image; upload one.")
     slots = [SubjectSlot(c.reference, c.mask, None, c.alias, c.scale, c.reference_scale) for c in chars]
-    subjects, _ = collect_subjects(slots, max_characters, segmenter, require_one=False)
+    subjects, _ = collect_subjects(slots, max_characters, segmenter, require_one=False, noun="Character")
     return {c.alias: s for c, s in zip(chars, subjects)}
 
 
