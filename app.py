@@ -102,7 +102,7 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                     routing = gr.Gallery(label="Routing: where each subject acts (overlay, map)", columns=2,
                                          height=300, elem_id="routing-gallery")
                     legend = gr.HTML(elem_id="routing-legend")
-                    files = gr.File(label="Download (PNG)", file_count="multiple", elem_id="downloads")
+                    files = gr.File(label="Download (PNG)", file_count="multiple", interactive=False, elem_id="downloads")
 
             @gpu
             def on_generate(c, prompt_text, negative_text, seed_v, steps_v, guidance_v, width_v, height_v, num_v,
@@ -159,7 +159,7 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
             with gr.Row():
                 script_upload = gr.File(label="Import script (.yaml, .yml, .json, or a .zip bundle with images)",
                                         file_types=[".yaml", ".yml", ".json", ".zip"], elem_id="import-script")
-                script_files = gr.File(label="Exported script", file_count="multiple")
+                script_files = gr.File(label="Exported script", file_count="multiple", interactive=False)
             story_status = gr.Markdown(elem_id="story-status")
             frames = gr.Gallery(label="Frames", columns=3, height=360, elem_id="story-frames")
             frame_routes = gr.Gallery(label="Routing per frame", columns=3, height=240)

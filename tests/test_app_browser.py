@@ -1,0 +1,122 @@
+"""The demo in a real browser: Debian's headless Chromium driven by Playwright against ``python app.py``.
+
+Runs the miniature when it is installed (the tiny untrained pipeline otherwise, which exercises the same UI and
+code path). Skips when Chromium is absent; `.ci/run` installs it. The screenshot lands in tests/outputs/.
+"""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from anystory.app_logic import miniature_status
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "tests", "outputs")
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+STAR = os.path.join(ROOT, "assets", "examples", "red_striped_star.png")
+CAT = os.path.join(ROOT, "assets", "examples", "cat.png")
+
+pytestmark = pytest.mark.skipif(not os.path.isfile(CHROMIUM), reason=f"Chromium not found at {CHROMIUM}")
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app():
+    model = "miniature" if miniature_status().available else "tiny"
+    port = _free_port()
+    os.makedirs(OUT, exist_ok=True)
+    log_path = os.path.join(OUT, "app_browser_server.log")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "app.py", "--model", model, "--host", "127.0.0.1", "--port", str(port)],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 180
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"app.py exited with {proc.returncode}:\n{open(log_path).read()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"app.py did not serve {url} within 180 s:\n{open(log_path).read()[-3000:]}")
+            time.sleep(0.5)
+        yield url, model
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def page(app):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        pg = browser.new_page(viewport={"width": 1400, "height": 1600})
+        pg.goto(app[0])
+        pg.wait_for_selector("#generate", timeout=60_000)
+        yield pg
+        browser.close()
+
+
+def test_bad_input_shows_a_message(page):
+    page.click("#generate")
+    sync_api.expect(page.get_by_text("No subject image: upload at least one reference image.")).to_be_visible(timeout=30_000)
+    page.reload()  # a clean page (no toast) for the next test
+    page.wait_for_selector("#generate", timeout=60_000)
+
+
+def test_upload_two_subjects_generate_and_see_the_routing_overlay(page, app):
+    model = app[1]
+    sync_api.expect(page.locator("#model-status")).to_contain_text(model if model == "miniature" else "UNTRAINED")
+    page.locator("#subject-1-image input[type=file]").set_input_files(STAR)
+    page.locator("#subject-2-image input[type=file]").set_input_files(CAT)
+    page.locator("#subject-1-name textarea, #subject-1-name input").first.fill("star")
+    page.locator("#subject-2-name textarea, #subject-2-name input").first.fill("cat")
+    page.locator("#prompt textarea").fill("a red striped star and a cat on sand")
+    sync_api.expect(page.locator("#subject-2-image img").first).to_be_visible(timeout=30_000)
+    page.click("#generate")
+
+    output = page.locator("#output-gallery img").first
+    overlay = page.locator("#routing-gallery img").first
+    sync_api.expect(output).to_be_visible(timeout=240_000)
+    sync_api.expect(overlay).to_be_visible(timeout=30_000)
+    for img in (output, overlay):  # really decoded, not a broken link
+        img.evaluate("el => el.decode ? el.decode() : null")
+        assert img.evaluate("el => el.naturalWidth") > 0
+    assert page.locator("#routing-gallery img").count() >= 2  # the overlay and the map alone
+    sync_api.expect(page.locator("#routing-legend")).to_contain_text("star")
+    sync_api.expect(page.locator("#routing-legend")).to_contain_text("cat")
+    sync_api.expect(page.locator("#run-info")).to_contain_text("Seed")
+    sync_api.expect(page.locator("#run-info")).to_contain_text("2 subject(s)")
+    sync_api.expect(page.locator("#downloads")).to_contain_text("_routing")
+    page.wait_for_timeout(500)
+    page.screenshot(path=os.path.join(OUT, "app_browser.png"), full_page=True)
+
+
+def test_add_and_remove_subject_slots(page):
+    third = page.locator("#subject-3-image")
+    sync_api.expect(third).to_be_hidden()
+    page.click("#add-subject")
+    sync_api.expect(third).to_be_visible(timeout=10_000)
+    page.click("#remove-subject")
+    sync_api.expect(third).to_be_hidden(timeout=10_000)
