@@ -42,7 +42,7 @@ FLUX_ANYSTORY_REPO = "Junjie96/AnyStory"
 FLUX_ANYSTORY_FILE = "anystory_flux.bin"
 #: One file per repository that must be reachable for FLUX to be worth trying.
 FLUX_REQUIRED = ((FLUX_ANYSTORY_REPO, FLUX_ANYSTORY_FILE), (FLUX_BASE, "model_index.json"),
-                 (FLUX_REDUX, "model_index.json"))
+                 (FLUX_REDUX, "image_encoder/config.json"))
 
 TITLES = {
     "flux": "AnyStory on FLUX.1-dev (the authors' released weights)",
@@ -245,11 +245,15 @@ def plan_models(env: Environment, requested: str = "auto") -> tuple:
 
 # ---- loaders ------------------------------------------------------------------------------------------------------
 def _load_flux(env: Environment):
-    from .flux import load_flux_anystory
+    from .flux import AnyStoryFluxPipeline
 
-    pipe = load_flux_anystory(anystory_weights=os.environ.get("ANYSTORY_FLUX_WEIGHTS") or None,
-                              device="cuda", dtype=torch.bfloat16,
-                              cpu_offload=env.gpu_memory_gib < FLUX_RESIDENT_GIB)
+    pipe = AnyStoryFluxPipeline.from_released(FLUX_BASE, FLUX_REDUX,
+                                              os.environ.get("ANYSTORY_FLUX_WEIGHTS") or FLUX_ANYSTORY_REPO,
+                                              torch_dtype=torch.bfloat16)
+    if env.gpu_memory_gib < FLUX_RESIDENT_GIB:
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe.to("cuda")
     return pipe
 
 
@@ -421,6 +425,10 @@ def generate(handle: ModelHandle, req: Request, progress: Optional[Callable[[int
 
     call = dict(kwargs, subjects=list(req.subjects), generator=torch.Generator("cpu").manual_seed(seed),
                 callback_on_step_end=on_step)
+    ignored = ""
+    if handle.kind == "flux" and call.get("negative_prompt"):  # guidance-distilled: FLUX.1-dev has no negative prompt
+        call.pop("negative_prompt")
+        ignored = " The negative prompt is not used by FLUX.1-dev (guidance-distilled)."
     if maps_wanted:
         call["return_routing_maps"] = True
     start = time.perf_counter()
@@ -460,7 +468,8 @@ def generate(handle: ModelHandle, req: Request, progress: Optional[Callable[[int
         if overlays:
             files.append(save_png(side_by_side([image, overlays[b]]), out_dir, f"anystory_seed{seed}_{b}_routing"))
     info = (f"Seed **{seed}** - {steps} steps, guidance {kwargs['guidance_scale']:g}, "
-            f"{kwargs['width']}x{kwargs['height']}, {len(req.subjects)} subject(s) - {seconds:.1f} s on {handle.device}.")
+            f"{kwargs['width']}x{kwargs['height']}, {len(req.subjects)} subject(s) - {seconds:.1f} s on {handle.device}."
+            + ignored)
     return Result(images, overlays, legend, seed, files, info, note, route_maps)
 
 
