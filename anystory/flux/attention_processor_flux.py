@@ -1,0 +1,169 @@
+"""``AnyStoryFluxAttnProcessor``: FLUX attention with subjects' redux/reference tokens, routed.
+
+One processor per block (double and single). Without active subjects it is diffusers' ``FluxAttnProcessor``.
+During the reference pass it computes ordinary attention and keeps the block's reference keys/values. During
+denoising, when the reference is on, the image/text queries also attend to the cached reference keys, with a
+logit bias per reference column: -100 outside the subject's mask (the release's ``ref_mask``) and
+``log(reference_scale)`` per subject (0 at the default scale 1). When routing is on, an image token that the
+block's map does not send to subject i gets ``-inf`` on subject i's redux and reference columns (the release
+uses -100; the difference is below float resolution, and ``-inf`` makes the confinement exact).
+
+``confine_subjects`` (our option, off by default; the release does not do it): the text tokens see no subject
+tokens, and subject i's redux tokens see only subject i's tokens. Then a subject routed nowhere cannot reach
+the image at all; in the release's attention it still can, through the shared text tokens.
+
+The processor's four linear layers are the release's ``to_{q,k}_routing_map_lora_{A,B}`` (the router's own
+low-rank query/key terms); their state-dict keys are ``...attn.processor.<name>`` as in the released file.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+from .adapter_scope import ROUTER_ADAPTER, adapter_scope
+from .router_flux import router_post_attention, router_pre_attention, routing_map
+
+NEG_INF = float("-inf")
+
+
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return x.unflatten(-1, (-1, head_dim))
+
+
+def _attention(q, k, v, bias=None):
+    """``[b, s, h, d]`` in and out."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias)
+    return out.transpose(1, 2)
+
+
+def attention_bias(state, plan, maps, batch: int, dtype, device):
+    """``[b, 1, Lq, Lk]`` additive bias for queries [text, redux, image] and keys [text, redux, image, reference],
+    or ``None`` when nothing is masked. maps: ``[b, N, I]`` (1 = image token routed to subject i) or None."""
+    n, txt, rx, img = state.num_subjects, state.txt_len, state.redux_len, state.img_len
+    t0, lq = txt - rx, txt + img
+    rf = state.ref_bias.numel() if plan.ref else 0
+    if not rf and maps is None:
+        return None
+    bias = torch.zeros(batch, 1, lq, lq + rf, dtype=dtype, device=device)
+    if rf:
+        bias[..., lq:] = state.ref_bias.to(device=device, dtype=dtype)
+    if maps is None:
+        return bias
+    off = (maps < 0.5).transpose(1, 2)  # [b, I, N]: image token j is not routed to subject i
+    rows = bias[:, 0, txt:lq]
+    if rx:
+        rows[..., t0:txt].masked_fill_(off.repeat_interleave(rx // n, dim=2), NEG_INF)
+    if rf:
+        rows[..., lq:].masked_fill_(off.repeat_interleave(rf // n, dim=2), NEG_INF)
+    if state.confine:
+        bias[:, 0, :t0, t0:txt] = NEG_INF
+        bias[:, 0, :t0, lq:] = NEG_INF
+        if rx:
+            redux_owner = torch.arange(n, device=device).repeat_interleave(rx // n)
+            bias[:, 0, t0:txt, t0:txt].masked_fill_(redux_owner[:, None] != redux_owner[None, :], NEG_INF)
+            if rf:
+                ref_owner = torch.arange(n, device=device).repeat_interleave(rf // n)
+                bias[:, 0, t0:txt, lq:].masked_fill_(redux_owner[:, None] != ref_owner[None, :], NEG_INF)
+    return bias
+
+
+class AnyStoryFluxAttnProcessor(nn.Module):
+    def __init__(self, hidden_size: int, rank: int = 128, bias: bool = True, layer_id: int = 0):
+        super().__init__()
+        self.to_q_routing_map_lora_A = nn.Linear(hidden_size, rank, bias=False)
+        self.to_q_routing_map_lora_B = nn.Linear(rank, hidden_size, bias=bias)
+        self.to_k_routing_map_lora_A = nn.Linear(hidden_size, rank, bias=False)
+        self.to_k_routing_map_lora_B = nn.Linear(rank, hidden_size, bias=bias)
+        self.layer_id = layer_id
+        self.conditioning = None  # AnyStoryFluxState, shared by all processors of the transformer
+        self.stock = FluxAttnProcessor()
+        self._block = ()  # (owning block,), kept out of the module tree
+        self._router_layers: list = []
+
+    def bind(self, conditioning, block, router_layers) -> None:
+        self.conditioning, self._block, self._router_layers = conditioning, (block,), list(router_layers)
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        state = self.conditioning
+        if state is None or not state.active:
+            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if state.in_ref_pass:
+            return self._reference(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        plan = state.plan
+        if plan is None or not (plan.ref or plan.route):
+            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        return self._conditioned(attn, hidden_states, encoder_hidden_states, image_rotary_emb, plan)
+
+    # ---- shared pieces -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _project(attn, hidden, text, rope):
+        """Joint [text, image] queries/keys/values per head, normalised and rotated, plus ``to_k(hidden)``."""
+        d = attn.head_dim
+        key_proj = attn.to_k(hidden)
+        q = attn.norm_q(_heads(attn.to_q(hidden), d))
+        k = attn.norm_k(_heads(key_proj, d))
+        v = _heads(attn.to_v(hidden), d)
+        if text is not None:
+            q = torch.cat([attn.norm_added_q(_heads(attn.add_q_proj(text), d)), q], dim=1)
+            k = torch.cat([attn.norm_added_k(_heads(attn.add_k_proj(text), d)), k], dim=1)
+            v = torch.cat([_heads(attn.add_v_proj(text), d), v], dim=1)
+        if rope is not None:
+            q = apply_rotary_emb(q, rope, sequence_dim=1)
+            k = apply_rotary_emb(k, rope, sequence_dim=1)
+        return q, k, v, key_proj
+
+    @staticmethod
+    def _finish(attn, out, text, dtype):
+        out = out.flatten(2, 3).to(dtype)
+        if text is None:
+            return out
+        text_out, image_out = out.split_with_sizes([text.shape[1], out.shape[1] - text.shape[1]], dim=1)
+        image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
+        return image_out, attn.to_add_out(text_out.contiguous())
+
+    # ---- modes -------------------------------------------------------------------------------------------------
+    def _reference(self, attn, hidden, text, rope):
+        """Reference pass: one subject per batch row, no text; keep this layer's keys/values."""
+        q, k, v, _ = self._project(attn, hidden, text, rope)
+        self.conditioning.store_ref_kv(self.layer_id, k, v)
+        return self._finish(attn, _attention(q, k, v), text, q.dtype)
+
+    def _conditioned(self, attn, hidden, text, rope, plan):
+        state, block = self.conditioning, self._block[0]
+        double = text is not None
+        batch, img, n = hidden.shape[0], state.img_len, state.num_subjects
+        q, k, v, key_proj = self._project(attn, hidden, text, rope)
+
+        maps, router = None, None
+        if plan.route:
+            if state.forced_maps is not None:
+                maps = state.forced_maps.to(device=q.device, dtype=q.dtype).expand(batch, -1, -1)
+            else:
+                router_hidden = state.router_input(hidden.dtype)
+                with adapter_scope(self._router_layers, ROUTER_ADAPTER):
+                    r_norm, r_qkv, mods, mlp = router_pre_attention(block, attn, router_hidden, state.temb, double)
+                image_norm = hidden if double else hidden[:, -img:]
+                image_rope = (rope[0][-img:], rope[1][-img:])
+                maps = routing_map(attn, r_norm, image_norm, key_proj[:, -img:], image_rope,
+                                   (self.to_q_routing_map_lora_A, self.to_q_routing_map_lora_B),
+                                   (self.to_k_routing_map_lora_A, self.to_k_routing_map_lora_B), n, double)
+                router = (router_hidden, r_qkv, mods, mlp)
+            state.record(maps)
+
+        keys, values = k, v
+        if plan.ref:
+            ref_k, ref_v = state.ref_kv_for(self.layer_id, batch)
+            keys = torch.cat([k, ref_k.to(k.dtype)], dim=1)
+            values = torch.cat([v, ref_v.to(v.dtype)], dim=1)
+        out = _attention(q, keys, values, attention_bias(state, plan, maps, batch, q.dtype, q.device))
+
+        if router is not None:
+            router_hidden, (rq, rk, rv), mods, mlp = router
+            r_out = _attention(rq, torch.cat([k[:, -img:], rk], dim=1), torch.cat([v[:, -img:], rv], dim=1))
+            with adapter_scope(self._router_layers, ROUTER_ADAPTER):
+                state.router_hidden = router_post_attention(block, attn, router_hidden, r_out.to(rq.dtype), mods,
+                                                            mlp, double)
+        return self._finish(attn, out, text, q.dtype)

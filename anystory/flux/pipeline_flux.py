@@ -1,0 +1,338 @@
+"""``AnyStoryFluxPipeline``: FLUX.1-dev with the authors' released AnyStory weights, diffusers-native.
+
+diffusers' ``FluxPipeline`` plus three optional components (SigLIP ``image_encoder`` / ``feature_extractor``
+from FLUX.1-Redux-dev, and the ``redux_embedder`` / ``router_embedder`` of the release), two PEFT adapters on
+the transformer (``anystory_ref``, ``anystory_router``) and one attention processor per block. ``__call__``
+validates and encodes the subjects, hands them to the hooks/processors (``conditioning_flux``), and runs the
+parent's denoising loop unchanged. With no subjects the output is ``FluxPipeline``'s own.
+
+Per subject (as the release): the segmented square crop is (a) masked and encoded by SigLIP at its
+resolution, then pooled by the gated Redux projection to 9x9 = 81 text-space tokens (x ``redux_scale`` x
+``Subject.scale``, on in ``[redux_start_at, redux_end_at)`` of the schedule) and to 3x3 = 9 router tokens;
+(b) masked, resized to ``reference_size`` (512) and VAE-encoded; its packed latents form the reference stream,
+placed left of the image in RoPE (columns shifted by the reference width), with reference tokens outside the
+mask biased by -100. Reference keys/values are computed once per call and reused. With >= 2 subjects the
+router picks, per block and image token, the one subject whose redux/reference tokens that token may see.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Union
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import FluxPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+from diffusers.utils import BaseOutput
+
+from ..subjects import MAX_SUBJECTS, PreparedSubject, Segmenter, Subject, prepare_subjects
+from .adapter_scope import ANYSTORY_ADAPTERS, REF_ADAPTER, ROUTER_ADAPTER, deactivate_anystory_adapters, \
+    layers_with_adapter
+from .attention_processor_flux import AnyStoryFluxAttnProcessor
+from .conditioning_flux import AnyStoryFluxState, step_window
+from .redux import AnyStoryReduxEncoder
+from .weights_flux import (RELEASE_FILENAME, RELEASE_REPO, ROUTER_EMBEDDER_PREFIX, block_names,
+                           check_released_state_dict, read_released_file, split_router_group)
+
+DEFAULT_FLUX = "black-forest-labs/FLUX.1-dev"
+DEFAULT_REDUX = "black-forest-labs/FLUX.1-Redux-dev"
+REDUX_GRID = 9  # 9x9 = 81 redux tokens per subject
+ROUTER_GRID = 3  # 3x3 = 9 router tokens per subject
+MULTI_SUBJECT_REF_START = 0.09  # the authors' demo starts the reference later when routing several subjects
+
+
+@dataclass
+class AnyStoryFluxPipelineOutput(BaseOutput):
+    """images: as ``FluxPipelineOutput``. routing_maps: when requested, one ``[batch, N+1, h, w]`` float tensor
+    per denoising step at the image-token grid (``height/16 x width/16`` for FLUX.1-dev). Channel i < N: the
+    share of blocks in which each image token could attend to subject i; channel N: to no subject. The
+    router's per-block maps are one-hot, so the channels sum to 1. Steps without routing report every subject
+    everywhere (one subject, or ``use_router=False``) or none (conditions off at that step)."""
+
+    images: Union[List[PIL.Image.Image], np.ndarray]
+    routing_maps: Optional[List[torch.Tensor]] = None
+
+
+def _finite(value, what: str, low: float = 0.0, high: float = math.inf) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(v) or v < low or v > high:
+        raise ValueError(f"{what} must be in [{low}, {high}], got {value!r}")
+    return v
+
+
+class AnyStoryFluxPipeline(FluxPipeline):
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->redux_embedder->router_embedder->transformer->vae"
+    _optional_components = ["image_encoder", "feature_extractor", "redux_embedder", "router_embedder"]
+
+    def __init__(self, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer,
+                 image_encoder=None, feature_extractor=None, redux_embedder: Optional[AnyStoryReduxEncoder] = None,
+                 router_embedder: Optional[AnyStoryReduxEncoder] = None, segmenter: Optional[Segmenter] = None,
+                 reference_size: int = 512):
+        super().__init__(scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer,
+                         image_encoder, feature_extractor)
+        self.register_modules(redux_embedder=redux_embedder, router_embedder=router_embedder)
+        self.segmenter = segmenter
+        self.reference_size = reference_size
+        self._anystory = AnyStoryFluxState()
+        self._routing_override: Optional[torch.Tensor] = None
+
+    @property
+    def max_subjects(self) -> int:
+        return MAX_SUBJECTS
+
+    @property
+    def anystory_loaded(self) -> bool:
+        return self._anystory.transformer is not None
+
+    @property
+    def anystory_state(self) -> AnyStoryFluxState:
+        """The per-call conditioning state (counters ``ref_passes`` / ``ref_kv_writes`` for benchmarks and tests)."""
+        return self._anystory
+
+    # ---- loading -----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_released(cls, flux: str = DEFAULT_FLUX, redux: str = DEFAULT_REDUX, anystory: str = RELEASE_REPO,
+                      torch_dtype: torch.dtype = torch.bfloat16, **kwargs) -> "AnyStoryFluxPipeline":
+        """FLUX.1-dev + FLUX.1-Redux-dev's SigLIP and image embedder + ``anystory_flux.bin`` (hub ids or local paths)."""
+        from transformers import SiglipImageProcessor, SiglipVisionModel
+
+        encoder = SiglipVisionModel.from_pretrained(redux, subfolder="image_encoder", torch_dtype=torch_dtype)
+        size = encoder.config.image_size
+        pipe = cls.from_pretrained(flux, image_encoder=encoder, torch_dtype=torch_dtype,
+                                   feature_extractor=SiglipImageProcessor(size={"height": size, "width": size}),
+                                   **kwargs)
+        pipe.load_anystory_weights(anystory, redux_base=redux)
+        return pipe
+
+    def _redux_base(self, source) -> dict:
+        """``redux_up`` / ``redux_down`` of FLUX.1-Redux-dev's ``image_embedder``, which the release builds on."""
+        if isinstance(source, torch.nn.Module):
+            sd = source.state_dict()
+        elif source is None or (self.redux_embedder is not None and source == DEFAULT_REDUX):
+            if self.redux_embedder is None:
+                raise ValueError("the released 'redux' group has no redux_up/redux_down weights: pass redux_base "
+                                 f"(FLUX.1-Redux-dev, e.g. '{DEFAULT_REDUX}', or its ReduxImageEncoder)")
+            sd = self.redux_embedder.state_dict()
+        else:
+            sd = ReduxImageEncoder.from_pretrained(source, subfolder="image_embedder").state_dict()
+        return {k: v for k, v in sd.items() if k.split(".")[0] in ("redux_up", "redux_down")}
+
+    def _embedder(self, sd: dict, output_size: int, base: Callable[[], dict]) -> AnyStoryReduxEncoder:
+        rank, redux_dim = sd["redux_up_lora_A.weight"].shape
+        enc = AnyStoryReduxEncoder(redux_dim=redux_dim, txt_in_features=sd["gate_proj.weight"].shape[1],
+                                   lora_rank=rank, lora_bias=True, output_size=output_size)
+        full = sd if "redux_up.weight" in sd else {**base(), **sd}
+        enc.load_state_dict(full, strict=True)
+        return enc
+
+    def load_anystory_weights(self, weights: Union[str, dict] = RELEASE_REPO, redux_base=DEFAULT_REDUX,
+                              filename: str = RELEASE_FILENAME, **hub_kwargs) -> None:
+        """Load the authors' release: a path to ``anystory_flux.bin``, a folder holding it, a hub repo id, or the
+        already-loaded dict. The file is checked against the released layout first (``weights_flux``); a
+        mismatch raises ``AnyStoryWeightsError`` naming the keys and nothing is changed.
+
+        ``redux_base``: FLUX.1-Redux-dev (hub id / folder, or its ``ReduxImageEncoder``) for the Redux projection
+        the release adds to; not needed when this pipeline already has a ``redux_embedder``."""
+        state = weights if isinstance(weights, dict) else read_released_file(weights, filename, **hub_kwargs)
+        if self.image_encoder is None or self.feature_extractor is None:
+            raise ValueError("AnyStory FLUX needs the SigLIP image_encoder and feature_extractor of FLUX.1-Redux-dev "
+                             "(SiglipVisionModel / SiglipImageProcessor): pass them to the pipeline first")
+        check_released_state_dict(state, self.transformer, self.image_encoder.config.hidden_size)
+
+        offload_device = getattr(self, "_offload_device", None) if getattr(self, "_all_hooks", None) else None
+        if offload_device is not None:
+            self.remove_all_hooks()
+        transformer = self.transformer
+        dtype, device = transformer.dtype, transformer.device
+        base_cache = {}
+
+        def base():
+            if "sd" not in base_cache:
+                base_cache["sd"] = self._redux_base(redux_base)
+            return base_cache["sd"]
+
+        embedder_sd, processor_sd, router_lora = split_router_group(state["router"])
+        redux = self._embedder(state["redux"], REDUX_GRID, base)
+        router = self._embedder({k[len(ROUTER_EMBEDDER_PREFIX):]: v for k, v in embedder_sd.items()},
+                                ROUTER_GRID, base)
+
+        self._anystory.detach()
+        loaded = [a for a in ANYSTORY_ADAPTERS if a in getattr(transformer, "peft_config", {})]
+        if loaded:
+            transformer.delete_adapters(loaded)
+        transformer.load_lora_adapter(dict(state["ref"]), prefix="transformer", adapter_name=REF_ADAPTER)
+        transformer.load_lora_adapter(router_lora, prefix="transformer", adapter_name=ROUTER_ADAPTER)
+        deactivate_anystory_adapters(transformer)
+
+        hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+        for layer_id, (name, block) in enumerate(zip(block_names(transformer), blocks)):
+            prefix = f"transformer.{name}.attn.processor."
+            sd = {k[len(prefix):]: v for k, v in processor_sd.items() if k.startswith(prefix)}
+            proc = AnyStoryFluxAttnProcessor(hidden, sd["to_q_routing_map_lora_A.weight"].shape[0], True, layer_id)
+            proc.load_state_dict(sd, strict=True)
+            proc.to(device=device, dtype=dtype)
+            proc.bind(self._anystory, block, layers_with_adapter(block, ROUTER_ADAPTER))
+            block.attn.set_processor(proc)
+
+        self._anystory.ref_layers = layers_with_adapter(transformer, REF_ADAPTER)
+        self._anystory.router_input_layers = layers_with_adapter(transformer.context_embedder, ROUTER_ADAPTER)
+        self._anystory.attach(transformer)
+        self.register_modules(redux_embedder=redux.to(device=device, dtype=dtype),
+                              router_embedder=router.to(device=device, dtype=dtype))
+        if offload_device is not None:
+            self.enable_model_cpu_offload(device=offload_device)
+
+    # ---- routing override (test / debug hook) -------------------------------------------------------------------
+    def set_routing_override(self, maps: Optional[torch.Tensor]) -> None:
+        """Force the routing of every block to ``maps`` (``[N+1, H, W]``, channel i < N = subject i, channel N =
+        background, i.e. no subject), nearest-resized to the image-token grid and applied whenever a subject
+        condition is on (even for one subject), instead of the router. ``None`` restores the router."""
+        self._routing_override = maps
+
+    def _forced_maps(self, n: int, grid, device) -> Optional[torch.Tensor]:
+        maps = self._routing_override
+        if maps is None:
+            return None
+        maps = torch.as_tensor(maps)
+        if maps.ndim != 3 or maps.shape[0] != n + 1:
+            raise ValueError(f"routing override must be [N+1={n + 1}, H, W], got {tuple(maps.shape)}")
+        if not torch.isfinite(maps.float()).all():
+            raise ValueError("routing override contains NaN or infinite values")
+        small = F.interpolate(maps[None].float(), size=grid, mode="nearest")[0]
+        return (small[:n] > 0.5).float().flatten(1).to(device)
+
+    # ---- subjects ----------------------------------------------------------------------------------------------
+    def check_subjects(self, subjects: Optional[Sequence[Subject]]) -> List[PreparedSubject]:
+        prepared = prepare_subjects(subjects, self.max_subjects, self.segmenter)
+        if prepared and not self.anystory_loaded:
+            raise ValueError("subjects were given but no AnyStory weights are loaded: call "
+                             "load_anystory_weights(path) (the authors' anystory_flux.bin)")
+        return prepared
+
+    def _mask_tensor(self, prepared: Sequence[PreparedSubject], size) -> torch.Tensor:
+        """``[N, 1, H, W]`` 0/1 masks, nearest-resized (``size`` = (H, W))."""
+        masks = [PIL.Image.fromarray(p.mask.astype(np.uint8) * 255).resize((size[1], size[0]), PIL.Image.NEAREST)
+                 for p in prepared]
+        return torch.from_numpy(np.stack([np.asarray(m) > 127 for m in masks])).float()[:, None]
+
+    def encode_subjects(self, prepared: Sequence[PreparedSubject], device, generator=None) -> dict:
+        """Redux tokens ``[N, 81, C]``, router tokens ``[N, 9, C]``, packed reference latents ``[N, R, c]``, their
+        position ids ``[R, 3]`` and reference-token masks ``[N, R]``."""
+        images = [p.image for p in prepared]
+        # SigLIP: normalised pixels times the mask (background -> 0), as the release
+        fe = self.feature_extractor
+        pixels = fe(images=images, return_tensors="pt").pixel_values
+        mask = self._mask_tensor(prepared, tuple(pixels.shape[-2:]))
+        enc = self.image_encoder
+        feats = enc((pixels * mask).to(device=device, dtype=enc.dtype)).last_hidden_state
+        grid = enc.config.image_size // enc.config.patch_size
+        patch_mask = (F.adaptive_avg_pool2d(mask, (grid, grid)) > 0).flatten(2).transpose(1, 2).to(device)
+        feats = feats.to(self.redux_embedder.dtype)
+        redux = self.redux_embedder(feats, patch_mask)
+        router = self.router_embedder(feats.to(self.router_embedder.dtype), patch_mask)
+
+        # reference: masked, resized, VAE-encoded (a posterior sample, seeded from the call's generator)
+        size = self.reference_size
+        ref_pixels = self.image_processor.preprocess(images, height=size, width=size)
+        ref_mask = self._mask_tensor(prepared, (size, size))
+        x = (ref_pixels * ref_mask).to(device=device, dtype=self.vae.dtype)
+        first = generator[0] if isinstance(generator, list) else generator
+        sampler = torch.Generator("cpu").manual_seed(first.initial_seed()) if first is not None else None
+        latents = self.vae.encode(x).latent_dist.sample(generator=sampler)
+        latents = (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+        n, c, h, w = latents.shape
+        packed = self._pack_latents(latents, n, c, h, w)
+        ids = self._prepare_latent_image_ids(1, h // 2, w // 2, device, latents.dtype)
+        ids[:, 2] -= w // 2  # the release's position shift: the reference sits left of the image
+        token_mask = (F.adaptive_avg_pool2d(ref_mask, (h // 2, w // 2)) > 0).flatten(1).to(device)
+        return {"redux": redux, "router": router, "ref_latents": packed, "ref_ids": ids, "ref_mask": token_mask}
+
+    # ---- call --------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, prompt=None, subjects: Optional[Sequence[Subject]] = None, *, height: int = 512,
+                 width: int = 512, num_inference_steps: int = 25, guidance_scale: float = 3.5,
+                 redux_scale: float = 0.6, redux_start_at: float = 0.1, redux_end_at: float = 0.3,
+                 ref_start_at: Optional[float] = None, ref_end_at: float = 1.0, use_router: Optional[bool] = None,
+                 confine_subjects: bool = False, num_images_per_prompt: int = 1, generator=None, latents=None,
+                 output_type: str = "pil", return_dict: bool = True,
+                 callback_on_step_end: Optional[Callable] = None,
+                 callback_on_step_end_tensor_inputs: Optional[List[str]] = None, return_routing_maps: bool = False,
+                 **kwargs):
+        """Generate. ``subjects``: up to ``max_subjects`` :class:`Subject` (``scale`` multiplies the subject's redux
+        tokens, ``reference_scale`` its reference attention weights). Defaults are the authors': 25 steps,
+        guidance 3.5, 512x512, redux 0.6 in [0.1, 0.3) of the schedule, reference from the start (from 0.09
+        with >= 2 subjects) to the end, router on for >= 2 subjects. ``confine_subjects``: see
+        ``attention_processor_flux`` (not in the release). Other arguments are ``FluxPipeline``'s."""
+        prepared = self.check_subjects(subjects)
+        n = len(prepared)
+        redux_scale = _finite(redux_scale, "redux_scale")
+        if ref_start_at is None:
+            ref_start_at = MULTI_SUBJECT_REF_START if n > 1 else 0.0
+        fractions = {name: _finite(value, name, 0.0, 1.0) for name, value in (
+            ("redux_start_at", redux_start_at), ("redux_end_at", redux_end_at), ("ref_start_at", ref_start_at),
+            ("ref_end_at", ref_end_at))}
+        for a, b in (("redux_start_at", "redux_end_at"), ("ref_start_at", "ref_end_at")):
+            if fractions[a] > fractions[b]:
+                raise ValueError(f"{a} ({fractions[a]}) must not exceed {b} ({fractions[b]})")
+        if n and kwargs.get("true_cfg_scale", 1.0) > 1 and (kwargs.get("negative_prompt") is not None
+                                                             or kwargs.get("negative_prompt_embeds") is not None):
+            raise ValueError("true CFG (true_cfg_scale > 1 with a negative prompt) is not supported with subjects: "
+                             "FLUX.1-dev is guidance-distilled; use guidance_scale")
+
+        maps: List[torch.Tensor] = []
+        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            tensor_inputs = callback_on_step_end.tensor_inputs
+        state = self._anystory
+        grid = (int(height) // (self.vae_scale_factor * 2), int(width) // (self.vae_scale_factor * 2))
+
+        def on_step_end(pipe, i, t, tensors):
+            state.step = i + 1
+            if return_routing_maps:
+                step_maps = state.take_step_maps(grid)
+                if step_maps is not None:
+                    maps.append(step_maps)
+            return callback_on_step_end(pipe, i, t, tensors) if callback_on_step_end is not None else {}
+
+        if self.anystory_loaded:
+            deactivate_anystory_adapters(self.transformer)  # in case set_adapters() switched ours on globally
+        try:
+            if n:
+                device = self._execution_device
+                enc = self.encode_subjects(prepared, device, generator)
+                scales = torch.tensor([redux_scale * p.scale for p in prepared], device=device)
+                redux = enc["redux"] * scales.to(enc["redux"].dtype)[:, None, None]
+                ref_scale = torch.tensor([p.reference_scale for p in prepared], device=device)
+                log_scale = torch.where(ref_scale > 0, ref_scale.clamp(min=1e-30).log(),
+                                        torch.full_like(ref_scale, float("-inf")))
+                ref_bias = torch.where(enc["ref_mask"], 0.0, -100.0) + log_scale[:, None]
+                steps = len(kwargs["sigmas"]) if kwargs.get("sigmas") is not None else num_inference_steps
+                state.start(
+                    num_subjects=n, redux_tokens=redux.flatten(0, 1)[None], router_tokens=enc["router"].flatten(0, 1)[None],
+                    ref_latents=enc["ref_latents"], ref_ids=enc["ref_ids"], ref_bias=ref_bias.flatten(),
+                    redux_window=step_window(steps, fractions["redux_start_at"], fractions["redux_end_at"]),
+                    ref_window=step_window(steps, fractions["ref_start_at"], fractions["ref_end_at"]),
+                    use_router=(n > 1) if use_router is None else bool(use_router),
+                    forced_maps=self._forced_maps(n, grid, device), confine=bool(confine_subjects),
+                    record_maps=return_routing_maps,
+                )
+            out = super().__call__(
+                prompt=prompt, height=height, width=width, num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, generator=generator,
+                latents=latents, output_type=output_type, return_dict=True,
+                callback_on_step_end=on_step_end if (n or callback_on_step_end is not None) else None,
+                callback_on_step_end_tensor_inputs=tensor_inputs, **kwargs)
+        finally:
+            state.clear()
+        routing = maps if return_routing_maps else None
+        if not return_dict:
+            return (out.images, routing)
+        return AnyStoryFluxPipelineOutput(images=out.images, routing_maps=routing)
