@@ -167,7 +167,7 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
 
             def on_import(path):
                 if not path:
-                    return [gr.update()] * (len(char_inputs) + 3)
+                    return [gr.update()] * (len(char_inputs) + 5)
                 try:
                     script, missing = import_script(path, tempfile.mkdtemp(dir=out_root))
                     values, rows = logic.ui_from_script(script)
@@ -177,24 +177,29 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                        f"{len(script.shots)} shots."
                 if missing:
                     note += " Upload the reference image for: " + ", ".join(missing) + "."
-                return values + [rows, script.title, note]
+                return values + [rows, script.title, script.settings.get("seed", -1),
+                                 script.settings.get("steps") or d.steps, note]
 
-            script_upload.upload(on_import, script_upload, char_inputs + [shots, story_title, story_status])
+            script_upload.upload(on_import, script_upload,
+                                 char_inputs + [shots, story_title, story_seed, story_steps, story_status])
 
-            def on_export(title, rows, *values):
+            def _settings(seed_v, steps_v):
+                return {"seed": int(seed_v) if seed_v is not None and seed_v >= 0 else None, "steps": steps_v}
+
+            def on_export(title, rows, seed_v, steps_v, *values):
                 try:
-                    script = logic.script_from_ui(values, rows, title)
+                    script = logic.script_from_ui(values, rows, title, _settings(seed_v, steps_v))
                     return logic.export_script_files(script, tempfile.mkdtemp(dir=out_root))
                 except USER_ERRORS as e:
                     raise gr.Error(str(e), print_exception=False) from None
 
-            export_btn.click(on_export, [story_title, shots] + char_inputs, script_files)
+            export_btn.click(on_export, [story_title, shots, story_seed, story_steps] + char_inputs, script_files)
 
             @gpu
             def on_storyboard(title, rows, seed_v, steps_v, *values, progress=gr.Progress()):
                 shown, routes, legend_text = [], [], ""
                 try:
-                    script = logic.script_from_ui(values, rows, title)
+                    script = logic.script_from_ui(values, rows, title, _settings(seed_v, steps_v))
                     frame_iter = logic.storyboard_frames(
                         handle, segmenter, script, seed_v, steps_v,
                         progress=lambda i, n: progress((i, n), desc="storyboard"), out_dir=tempfile.mkdtemp(dir=out_root))
@@ -202,7 +207,7 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                         r = frame.output
                         shown.append((r.images[0], frame.caption))
                         routes += [(o, f"shot {frame.index + 1}") for o in r.overlays]
-                        legend_text = legend_text or r.legend
+                        legend_text = logic.story_legend(script)
                         yield shown, routes, f"{len(shown)} of {len(script.shots)} frames, seed {frame.seed}.", legend_text
                 except USER_ERRORS as e:
                     if shown:  # keep the frames already made

@@ -28,7 +28,8 @@ from .app_inputs import InputError, SubjectSlot, check_number, check_prompt, col
 from .storyboard import (Frame, Script, ScriptError, dump_script, export_bundle, render_storyboard, script_from_dict,
                          shot_cast, shot_prompt, shot_subjects)
 from .subjects import MAX_SUBJECTS, Subject
-from .visualize import legend_html, routing_colormap, routing_overlay, save_png, side_by_side, subject_shares
+from .visualize import (legend_html, routing_colormap, routing_overlay, save_png, side_by_side, subject_colors,
+                        subject_shares)
 
 KINDS = ("flux", "sdxl", "miniature", "tiny")
 
@@ -360,6 +361,7 @@ class Request:
     height: Any = None
     width: Any = None
     num_images: Any = 1
+    colors: Optional[List[tuple]] = None  # one per subject; default: the palette in subject order
 
 
 @dataclass
@@ -455,9 +457,9 @@ def generate(handle: ModelHandle, req: Request, progress: Optional[Callable[[int
     if maps:
         last = maps[-1]
         for b, image in enumerate(images):
-            overlays.append(routing_overlay(image, last[min(b, last.shape[0] - 1)]))
-            route_maps.append(routing_colormap(last[min(b, last.shape[0] - 1)], image.size))
-        legend = legend_html(names, subject_shares(last[0]))
+            overlays.append(routing_overlay(image, last[min(b, last.shape[0] - 1)], colors=req.colors))
+            route_maps.append(routing_colormap(last[min(b, last.shape[0] - 1)], image.size, colors=req.colors))
+        legend = legend_html(names, subject_shares(last[0]), colors=req.colors)
         note = f"Routing at the last of {len(maps)} steps (averaged over the cross-attention layers)."
     else:
         note = "This model does not report routing maps."
@@ -510,6 +512,16 @@ def story_subjects(script: Script, segmenter, max_characters: int = 16) -> Dict[
     return {c.alias: s for c, s in zip(chars, subjects)}
 
 
+def story_colors(script: Script) -> Dict[str, tuple]:
+    """One colour per character for the whole story, so overlays of different frames can be compared."""
+    return dict(zip([c.alias for c in script.characters], subject_colors(len(script.characters))))
+
+
+def story_legend(script: Script) -> str:
+    colors = story_colors(script)
+    return legend_html([c.alias for c in script.characters], colors=[colors[c.alias] for c in script.characters])
+
+
 def storyboard_frames(handle: ModelHandle, segmenter, script: Script, seed: Any = -1, steps: Any = None,
                       guidance: Any = None, width: Any = None, height: Any = None,
                       progress: Optional[Callable[[int, int], None]] = None,
@@ -521,6 +533,7 @@ def storyboard_frames(handle: ModelHandle, segmenter, script: Script, seed: Any 
     width = width if width not in (None, "") else script.settings.get("width")
     height = height if height not in (None, "") else script.settings.get("height")
     subjects = story_subjects(script, segmenter)
+    palette = story_colors(script)
     total_shots = len(script.shots)
     done = [0]
 
@@ -529,7 +542,8 @@ def storyboard_frames(handle: ModelHandle, segmenter, script: Script, seed: Any 
             if progress is not None:
                 progress(done[0] * n + i, total_shots * n)
 
-        result = generate(handle, Request(prompt, subs, negative, shot_seed, steps, guidance, height, width, 1),
+        colors = [palette[s.name] for s in subs]
+        result = generate(handle, Request(prompt, subs, negative, shot_seed, steps, guidance, height, width, 1, colors),
                           shot_progress, out_dir)
         done[0] += 1
         return result

@@ -62,30 +62,41 @@ def _upsample(maps: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
     return maps[:, rows][:, :, cols]
 
 
-def routing_colormap(maps: Union[torch.Tensor, np.ndarray], size: Optional[Tuple[int, int]] = None) -> Image.Image:
+def _colors(n: int, colors: Optional[Sequence[Color]]) -> List[Color]:
+    if colors is None:
+        return subject_colors(n)
+    if len(colors) != n:
+        raise ValueError(f"{len(colors)} colours for {n} subjects")
+    return [tuple(int(v) for v in c) for c in colors]
+
+
+def routing_colormap(maps: Union[torch.Tensor, np.ndarray], size: Optional[Tuple[int, int]] = None,
+                     colors: Optional[Sequence[Color]] = None) -> Image.Image:
     """The maps alone: each position coloured by its subjects' shares, the background dark grey."""
     arr = _as_maps(maps)
     if size is not None:
         arr = _upsample(arr, size)
     n = arr.shape[0] - 1
-    palette = np.array(subject_colors(n) + [BACKGROUND_COLOR], dtype=np.float32)  # [N+1, 3]
+    palette = np.array(_colors(n, colors) + [BACKGROUND_COLOR], dtype=np.float32)  # [N+1, 3]
     total = arr.sum(axis=0, keepdims=True)
     weights = arr / np.where(total > 0, total, 1.0)
     rgb = np.einsum("khw,kc->hwc", weights, palette)
     return Image.fromarray(rgb.round().clip(0, 255).astype(np.uint8))
 
 
-def routing_overlay(image: Image.Image, maps: Union[torch.Tensor, np.ndarray], alpha: float = 0.55) -> Image.Image:
+def routing_overlay(image: Image.Image, maps: Union[torch.Tensor, np.ndarray], alpha: float = 0.55,
+                    colors: Optional[Sequence[Color]] = None) -> Image.Image:
     """``image`` with subject i's colour blended in where the router sent subject i (``maps``: [N+1, h, w]).
 
-    The background channel adds no colour, so whatever stays uncoloured is where no subject acts.
+    The background channel adds no colour, so whatever stays uncoloured is where no subject acts. ``colors``
+    (one per subject) keeps a character's colour fixed across frames whose casts differ.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     arr = _upsample(_as_maps(maps), image.size)
     n = arr.shape[0] - 1
     subjects = arr[:n]
-    palette = np.array(subject_colors(n), dtype=np.float32)
+    palette = np.array(_colors(n, colors), dtype=np.float32)
     share = subjects.sum(axis=0).clip(0.0, 1.0)[..., None]  # [H, W, 1]
     color = np.einsum("khw,kc->hwc", subjects, palette) / np.maximum(share, 1e-6)
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
@@ -99,9 +110,10 @@ def subject_shares(maps: Union[torch.Tensor, np.ndarray]) -> List[float]:
     return [float(v) for v in arr.reshape(arr.shape[0], -1).mean(axis=1)]
 
 
-def legend_html(names: Sequence[str], shares: Optional[Sequence[float]] = None) -> str:
+def legend_html(names: Sequence[str], shares: Optional[Sequence[float]] = None,
+                colors: Optional[Sequence[Color]] = None) -> str:
     """A colour key for the overlay: one swatch per subject (with its share of the image when known)."""
-    colors = subject_colors(len(names))
+    colors = _colors(len(names), colors)
     items = []
     for i, (name, (r, g, b)) in enumerate(zip(names, colors)):
         label = html.escape(name or f"subject {i + 1}")

@@ -113,6 +113,22 @@ def test_upload_two_subjects_generate_and_see_the_routing_overlay(page, app):
     page.screenshot(path=os.path.join(OUT, "app_browser.png"), full_page=True)
 
 
+def test_storyboard_import_bundle_and_generate_three_frames(page, tmp_path_factory):
+    from anystory.storyboard import export_bundle, import_script
+
+    script, missing = import_script(os.path.join(ROOT, "assets", "examples", "storyboard.yaml"), "/unused")
+    assert missing == []
+    bundle = export_bundle(script, str(tmp_path_factory.mktemp("story") / "story.zip"))
+    page.get_by_role("tab", name="Storyboard").click()
+    page.locator("#import-script input[type=file]").set_input_files(bundle)
+    sync_api.expect(page.locator("#story-status")).to_contain_text("2 characters, 3 shots", timeout=30_000)
+    page.click("#generate-storyboard")
+    sync_api.expect(page.locator("#story-status")).to_contain_text("3 of 3 frames, seed 7", timeout=240_000)
+    assert page.locator("#story-frames img").count() == 3
+    page.screenshot(path=os.path.join(OUT, "app_browser_storyboard.png"), full_page=True)
+    page.get_by_role("tab", name="Generate").click()
+
+
 def test_add_and_remove_subject_slots(page):
     third = page.locator("#subject-3-image")
     sync_api.expect(third).to_be_hidden()

@@ -44,6 +44,15 @@ def test_overlay_blends_fractional_maps_in_proportion():
     assert np.abs(out[0, 0] - expected).max() <= 1
 
 
+def test_fixed_colours_per_subject():
+    image = Image.new("RGB", (32, 32), (128, 128, 128))
+    out = np.asarray(routing_overlay(image, _maps(), alpha=1.0, colors=[(1, 2, 3), (4, 5, 6)]))
+    assert (out[:16, :16] == (1, 2, 3)).all() and (out[16:, 16:] == (4, 5, 6)).all()
+    assert "rgb(4,5,6)" in legend_html(["a", "b"], colors=[(1, 2, 3), (4, 5, 6)])
+    with pytest.raises(ValueError, match="1 colours for 2 subjects"):
+        routing_overlay(image, _maps(), colors=[(1, 2, 3)])
+
+
 def test_colormap_and_shares():
     cmap = np.asarray(routing_colormap(_maps(), size=(8, 8)))
     red, blue = subject_colors(2)
