@@ -460,7 +460,7 @@ def generate(handle: ModelHandle, req: Request, progress: Optional[Callable[[int
             overlays.append(routing_overlay(image, last[min(b, last.shape[0] - 1)], colors=req.colors))
             route_maps.append(routing_colormap(last[min(b, last.shape[0] - 1)], image.size, colors=req.colors))
         legend = legend_html(names, subject_shares(last[0]), colors=req.colors)
-        note = f"Routing at the last of {len(maps)} steps (averaged over the cross-attention layers)."
+        note = f"Routing at the last of {len(maps)} steps (averaged over the model's routed layers)."
     else:
         note = "This model does not report routing maps."
     out_dir = out_dir or tempfile.mkdtemp(prefix="anystory_")

@@ -151,6 +151,19 @@ def test_random_seed_is_shown_and_reproduces(handle, seg):
     assert np.array_equal(np.asarray(first.images[0]), np.asarray(again.images[0]))
 
 
+def test_flux_pipeline_through_the_app(seg):
+    tiny_flux = pytest.importorskip("anystory.flux.tiny_flux")
+    from anystory.app_logic import Defaults
+
+    pipe = tiny_flux.tiny_anystory_flux_pipeline(0, True)
+    flux = ModelHandle("flux", pipe, "cpu", "test", defaults=Defaults(3, 3.5, 32, 32, 64, 16))
+    r = run_generation(flux, seg, [SubjectSlot(STAR, name="star"), SubjectSlot(CAT, name="cat")], "a star and a cat",
+                       negative_prompt="blurry", seed=1)
+    assert [im.size for im in r.images] == [(32, 32)] and len(r.overlays) == 1
+    assert "star" in r.legend and "cat" in r.legend
+    assert "negative prompt is not used by FLUX.1-dev" in r.info
+
+
 # ---- bad input --------------------------------------------------------------------------------------------------
 def _png(path, size=(48, 40), mode="RGB"):
     Image.new(mode, size, 128).save(path)
