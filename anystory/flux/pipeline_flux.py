@@ -17,6 +17,7 @@ router picks, per block and image token, the one subject whose redux/reference t
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Union
 
@@ -167,8 +168,10 @@ class AnyStoryFluxPipeline(FluxPipeline):
         loaded = [a for a in ANYSTORY_ADAPTERS if a in getattr(transformer, "peft_config", {})]
         if loaded:
             transformer.delete_adapters(loaded)
-        transformer.load_lora_adapter(dict(state["ref"]), prefix="transformer", adapter_name=REF_ADAPTER)
-        transformer.load_lora_adapter(router_lora, prefix="transformer", adapter_name=ROUTER_ADAPTER)
+        with warnings.catch_warnings():  # two adapters on one model is the design, not an accident
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            transformer.load_lora_adapter(dict(state["ref"]), prefix="transformer", adapter_name=REF_ADAPTER)
+            transformer.load_lora_adapter(router_lora, prefix="transformer", adapter_name=ROUTER_ADAPTER)
         deactivate_anystory_adapters(transformer)
 
         hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
@@ -185,8 +188,11 @@ class AnyStoryFluxPipeline(FluxPipeline):
         self._anystory.ref_layers = layers_with_adapter(transformer, REF_ADAPTER)
         self._anystory.router_input_layers = layers_with_adapter(transformer.context_embedder, ROUTER_ADAPTER)
         self._anystory.attach(transformer)
-        self.register_modules(redux_embedder=redux.to(device=device, dtype=dtype),
-                              router_embedder=router.to(device=device, dtype=dtype))
+        for embedder in (redux, router):
+            embedder.to(device)
+            if embedder.dtype != dtype:
+                embedder.to(dtype=dtype)
+        self.register_modules(redux_embedder=redux.eval(), router_embedder=router.eval())
         if offload_device is not None:
             self.enable_model_cpu_offload(device=offload_device)
 
@@ -255,6 +261,27 @@ class AnyStoryFluxPipeline(FluxPipeline):
         token_mask = (F.adaptive_avg_pool2d(ref_mask, (h // 2, w // 2)) > 0).flatten(1).to(device)
         return {"redux": redux, "router": router, "ref_latents": packed, "ref_ids": ids, "ref_mask": token_mask}
 
+    def conditioning_inputs(self, prepared: Sequence[PreparedSubject], device, generator=None, *, steps: int, grid,
+                            redux_scale: float = 0.6, redux_start_at: float = 0.1, redux_end_at: float = 0.3,
+                            ref_start_at: float = 0.0, ref_end_at: float = 1.0, use_router: Optional[bool] = None,
+                            confine_subjects: bool = False, record_maps: bool = False) -> dict:
+        """Encode the subjects and lay out one call's conditioning (the fields of ``AnyStoryFluxState.start``)."""
+        n = len(prepared)
+        enc = self.encode_subjects(prepared, device, generator)
+        scales = torch.tensor([redux_scale * p.scale for p in prepared], device=device)
+        redux = enc["redux"] * scales.to(enc["redux"].dtype)[:, None, None]
+        ref_scale = torch.tensor([p.reference_scale for p in prepared], device=device)
+        log_scale = torch.where(ref_scale > 0, ref_scale.clamp(min=1e-30).log(),
+                                torch.full_like(ref_scale, float("-inf")))
+        ref_bias = torch.where(enc["ref_mask"], 0.0, -100.0) + log_scale[:, None]
+        return dict(
+            num_subjects=n, redux_tokens=redux.flatten(0, 1)[None], router_tokens=enc["router"].flatten(0, 1)[None],
+            ref_latents=enc["ref_latents"], ref_ids=enc["ref_ids"], ref_bias=ref_bias.flatten(),
+            redux_window=step_window(steps, redux_start_at, redux_end_at),
+            ref_window=step_window(steps, ref_start_at, ref_end_at),
+            use_router=(n > 1) if use_router is None else bool(use_router),
+            forced_maps=self._forced_maps(n, grid, device), confine=bool(confine_subjects), record_maps=record_maps)
+
     # ---- call --------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, prompt=None, subjects: Optional[Sequence[Subject]] = None, *, height: int = 512,
@@ -287,12 +314,14 @@ class AnyStoryFluxPipeline(FluxPipeline):
             raise ValueError("true CFG (true_cfg_scale > 1 with a negative prompt) is not supported with subjects: "
                              "FLUX.1-dev is guidance-distilled; use guidance_scale")
 
+        grid = (int(height) // (self.vae_scale_factor * 2), int(width) // (self.vae_scale_factor * 2))
+        if n:
+            self._forced_maps(n, grid, "cpu")  # a wrong override fails before any encoding
         maps: List[torch.Tensor] = []
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             tensor_inputs = callback_on_step_end.tensor_inputs
         state = self._anystory
-        grid = (int(height) // (self.vae_scale_factor * 2), int(width) // (self.vae_scale_factor * 2))
 
         def on_step_end(pipe, i, t, tensors):
             state.step = i + 1
@@ -306,24 +335,11 @@ class AnyStoryFluxPipeline(FluxPipeline):
             deactivate_anystory_adapters(self.transformer)  # in case set_adapters() switched ours on globally
         try:
             if n:
-                device = self._execution_device
-                enc = self.encode_subjects(prepared, device, generator)
-                scales = torch.tensor([redux_scale * p.scale for p in prepared], device=device)
-                redux = enc["redux"] * scales.to(enc["redux"].dtype)[:, None, None]
-                ref_scale = torch.tensor([p.reference_scale for p in prepared], device=device)
-                log_scale = torch.where(ref_scale > 0, ref_scale.clamp(min=1e-30).log(),
-                                        torch.full_like(ref_scale, float("-inf")))
-                ref_bias = torch.where(enc["ref_mask"], 0.0, -100.0) + log_scale[:, None]
                 steps = len(kwargs["sigmas"]) if kwargs.get("sigmas") is not None else num_inference_steps
-                state.start(
-                    num_subjects=n, redux_tokens=redux.flatten(0, 1)[None], router_tokens=enc["router"].flatten(0, 1)[None],
-                    ref_latents=enc["ref_latents"], ref_ids=enc["ref_ids"], ref_bias=ref_bias.flatten(),
-                    redux_window=step_window(steps, fractions["redux_start_at"], fractions["redux_end_at"]),
-                    ref_window=step_window(steps, fractions["ref_start_at"], fractions["ref_end_at"]),
-                    use_router=(n > 1) if use_router is None else bool(use_router),
-                    forced_maps=self._forced_maps(n, grid, device), confine=bool(confine_subjects),
-                    record_maps=return_routing_maps,
-                )
+                state.start(**self.conditioning_inputs(
+                    prepared, self._execution_device, generator, steps=steps, grid=grid, redux_scale=redux_scale,
+                    use_router=use_router, confine_subjects=confine_subjects, record_maps=return_routing_maps,
+                    **fractions))
             out = super().__call__(
                 prompt=prompt, height=height, width=width, num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, generator=generator,

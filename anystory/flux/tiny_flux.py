@@ -99,3 +99,15 @@ def random_released_state_dict(transformer, redux_dim: int = SIGLIP_HIDDEN, rank
             processors[f"transformer.{name}.attn.processor.{p}"] = rnd(*shape)
     router = {**embedder(ROUTER_EMBEDDER_PREFIX), **processors, **lora(ROUTER_TOP, ROUTER_DOUBLE, ROUTER_SINGLE)}
     return {"ref": lora(REF_TOP, REF_DOUBLE, REF_SINGLE), "redux": embedder(""), "router": router}
+
+
+def tiny_anystory_flux_pipeline(seed: int = 0, load: bool = True):
+    """An ``AnyStoryFluxPipeline`` on :func:`tiny_flux_components`, with random weights in the released layout
+    (untrained: its images mean nothing; it runs every code path of the real checkpoint in seconds on CPU)."""
+    from .pipeline_flux import AnyStoryFluxPipeline
+
+    pipe = AnyStoryFluxPipeline(**tiny_flux_components(seed), reference_size=TINY_REFERENCE_SIZE)
+    if load:
+        pipe.load_anystory_weights(random_released_state_dict(pipe.transformer, seed=seed),
+                                   redux_base=tiny_redux_base())
+    return pipe

@@ -1,0 +1,196 @@
+"""AnyStoryFluxPipeline on tiny FLUX components: diffusers equality, reference caching, routing, bad input."""
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline
+
+from anystory import MAX_SUBJECTS, Subject, prepare_subjects
+from anystory.flux import AnyStoryFluxPipeline
+from anystory.flux.attention_processor_flux import attention_bias
+from anystory.flux.conditioning_flux import StepPlan
+from anystory.flux.tiny_flux import tiny_flux_components
+from test_flux_common import CALL, PROMPT, gen, make_pipe, subject_image, subjects
+
+N_LAYERS = 2  # tiny transformer: one double + one single block
+
+
+def test_zero_subjects_equals_diffusers_flux_pipeline():
+    components = tiny_flux_components(0)
+    flux = FluxPipeline(**{k: v for k, v in components.items()})
+    flux.set_progress_bar_config(disable=True)
+    expected = flux(PROMPT, generator=gen(3), **CALL).images
+
+    pipe = AnyStoryFluxPipeline(**components, reference_size=32)  # same modules
+    pipe.set_progress_bar_config(disable=True)
+    assert np.abs(pipe(PROMPT, generator=gen(3), **CALL).images - expected).max() <= 1e-6
+    from anystory.flux.tiny_flux import random_released_state_dict, tiny_redux_base
+
+    pipe.load_anystory_weights(random_released_state_dict(pipe.transformer), redux_base=tiny_redux_base())
+    out = pipe(PROMPT, subjects=[], generator=gen(3), return_routing_maps=True, **CALL)
+    assert np.abs(out.images - expected).max() <= 1e-6
+    assert out.routing_maps == []
+    with_subject = pipe(PROMPT, subjects=subjects(1), generator=gen(3), **CALL).images
+    assert np.abs(with_subject - expected).max() > 1e-3  # the subject does condition the image
+    again = pipe(PROMPT, generator=gen(3), **CALL).images  # nothing of the last call is left behind
+    assert np.abs(again - expected).max() <= 1e-6
+
+
+def test_reference_keys_values_computed_once_per_subject_per_call():
+    pipe = make_pipe()
+    calls = []
+
+    def count(module, args, kwargs):
+        calls.append((kwargs["hidden_states"].shape[0], kwargs["encoder_hidden_states"].shape[1],
+                      pipe.anystory_state.in_ref_pass))
+
+    pipe.transformer.register_forward_pre_hook(count, with_kwargs=True)
+    reads = []
+    original = pipe.anystory_state.ref_kv_for
+    pipe.anystory_state.ref_kv_for = lambda layer, batch: reads.append(layer) or original(layer, batch)
+    steps = CALL["num_inference_steps"]
+    for n, images_per_prompt in ((2, 1), (3, 2)):
+        calls.clear(), reads.clear()
+        before = pipe.anystory_state.ref_kv_writes
+        pipe(PROMPT, subjects=subjects(n), num_images_per_prompt=images_per_prompt, generator=gen(), **CALL)
+        reference = [c for c in calls if c[2]]
+        denoise = [c for c in calls if not c[2]]
+        # one reference pass, one batch row per subject (not per image), no text tokens
+        assert reference == [(n, 0, True)]
+        assert len(denoise) == steps and all(c[0] == images_per_prompt for c in denoise)
+        assert pipe.anystory_state.ref_kv_writes - before == N_LAYERS
+        # every later step reads the cache: each layer, each step with the reference on
+        assert sorted(reads) == sorted(list(range(N_LAYERS)) * steps)
+    assert pipe.anystory_state.ref_passes == 2  # one per call
+    assert pipe.anystory_state.ref_kv == {}  # freed after the call
+
+
+def test_routing_maps_one_hot_per_layer_and_per_step_shares():
+    pipe = make_pipe()
+    layer_maps = []
+    record = pipe.anystory_state.record
+    pipe.anystory_state.record = lambda maps: layer_maps.append(maps.clone()) or record(maps)
+    n = 3
+    out = pipe(PROMPT, subjects=subjects(n), generator=gen(), return_routing_maps=True, **CALL)
+    steps = CALL["num_inference_steps"]
+    assert len(layer_maps) == steps * N_LAYERS  # the router runs in every block of every conditioned step
+    for m in layer_maps:
+        assert m.shape == (1, n, 64)
+        assert set(m.unique().tolist()) <= {0.0, 1.0}
+        assert torch.equal(m.sum(dim=1), torch.ones(1, 64))  # exactly one subject per image token
+    assert len(out.routing_maps) == steps
+    for step in out.routing_maps:
+        assert step.shape == (1, n + 1, 8, 8)
+        assert torch.allclose(step.sum(dim=1), torch.ones(1, 8, 8))
+        assert torch.all(step[:, n] == 0)  # the learned router never sends a token to no subject
+        assert set((step[:, :n] * N_LAYERS).round().unique().tolist()) <= set(range(N_LAYERS + 1))
+
+
+def test_single_subject_has_no_router_and_reports_it_everywhere():
+    pipe = make_pipe()
+    routed = []
+    pipe.anystory_state.record = lambda maps: routed.append(maps)
+    out = pipe(PROMPT, subjects=subjects(1), generator=gen(), return_routing_maps=True, **CALL)
+    assert routed == []
+    assert all(torch.equal(m, torch.cat([torch.ones(1, 1, 8, 8), torch.zeros(1, 1, 8, 8)], 1))
+               for m in out.routing_maps)
+
+
+def _forced(n, to):
+    """[N+1, 8, 8]: every image token routed to subject ``to``."""
+    maps = torch.zeros(n + 1, 8, 8)
+    maps[to] = 1
+    return maps
+
+
+def test_subject_routed_nowhere_cannot_change_the_output_when_confined():
+    pipe = make_pipe()
+    pipe.set_routing_override(_forced(2, 0))  # subject 1 is routed nowhere
+    base = subjects(2)
+    swapped = [base[0], Subject(*subject_image(7))]
+    run = lambda subs, **kw: pipe(PROMPT, subjects=subs, generator=gen(), **kw, **CALL).images
+    confined = run(base, confine_subjects=True)
+    assert np.array_equal(confined, run(swapped, confine_subjects=True))
+    # the routed subject does act: swapping it changes the image
+    assert np.abs(confined - run([Subject(*subject_image(7)), base[1]], confine_subjects=True)).max() > 1e-3
+    # the release's attention (default) lets the shared text tokens carry subject 1 into the image
+    assert np.abs(run(base) - run(swapped)).max() > 1e-6  # (runs are otherwise bit-identical)
+
+
+def test_routing_masks_confine_image_tokens_to_their_subject():
+    """The attention bias the processors use: image token j sees subject i's redux/reference tokens iff routed."""
+    class S:
+        num_subjects, txt_len, redux_len, img_len, confine = 2, 5 + 2 * 3, 2 * 3, 4, False
+        ref_bias = torch.tensor([0.0, -100.0, 0.0, 0.0])  # 2 reference tokens per subject
+
+    maps = torch.tensor([[[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]])  # tokens 0,1 -> s0; 2,3 -> s1
+    bias = attention_bias(S, StepPlan(True, True, True), maps, 1, torch.float32, "cpu")[0, 0]
+    img, redux, ref = bias[11:15], bias[11:15, 5:11], bias[11:15, 15:]
+    assert bias.shape == (15, 19)
+    assert torch.equal(redux[:2, 3:], torch.full((2, 3), float("-inf"))) and torch.all(redux[:2, :3] == 0)
+    assert torch.equal(redux[2:, :3], torch.full((2, 3), float("-inf"))) and torch.all(redux[2:, 3:] == 0)
+    assert torch.equal(ref[:2], torch.tensor([[0.0, -100.0, float("-inf"), float("-inf")]] * 2))
+    assert torch.equal(ref[2:], torch.tensor([[float("-inf"), float("-inf"), 0.0, 0.0]] * 2))
+    assert torch.all(img[:, :5] == 0) and torch.all(img[:, 11:15] == 0)  # text and image keys stay open
+    assert torch.all(bias[:11, 15:] == torch.tensor([0.0, -100.0, 0.0, 0.0]))  # text/redux rows: mask only
+    S.confine = True
+    confined = attention_bias(S, StepPlan(True, True, True), maps, 1, torch.float32, "cpu")[0, 0]
+    assert torch.all(confined[:5, 5:11] == float("-inf")) and torch.all(confined[:5, 15:] == float("-inf"))
+    assert torch.all(confined[5:8, 8:11] == float("-inf")) and torch.all(confined[5:8, 17:] == float("-inf"))
+    assert torch.all(torch.isfinite(confined[5:8, 5:8])) and torch.isfinite(confined[5:8, 15]).all()
+
+
+def test_more_than_two_subjects():
+    pipe = make_pipe()
+    n = MAX_SUBJECTS
+    out = pipe(PROMPT, subjects=subjects(n), generator=gen(), return_routing_maps=True, **CALL)
+    assert out.images.shape == (1, 32, 32, 3) and np.isfinite(out.images).all()
+    assert out.routing_maps[-1].shape == (1, n + 1, 8, 8)
+    assert pipe.anystory_state.ref_passes == 1
+    fewer = pipe(PROMPT, subjects=subjects(2), generator=gen(), **CALL).images
+    assert np.abs(out.images - fewer).max() > 1e-4
+
+
+def test_enable_model_cpu_offload():
+    """On this CPU-only machine offloading targets the CPU: the accelerate hooks run, outputs are unchanged."""
+    pipe = make_pipe()
+    expected = pipe(PROMPT, subjects=subjects(2), generator=gen(), **CALL).images
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert len(pipe._all_hooks) >= 6  # text encoders, SigLIP, both embedders, transformer, VAE
+    out = pipe(PROMPT, subjects=subjects(2), generator=gen(), **CALL).images
+    assert np.abs(out - expected).max() <= 1e-6
+
+
+@pytest.mark.parametrize("make_bad", [
+    lambda: [Subject(*subject_image(0))] * (MAX_SUBJECTS + 1),
+    lambda: [Subject(subject_image(0)[0], mask=np.zeros((40, 48), dtype=bool))],
+    lambda: [Subject(subject_image(0)[0], mask=np.ones((10, 10), dtype=bool))],
+    lambda: [Subject(subject_image(0)[0], scale=-1)],
+    lambda: [Subject(subject_image(0)[0], reference_scale=float("nan"))],
+    lambda: [Subject("/no/such/file.png")],
+    lambda: ["not a subject"],
+])
+def test_bad_subjects_rejected_as_by_the_shared_validation(make_bad):
+    pipe = make_pipe()
+    with pytest.raises(ValueError) as shared:
+        prepare_subjects(make_bad(), MAX_SUBJECTS)
+    with pytest.raises(ValueError) as ours:
+        pipe(PROMPT, subjects=make_bad(), **CALL)
+    assert str(ours.value) == str(shared.value)
+
+
+def test_bad_call_arguments():
+    pipe = make_pipe()
+    two = subjects(2)
+    for kwargs, message in (
+        (dict(redux_scale=-0.5), "redux_scale"),
+        (dict(ref_start_at=0.8, ref_end_at=0.2), "ref_start_at"),
+        (dict(redux_end_at=1.5), "redux_end_at"),
+        (dict(true_cfg_scale=4.0, negative_prompt="blurry"), "true CFG"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            pipe(PROMPT, subjects=two, **kwargs, **CALL)
+    pipe.set_routing_override(torch.zeros(2, 8, 8))
+    with pytest.raises(ValueError, match=r"routing override must be \[N\+1=3"):
+        pipe(PROMPT, subjects=two, **CALL)
+    with pytest.raises(ValueError, match="no AnyStory weights are loaded"):
+        make_pipe(load=False)(PROMPT, subjects=two, **CALL)
