@@ -101,12 +101,13 @@ class AnyStoryFluxPipeline(FluxPipeline):
     @classmethod
     def from_released(cls, flux: str = DEFAULT_FLUX, redux: str = DEFAULT_REDUX, anystory: str = RELEASE_REPO,
                       torch_dtype: torch.dtype = torch.bfloat16, **kwargs) -> "AnyStoryFluxPipeline":
-        """FLUX.1-dev + FLUX.1-Redux-dev's SigLIP and image embedder + ``anystory_flux.bin`` (hub ids or local paths)."""
+        """FLUX.1-dev + FLUX.1-Redux-dev's SigLIP and image embedder + ``anystory_flux.bin`` (hub ids or local
+        paths), as the authors' demo loads them. ``kwargs`` go to ``from_pretrained`` of the FLUX pipeline."""
         from transformers import SiglipImageProcessor, SiglipVisionModel
 
-        encoder = SiglipVisionModel.from_pretrained(redux, subfolder="image_encoder", torch_dtype=torch_dtype)
+        encoder = SiglipVisionModel.from_pretrained(redux, subfolder="image_encoder", dtype=torch_dtype)
         size = encoder.config.image_size
-        pipe = cls.from_pretrained(flux, image_encoder=encoder, torch_dtype=torch_dtype,
+        pipe = cls.from_pretrained(flux, image_encoder=encoder, dtype=torch_dtype,
                                    feature_extractor=SiglipImageProcessor(size={"height": size, "width": size}),
                                    **kwargs)
         pipe.load_anystory_weights(anystory, redux_base=redux)
