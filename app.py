@@ -33,6 +33,12 @@ def _ex(name):
     return os.path.join(EXAMPLES_DIR, name)
 
 
+def _refuse(error: Exception, n_outputs: int, title: str = "Cannot generate"):
+    """Show the problem and leave every output as it was (a raised gr.Error would cover earlier results)."""
+    gr.Warning(str(error), title=title, duration=None)
+    return gr.skip() if n_outputs == 1 else [gr.skip()] * n_outputs
+
+
 def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: str | None = None) -> gr.Blocks:
     """The whole UI around an already loaded model."""
     out_root = out_root or tempfile.mkdtemp(prefix="anystory_app_")
@@ -114,7 +120,7 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                         height_v, num_v, progress=lambda i, n: progress((i, n), desc="denoising"),
                         out_dir=tempfile.mkdtemp(dir=out_root))
                 except USER_ERRORS as e:
-                    raise gr.Error(str(e), print_exception=False) from None
+                    return _refuse(e, 6)
                 shown = [(im, "route overlay") for im in result.overlays] + [(m, "route map") for m in result.route_maps]
                 return (result.images, result.info + "  \n" + result.routing_note, shown, result.legend, result.files,
                         segmenter.status)
@@ -172,7 +178,7 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                     script, missing = import_script(path, tempfile.mkdtemp(dir=out_root))
                     values, rows = logic.ui_from_script(script)
                 except USER_ERRORS as e:
-                    raise gr.Error(f"Import failed: {e}", print_exception=False) from None
+                    return _refuse(e, len(char_inputs) + 5, "Import failed")
                 note = f"Imported '{script.title or os.path.basename(path)}': {len(script.characters)} characters, " \
                        f"{len(script.shots)} shots."
                 if missing:
@@ -191,7 +197,7 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                     script = logic.script_from_ui(values, rows, title, _settings(seed_v, steps_v))
                     return logic.export_script_files(script, tempfile.mkdtemp(dir=out_root))
                 except USER_ERRORS as e:
-                    raise gr.Error(str(e), print_exception=False) from None
+                    return _refuse(e, 1, "Cannot export")
 
             export_btn.click(on_export, [story_title, shots, story_seed, story_steps] + char_inputs, script_files)
 
@@ -213,7 +219,7 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                     if shown:  # keep the frames already made
                         yield shown, routes, f"Stopped after {len(shown)} frame(s): {e}", legend_text
                         return
-                    raise gr.Error(str(e), print_exception=False) from None
+                    yield _refuse(e, 4)
 
             story_btn.click(on_storyboard, [story_title, shots, story_seed, story_steps] + char_inputs,
                             [frames, frame_routes, story_status, story_legend])

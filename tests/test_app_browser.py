@@ -112,6 +112,14 @@ def test_upload_two_subjects_generate_and_see_the_routing_overlay(page, app):
     page.wait_for_timeout(500)
     page.screenshot(path=os.path.join(OUT, "app_browser.png"), full_page=True)
 
+    # a bad second run names the problem and leaves the first run's results in place
+    page.locator("#prompt textarea").fill(" ".join(["a very long prompt"] * 30))
+    page.click("#generate")
+    sync_api.expect(page.get_by_text("Prompt is too long")).to_be_visible(timeout=30_000)
+    sync_api.expect(output).to_be_visible()
+    sync_api.expect(overlay).to_be_visible()
+    sync_api.expect(page.locator("#output-gallery").get_by_text("Error", exact=True)).to_have_count(0)
+
 
 def test_storyboard_import_bundle_and_generate_three_frames(page, tmp_path_factory):
     from anystory.storyboard import export_bundle, import_script
