@@ -42,7 +42,11 @@ def load_image_file(value: Any, what: str) -> Image.Image:
     elif isinstance(value, np.ndarray):
         if value.ndim not in (2, 3) or value.size == 0:
             raise InputError(f"{what}: expected an image array, got shape {value.shape}")
-        arr = value.astype(np.uint8) if value.dtype != np.uint8 else value
+        arr = value
+        if np.issubdtype(arr.dtype, np.floating):  # [0, 1] floats, as numpy-typed components may give
+            arr = (np.clip(np.nan_to_num(arr), 0.0, 1.0) * 255).round().astype(np.uint8)
+        elif arr.dtype != np.uint8:
+            arr = np.clip(arr, 0, 255).astype(np.uint8)
         img = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
     elif isinstance(value, (str, os.PathLike)):
         path = os.fspath(value)
