@@ -81,11 +81,28 @@ class LazyBiRefNetSegmenter(Segmenter):
     def name(self) -> str:
         return self._inner.name if self._inner is not None else f"BiRefNet ({self.model_id}), not loaded yet"
 
+    def _cached(self) -> bool:
+        if os.path.isdir(self.model_id):
+            return True
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            return isinstance(try_to_load_from_cache(self.model_id, "config.json"), str)
+        except Exception:
+            return False
+
     @property
     def status(self) -> str:
         """One line for the UI: which matting is in use, and why."""
         if self._inner is None:
-            return f"Automatic matting: BiRefNet (`{self.model_id}`), loaded on first use when a subject has no mask."
+            if self._cached():
+                return f"Automatic matting: BiRefNet (`{self.model_id}`), loaded on first use when a subject has no mask."
+            if _offline():
+                return (f"Automatic matting: BiRefNet (`{self.model_id}`) is not in the local cache and the hub is off "
+                        "(HF_HUB_OFFLINE=1), so masks come from the image's alpha channel, else the whole image is "
+                        "the subject. Upload or draw a mask for better results.")
+            return (f"Automatic matting: BiRefNet (`{self.model_id}`), downloaded and loaded on first use when a "
+                    "subject has no mask.")
         if self.error is None:
             return f"Automatic matting: BiRefNet (`{self.model_id}`)."
         return (f"Automatic matting: BiRefNet (`{self.model_id}`) is unavailable ({self.error}); "

@@ -282,7 +282,7 @@ def test_pil_and_array_uploads_are_accepted():
 # ---- matting ----------------------------------------------------------------------------------------------------
 def test_birefnet_offline_falls_back_and_says_so():
     seg = LazyBiRefNetSegmenter()
-    assert "loaded on first use" in seg.status
+    assert "not in the local cache and the hub is off" in seg.status  # said before any subject needs it
     star = Image.open(STAR)
     mask = seg(star)
     assert seg.last_source == "alpha" and mask.shape == (star.height, star.width) and not mask.all()
@@ -306,9 +306,10 @@ class HalfModel(torch.nn.Module):
         return [out + self.p]
 
 
-def test_birefnet_wrapper_pre_and_post_processing():
+def test_birefnet_wrapper_pre_and_post_processing(tmp_path):
     model = HalfModel()
-    seg = LazyBiRefNetSegmenter(loader=lambda model_id, device: model)
+    seg = LazyBiRefNetSegmenter(str(tmp_path), loader=lambda model_id, device: model)  # a local folder
+    assert "loaded on first use" in seg.status
     mask = seg(Image.new("RGB", (60, 30), (10, 200, 10)))
     assert model.seen == [(1, 3, 1024, 1024)]
     assert mask.shape == (30, 60) and mask[:, :29].all() and not mask[:, 31:].any()
