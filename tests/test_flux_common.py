@@ -6,7 +6,7 @@ from PIL import Image, ImageDraw
 from anystory import Subject
 from anystory.flux.tiny_flux import tiny_anystory_flux_pipeline
 
-CALL = dict(height=32, width=32, num_inference_steps=4, max_sequence_length=16, output_type="np")
+CALL = dict(height=32, width=32, num_inference_steps=3, max_sequence_length=16, output_type="np")
 PROMPT = "a photo of two friends in a park"
 
 

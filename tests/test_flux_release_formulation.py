@@ -169,10 +169,14 @@ def release_forward(t, hidden, text, pooled, timestep, guidance, txt_ids, img_id
     return t.proj_out(t.norm_out(s[:, text_len:], temb))
 
 
+@pytest.fixture(scope="module")
+def pipe():
+    return make_pipe()
+
+
 @pytest.mark.parametrize("n,step", [(2, 0), (2, 2), (1, 0), (3, 1)])
-def test_transformer_pass_matches_the_release_formulation(n, step):
+def test_transformer_pass_matches_the_release_formulation(pipe, n, step):
     """Steps: 0 = redux + reference (+ router for n > 1); >= 1 = reference (+ router) only (4-step schedule)."""
-    pipe = make_pipe()
     t, state = pipe.transformer, pipe.anystory_state
     prepared = pipe.check_subjects(subjects(n))
     cond = pipe.conditioning_inputs(prepared, "cpu", gen(), steps=4, grid=(8, 8))
