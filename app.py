@@ -127,14 +127,20 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
 
             run_btn.click(on_generate, [count, prompt, negative, seed, steps, guidance, width, height, num_images]
                           + slot_inputs, [gallery, info, routing, legend, files, matting_status])
+            fields = len(logic.SLOT_FIELDS)
+            second = slot_inputs[fields] if n_slots > 1 else slot_inputs[0]
             gr.Examples(
                 examples=[
-                    [_ex("red_striped_star.png"), _ex("blue_dotted_moon.png"), "a red striped star and a blue dotted moon on sand"],
-                    [_ex("astronaut.png"), _ex("cat.png"), "an astronaut holding a cat in a garden"],
-                    [_ex("cat.png"), _ex("coffee.png"), "a cat next to a cup of coffee on a wooden table"],
+                    [_ex("red_striped_star.png"), None, _ex("blue_dotted_moon.png"),
+                     "a red striped star and a blue dotted moon on sand"],
+                    [_ex("green_checkered_square.png"), _ex("green_checkered_square_mask.png"),
+                     _ex("red_striped_star.png"), "a green checkered square and a red striped star on snow"],
+                    [_ex("astronaut.png"), None, _ex("cat.png"), "an astronaut holding a cat in a garden"],
+                    [_ex("cat.png"), None, _ex("coffee.png"), "a cat next to a cup of coffee on a wooden table"],
                 ],
-                inputs=[slot_inputs[0], slot_inputs[len(logic.SLOT_FIELDS)] if n_slots > 1 else slot_inputs[0], prompt],
-                label="Examples (public-domain / CC0 photos from scikit-image, and our synthetic subjects)")
+                inputs=[slot_inputs[0], slot_inputs[1], second, prompt],
+                label="Examples (synthetic subjects of the miniature's world; public-domain / CC0 photos from "
+                      "scikit-image)")
 
         with gr.Tab("Storyboard"):
             gr.Markdown("Characters once, then shots. Refer to a character in a prompt as `{alias}`: it is replaced by "
