@@ -190,9 +190,7 @@ class AnyStoryFluxPipeline(FluxPipeline):
         self._anystory.router_input_layers = layers_with_adapter(transformer.context_embedder, ROUTER_ADAPTER)
         self._anystory.attach(transformer)
         for embedder in (redux, router):
-            embedder.to(device)
-            if embedder.dtype != dtype:
-                embedder.to(dtype=dtype)
+            torch.nn.Module.to(embedder, device=device, dtype=dtype)  # (ModelMixin.to warns about fp32 modules it has none of)
         self.register_modules(redux_embedder=redux.eval(), router_embedder=router.eval())
         if offload_device is not None:
             self.enable_model_cpu_offload(device=offload_device)
