@@ -247,3 +247,13 @@ def test_schedule_rounding_is_the_release():
 
     assert step_window(25, 0.1, 0.3) == (3, 8) and step_window(25, 0.09, 1.0) == (2, 25)
     assert step_window(4, 0.1, 0.3) == (0, 1)
+
+
+def test_bfloat16_as_on_a_gpu(pipe):
+    """The dtype users run (bf16): every tensor the hooks and processors create follows the model's dtype."""
+    expected = pipe(PROMPT, subjects=subjects(2), generator=gen(), **CALL).images
+    half = make_pipe()
+    half.to(torch.bfloat16)
+    out = half(PROMPT, subjects=subjects(2), generator=gen(), return_routing_maps=True, **CALL)
+    assert np.isfinite(out.images).all() and np.abs(out.images - expected).max() < 0.1
+    assert all(torch.allclose(m.sum(1), torch.ones(1, 8, 8)) for m in out.routing_maps)
