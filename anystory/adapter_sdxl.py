@@ -107,7 +107,8 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
             setattr(self.state, k, v)
         self.state.training = self.training
         if self.state.forced_maps is not None:
-            self.state.prev_map = self.state.forced_maps[None]  # forced routing holds from the very first layer
+            forced = self.state.forced_maps
+            self.state.prev_map = forced if forced.ndim == 4 else forced[None]  # forced routing holds from the first layer
         return self.state
 
     def save_anystory(self, directory: str) -> None:

@@ -41,7 +41,7 @@ class AnyStoryState:
     latent_hw: Tuple[int, int] = (0, 0)
     training: bool = False
     gumbel_tau: float = 1.0
-    forced_maps: Optional[torch.Tensor] = None  # test/debug hook: [N+1, H, W] one-hot maps used by every layer
+    forced_maps: Optional[torch.Tensor] = None  # [N+1, H, W] (test/debug hook) or [Bc, N+1, H, W] (teacher routing) one-hot maps for every layer
     record_maps: bool = False  # accumulate gating maps at latent resolution (for visualisation)
     collect_soft_maps: bool = False  # keep soft maps per layer (for the routing loss)
     # Filled while running:
@@ -170,7 +170,8 @@ class AnyStoryCrossAttnProcessor:
         """Gating map ``[Bc, N+1, L]`` for the conditional half (the unconditional half reuses it)."""
         st = self.state
         if st.forced_maps is not None:
-            forced = _resize_map(st.forced_maps[None].to(hidden_states.dtype), hw).flatten(2)
+            forced = st.forced_maps if st.forced_maps.ndim == 4 else st.forced_maps[None]  # per-sample maps (training)
+            forced = _resize_map(forced.to(hidden_states.dtype), hw).flatten(2)
             return forced.expand(hidden_states.shape[0], -1, -1)
         tokens = _to_batch(st.routing_tokens, hidden_states.shape[0])
         logits = self.cond.router(hidden_states, tokens)

@@ -62,14 +62,14 @@ def object_crop(image: np.ndarray, mask: np.ndarray, size: int = CROP_SIZE, expa
 class IdentityClassifier(nn.Module):
     """``[B, 3, 32, 32]`` crops in [0, 1] -> logits per head."""
 
-    def __init__(self, width: int = 32):
+    def __init__(self, width: int = 16):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            nn.Conv2d(3, w, 3, padding=1), nn.GELU(), nn.Conv2d(w, w, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.GELU(), nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(4 * w * 16, 128), nn.GELU(), nn.Dropout(0.1),
+            nn.Conv2d(3, w, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.GELU(), nn.Conv2d(4 * w, 4 * w, 3, padding=1), nn.GELU(),
+            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * w * 16, 128), nn.GELU(), nn.Dropout(0.1),
         )
         self.heads = nn.ModuleDict({k: nn.Linear(128, n) for k, n in HEADS.items()})
         self.width = width
@@ -109,7 +109,7 @@ class IdentityClassifier(nn.Module):
 
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
-        model = cls(width=int(meta.get("width", 32)))
+        model = cls(width=int(meta.get("width", 16)))
         model.load_state_dict(load_file(path))
         model.metrics = json.loads(meta.get("metrics", "{}"))
         return model.eval()
@@ -154,7 +154,7 @@ def _accuracy(model: IdentityClassifier, crops: np.ndarray, labels: np.ndarray) 
     return out
 
 
-def train_identity_classifier(steps: int = 1500, batch_size: int = 64, seed: int = 0, pool: int = 12000,
+def train_identity_classifier(steps: int = 1200, batch_size: int = 64, seed: int = 0, pool: int = 8000,
                               lr: float = 2e-3, log=print) -> tuple:
     """Train on ``pool`` augmented render crops (seed ``seed``), validate on 1,000 clean crops of seed ``seed + 1000``."""
     torch.manual_seed(seed)
@@ -188,10 +188,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m anystory.data.identity_classifier", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="assets/miniature/identity_classifier.safetensors")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(int(os.environ.get("ANYSTORY_THREADS", "1")))  # oversubscribed threads are far slower on a shared CPU
     model, metrics = train_identity_classifier(steps=args.steps, seed=args.seed)
     model.save(args.out, metrics)
     print(json.dumps(metrics, indent=1))

@@ -344,13 +344,13 @@ class SyntheticWorld:
                      generic_caption_for(len(ids), background_name))
 
     def scene(self, index: int, identities: Optional[Sequence[Identity]] = None,
-              background_name: Optional[str] = None) -> Scene:
-        """Scene ``index``; ``identities`` / ``background_name`` pin what would otherwise be drawn at random."""
+              background_name: Optional[str] = None, count: Optional[int] = None) -> Scene:
+        """Scene ``index``; ``identities`` / ``background_name`` / ``count`` pin what would otherwise be random."""
         rng = self.rng(index)
         cfg = self.config
         if identities is None:
-            count = int(rng.integers(cfg.min_subjects, cfg.max_subjects + 1))
-            identities = self._pick_identities(rng, count)
+            drawn = int(rng.integers(cfg.min_subjects, cfg.max_subjects + 1))
+            identities = self._pick_identities(rng, drawn if count is None else count)
         else:
             identities = list(identities)
             rng.integers(0, 1)  # keep the stream aligned whether or not identities were pinned
@@ -371,9 +371,9 @@ class SyntheticWorld:
                                (mask * 255).astype(np.uint8)[..., None]], axis=2)
         return Reference(identity, Image.fromarray(rgba, "RGBA"))
 
-    def sample(self, index: int) -> Sample:
+    def sample(self, index: int, count: Optional[int] = None) -> Sample:
         """Stage-1/2 training sample: the scene and a fresh reference view of each of its subjects."""
-        scene = self.scene(index)
+        scene = self.scene(index, count=count)
         return Sample(scene, [self.reference(p.identity, index, slot) for slot, p in enumerate(scene.placements)])
 
     def subject_crops(self, index: int) -> List[Tuple[np.ndarray, np.ndarray, Identity]]:

@@ -1,0 +1,177 @@
+"""Train AnyStory: ``python -m anystory.training --config configs/tiny.yaml`` runs every stage in order.
+
+Stages (each also runs alone: ``python -m anystory.training.<stage> --config ...``):
+
+    vae     the miniature's small VAE                         (miniature only)
+    clip    its small CLIP image/text encoders, contrastive   (miniature only)
+    base    its text-to-image UNet + text encoders (stage 0)  (miniature only)
+    stage1  AnyStory's subject encoder on paired data
+    stage2  AnyStory's router, encoder frozen, routing loss
+    export  the diffusers-format folder (``export_dir``)
+
+With ``base_model`` set in the config (an SDXL folder or hub id) the miniature stages are skipped and stages 1-2
+train on top of it. Every stage checkpoints into ``<work_dir>/<stage>/`` and resumes from there; a finished
+stage is skipped, so re-running the command continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import yaml
+
+from .config import STAGES, load_config, stage_dir
+
+MINIATURE_ONLY = ("vae", "clip", "base")
+
+
+def _parse(argv=None, only=None):
+    p = argparse.ArgumentParser(prog="python -m anystory.training", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML training config, e.g. configs/tiny.yaml")
+    if only is None:
+        p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set stage1.steps=50 (value parsed as YAML)")
+    args = p.parse_args(argv)
+    stages = list(only) if only else [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        p.error(f"unknown stage(s) {unknown}; choose from {','.join(STAGES)}")
+    overrides: dict = {}
+    for item in args.set:
+        if "=" not in item:
+            p.error(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        node = overrides
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return args, stages, overrides
+
+
+def _pipeline_dir(cfg: dict, stage: str) -> str:
+    return os.path.join(stage_dir(cfg, stage), "pipeline")
+
+
+def _anystory_dir(cfg: dict, stage: str) -> str:
+    return os.path.join(stage_dir(cfg, stage), "anystory")
+
+
+def _done(cfg: dict, stage: str) -> bool:
+    state = os.path.join(stage_dir(cfg, stage), "checkpoint", "state.json")
+    if not os.path.isfile(state):
+        return False
+    with open(state) as f:
+        finished = json.load(f).get("done", False)
+    output = _pipeline_dir(cfg, stage) if stage in MINIATURE_ONLY else _anystory_dir(cfg, stage)
+    return finished and os.path.isdir(output)
+
+
+def load_stage_input(cfg: dict, stage: str):
+    """The pipeline a stage starts from, read from the previous stage's output (or built / downloaded)."""
+    from ..pipeline_sdxl import AnyStorySDXLPipeline
+
+    if stage == "vae":
+        from .components import build_components
+
+        return AnyStorySDXLPipeline(**build_components(cfg))
+    previous = {"clip": "vae", "base": "clip"}.get(stage)
+    if previous:
+        return _load_pipeline(_pipeline_dir(cfg, previous), previous)
+    if cfg.get("base_model"):
+        pipe = _load_external_base(cfg)
+    else:
+        pipe = _load_pipeline(_pipeline_dir(cfg, "base"), "base")
+    if stage in ("stage2", "export"):
+        weights = _anystory_dir(cfg, "stage1" if stage == "stage2" else "stage2")
+        if not os.path.isdir(weights):
+            raise FileNotFoundError(f"{stage} needs {weights}: run the previous stage first")
+        pipe.load_anystory_weights(weights)
+    return pipe
+
+
+def _load_pipeline(path: str, stage: str):
+    from ..pipeline_sdxl import AnyStorySDXLPipeline
+
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise FileNotFoundError(f"{path} not found: run the '{stage}' stage first")
+    return AnyStorySDXLPipeline.from_pretrained(path, dtype=torch.float32)
+
+
+def _load_external_base(cfg: dict):
+    from ..loading import DEFAULT_SDXL_BASE, _explain
+    from ..pipeline_sdxl import DEFAULT_IMAGE_ENCODER, AnyStorySDXLPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    base = cfg["base_model"] or DEFAULT_SDXL_BASE
+    encoder_id, subfolder = cfg.get("image_encoder") or DEFAULT_IMAGE_ENCODER
+    try:
+        encoder = CLIPVisionModelWithProjection.from_pretrained(encoder_id, subfolder=subfolder)
+        return AnyStorySDXLPipeline.from_pretrained(base, image_encoder=encoder, feature_extractor=CLIPImageProcessor())
+    except Exception as e:
+        raise _explain("The training base model", base, e) from e
+
+
+def run_stages(argv=None, only=None, log=print) -> int:
+    args, stages, overrides = _parse(argv, only)
+    cfg = load_config(args.config, overrides)
+    torch.set_num_threads(int(cfg["threads"]))
+    if cfg.get("base_model"):
+        bad = [s for s in stages if s in MINIATURE_ONLY]
+        if bad:
+            raise SystemExit(f"error: stages {bad} build the miniature; base_model is set, so drop them from --stages")
+    os.makedirs(cfg["work_dir"], exist_ok=True)
+    summary_path = os.path.join(cfg["work_dir"], "summary.json")
+    summary = json.load(open(summary_path)) if os.path.isfile(summary_path) else {}
+    summary["config"] = args.config
+    pipe = None
+    for stage in [s for s in STAGES if s in stages]:
+        if stage != "export" and _done(cfg, stage):
+            log(f"[{stage}] already finished in {stage_dir(cfg, stage)}; skipped")
+            pipe = None
+            continue
+        if pipe is None:
+            pipe = load_stage_input(cfg, stage)
+        pipe.set_progress_bar_config(disable=True)
+        started = time.time()
+        metrics = _run(stage, cfg, pipe, summary, log)
+        metrics["wall_seconds"] = round(time.time() - started, 1)
+        summary[stage] = metrics
+        with open(summary_path, "w") as f:
+            json.dump(summary, f, indent=1, default=float)
+    return 0
+
+
+def _run(stage: str, cfg: dict, pipe, summary: dict, log) -> dict:
+    from .export import save_base_pipeline
+
+    if stage == "vae":
+        from .vae import train_vae as fn
+    elif stage == "clip":
+        from .clip import train_clip as fn
+    elif stage == "base":
+        from .base import train_base as fn
+    elif stage == "stage1":
+        from .stage1 import train_stage1 as fn
+    elif stage == "stage2":
+        from .stage2 import train_stage2 as fn
+    else:
+        from .export import export_miniature
+
+        return export_miniature(cfg, pipe, summary, log)
+    metrics = fn(cfg, pipe, log)
+    if stage in MINIATURE_ONLY:
+        save_base_pipeline(pipe, _pipeline_dir(cfg, stage))
+    else:
+        pipe.save_anystory_weights(_anystory_dir(cfg, stage))
+    return metrics
+
+
+if __name__ == "__main__":
+    sys.exit(run_stages())

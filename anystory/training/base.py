@@ -1,0 +1,71 @@
+"""Miniature stage "base" (stage 0): the text-to-image model AnyStory is added to, trained from scratch.
+
+UNet and both text encoders learn SDXL's epsilon objective on synthetic scenes with their captions (full,
+generic "two objects on sand", or dropped for classifier-free guidance); the VAE and the image encoder stay
+frozen. EMA weights are what the later stages and the export use.
+
+    python -m anystory.training.base --config configs/tiny.yaml
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .data import choose_captions, images_to_tensor, indices, world_for
+from .diffusion import diffusion_loss, encode_images, noisy_latents, text_conditioning, training_scheduler
+from .loop import StageLoop, make_accelerator
+
+
+def base_step(cfg: dict, pipe, world, scheduler, step: int, batch: int, generator: torch.Generator,
+              stage: str = "base") -> torch.Tensor:
+    scfg = cfg["base"]
+    rng = np.random.default_rng([int(cfg["seed"]), 3, step])
+    scenes = [world.scene(i) for i in indices(stage, step, batch)]
+    latents = encode_images(pipe, images_to_tensor([s.image for s in scenes]))
+    captions, dropped = choose_captions(scenes, rng, float(scfg["generic_caption"]), float(scfg["drop_text"]))
+    h, w = scenes[0].image.shape[:2]
+    embeds, added = text_conditioning(pipe, captions, dropped, h, w)
+    noisy, noise, t = noisy_latents(scheduler, latents, generator)
+    pred = pipe.unet(noisy, t, embeds, added_cond_kwargs=added).sample
+    return diffusion_loss(scheduler, pred, noise, t, float(scfg["snr_gamma"]))
+
+
+def train_base(cfg: dict, pipe, log=print) -> dict:
+    scfg = cfg["base"]
+    acc = make_accelerator(cfg)
+    pipe.to(acc.device)
+    for name in ("vae", "image_encoder"):
+        getattr(pipe, name).requires_grad_(False).eval()
+    params = {}
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name).requires_grad_(True).train()
+        params.update({f"{name}.{n}": p for n, p in module.named_parameters()})
+    loop = StageLoop(cfg, "base", params, acc, log)
+    loop.resume()
+    world = world_for(cfg)
+    scheduler = training_scheduler(pipe)
+    while loop.step < loop.total and not loop.done:
+        with acc.autocast():
+            loss = base_step(cfg, pipe, world, scheduler, loop.step, int(scfg["batch_size"]), loop.generator())
+        loop.update(loss, diffusion=loss.item())
+    if not loop.done:
+        loop.use_ema()
+        loop.finish()
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        getattr(pipe, name).requires_grad_(False).eval()
+    with torch.no_grad():
+        held = world_for(cfg, "heldout")
+        gen = torch.Generator().manual_seed(0)
+        losses = [base_step(cfg, pipe, held, scheduler, k, 16, gen, stage="heldout").item() for k in range(4)]
+    log(f"[base] held-out diffusion loss {np.mean(losses):.4f}")
+    return {"heldout_diffusion_loss": float(np.mean(losses)), "seconds": loop.seconds}
+
+
+def main(argv=None) -> int:
+    from .__main__ import run_stages
+
+    return run_stages(argv, only=("base",))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""Training configuration: one YAML file describes every stage (see ``configs/tiny.yaml``)."""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Dict
+
+import yaml
+
+STAGES = ("vae", "clip", "base", "stage1", "stage2", "export")
+
+DEFAULTS: Dict[str, Any] = {
+    "seed": 0,
+    "threads": 1,  # CPU threads; on a shared CPU one busy thread beats two oversubscribed ones
+    "work_dir": "runs/miniature",
+    "export_dir": "assets/miniature",
+    "mixed_precision": "no",  # accelerate's setting on a GPU: "fp16" / "bf16"
+    "world": {},
+    "model": {
+        "tiny_spec": {},
+        "tokenizer_max_length": 77,
+        "anystory": {},
+        "save_dtype": "float32",
+    },
+    "base_model": None,  # a diffusers folder or hub id; None = build the miniature (vae/clip/base stages)
+    "vae": {"steps": 1000, "batch_size": 32, "crop": 16, "lr": 1.5e-3, "kl_weight": 1e-6},
+    "clip": {"steps": 400, "batch_size": 64, "lr": 1e-3},
+    "base": {"steps": 1000, "batch_size": 16, "lr": 1e-3, "drop_text": 0.1, "generic_caption": 0.15,
+             "snr_gamma": 5.0, "ema": 0.99},
+    "stage1": {"steps": 500, "batch_size": 12, "lr": 5e-4, "subjects": [0.5, 0.3, 0.2], "drop_text": 0.1,
+               "generic_caption": 0.6, "drop_semantic": 0.1, "snr_gamma": 5.0, "ema": 0.0},
+    "stage2": {"steps": 300, "batch_size": 12, "lr": 1e-3, "subjects": [0.2, 0.4, 0.4], "routing_weight": 0.1,
+               "generic_caption": 0.6, "drop_text": 0.0, "snr_gamma": 5.0, "ema": 0.0},
+    "log_every": 10,
+    "save_every": 100,
+}
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (override or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str, overrides: Dict[str, Any] | None = None) -> dict:
+    """Read ``path`` over the defaults; ``overrides`` (e.g. ``{"stage1": {"steps": 5}}``) win over both."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"training config {path} not found")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"training config {path} must be a mapping, got {type(data).__name__}")
+    unknown = set(data) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"training config {path}: unknown keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    cfg = _merge(_merge(DEFAULTS, data), overrides or {})
+    for stage in ("stage1", "stage2"):
+        probs = cfg[stage]["subjects"]
+        if not probs or any(p < 0 for p in probs) or sum(probs) <= 0 or len(probs) > 4:
+            raise ValueError(f"{stage}.subjects must be 1-4 non-negative weights for 1, 2, ... subjects, got {probs}")
+    return cfg
+
+
+def stage_dir(cfg: dict, stage: str) -> str:
+    return os.path.join(cfg["work_dir"], stage)

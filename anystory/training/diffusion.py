@@ -1,0 +1,59 @@
+"""The denoising objective shared by the base model and both AnyStory stages (SDXL's epsilon prediction)."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+
+def training_scheduler(pipe) -> DDPMScheduler:
+    """The forward (noising) process of the pipeline's own scheduler: same betas, same timesteps."""
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+@torch.no_grad()
+def encode_images(pipe, pixels: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, H, W]`` in [-1, 1] -> scaled latents, as the pipeline's VAE decode expects them."""
+    vae = pipe.vae
+    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+def text_conditioning(pipe, captions: Sequence[str], dropped: Optional[torch.Tensor], height: int, width: int):
+    """(prompt_embeds, added_cond_kwargs) through ``encode_prompt`` itself, differentiable; dropped captions become
+    zeros, exactly the unconditional input SDXL's pipeline uses when no negative prompt is given."""
+    device = pipe.unet.device
+    embeds, _, pooled, _ = pipe.encode_prompt(list(captions), device=device, num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
+    if dropped is not None and dropped.any():
+        keep = (~dropped).to(device, embeds.dtype)
+        embeds = embeds * keep[:, None, None]
+        pooled = pooled * keep[:, None]
+    proj = pipe.text_encoder_2.config.projection_dim
+    time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), embeds.dtype, text_encoder_projection_dim=proj)
+    added = {"text_embeds": pooled, "time_ids": time_ids.to(device).expand(len(captions), -1)}
+    return embeds, added
+
+
+def noisy_latents(scheduler: DDPMScheduler, latents: torch.Tensor, generator: torch.Generator,
+                  t_range: Optional[tuple] = None):
+    """(noisy latents, noise, timesteps) with uniform timesteps (or within ``t_range``)."""
+    lo, hi = t_range or (0, scheduler.config.num_train_timesteps)
+    b = latents.shape[0]
+    t = torch.randint(lo, hi, (b,), generator=generator).to(latents.device)
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+    return scheduler.add_noise(latents, noise, t), noise, t
+
+
+def diffusion_loss(scheduler: DDPMScheduler, pred: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                   snr_gamma: float = 0.0) -> torch.Tensor:
+    """MSE to the noise; with ``snr_gamma`` > 0, Min-SNR weighting (Hang et al. 2023), which trains faster."""
+    per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma and snr_gamma > 0:
+        alpha_bar = scheduler.alphas_cumprod.to(t.device)[t]
+        snr = alpha_bar / (1 - alpha_bar)
+        per_sample = per_sample * torch.clamp(snr, max=snr_gamma) / snr
+    return per_sample.mean()

@@ -1,0 +1,185 @@
+"""What every stage's loop shares: accelerate, AdamW with warm-up + cosine, EMA, logging, resumable safetensors checkpoints.
+
+A checkpoint is ``<stage dir>/checkpoint/``: ``trainable.safetensors`` (the parameters being trained),
+``optimizer.safetensors`` (AdamW moments per parameter name), ``ema.safetensors`` when EMA is on, and
+``state.json`` (step, done). Every random draw of step ``k`` is seeded by ``(seed, stage, k)``, so a resumed run
+sees exactly the batches, noise and timesteps the uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Dict, Optional
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+
+from .config import stage_dir
+
+STAGE_IDS = {"vae": 1, "clip": 2, "base": 3, "stage1": 4, "stage2": 5}
+
+
+def make_accelerator(cfg: dict) -> Accelerator:
+    return Accelerator(mixed_precision=cfg.get("mixed_precision", "no"), cpu=not torch.cuda.is_available())
+
+
+def step_generator(cfg: dict, stage: str, step: int, device="cpu") -> torch.Generator:
+    return torch.Generator(device).manual_seed(int(cfg["seed"]) * 1_000_003 + STAGE_IDS[stage] * 100_003 + step)
+
+
+def lr_factor(step: int, total: int, warmup_fraction: float = 0.05, floor: float = 0.1) -> float:
+    warmup = max(1, int(total * warmup_fraction))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class StageLoop:
+    """Optimises the named ``params`` of one stage; the stage supplies the loss of each step."""
+
+    def __init__(self, cfg: dict, stage: str, params: Dict[str, torch.nn.Parameter], accelerator: Accelerator,
+                 log=print):
+        scfg = cfg[stage]
+        self.cfg, self.stage, self.accelerator, self.print = cfg, stage, accelerator, log
+        self.params = {n: p for n, p in params.items() if p.requires_grad}
+        if not self.params:
+            raise ValueError(f"stage {stage}: nothing to train")
+        self.total = int(scfg["steps"])
+        self.base_lr = float(scfg["lr"])
+        opt = torch.optim.AdamW(list(self.params.values()), lr=self.base_lr, weight_decay=float(scfg.get("weight_decay", 0.0)))
+        self.optimizer = accelerator.prepare(opt)
+        self.ema_decay = float(scfg.get("ema", 0.0) or 0.0)
+        self.ema = {n: p.detach().clone() for n, p in self.params.items()} if self.ema_decay > 0 else None
+        self.dir = stage_dir(cfg, stage)
+        self.ckpt = os.path.join(self.dir, "checkpoint")
+        os.makedirs(self.dir, exist_ok=True)
+        self.step = 0
+        self.done = False
+        self.started = time.time()
+        self.seconds_before = 0.0
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+    def resume(self) -> bool:
+        state_file = os.path.join(self.ckpt, "state.json")
+        if not os.path.isfile(state_file):
+            return False
+        with open(state_file) as f:
+            state = json.load(f)
+        weights = load_file(os.path.join(self.ckpt, "trainable.safetensors"))
+        missing = sorted(set(self.params) - set(weights))
+        if missing:
+            raise ValueError(f"stage {self.stage}: checkpoint {self.ckpt} lacks {missing[:5]} (config changed?)")
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(weights[n])
+        moments = load_file(os.path.join(self.ckpt, "optimizer.safetensors"))
+        opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+        for n, p in self.params.items():
+            if f"{n}::exp_avg" in moments:
+                opt.state[p] = {"step": moments[f"{n}::step"], "exp_avg": moments[f"{n}::exp_avg"].to(p.device),
+                                "exp_avg_sq": moments[f"{n}::exp_avg_sq"].to(p.device)}
+        if self.ema is not None:
+            ema = load_file(os.path.join(self.ckpt, "ema.safetensors"))
+            self.ema = {n: ema[n].to(self.params[n].device) for n in self.params}
+        self.step, self.done = int(state["step"]), bool(state.get("done", False))
+        self.seconds_before = float(state.get("seconds", 0.0))
+        self.print(f"[{self.stage}] resumed from {self.ckpt} at step {self.step}")
+        return True
+
+    def save(self) -> None:
+        os.makedirs(self.ckpt, exist_ok=True)
+        tmp = self.ckpt + ".tmp"
+        os.makedirs(tmp, exist_ok=True)
+        save_file({n: p.detach().contiguous().cpu() for n, p in self.params.items()},
+                  os.path.join(tmp, "trainable.safetensors"))
+        opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+        moments = {}
+        for n, p in self.params.items():
+            st = opt.state.get(p)
+            if st:
+                moments[f"{n}::step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(()).cpu()
+                moments[f"{n}::exp_avg"] = st["exp_avg"].contiguous().cpu()
+                moments[f"{n}::exp_avg_sq"] = st["exp_avg_sq"].contiguous().cpu()
+        save_file(moments, os.path.join(tmp, "optimizer.safetensors"))
+        if self.ema is not None:
+            save_file({n: t.contiguous().cpu() for n, t in self.ema.items()}, os.path.join(tmp, "ema.safetensors"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"step": self.step, "done": self.done, "seconds": round(self.seconds, 1)}, f)
+        # replace the previous checkpoint only once the new one is complete: a kill mid-save loses nothing
+        if os.path.isdir(self.ckpt):
+            old = self.ckpt + ".old"
+            os.replace(self.ckpt, old)
+            os.replace(tmp, self.ckpt)
+            for name in os.listdir(old):
+                os.remove(os.path.join(old, name))
+            os.rmdir(old)
+        else:
+            os.replace(tmp, self.ckpt)
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_before + time.time() - self.started
+
+    # ---- steps -----------------------------------------------------------------------------------------------
+    def generator(self, device="cpu") -> torch.Generator:
+        """This step's generator; also re-seeds torch's global RNG (Gumbel noise draws from it)."""
+        torch.manual_seed(step_generator(self.cfg, self.stage, self.step).initial_seed() + 1)
+        return step_generator(self.cfg, self.stage, self.step, device)
+
+    def update(self, loss: torch.Tensor, **metrics) -> None:
+        """Backward, clip, step with the scheduled learning rate, EMA, log, checkpoint."""
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.base_lr * lr_factor(self.step, self.total)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        torch.nn.utils.clip_grad_norm_(list(self.params.values()), 1.0)
+        self.optimizer.step()
+        if self.ema is not None:
+            with torch.no_grad():
+                decay = min(self.ema_decay, (1 + self.step) / (10 + self.step))
+                for n, p in self.params.items():
+                    self.ema[n].lerp_(p.detach(), 1 - decay)
+        self.step += 1
+        if not all(math.isfinite(float(v)) for v in metrics.values()) or not math.isfinite(loss.item()):
+            raise FloatingPointError(f"[{self.stage}] step {self.step}: non-finite loss {metrics}; "
+                                     f"last good checkpoint: {self.ckpt}")
+        every = int(self.cfg.get("log_every", 10))
+        if self.step % every == 0 or self.step == self.total or self.step == 1:
+            self.log(loss=loss.item(), **metrics)
+        if self.step % int(self.cfg.get("save_every", 100)) == 0 and self.step < self.total:
+            self.save()
+
+    def log(self, **metrics) -> None:
+        row = {"step": self.step, "seconds": round(self.seconds, 1),
+               "lr": self.optimizer.param_groups[0]["lr"], **{k: float(v) for k, v in metrics.items()}}
+        with open(os.path.join(self.dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        shown = " ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("step", "seconds", "lr"))
+        self.print(f"[{self.stage}] step {self.step}/{self.total} {shown} ({row['seconds']:.0f}s)")
+
+    def finish(self) -> None:
+        self.done = True
+        self.save()
+
+    def use_ema(self) -> None:
+        """Copy the EMA weights into the live parameters (what gets exported)."""
+        if self.ema is not None:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(self.ema[n])
+
+
+def read_log(directory: str) -> list:
+    path = os.path.join(directory, "log.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def named_trainable(prefix: str, module: torch.nn.Module, only: Optional[callable] = None) -> Dict[str, torch.nn.Parameter]:
+    return {f"{prefix}.{n}": p for n, p in module.named_parameters() if only is None or only(n)}

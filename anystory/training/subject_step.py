@@ -1,0 +1,66 @@
+"""One training step with subjects: encode the references, condition the UNet, return the losses.
+
+Stage 1 routes by the ground truth ("teacher routing": each subject's conditions act inside its own mask,
+exactly the regime inference puts them in) and learns the encoder from the diffusion loss. Stage 2 lets the
+router decide (straight-through Gumbel-softmax in ``adapter.train()``) and adds the routing loss on its soft maps.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import choose_captions, images_to_tensor, subject_batch, subject_count
+from .diffusion import diffusion_loss, encode_images, noisy_latents, text_conditioning
+from .routing import router_miou, routing_loss
+
+
+def one_hot_targets(targets: torch.Tensor, hw) -> torch.Tensor:
+    """``[B, K, H, W]`` ground truth -> one-hot at ``hw`` (the class covering most of each cell)."""
+    frac = F.adaptive_avg_pool2d(targets.float(), tuple(hw))
+    return F.one_hot(frac.argmax(1), targets.shape[1]).movedim(-1, 1).float()
+
+
+def subject_step(cfg: dict, stage: str, pipe, world, scheduler, step: int, batch: int, generator: torch.Generator,
+                 teacher_routing: bool, routing_weight: float = 0.0, count: int = None,
+                 data_stage: str = None) -> Dict[str, torch.Tensor]:
+    scfg = cfg[stage]
+    rng = np.random.default_rng([int(cfg["seed"]), 4 if stage == "stage1" else 5, step])
+    count = count or subject_count(rng, scfg["subjects"])
+    device = pipe.unet.device
+    data = subject_batch(pipe, world, data_stage or stage, step, batch, count, device, pipe.unet.dtype)
+    scenes = [s.scene for s in data.samples]
+    latents = encode_images(pipe, images_to_tensor([s.image for s in scenes]).to(device))
+    captions, dropped = choose_captions(scenes, rng, float(scfg["generic_caption"]), float(scfg["drop_text"]))
+    h, w = scenes[0].image.shape[:2]
+    with torch.no_grad():
+        embeds, added = text_conditioning(pipe, captions, dropped, h, w)
+    adapter = pipe.anystory
+    encoded = pipe.encode_subjects(**data.tensors)
+    drop_sem = float(scfg.get("drop_semantic", 0.0))
+    if drop_sem > 0:  # the unconditional half of CFG at inference: blank-image semantic tokens, references kept
+        drop = torch.from_numpy(rng.random(batch) < drop_sem).to(device)[:, None, None, None]
+        encoded["semantic_tokens"] = torch.where(drop, encoded["semantic_uncond_tokens"], encoded["semantic_tokens"])
+    lat_hw = tuple(latents.shape[-2:])
+    adapter.reset_state(
+        **encoded,
+        scales=torch.ones(count, device=device), reference_scales=torch.ones(count, device=device),
+        latent_hw=lat_hw,
+        forced_maps=one_hot_targets(data.targets, lat_hw).to(latents.dtype) if teacher_routing else None,
+        collect_soft_maps=not teacher_routing,
+    )
+    try:
+        noisy, noise, t = noisy_latents(scheduler, latents, generator)
+        pred = pipe.unet(noisy, t, embeds, added_cond_kwargs=added).sample
+        diff = diffusion_loss(scheduler, pred, noise, t, float(scfg["snr_gamma"]))
+        out = {"diffusion": diff, "loss": diff}
+        if not teacher_routing:
+            route = routing_loss(adapter.state, data.targets)
+            per_layer = router_miou(adapter.state, data.targets)
+            out.update(routing=route, loss=diff + routing_weight * route,
+                       miou=torch.tensor(float(np.mean(list(per_layer.values())))))
+        return out
+    finally:
+        adapter.reset_state()
