@@ -1,0 +1,83 @@
+"""One open_clip model shared by CLIP-I and CLIP-T (image and text towers of the same checkpoint).
+
+Default ViT-B-32 with the ``openai`` weights (DreamBooth / UNO protocol); ViT-L-14 ``openai`` as UNO and
+XVerse report. ``pretrained`` is an open_clip tag (fetched through the hub and its cache) or a checkpoint
+file. With ``weights_dir`` a local file ``<weights_dir>/open_clip/<model>-<tag>.{safetensors,bin,pt}`` wins.
+Preprocessing is open_clip's own for the checkpoint (bicubic resize of the short side, centre crop).
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .base import RANDOM_INIT, Embedder, MetricUnavailable, l2_normalise
+
+DEFAULT_CLIP_MODEL = "ViT-B-32"
+DEFAULT_CLIP_PRETRAINED = "openai"
+
+
+def local_clip_checkpoint(weights_dir: Optional[str], model: str, tag: str) -> Optional[str]:
+    if not weights_dir:
+        return None
+    for ext in (".safetensors", ".bin", ".pt"):
+        path = os.path.join(weights_dir, "open_clip", f"{model}-{tag}{ext}")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+class OpenClipEmbedder(Embedder):
+    """``pretrained=None`` builds the architecture with random weights - for tests only, and labelled so."""
+
+    def __init__(self, model: str = DEFAULT_CLIP_MODEL, pretrained: Optional[str] = DEFAULT_CLIP_PRETRAINED,
+                 device: str = "cpu", weights_dir: Optional[str] = None, batch_size: int = 16):
+        self.model_name, self.pretrained, self.device, self.batch_size = model, pretrained, device, batch_size
+        self.source = None if pretrained is None else (local_clip_checkpoint(weights_dir, model, pretrained)
+                                                       or pretrained)
+        self.key = f"open_clip:{model}:{self.source}"
+        self.model = self.preprocess = self.tokenizer = None
+        self._text_cache: Dict[str, np.ndarray] = {}
+
+    def load(self) -> None:
+        if self.model is not None:
+            return
+        import open_clip
+
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(self.model_name, pretrained=self.source)
+        except Exception as e:
+            raise MetricUnavailable(
+                f"open_clip {self.model_name} weights '{self.source}' could not be loaded ({type(e).__name__}: "
+                f"{str(e)[:200]}); run once with internet access to fill the hub cache, or put the checkpoint at "
+                f"<weights-dir>/open_clip/{self.model_name}-{self.pretrained}.bin and pass --weights-dir") from e
+        self.model = model.to(self.device).eval()
+        self.preprocess = preprocess
+        self.tokenizer = open_clip.get_tokenizer(self.model_name)
+
+    def describe(self) -> Dict[str, str]:
+        return {"model": f"open_clip {self.model_name}",
+                "weights": RANDOM_INIT if self.source is None else str(self.source)}
+
+    @torch.no_grad()
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        self.load()
+        out: List[np.ndarray] = []
+        for start in range(0, len(images), self.batch_size):
+            batch = torch.stack([self.preprocess(im) for im in images[start:start + self.batch_size]])
+            out.append(self.model.encode_image(batch.to(self.device)).float().cpu().numpy())
+        return l2_normalise(np.concatenate(out)) if out else np.zeros((0, 1), np.float32)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Cached per prompt: a benchmark repeats each prompt for every sample."""
+        self.load()
+        todo = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        if todo:
+            features = self.model.encode_text(self.tokenizer(todo).to(self.device)).float().cpu().numpy()
+            for text, v in zip(todo, l2_normalise(features)):
+                self._text_cache[text] = v
+        return np.stack([self._text_cache[t] for t in texts])

@@ -1,0 +1,74 @@
+"""``report.md`` (tables, models, what was not computed and why) and a bar chart of the per-method scores."""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Sequence
+
+import pandas as pd
+
+from .atomic import write_text, write_with
+from .metrics.base import RANDOM_INIT
+from .metrics.copy_paste import __doc__ as COPY_PASTE_DOC
+from .tables import markdown, score_columns
+
+PUBLISHED_ORACLE = "DreamBooth (Ruiz et al. 2023), real vs real photos: DINO 0.774, CLIP-I 0.885"
+
+
+def bar_chart(per_method: pd.DataFrame, columns: Sequence[str], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = score_columns(per_method, columns)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(cols) * max(1, len(per_method))), 4.0))
+    if cols:
+        width = 0.8 / max(1, len(per_method))
+        for i, (_, row) in enumerate(per_method.iterrows()):
+            values = pd.to_numeric(row[cols], errors="coerce").astype(float)
+            ax.bar([x + i * width for x in range(len(cols))], values.fillna(0.0), width, label=str(row["method"]))
+        ax.set_xticks([x + width * (len(per_method) - 1) / 2 for x in range(len(cols))])
+        ax.set_xticklabels(cols, rotation=20)
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no metric was computed", ha="center", va="center")
+    ax.set_title("mean score per method")
+    fig.tight_layout()
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def write_report(run_dir: str, config: dict, tables: Dict[str, pd.DataFrame], columns: List[str]) -> str:
+    bar_chart(tables["per_method"], columns, os.path.join(run_dir, "chart.png"))
+    scoring = config.get("scoring", {})
+    lines = [f"# Evaluation: {config['bench']}", ""]
+    if any(RANDOM_INIT in str(d.get("weights", "")) for d in scoring.get("metrics", {}).values()):
+        lines += [f"> **WARNING: some metrics use randomly initialised models - {RANDOM_INIT}.**", ""]
+    lines += [f"- data: `{config.get('data_dir')}` ({config.get('entries')} entries"
+              f"{'; ' + config['subset_note'] if config.get('subset_note') else ''}), "
+              f"{config['images_per_prompt']} image(s) per prompt, seed {config['seed']}",
+              f"- methods: {', '.join(m['name'] for m in config['methods'])}",
+              f"- rows: one per image and subject; {len(tables.get('rows', []))} in `rows.parquet` / `rows.csv`", ""]
+    lines += ["## Metrics", ""]
+    for name, d in scoring.get("metrics", {}).items():
+        extra = "; ".join(f"{k}: {v}" for k, v in d.items() if k not in ("metric", "model", "weights"))
+        lines.append(f"- **{name}**: {d.get('model')} - weights `{d.get('weights')}`" + (f" ({extra})" if extra else ""))
+    for name, reason in scoring.get("unavailable", {}).items():
+        lines.append(f"- **{name}: not computed** - {reason}")
+    lines += ["", "### Copy-paste score", "", COPY_PASTE_DOC.strip(), ""]
+    if config["bench"].startswith("dreambench"):
+        lines += [f"Published reference: {PUBLISHED_ORACLE}. Our `real-images` row is the same oracle (each real "
+                  "photo except the reference against the subject's other photos).", ""]
+    per_method = tables["per_method"]
+    if "no_face" in per_method.columns:
+        found = ", ".join(f"{r.method}: {r.faces_found} of {r.faces_found + r.no_face}"
+                          for r in per_method.itertuples())
+        lines += [f"Face found in the scored region: {found} (no face -> no face-ID score, counted here).", ""]
+    for key, title in (("per_method", "Per method"), ("per_prompt_type", "Per prompt type"),
+                       ("per_subject", "Per subject")):
+        lines += [f"## {title}", "", markdown(tables[key]), ""]
+    lines += ["![mean score per method](chart.png)", ""]
+    path = os.path.join(run_dir, "report.md")
+    write_text(path, "\n".join(lines))
+    return path
