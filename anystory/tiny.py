@@ -36,6 +36,7 @@ class TinySpec:
     vision_image_size: int = 32
     vision_patch: int = 8
     addition_time_embed_dim: int = 8
+    first_block_cross_attention: bool = False  # SDXL has none at its highest resolution; the miniature's 16x16 needs it
 
 
 def tiny_sdxl_components(seed: int = 0, spec: TinySpec = TinySpec()) -> dict:
@@ -49,8 +50,10 @@ def tiny_sdxl_components(seed: int = 0, spec: TinySpec = TinySpec()) -> dict:
         out_channels=spec.vae_latent_channels,
         block_out_channels=tuple(spec.block_out_channels),
         layers_per_block=spec.layers_per_block,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(spec.block_out_channels) - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (len(spec.block_out_channels) - 1) + ("UpBlock2D",),
+        down_block_types=(("CrossAttnDownBlock2D",) if spec.first_block_cross_attention else ("DownBlock2D",))
+        + ("CrossAttnDownBlock2D",) * (len(spec.block_out_channels) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(spec.block_out_channels) - 1)
+        + (("CrossAttnUpBlock2D",) if spec.first_block_cross_attention else ("UpBlock2D",)),
         attention_head_dim=tuple(spec.attention_head_dim),
         transformer_layers_per_block=tuple(spec.transformer_layers_per_block),
         use_linear_projection=True,

@@ -25,8 +25,17 @@ import torch
 import yaml
 
 from .config import STAGES, load_config, stage_dir
+from .loop import StageStopped
 
 MINIATURE_ONLY = ("vae", "clip", "base")
+
+
+def _quiet() -> None:
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
 
 
 def _parse(argv=None, only=None):
@@ -84,7 +93,10 @@ def load_stage_input(cfg: dict, stage: str):
     previous = {"clip": "vae", "base": "clip"}.get(stage)
     if previous:
         return _load_pipeline(_pipeline_dir(cfg, previous), previous)
-    if cfg.get("base_model"):
+    tuned = _pipeline_dir(cfg, "stage1")  # stage 1 wrote its own pipeline if it fine-tuned the UNet
+    if stage != "stage1" and os.path.isfile(os.path.join(tuned, "model_index.json")):
+        pipe = _load_pipeline(tuned, "stage1")
+    elif cfg.get("base_model"):
         pipe = _load_external_base(cfg)
     else:
         pipe = _load_pipeline(_pipeline_dir(cfg, "base"), "base")
@@ -122,6 +134,7 @@ def run_stages(argv=None, only=None, log=print) -> int:
     args, stages, overrides = _parse(argv, only)
     cfg = load_config(args.config, overrides)
     torch.set_num_threads(int(cfg["threads"]))
+    _quiet()
     if cfg.get("base_model"):
         bad = [s for s in stages if s in MINIATURE_ONLY]
         if bad:
@@ -140,7 +153,11 @@ def run_stages(argv=None, only=None, log=print) -> int:
             pipe = load_stage_input(cfg, stage)
         pipe.set_progress_bar_config(disable=True)
         started = time.time()
-        metrics = _run(stage, cfg, pipe, summary, log)
+        try:
+            metrics = _run(stage, cfg, pipe, summary, log)
+        except StageStopped as stop:
+            log(str(stop))
+            return 0
         metrics["wall_seconds"] = round(time.time() - started, 1)
         summary[stage] = metrics
         with open(summary_path, "w") as f:
@@ -166,9 +183,9 @@ def _run(stage: str, cfg: dict, pipe, summary: dict, log) -> dict:
 
         return export_miniature(cfg, pipe, summary, log)
     metrics = fn(cfg, pipe, log)
-    if stage in MINIATURE_ONLY:
+    if stage in MINIATURE_ONLY or (stage == "stage1" and cfg["stage1"].get("train_unet")):
         save_base_pipeline(pipe, _pipeline_dir(cfg, stage))
-    else:
+    if stage not in MINIATURE_ONLY:
         pipe.save_anystory_weights(_anystory_dir(cfg, stage))
     return metrics
 

@@ -44,7 +44,7 @@ def train_base(cfg: dict, pipe, log=print) -> dict:
     loop.resume()
     world = world_for(cfg)
     scheduler = training_scheduler(pipe)
-    while loop.step < loop.total and not loop.done:
+    while loop.running():
         with acc.autocast():
             loss = base_step(cfg, pipe, world, scheduler, loop.step, int(scfg["batch_size"]), loop.generator())
         loop.update(loss, diffusion=loss.item())

@@ -64,7 +64,7 @@ def train_clip(cfg: dict, pipe, log=print) -> dict:
     loop.resume()
     world = world_for(cfg)
     size = int(cfg["model"]["anystory"].get("reference_size", 512))
-    while loop.step < loop.total and not loop.done:
+    while loop.running():
         pixels, names = clip_batch(pipe, world, loop.step, int(scfg["batch_size"]), device, size)
         with acc.autocast():
             loss, accuracy = contrastive_loss(pipe, pixels, names, logit_scale)

@@ -38,6 +38,10 @@ def lr_factor(step: int, total: int, warmup_fraction: float = 0.05, floor: float
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+class StageStopped(Exception):
+    """Raised when a stage reaches its ``stop_after`` step: the checkpoint is saved, the next run resumes it."""
+
+
 class StageLoop:
     """Optimises the named ``params`` of one stage; the stage supplies the loss of each step."""
 
@@ -49,6 +53,7 @@ class StageLoop:
         if not self.params:
             raise ValueError(f"stage {stage}: nothing to train")
         self.total = int(scfg["steps"])
+        self.stop_after = scfg.get("stop_after")
         self.base_lr = float(scfg["lr"])
         opt = torch.optim.AdamW(list(self.params.values()), lr=self.base_lr, weight_decay=float(scfg.get("weight_decay", 0.0)))
         self.optimizer = accelerator.prepare(opt)
@@ -125,6 +130,16 @@ class StageLoop:
         return self.seconds_before + time.time() - self.started
 
     # ---- steps -----------------------------------------------------------------------------------------------
+    def running(self) -> bool:
+        """True while steps remain; at ``stop_after`` saves and raises :class:`StageStopped`."""
+        if self.done or self.step >= self.total:
+            return False
+        if self.stop_after is not None and self.step >= int(self.stop_after):
+            self.save()
+            raise StageStopped(f"[{self.stage}] stopped at step {self.step} of {self.total} (stop_after); "
+                               f"run again without it to resume from {self.ckpt}")
+        return True
+
     def generator(self, device="cpu") -> torch.Generator:
         """This step's generator; also re-seeds torch's global RNG (Gumbel noise draws from it)."""
         torch.manual_seed(step_generator(self.cfg, self.stage, self.step).initial_seed() + 1)

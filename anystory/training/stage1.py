@@ -2,6 +2,8 @@
 
 Trained: the ReferenceNet (initialised from the UNet), the semantic QFormer and the decoupled key/value
 projections of every cross-attention layer. Frozen: UNet, VAE, text encoders, CLIP image encoder, router.
+``stage1.train_unet: true`` also fine-tunes the UNet: the miniature sets it, because its base model has seen
+only some ten thousand images; with SDXL it stays off, as in the paper.
 Routing is the ground truth (teacher routing), so the encoder learns in the regime inference uses it in.
 
     python -m anystory.training.stage1 --config configs/tiny.yaml
@@ -58,6 +60,8 @@ def train_stage1(cfg: dict, pipe, log=print) -> dict:
         pipe.init_anystory(**anystory_config(cfg))
     freeze_all(pipe)
     params = stage1_parameters(pipe.anystory)
+    if scfg.get("train_unet"):  # miniature only: its base saw few images; real SDXL stays frozen (the paper)
+        params.update({f"unet.{n}": p for n, p in pipe.unet.named_parameters()})
     for p in params.values():
         p.requires_grad_(True)
     pipe.anystory.train()
@@ -66,7 +70,7 @@ def train_stage1(cfg: dict, pipe, log=print) -> dict:
     before = evaluate(cfg, "stage1", pipe) if loop.step == 0 else None
     world = world_for(cfg)
     scheduler = training_scheduler(pipe)
-    while loop.step < loop.total and not loop.done:
+    while loop.running():
         with acc.autocast():
             out = subject_step(cfg, "stage1", pipe, world, scheduler, loop.step, int(scfg["batch_size"]),
                                loop.generator(), teacher_routing=True)

@@ -40,7 +40,7 @@ def train_stage2(cfg: dict, pipe, log=print) -> dict:
     world = world_for(cfg)
     scheduler = training_scheduler(pipe)
     weight = float(scfg["routing_weight"])
-    while loop.step < loop.total and not loop.done:
+    while loop.running():
         with acc.autocast():
             out = subject_step(cfg, "stage2", pipe, world, scheduler, loop.step, int(scfg["batch_size"]),
                                loop.generator(), teacher_routing=False, routing_weight=weight)
