@@ -55,7 +55,8 @@ def write_json(path: str, obj) -> None:
 def save_image(path: str, image) -> None:
     """Save a PIL image atomically; the format follows the extension of ``path``."""
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(os.path.splitext(path)[1].lower(), "PNG")
-    write_with(path, lambda tmp: image.save(tmp, format=fmt))
+    options = {"compress_level": 1} if fmt == "PNG" else {}  # lossless either way; level 1 is much faster
+    write_with(path, lambda tmp: image.save(tmp, format=fmt, **options))
 
 
 def is_temporary(name: str) -> bool:

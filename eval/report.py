@@ -52,7 +52,7 @@ def write_report(run_dir: str, config: dict, tables: Dict[str, pd.DataFrame], co
               f"- rows: one per image and subject; {len(tables.get('rows', []))} in `rows.parquet` / `rows.csv`", ""]
     lines += ["## Metrics", ""]
     for name, d in scoring.get("metrics", {}).items():
-        extra = "; ".join(f"{k}: {v}" for k, v in d.items() if k not in ("metric", "model", "weights"))
+        extra = "; ".join(f"{k}: {v}" for k, v in d.items() if k not in ("metric", "model", "weights", "label"))
         lines.append(f"- **{name}**: {d.get('model')} - weights `{d.get('weights')}`" + (f" ({extra})" if extra else ""))
     for name, reason in scoring.get("unavailable", {}).items():
         lines.append(f"- **{name}: not computed** - {reason}")

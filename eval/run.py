@@ -1,0 +1,381 @@
+"""``python -m eval.run``: score personalization methods on subject benchmarks into pandas tables.
+
+    python -m eval.run --bench dreambench --method anystory-sdxl --anystory-weights DIR --out runs/sdxl
+    python -m eval.run --bench dreambench --method folder:/path/to/images --method real-images --subset 50
+    python -m eval.run --bench dreambench --method anystory-tiny --out runs/tiny --resume
+    python -m eval.run --compare runs/sdxl runs/uno --out runs/compare
+
+Two stages, each resumable after a crash or ``kill -9`` (``--resume``): generation writes each image
+atomically; scoring writes atomic parquet parts and assembles them into ``rows.parquet``/``rows.csv`` (one row
+per image and subject), ``per_method``, ``per_subject`` and ``per_prompt_type`` tables (parquet + CSV),
+``report.md`` and ``chart.png``. ``run_config.json`` records the benchmark, methods, seeds, models and versions.
+A metric whose model cannot be loaded is reported as not computed, with the reason; the others still run.
+See eval/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import pandas as pd
+
+from .atomic import remove_stale_temporaries, write_json, write_with
+from .data import DataIntegrityError, DataNotFoundError
+from .generate import run_generation
+from .loaders import BENCHMARKS, Benchmark, load_benchmark
+from .methods import Method, MethodError, PipelineMethod, image_seed, make_method
+from .metrics import METRIC_NAMES, Metric, MetricSettings, build_metrics, load_metrics
+from .report import bar_chart, write_report
+from .score import assemble, expected_units, read_parts, score_units
+from .tables import build_tables, markdown
+
+CONFIG = "run_config.json"
+SIGNATURE = os.path.join("scores", "signature.json")
+FAILURES = "generation_failures.json"
+
+
+class RunError(RuntimeError):
+    """The run cannot proceed as asked (existing results, changed settings, ...); nothing was overwritten."""
+
+
+@dataclass
+class RunConfig:
+    bench: str
+    methods: Sequence[str]
+    out: str
+    images_per_prompt: int = 4
+    subset: Optional[int] = None
+    data_dir: Optional[str] = None
+    device: str = "cpu"
+    resume: bool = False
+    seed: int = 0
+    stage: str = "all"
+    chunk_size: int = 16
+    metrics: MetricSettings = field(default_factory=MetricSettings)
+    anystory_weights: Optional[str] = None
+    base_model: Optional[str] = None
+    steps: Optional[int] = None
+    guidance: Optional[float] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+    progress: bool = True
+
+
+@dataclass
+class EvalResult:
+    run_dir: str
+    rows: Optional[pd.DataFrame]
+    tables: Dict[str, pd.DataFrame]
+    unavailable: Dict[str, str]
+    generation: dict
+
+
+def _identity(cfg: RunConfig) -> dict:
+    """What must not change between a run and its resumption."""
+    m = cfg.metrics
+    return {"bench": cfg.bench, "methods": list(cfg.methods), "images_per_prompt": cfg.images_per_prompt,
+            "subset": cfg.subset, "seed": cfg.seed, "metric_names": sorted(m.names), "clip_model": m.clip_model,
+            "clip_pretrained": m.clip_pretrained, "dino_model": m.dino_model, "face_backend": m.face_backend,
+            "generation": {"steps": cfg.steps, "guidance": cfg.guidance, "height": cfg.height, "width": cfg.width,
+                           "anystory_weights": cfg.anystory_weights, "base_model": cfg.base_model}}
+
+
+def _versions() -> Dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "open_clip", "timm", "cv2", "diffusers", "transformers", "pandas", "numpy"):
+        try:
+            module = __import__(name)
+            out[name] = getattr(module, "__version__", "?")
+        except Exception:
+            out[name] = "absent"
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out["anystory_commit"] = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
+                                                text=True, timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        out["anystory_commit"] = "unknown"
+    return out
+
+
+class RunLock:
+    """One process per run folder (``flock``: released by the kernel even after ``kill -9``)."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, ".lock")
+        self.fd = None
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise RunError(f"another eval process is working in {os.path.dirname(self.path)}") from None
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def _prepare_run_dir(cfg: RunConfig, bench: Benchmark) -> dict:
+    path = os.path.join(cfg.out, CONFIG)
+    identity = _identity(cfg)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        if not cfg.resume:
+            raise RunError(f"{cfg.out} already holds a run; pass --resume to continue it, or choose another --out "
+                           "(nothing was changed)")
+        changed = {k: (saved.get("identity", {}).get(k), v) for k, v in identity.items()
+                   if saved.get("identity", {}).get(k) != v}
+        if changed:
+            listed = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in changed.items())
+            raise RunError(f"cannot resume {cfg.out} with different settings ({listed}); use a new --out")
+        return saved
+    config = {"identity": identity, "bench": cfg.bench, "data_dir": bench.data_dir, "entries": len(bench.entries),
+              "subset_note": bench.info.get("subset", ""), "images_per_prompt": cfg.images_per_prompt,
+              "seed": cfg.seed, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": _versions(),
+              "argv": sys.argv, "metric_settings": asdict(cfg.metrics), "device": cfg.device}
+    return config
+
+
+def _model_labels(metrics: Sequence[Metric]) -> Dict[str, str]:
+    """Short model names for the tables' ``clip_model`` / ``dino_model`` / ``face_model`` columns."""
+    column = {"clip_i": "clip_model", "clip_t": "clip_model", "dino": "dino_model", "face_id": "face_model"}
+    return {column[m.name]: m.describe().get("label", m.describe().get("model")) for m in metrics
+            if m.name in column}
+
+
+def _signature(metrics: Sequence[Metric], unavailable: Dict[str, str]) -> dict:
+    return {"computed": {m.name: {k: v for k, v in m.describe().items() if k in ("model", "weights")}
+                         for m in metrics}, "not_computed": sorted(unavailable)}
+
+
+def _check_signature(run_dir: str, signature: dict) -> None:
+    path = os.path.join(run_dir, SIGNATURE)
+    if read_parts(run_dir).empty:
+        write_json(path, signature)
+        return
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        if saved != signature:
+            raise RunError(f"the scores in {run_dir}/scores were computed with other metrics/models "
+                           f"({saved}) than now ({signature}); use a new --out, or delete {run_dir}/scores to "
+                           "rescore")
+
+
+def _load_failures(run_dir: str) -> Dict[str, str]:
+    path = os.path.join(run_dir, FAILURES)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def run_eval(cfg: RunConfig, *, metrics: Optional[Sequence[Metric]] = None, benchmark: Optional[Benchmark] = None,
+             methods: Optional[Sequence[Method]] = None) -> EvalResult:
+    """Run (or resume) an evaluation. ``metrics`` / ``benchmark`` / ``methods`` override what ``cfg`` would build
+    (tests pass randomly initialised models of the real architectures this way; the CLI never does)."""
+    if cfg.stage not in ("all", "generate", "score"):
+        raise ValueError(f"stage must be all, generate or score (got {cfg.stage!r})")
+    if cfg.images_per_prompt < 1:
+        raise ValueError(f"--images-per-prompt must be >= 1 (got {cfg.images_per_prompt})")
+    bench = benchmark or load_benchmark(cfg.bench, cfg.data_dir)
+    bench = bench.subset(cfg.subset) if cfg.subset else bench
+    os.makedirs(cfg.out, exist_ok=True)
+    with RunLock(cfg.out):
+        config = _prepare_run_dir(cfg, bench)
+        remove_stale_temporaries(cfg.out)
+        call = {"num_inference_steps": cfg.steps, "guidance_scale": cfg.guidance, "height": cfg.height,
+                "width": cfg.width}
+        methods = list(methods) if methods is not None else [
+            make_method(spec, cfg.out, device=cfg.device, anystory_weights=cfg.anystory_weights,
+                        base_model=cfg.base_model, call_kwargs=call) for spec in cfg.methods]
+        names = [m.name for m in methods]
+        if len(set(names)) != len(names):
+            raise RunError(f"two methods share a name: {names}")
+        config["methods"] = [m.describe() for m in methods]
+        write_json(os.path.join(cfg.out, CONFIG), config)
+
+        generation = {}
+        if cfg.stage in ("all", "generate"):
+            generation = run_generation(methods, bench.entries, cfg.images_per_prompt, cfg.seed, cfg.progress)
+            failures = _load_failures(cfg.out)
+            for method_name, summary in generation.items():
+                for key in list(failures):
+                    if key.startswith(method_name + "/"):
+                        del failures[key]
+                failures.update({f"{method_name}/{k}": v for k, v in summary["failed"].items()})
+            write_json(os.path.join(cfg.out, FAILURES), failures)
+        if cfg.stage == "generate":
+            return EvalResult(cfg.out, None, {}, {}, generation)
+
+        requested = build_metrics(cfg.metrics) if metrics is None else list(metrics)
+        usable, unavailable = load_metrics(requested)
+        if "copy_paste" in cfg.metrics.names and metrics is None and not any(
+                m.name.startswith("copy_paste") for m in usable):
+            unavailable["copy_paste"] = "needs at least one of dino, clip_i, face_id computed"
+        _check_signature(cfg.out, _signature(usable, unavailable))
+        config["scoring"] = {"metrics": {m.name: m.describe() for m in usable}, "unavailable": unavailable}
+        write_json(os.path.join(cfg.out, CONFIG), config)
+
+        def seed_of(method, entry, k):
+            return image_seed(cfg.seed, entry, k, cfg.images_per_prompt) if isinstance(method, PipelineMethod) \
+                else None
+
+        units = expected_units(methods, bench.entries, cfg.images_per_prompt, seed_of)
+        score_units(units, usable, cfg.out, cfg.chunk_size, _load_failures(cfg.out), cfg.progress)
+        rows = assemble(cfg.out, units)
+        columns = [c for m in usable for c in m.columns]
+        labels = _model_labels(usable)
+        for name, value in labels.items():
+            rows[name] = value
+        tables = build_tables(rows, columns, labels)
+        _write_table(cfg.out, "rows", rows)
+        for name, table in tables.items():
+            _write_table(cfg.out, name, table)
+        tables["rows"] = rows
+        write_report(cfg.out, config, tables, columns)
+        return EvalResult(cfg.out, rows, tables, unavailable, generation)
+
+
+def _write_table(run_dir: str, name: str, table: pd.DataFrame) -> None:
+    write_with(os.path.join(run_dir, f"{name}.parquet"), lambda tmp: table.to_parquet(tmp, index=False))
+    write_with(os.path.join(run_dir, f"{name}.csv"), lambda tmp: table.to_csv(tmp, index=False))
+
+
+def compare_runs(run_dirs: Sequence[str]) -> pd.DataFrame:
+    """Every run's per-method table in one, with a ``run`` column (model columns show what scored what)."""
+    frames = []
+    for run_dir in run_dirs:
+        path = os.path.join(run_dir, "per_method.parquet")
+        if not os.path.isfile(path):
+            raise RunError(f"{run_dir} has no per_method.parquet (not a finished run; try --resume there)")
+        frame = pd.read_parquet(path)
+        frame.insert(0, "run", os.path.basename(os.path.normpath(run_dir)))
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bench", choices=BENCHMARKS, help="benchmark to run")
+    p.add_argument("--method", action="append", default=[],
+                   help="anystory-sdxl | anystory-flux | anystory-tiny | folder:PATH | real-images | copy-reference "
+                        "(repeatable)")
+    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.add_argument("--subset", type=int, default=None, help="score a fixed sample of N entries")
+    p.add_argument("--out", default=None, help="run folder (default runs/<bench>)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--stage", default="all", choices=["all", "generate", "score"])
+    p.add_argument("--data-dir", default=None, help="benchmark data folder (DreamBench: see eval/README.md)")
+    p.add_argument("--weights-dir", default=None, help="local copies of metric weights (layout: eval/README.md)")
+    p.add_argument("--metrics", default=",".join(METRIC_NAMES), help="comma-separated subset of "
+                   + ", ".join(METRIC_NAMES))
+    p.add_argument("--clip-model", default=MetricSettings.clip_model, help="open_clip model (e.g. ViT-L-14)")
+    p.add_argument("--clip-pretrained", default=MetricSettings.clip_pretrained, help="open_clip tag or file")
+    p.add_argument("--dino-model", default=MetricSettings.dino_model)
+    p.add_argument("--face-backend", default="auto", choices=["auto", "arcface", "sface"])
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--anystory-weights", default=None, help="AnyStory weights for anystory-sdxl / anystory-flux")
+    p.add_argument("--base-model", default=None, help="base model (hub id or folder) for anystory-sdxl / -flux")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--list-entries", action="store_true", help="print the benchmark's entries (CSV) and exit")
+    p.add_argument("--compare", nargs="+", metavar="RUN", help="join finished runs into one table")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = _parser()
+    args = p.parse_args(argv)
+    if args.compare:
+        try:
+            table = compare_runs(args.compare)
+        except RunError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        with pd.option_context("display.width", 200, "display.max_columns", 40):
+            print(table.to_string(index=False))
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            _write_table(args.out, "compare", table)
+            columns = [c for c in table.columns if c in METRIC_NAMES or c.endswith("_ref") or
+                       c.startswith("copy_paste_")]
+            chart = table.assign(method=table["run"] + "/" + table["method"])
+            bar_chart(chart, columns, os.path.join(args.out, "compare.png"))
+            with open(os.path.join(args.out, "compare.md"), "w", encoding="utf-8") as f:
+                f.write(f"# Comparison\n\n{markdown(table)}\n\n![scores](compare.png)\n")
+            print(f"written {args.out}/compare.{{parquet,csv,md,png}}")
+        return 0
+    if not args.bench:
+        p.error("--bench is required (or --compare RUN ...)")
+    if args.list_entries:
+        try:
+            bench = load_benchmark(args.bench, args.data_dir)
+        except (DataNotFoundError, FileNotFoundError, DataIntegrityError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        bench = bench.subset(args.subset) if args.subset else bench
+        pd.DataFrame([{"entry_id": e.entry_id, "prompt": e.prompt, "prompt_type": e.prompt_type,
+                       "subjects": ";".join(s.name for s in e.subjects),
+                       "references": ";".join(s.reference for s in e.subjects)} for e in bench.entries]
+                     ).to_csv(sys.stdout, index=False)
+        return 0
+    if not args.method:
+        p.error("give at least one --method")
+    if not os.environ.get("HF_HUB_OFFLINE") and not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"  # fail fast on absent weights instead of minutes of retries
+        print("note: huggingface.co is unreachable; models load from local files and caches only", file=sys.stderr)
+    settings = MetricSettings(names=[n.strip() for n in args.metrics.split(",") if n.strip()],
+                              clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
+                              dino_model=args.dino_model, face_backend=args.face_backend, device=args.device,
+                              weights_dir=args.weights_dir, batch_size=args.batch_size)
+    cfg = RunConfig(bench=args.bench, methods=args.method, out=args.out or os.path.join("runs", args.bench),
+                    images_per_prompt=args.images_per_prompt, subset=args.subset, data_dir=args.data_dir,
+                    device=args.device, resume=args.resume, seed=args.seed, stage=args.stage,
+                    chunk_size=args.batch_size, metrics=settings, anystory_weights=args.anystory_weights,
+                    base_model=args.base_model, steps=args.steps, guidance=args.guidance, height=args.height,
+                    width=args.width)
+    try:
+        result = run_eval(cfg)
+    except (DataNotFoundError, DataIntegrityError, FileNotFoundError, MethodError, RunError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for name, reason in result.unavailable.items():
+        print(f"not computed: {name} - {reason}", file=sys.stderr)
+    if result.rows is None:
+        print(f"generation done in {result.run_dir}")
+        return 0
+    with pd.option_context("display.width", 200, "display.max_columns", 40, "display.float_format", "{:.4f}".format):
+        print(result.tables["per_method"].to_string(index=False))
+    print(f"report: {os.path.join(result.run_dir, 'report.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
