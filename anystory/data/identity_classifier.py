@@ -118,15 +118,15 @@ class IdentityClassifier(nn.Module):
 def augment(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """What a small generator gets wrong: blur / lost resolution, noise, colour and contrast drift."""
     x = crop.astype(np.float32)
-    if rng.random() < 0.5:
-        small = int(rng.integers(12, 24))
+    if rng.random() < 0.4:
+        small = int(rng.integers(18, 30))
         img = Image.fromarray(crop).resize((small, small), Image.BILINEAR).resize(crop.shape[:2][::-1], Image.BILINEAR)
         x = np.asarray(img, dtype=np.float32)
     gray = x.mean(axis=-1, keepdims=True)
     x = gray + (x - gray) * rng.uniform(0.75, 1.15)  # saturation
-    x = (x - 128) * rng.uniform(0.8, 1.2) + 128 + rng.uniform(-20, 20)  # contrast, brightness
-    x = x + rng.uniform(-12, 12, size=3)  # colour cast
-    x = x + rng.normal(0, rng.uniform(0, 10), x.shape)
+    x = (x - 128) * rng.uniform(0.85, 1.15) + 128 + rng.uniform(-15, 15)  # contrast, brightness
+    x = x + rng.uniform(-10, 10, size=3)  # colour cast
+    x = x + rng.normal(0, rng.uniform(0, 8), x.shape)
     if rng.random() < 0.5:
         x = x[:, ::-1]
     return np.clip(x, 0, 255).astype(np.uint8)
@@ -154,7 +154,7 @@ def _accuracy(model: IdentityClassifier, crops: np.ndarray, labels: np.ndarray) 
     return out
 
 
-def train_identity_classifier(steps: int = 1200, batch_size: int = 64, seed: int = 0, pool: int = 8000,
+def train_identity_classifier(steps: int = 2500, batch_size: int = 64, seed: int = 0, pool: int = 10000,
                               lr: float = 2e-3, log=print) -> tuple:
     """Train on ``pool`` augmented render crops (seed ``seed``), validate on 1,000 clean crops of seed ``seed + 1000``."""
     torch.manual_seed(seed)
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m anystory.data.identity_classifier", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="assets/miniature/identity_classifier.safetensors")
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("ANYSTORY_THREADS", "1")))  # oversubscribed threads are far slower on a shared CPU

@@ -1,0 +1,287 @@
+"""Routing study on the miniature: does the router find the subjects, does routing stop attribute leakage,
+and are the generated subjects recognisable?
+
+    python -m benchmarks.routing_study [--model assets/miniature] [--pairs 40] [--steps 20]
+
+All scenes come from a held-out seed of the synthetic world (never seen in training); the subjects of each
+generated pair are two of the 16 named identities with different shapes and colours, and the prompt names
+neither ("two objects on sand"), so identity can only come from the reference images.
+
+1. Router mIoU, teacher-forced: a held-out scene is noised to timestep t and denoised once with its subjects'
+   references; each cross-attention layer's routing (argmax) is compared with the ground-truth instance masks at
+   that layer's resolution (the class covering most of each cell). Mean over subjects + background, layers and
+   scenes; reported per t and averaged over t in {100, 300, 500, 700, 900}.
+2. Router mIoU on generated images: the last step's routing map against the objects actually drawn (found by
+   chroma, matched to subjects by the identity classifier's shape head).
+3. Attribute leakage: in the object drawn for subject B, the fraction of pixels whose nearest world colour is
+   subject A's colour (and vice versa), with routing on vs off. "Off" forces every subject's map to 1
+   everywhere (``set_routing_override`` with all-ones maps): each subject's conditions reach every position.
+4. Subject fidelity: the identity classifier (``anystory.data.identity_classifier``) reads each drawn object:
+   exact identity (shape, colour and texture all right; chance 1/192), per attribute, and the best of the 16
+   named identities (chance 1/16). A subject with no object drawn counts as wrong. Control: the same prompts
+   with no subjects (the base model).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from typing import List, Optional
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from anystory import Subject
+from anystory.data.identity_classifier import IdentityClassifier, object_crop
+from anystory.data.object_finder import find_objects
+from anystory.data.synthetic import COLOURS, IDENTITIES, SHADE, SHAPES, SyntheticWorld, WorldConfig
+from anystory.subjects import prepare_subjects
+
+STUDY_SEED = 424242  # the training world is seed 0 (held-out checks during training: 7919)
+TIMESTEPS = (100, 300, 500, 700, 900)
+
+
+def held_out_pairs(world: SyntheticWorld, count: int) -> list:
+    """(scene index, [A, B], background) with A, B named identities of different shape and colour."""
+    rng = np.random.default_rng(STUDY_SEED)
+    pairs = []
+    while len(pairs) < count:
+        a, b = rng.choice(len(IDENTITIES), 2, replace=False)
+        A, B = IDENTITIES[a], IDENTITIES[b]
+        if A.shape == B.shape or A.colour == B.colour:
+            continue
+        bg = world.config.backgrounds[int(rng.integers(len(world.config.backgrounds)))]
+        pairs.append((len(pairs), [A, B], bg))
+    return pairs
+
+
+def miou_labels(pred: np.ndarray, gt: np.ndarray, classes: int) -> float:
+    ious = []
+    for c in range(classes):
+        p, g = pred == c, gt == c
+        union = (p | g).sum()
+        if union:
+            ious.append((p & g).sum() / union)
+    return float(np.mean(ious))
+
+
+# ---- 1. teacher-forced router mIoU ------------------------------------------------------------------------------
+@torch.no_grad()
+def teacher_forced_miou(pipe, world: SyntheticWorld, scenes: int) -> dict:
+    from anystory.training.diffusion import encode_images, text_conditioning, training_scheduler
+    from anystory.training.routing import router_miou
+
+    scheduler = training_scheduler(pipe)
+    adapter = pipe.anystory
+    adapter.eval()
+    by_t = {t: [] for t in TIMESTEPS}
+    device = pipe.unet.device
+    for k in range(scenes):
+        sample = world.sample(k, count=2 + k % 2)
+        scene = sample.scene
+        prepared = prepare_subjects([Subject(r.image) for r in sample.references])
+        encoded = pipe.encode_subjects(**pipe.subject_tensors(prepared, device, pipe.unet.dtype))
+        latents = encode_images(pipe, torch.from_numpy(scene.image).permute(2, 0, 1)[None].float() / 127.5 - 1)
+        embeds, added = text_conditioning(pipe, [scene.generic_caption], None, *scene.image.shape[:2])
+        targets = torch.from_numpy(scene.routing_target())[None]
+        n = len(sample.references)
+        gen = torch.Generator().manual_seed(k)
+        noise = torch.randn(latents.shape, generator=gen)
+        for t in TIMESTEPS:
+            adapter.reset_state(**encoded, scales=torch.ones(n), reference_scales=torch.ones(n),
+                                latent_hw=tuple(latents.shape[-2:]), collect_soft_maps=True)
+            tt = torch.tensor([t])
+            pipe.unet(scheduler.add_noise(latents, noise, tt), tt, embeds, added_cond_kwargs=added)
+            by_t[t].append(float(np.mean(list(router_miou(adapter.state, targets).values()))))
+        adapter.reset_state()
+    out = {f"t={t}": float(np.mean(v)) for t, v in by_t.items()}
+    out["mean"] = float(np.mean([np.mean(v) for v in by_t.values()]))
+    out["scenes"] = scenes
+    return out
+
+
+# ---- 2-4. generation --------------------------------------------------------------------------------------------
+def nearest_colour(pixels: np.ndarray) -> np.ndarray:
+    """Index into COLOURS of the nearest world colour (either tone) for every ``[P, 3]`` pixel."""
+    names = list(COLOURS)
+    tones = np.array([COLOURS[c] for c in names] + [tuple(np.asarray(COLOURS[c]) * SHADE) for c in names], np.float32)
+    d = ((pixels[:, None, :].astype(np.float32) - tones[None]) ** 2).sum(-1)
+    return d.argmin(1) % len(names)
+
+
+def match_objects(image: np.ndarray, subjects, classifier: IdentityClassifier) -> list:
+    """For each subject, the mask of the object drawn for it (or None): largest objects, matched by shape."""
+    objects = find_objects(image)[: len(subjects) + 2]
+    if not objects:
+        return [None] * len(subjects)
+    crops = [object_crop(image, m) for m in objects]
+    p_shape = classifier.probabilities(crops)["shape"]
+    cost = -np.log(np.stack([p_shape[:, SHAPES.index(s.shape)] for s in subjects], 1) + 1e-6)  # [objects, subjects]
+    rows, cols = linear_sum_assignment(cost)
+    out: List[Optional[np.ndarray]] = [None] * len(subjects)
+    for r, c in zip(rows, cols):
+        out[c] = objects[r]
+    return out
+
+
+def leakage(image: np.ndarray, masks: list, subjects) -> Optional[float]:
+    """Mean over subjects of: the fraction of the subject's object drawn in the *other* subject's colour."""
+    colour_index = {c: i for i, c in enumerate(COLOURS)}
+    values = []
+    for i, (mask, s) in enumerate(zip(masks, subjects)):
+        if mask is None:
+            continue
+        other = subjects[1 - i]
+        nearest = nearest_colour(image[mask])
+        values.append(float((nearest == colour_index[other.colour]).mean()))
+    return float(np.mean(values)) if values else None
+
+
+def fidelity(image: np.ndarray, masks: list, subjects, classifier: IdentityClassifier) -> dict:
+    rows = {"identity": [], "named": [], "shape": [], "colour": [], "texture": [], "found": []}
+    for mask, s in zip(masks, subjects):
+        rows["found"].append(mask is not None)
+        if mask is None:
+            for k in ("identity", "named", "shape", "colour", "texture"):
+                rows[k].append(False)
+            continue
+        crop = object_crop(image, mask)
+        p = classifier.probabilities([crop])
+        pred = tuple(int(p[k][0].argmax()) for k in ("shape", "colour", "texture"))
+        rows["shape"].append(pred[0] == s.labels[0])
+        rows["colour"].append(pred[1] == s.labels[1])
+        rows["texture"].append(pred[2] == s.labels[2])
+        rows["identity"].append(pred == s.labels)
+        rows["named"].append(classifier.identify([crop], IDENTITIES)[0] == s)
+    return rows
+
+
+def generated_miou(maps: torch.Tensor, masks: list) -> Optional[float]:
+    """Last-step routing map ``[N+1, h, w]`` vs the drawn objects (background elsewhere), at the map's size."""
+    if any(m is None for m in masks):
+        return None
+    n, (h, w) = len(masks), maps.shape[-2:]
+    size = masks[0].shape[0]
+    frac = np.stack([m.reshape(h, size // h, w, size // w).mean(axis=(1, 3)) for m in masks])
+    gt_sub = np.concatenate([frac, 1 - frac.sum(0, keepdims=True)]).argmax(0)
+    return miou_labels(maps.argmax(0).numpy(), gt_sub, n + 1)
+
+
+def run_generation(pipe, world, classifier, pairs, steps: int, guidance: float, out_dir: Optional[str]) -> dict:
+    size = world.config.image_size
+    results = {"on": [], "off": [], "none": []}
+    seconds = []
+    for k, subjects, bg in pairs:
+        refs = [Subject(world.reference(s, k, slot).image, name=s.name) for slot, s in enumerate(subjects)]
+        prompt = f"two objects on {bg}"
+        images = {}
+        for mode in ("on", "off", "none"):
+            if mode == "off":
+                pipe.set_routing_override(torch.ones(len(refs) + 1, size // pipe.vae_scale_factor,
+                                                     size // pipe.vae_scale_factor))
+            started = time.perf_counter()
+            out = pipe(prompt, subjects=refs if mode != "none" else [], num_inference_steps=steps,
+                       guidance_scale=guidance, generator=torch.Generator().manual_seed(k), output_type="np",
+                       return_routing_maps=mode == "on")
+            if mode == "on":
+                seconds.append(time.perf_counter() - started)
+            pipe.set_routing_override(None)
+            image = (np.clip(out.images[0], 0, 1) * 255).round().astype(np.uint8)
+            images[mode] = image
+            masks = match_objects(image, subjects, classifier)
+            row = {"fidelity": fidelity(image, masks, subjects, classifier), "leakage": leakage(image, masks, subjects)}
+            if mode == "on":
+                row["miou"] = generated_miou(out.routing_maps[-1][0], masks)
+            results[mode].append(row)
+        if out_dir and k < 12:
+            from PIL import Image
+
+            refs_img = [np.asarray(prepare_subjects([r])[0].image.resize((size, size))) for r in refs]
+            Image.fromarray(np.concatenate(refs_img + [images["on"], images["off"], images["none"]], 1)).save(
+                os.path.join(out_dir, f"pair_{k:02d}.png"))
+    summary = {}
+    for mode, rows in results.items():
+        fid = {key: float(np.mean([v for r in rows for v in r["fidelity"][key]]))
+               for key in ("identity", "named", "shape", "colour", "texture", "found")}
+        leaks = [r["leakage"] for r in rows if r["leakage"] is not None]
+        summary[mode] = {"fidelity": fid, "leakage": float(np.mean(leaks)) if leaks else float("nan"),
+                         "leakage_images": len(leaks)}
+    mious = [r["miou"] for r in results["on"] if r.get("miou") is not None]
+    summary["generated_miou"] = float(np.mean(mious)) if mious else float("nan")
+    summary["generated_miou_images"] = len(mious)
+    summary["seconds_per_image"] = statistics.median(seconds)
+    summary["pairs"] = len(pairs)
+    return summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.routing_study", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="miniature folder (default: assets/miniature)")
+    p.add_argument("--classifier", default=None, help="identity classifier weights (default: <model>/identity_classifier.safetensors)")
+    p.add_argument("--pairs", type=int, default=40)
+    p.add_argument("--scenes", type=int, default=40, help="held-out scenes for the teacher-forced mIoU")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="runs/routing_study")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from diffusers.utils import logging as dlog
+
+    dlog.disable_progress_bar()
+    from anystory.miniature import MINIATURE_DIR, load_miniature
+
+    model = args.model or MINIATURE_DIR
+    pipe = load_miniature(path=model)
+    pipe.set_progress_bar_config(disable=True)
+    classifier = IdentityClassifier.load(args.classifier or os.path.join(model, "identity_classifier.safetensors"))
+    size = pipe.default_sample_size * pipe.vae_scale_factor
+    world = SyntheticWorld(STUDY_SEED, WorldConfig(image_size=size, reference_size=pipe.anystory.config.reference_size))
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    report = {"model": model, "command": "python -m benchmarks.routing_study " + " ".join(argv or []),
+              "classifier_validation": getattr(classifier, "metrics", {})}
+    report["teacher_forced_miou"] = teacher_forced_miou(pipe, world, args.scenes)
+    report["generation"] = run_generation(pipe, world, classifier, held_out_pairs(world, args.pairs), args.steps,
+                                          args.guidance, args.out)
+    g = report["generation"]
+    report["leakage_ratio_off_over_on"] = g["off"]["leakage"] / max(g["on"]["leakage"], 1e-9)
+    report["seconds_total"] = round(time.time() - t0, 1)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    table = markdown_table(report)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(table)
+    print(table)
+    return 0
+
+
+def markdown_table(r: dict) -> str:
+    g, tf = r["generation"], r["teacher_forced_miou"]
+    on, off, none = g["on"], g["off"], g["none"]
+    lines = [
+        "| measurement | routing on | routing off | no subjects (base) | goal |",
+        "|---|---|---|---|---|",
+        f"| router mIoU, teacher-forced, mean over t (held-out scenes: {tf['scenes']}) | {tf['mean']:.3f} | - | - | >= 0.8 |",
+        "| router mIoU per t (100 / 300 / 500 / 700 / 900) | "
+        + " / ".join(f"{tf[f't={t}']:.2f}" for t in TIMESTEPS) + " | - | - | |",
+        f"| router mIoU vs the objects drawn (last step; {g['generated_miou_images']} images) | {g['generated_miou']:.3f} | - | - | |",
+        f"| attribute leakage (other subject's colour in a subject's object) | {on['leakage']:.3f} | {off['leakage']:.3f} | - "
+        f"| off/on >= 3: **{r['leakage_ratio_off_over_on']:.1f}x** |",
+        f"| fidelity: exact identity (chance 0.005) | {on['fidelity']['identity']:.3f} | {off['fidelity']['identity']:.3f} | {none['fidelity']['identity']:.3f} | well above chance |",
+        f"| fidelity: best of 16 named identities (chance 0.0625) | {on['fidelity']['named']:.3f} | {off['fidelity']['named']:.3f} | {none['fidelity']['named']:.3f} | |",
+        f"| fidelity: shape / colour / texture (chance .125 / .167 / .25) | "
+        + " | ".join(f"{m['fidelity']['shape']:.2f} / {m['fidelity']['colour']:.2f} / {m['fidelity']['texture']:.2f}" for m in (on, off, none))
+        + " | |",
+        f"| subjects with an object drawn | {on['fidelity']['found']:.2f} | {off['fidelity']['found']:.2f} | {none['fidelity']['found']:.2f} | |",
+        f"| seconds per image (CPU, {g['pairs']} pairs, median) | {g['seconds_per_image']:.2f} | | | a few |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
