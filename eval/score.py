@@ -2,8 +2,8 @@
 
 Rows are keyed by (method, entry_id, sample, subject_slot). Each chunk of images is scored and written as one
 part file (temporary file + rename), so after ``kill -9`` the parts on disk hold complete images only; a
-resumed run scores exactly the images that no part holds, and :func:`assemble` drops any duplicate key (kept
-last) so no row is doubled or lost.
+resumed run scores exactly the images that no part holds (and those recorded as missing that exist now), and
+:func:`assemble` keeps the newest row per key, so no row is doubled or lost.
 
 Regions: for several subjects each is scored on its own box when the image's sidecar gives one
 (``region_source`` names where it came from), else on the whole image (``whole-image``).
@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
@@ -111,12 +112,28 @@ def _unit_rows(unit: Unit, failures: Dict[str, str]) -> List[tuple]:
     return out
 
 
+def units_to_score(units: Sequence[Unit], done: pd.DataFrame) -> List[Unit]:
+    """Units without rows, and units scored as missing whose image has appeared since (a resumed generation)."""
+    if done.empty:
+        return list(units)
+    latest = done.drop_duplicates(subset=KEY, keep="last")
+    status = dict(zip(zip(latest["method"], latest["entry_id"], latest["sample"]), latest["status"].astype(str)))
+    todo = []
+    for u in units:
+        s = status.get((u.method.name, u.entry.entry_id, u.sample))
+        if s is None:
+            todo.append(u)
+        elif s.startswith("missing"):
+            path = u.method.image_path(u.entry, u.sample)
+            if path and os.path.isfile(path):
+                todo.append(u)
+    return todo
+
+
 def score_units(units: Sequence[Unit], metrics: Sequence[Metric], run_dir: str, chunk_size: int = 16,
                 failures: Optional[Dict[str, str]] = None, progress: bool = True) -> int:
     """Score the units no part holds yet; returns how many images were scored now."""
-    done = read_parts(run_dir)
-    done_keys = set() if done.empty else set(zip(done["method"], done["entry_id"], done["sample"]))
-    todo = [u for u in units if (u.method.name, u.entry.entry_id, u.sample) not in done_keys]
+    todo = units_to_score(units, read_parts(run_dir))
     columns = [c for m in metrics for c in m.columns]
     bar = tqdm(total=len(todo), desc="score", unit="img", disable=not progress or not todo)
     for start in range(0, len(todo), chunk_size):
@@ -130,7 +147,7 @@ def score_units(units: Sequence[Unit], metrics: Sequence[Metric], run_dir: str, 
                 for (row, _), values in zip(scored, metric.score([it for _, it in scored], ctx)):
                     row.update(values)
         frame = pd.DataFrame(rows)
-        name = f"part-{chunk[0].order:07d}-{uuid.uuid4().hex[:8]}.parquet"
+        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"  # chronological: last one wins
         write_with(os.path.join(run_dir, PARTS, name), lambda tmp: frame.to_parquet(tmp, index=False))
         bar.update(len(chunk))
     bar.close()

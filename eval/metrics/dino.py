@@ -47,20 +47,24 @@ class DinoEmbedder(Embedder):
         self.local = local_dino_checkpoint(weights_dir, model) if pretrained else None
         self.key = f"timm:{model}:{self.local or pretrained}"
         self.model = None
+        self._failure: Optional[MetricUnavailable] = None  # DINO and its copy-paste share one attempt
 
     def load(self) -> None:
         if self.model is not None:
             return
+        if self._failure is not None:
+            raise self._failure
         import timm
 
         kwargs = {"pretrained_cfg_overlay": {"file": self.local}} if self.local else {}
         try:
             model = timm.create_model(self.model_name, pretrained=self.pretrained, num_classes=0, **kwargs)
         except Exception as e:
-            raise MetricUnavailable(
+            self._failure = MetricUnavailable(
                 f"DINO {self.model_name} weights could not be loaded ({type(e).__name__}: {str(e)[:200]}); run once "
                 f"with internet access to fill the hub cache, or put them at <weights-dir>/dino/{self.model_name}"
-                ".safetensors and pass --weights-dir") from e
+                ".safetensors and pass --weights-dir")
+            raise self._failure from e
         if getattr(model, "global_pool", "token") != "token":
             raise MetricUnavailable(f"{self.model_name} does not pool the CLS token; DINO needs a ViT with one")
         self.model = model.to(self.device).eval()

@@ -40,20 +40,32 @@ class OpenClipEmbedder(Embedder):
                                                        or pretrained)
         self.key = f"open_clip:{model}:{self.source}"
         self.model = self.preprocess = self.tokenizer = None
+        self._failure: Optional[MetricUnavailable] = None  # CLIP-I, CLIP-T and copy-paste share one attempt
         self._text_cache: Dict[str, np.ndarray] = {}
 
     def load(self) -> None:
         if self.model is not None:
             return
+        if self._failure is not None:
+            raise self._failure
         import open_clip
 
         try:
+            if self.source is not None and not os.path.isfile(self.source):
+                # fetch (or find in the cache) before building the model: an absent checkpoint fails in
+                # milliseconds instead of after a full random initialisation
+                cfg = open_clip.get_pretrained_cfg(self.model_name, self.source)
+                if not cfg:
+                    raise ValueError(f"open_clip knows no weights '{self.source}' for {self.model_name} "
+                                     f"(choices: {open_clip.list_pretrained_tags_by_model(self.model_name)})")
+                open_clip.download_pretrained(cfg)
             model, _, preprocess = open_clip.create_model_and_transforms(self.model_name, pretrained=self.source)
         except Exception as e:
-            raise MetricUnavailable(
+            self._failure = MetricUnavailable(
                 f"open_clip {self.model_name} weights '{self.source}' could not be loaded ({type(e).__name__}: "
                 f"{str(e)[:200]}); run once with internet access to fill the hub cache, or put the checkpoint at "
-                f"<weights-dir>/open_clip/{self.model_name}-{self.pretrained}.bin and pass --weights-dir") from e
+                f"<weights-dir>/open_clip/{self.model_name}-{self.pretrained}.bin and pass --weights-dir")
+            raise self._failure from e
         self.model = model.to(self.device).eval()
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(self.model_name)
