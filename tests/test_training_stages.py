@@ -102,7 +102,7 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_routing_loss_and_miou_are_right_on_known_maps():
     class State:
-        soft_maps = {"layer": torch.tensor([[[1.0, 0.0, 0.5, 0.0], [0.0, 1.0, 0.5, 1.0]]])}  # [1, 2, 4]
+        soft_maps = {"layer": torch.tensor([[[1.0, 0.0, 0.5, 1.0], [0.0, 1.0, 0.5, 0.0]]])}  # [1, 2, 4]
 
         def layer_hw(self, tokens):
             return (2, 2)
