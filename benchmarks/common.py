@@ -46,10 +46,11 @@ def peak_memory(device: str):
 
 
 class ForwardTimer:
-    """Times every forward of ``module`` (one denoising step = one forward), synchronising CUDA."""
+    """Times every forward of ``module`` (one denoising step = one forward), synchronising CUDA. ``skip()``
+    true at the end of a forward drops it (FLUX runs its reference pass through the same transformer)."""
 
-    def __init__(self, module: torch.nn.Module, device: str):
-        self.times, self._start, self.device = [], None, device
+    def __init__(self, module: torch.nn.Module, device: str, skip=None):
+        self.times, self._starts, self.device, self.skip = [], [], device, skip
         self._handles = [module.register_forward_pre_hook(self._pre), module.register_forward_hook(self._post)]
 
     def _sync(self):
@@ -58,11 +59,13 @@ class ForwardTimer:
 
     def _pre(self, *_):
         self._sync()
-        self._start = time.perf_counter()
+        self._starts.append(time.perf_counter())  # a stack: a forward may run inside another's pre-hook
 
     def _post(self, *_):
         self._sync()
-        self.times.append(time.perf_counter() - self._start)
+        start = self._starts.pop()
+        if self.skip is None or not self.skip():
+            self.times.append(time.perf_counter() - start)
 
     def remove(self):
         for h in self._handles:
@@ -86,3 +89,37 @@ class CallCounter:
 
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
+
+
+def interleaved(configs, module: torch.nn.Module, device: str, repeats: int, passes, skip=None) -> list:
+    """Time ``configs`` (``(label, subjects, call)``, ``call(seed)`` runs one pipeline call) against each other.
+
+    Each config is warmed up once, then ``repeats`` rounds run every config once: a drift in the speed of a shared
+    machine then hits all of them alike, which keeps their ratios honest. ``passes()`` is a running count of
+    reference-encoder passes (subject rows). One row per config: median step time over all its steps, passes per
+    call, peak memory.
+    """
+    for _, _, call in configs:
+        call(-1)
+    timer = ForwardTimer(module, device, skip=skip)
+    times = {label: [] for label, _, _ in configs}
+    counted = {label: 0 for label, _, _ in configs}
+    peaks = {label: 0.0 for label, _, _ in configs}
+    kind = None
+    try:
+        for r in range(repeats):
+            for label, _, call in configs:
+                before, seen = passes(), len(timer.times)
+                with peak_memory(device) as mem:
+                    call(r)
+                times[label] += timer.times[seen:]
+                counted[label] += passes() - before
+                peaks[label], kind = max(peaks[label], mem["peak_mb"]), mem["kind"]
+    finally:
+        timer.remove()
+    rows = [{"config": label, "subjects": n, "step_ms": 1000 * median(times[label]),
+             "reference_passes_per_call": counted[label] / repeats, "peak_mb": peaks[label], "memory": kind}
+            for label, n, _ in configs]
+    for row in rows:
+        row["step_ratio"] = row["step_ms"] / rows[0]["step_ms"]
+    return rows

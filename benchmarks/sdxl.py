@@ -8,7 +8,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from anystory import AnyStorySDXLPipeline, Subject
 
-from .common import CallCounter, ForwardTimer, median, peak_memory
+from .common import CallCounter, interleaved
 
 # stabilityai/stable-diffusion-xl-base-1.0's shapes, written out so random-weight runs need no download.
 SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
@@ -78,34 +78,36 @@ def build(shape: str, device: str, dtype):
 def run(shape: str = "tiny", device: str = "cpu", steps: int = 4, repeats: int = 3, dtype=None,
         height: int | None = None) -> list:
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
+    if shape == "real" and not device.startswith("cuda"):
+        # the real-shape pipeline does not fit a CPU machine's memory in float32: time the UNet step alone
+        from .sdxl_unet_step import run as unet_step
+
+        return unet_step(height or 1024, steps=steps, repeats=repeats, device=device, dtype=dtype)
     pipe, size = build(shape, device, dtype)
     size = height or size
     bare = StableDiffusionXLPipeline(**{k: v for k, v in pipe.components.items() if k != "anystory"})
     bare.set_progress_bar_config(disable=True)
     rng = np.random.RandomState(0)
     images = [rng.randint(0, 255, (256, 256, 3)).astype(np.uint8) for _ in range(4)]
-    configs = [("bare diffusers", None)] + [(f"anystory {n} subjects", n) for n in (0, 1, 2, 4)]
-    rows = []
-    for label, n in configs:
-        if n is None:
-            pipe.unet.set_attn_processor(AttnProcessor2_0())
-            target, kwargs = bare, {}
-        else:
-            pipe.anystory.attach(pipe.unet)
-            target, kwargs = pipe, {"subjects": [Subject(im) for im in images[:n]]}
-        call = dict(prompt="a photo", height=size, width=size, guidance_scale=5.0, output_type="latent", **kwargs)
-        target(num_inference_steps=1, generator=torch.Generator().manual_seed(0), **call)  # warm-up
-        timer, counter = ForwardTimer(pipe.unet, device), CallCounter(pipe.anystory.reference_net)
-        with peak_memory(device) as mem:
-            for r in range(repeats):
-                target(num_inference_steps=steps, generator=torch.Generator().manual_seed(r), **call)
-        timer.remove()
+    counter = CallCounter(pipe.anystory.reference_net)
+
+    def config(n):
+        target, extra = (bare, {}) if n is None else (pipe, {"subjects": [Subject(im) for im in images[:n]]})
+
+        def call(seed):
+            if n is None:  # the bare pipeline shares the UNet: give it diffusers' own processors back
+                pipe.unet.set_attn_processor(AttnProcessor2_0())
+            else:
+                pipe.anystory.attach(pipe.unet)
+            target(prompt="a photo", height=size, width=size, guidance_scale=5.0, output_type="latent",
+                   num_inference_steps=1 if seed < 0 else steps, generator=torch.Generator().manual_seed(seed % 2**31),
+                   **extra)
+        return ("bare diffusers" if n is None else f"anystory {n} subjects", n or 0, call)
+
+    try:
+        rows = interleaved([config(n) for n in (None, 0, 1, 2, 4)], pipe.unet, device, repeats,
+                           passes=lambda: counter.items)
+    finally:
         counter.remove()
-        rows.append({"backbone": "sdxl", "shape": shape, "config": label, "subjects": n or 0,
-                     "step_ms": 1000 * median(timer.times), "reference_passes_per_call": counter.items / repeats,
-                     "peak_mb": mem["peak_mb"], "memory": mem["kind"]})
-    pipe.anystory.attach(pipe.unet)
-    base = rows[0]["step_ms"]
-    for row in rows:
-        row["step_ratio"] = row["step_ms"] / base
-    return rows
+        pipe.anystory.attach(pipe.unet)
+    return [{"backbone": "sdxl", "shape": shape, **row} for row in rows]

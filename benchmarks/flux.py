@@ -1,0 +1,118 @@
+"""FLUX AnyStory against the bare diffusers ``FluxPipeline``: per-step latency, reference passes, peak memory.
+
+The AnyStory weights are random in the released file's layout (``anystory_flux.bin`` cannot be downloaded here):
+the cost of a step depends on the shapes of the conditioning, not on its values. ``--shape real`` builds
+FLUX.1-dev's transformer and VAE, FLUX.1-Redux-dev's SigLIP (so400m) and rank-128 LoRAs as the release's loader
+declares them; the text encoders keep only their output widths (one layer each), since they run once per call and
+never inside a step. Real shapes need a CUDA GPU (12B parameters); the tiny shape runs anywhere.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import FluxPipeline
+
+from anystory import Subject
+
+from .common import interleaved
+
+# black-forest-labs/FLUX.1-dev's transformer and VAE, written out so random-weight runs need no download.
+FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                        guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                layers_per_block=2, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+                use_quant_conv=False, use_post_quant_conv=False)
+SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                     image_size=384, patch_size=14)
+RELEASE_RANK = 128  # the authors' loader: router_lora_rank=128, redux lora_rank=128
+
+
+def real_shape_pipeline(device: str, dtype):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+    from transformers import (CLIPTextConfig, CLIPTextModel, SiglipImageProcessor, SiglipVisionConfig,
+                              SiglipVisionModel, T5Config, T5EncoderModel)
+
+    from anystory.flux.pipeline_flux import AnyStoryFluxPipeline
+    from anystory.flux.tiny_flux import random_released_state_dict
+    from anystory.tokenizer import clip_vocab_and_merges, offline_clip_tokenizer
+
+    vocab = len(clip_vocab_and_merges()[0])
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):  # random init straight on the GPU, in the target dtype
+            transformer = FluxTransformer2DModel(**FLUX_TRANSFORMER)
+            vae = AutoencoderKL(**FLUX_VAE)
+            clip = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                                num_hidden_layers=1, vocab_size=vocab, projection_dim=768,
+                                                bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+            t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=4096, d_kv=64, d_ff=10240, num_layers=1,
+                                         num_heads=64, pad_token_id=49407, eos_token_id=49407))
+            siglip = SiglipVisionModel(SiglipVisionConfig(**SIGLIP_SO400M))
+            redux_base = ReduxImageEncoder(redux_dim=SIGLIP_SO400M["hidden_size"], txt_in_features=4096)
+    finally:
+        torch.set_default_dtype(default)
+    size = SIGLIP_SO400M["image_size"]
+    pipe = AnyStoryFluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                  max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+        vae=vae.eval(), text_encoder=clip.eval(), tokenizer=offline_clip_tokenizer(), text_encoder_2=t5.eval(),
+        tokenizer_2=offline_clip_tokenizer(), transformer=transformer.eval(), image_encoder=siglip.eval(),
+        feature_extractor=SiglipImageProcessor(size={"height": size, "width": size}))
+    weights = random_released_state_dict(transformer, redux_dim=SIGLIP_SO400M["hidden_size"], rank=RELEASE_RANK,
+                                          std=0.01)
+    pipe.load_anystory_weights(weights, redux_base=redux_base.eval())
+    return pipe, 512
+
+
+def build(shape: str, device: str, dtype):
+    if shape == "tiny":
+        from anystory.flux.tiny_flux import TINY_IMAGE_SIZE, tiny_anystory_flux_pipeline
+
+        pipe, size = tiny_anystory_flux_pipeline(), TINY_IMAGE_SIZE * 2
+        pipe.to(device=device, dtype=dtype)
+    else:
+        if not device.startswith("cuda"):
+            raise SystemExit("FLUX at real shapes has 12B parameters: run it with --device cuda "
+                             "(--shape tiny runs on a CPU)")
+        pipe, size = real_shape_pipeline(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, size
+
+
+def run(shape: str = "tiny", device: str = "cpu", steps: int = 4, repeats: int = 3, dtype=None,
+        height: int | None = None) -> list:
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    pipe, size = build(shape, device, dtype)
+    size = height or size
+    bare = FluxPipeline(**{k: v for k, v in pipe.components.items()
+                           if k not in ("redux_embedder", "router_embedder")})
+    bare.set_progress_bar_config(disable=True)
+    state = pipe.anystory_state
+    rng = np.random.RandomState(0)
+    images = [rng.randint(0, 255, (256, 256, 3)).astype(np.uint8) for _ in range(4)]
+    reference_rows = [0]
+
+    def count_reference_rows(module, args, kwargs):
+        if state.in_ref_pass:
+            reference_rows[0] += kwargs["hidden_states"].shape[0]
+
+    def config(n):
+        target, extra = (bare, {}) if n is None else (pipe, {"subjects": [Subject(im) for im in images[:n]]})
+
+        def call(seed):
+            target(prompt="a photo", height=size, width=size, guidance_scale=3.5, output_type="latent",
+                   num_inference_steps=1 if seed < 0 else steps, generator=torch.Generator().manual_seed(seed % 2**31),
+                   **extra)
+        return ("bare diffusers" if n is None else f"anystory {n} subjects", n or 0, call)
+
+    hook = pipe.transformer.register_forward_pre_hook(count_reference_rows, with_kwargs=True)
+    try:
+        rows = interleaved([config(n) for n in (None, 0, 1, 2, 4)], pipe.transformer, device, repeats,
+                           passes=lambda: reference_rows[0], skip=lambda: state.in_ref_pass)
+    finally:
+        hook.remove()
+    return [{"backbone": "flux", "shape": shape, **row} for row in rows]
