@@ -26,7 +26,11 @@ def bar_chart(per_method: pd.DataFrame, columns: Sequence[str], path: str) -> No
         width = 0.8 / max(1, len(per_method))
         for i, (_, row) in enumerate(per_method.iterrows()):
             values = pd.to_numeric(row[cols], errors="coerce").astype(float)
-            ax.bar([x + i * width for x in range(len(cols))], values.fillna(0.0), width, label=str(row["method"]))
+            xs = [x + i * width for x in range(len(cols))]
+            ax.bar(xs, values, width, label=str(row["method"]))
+            for x, v in zip(xs, values):
+                if pd.isna(v):  # nothing scored (e.g. no face found): say so, never draw it as a zero
+                    ax.text(x, 0.0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
         ax.set_xticks([x + width * (len(per_method) - 1) / 2 for x in range(len(cols))])
         ax.set_xticklabels(cols, rotation=20)
         ax.axhline(0.0, color="black", linewidth=0.6)
