@@ -261,6 +261,8 @@ def make_method(spec: str, run_dir: str, *, device: str = "cpu", anystory_weight
         return PipelineMethod(spec, run_dir, lambda: _load_tiny(device), kwargs, {"weights": "shipped miniature"})
     weights = anystory_weights or (os.environ.get("ANYSTORY_SDXL_WEIGHTS") if spec == "anystory-sdxl" else None)
     if spec == "anystory-sdxl":
+        if not weights:  # refuse before the run folder records anything, so the same --out works once corrected
+            _load_sdxl(weights, base_model, device)
         return PipelineMethod(spec, run_dir, lambda: _load_sdxl(weights, base_model, device), kwargs,
                               {"weights": str(weights), "base": str(base_model or "default SDXL base")})
     if spec == "anystory-flux":
