@@ -56,6 +56,7 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
         reference_size: int = 512,
         max_subjects: int = MAX_SUBJECTS,
         gumbel_tau: float = 1.0,
+        routing_background_bias: float = 0.0,
     ):
         super().__init__()
         cross_dim = unet_config["cross_attention_dim"]
@@ -102,7 +103,7 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
 
     def reset_state(self, **values) -> AnyStoryState:
         """Start a new call: clear everything the previous one left, then set ``values``."""
-        self.state.__init__(gumbel_tau=self.config.gumbel_tau)
+        self.state.__init__(gumbel_tau=self.config.gumbel_tau, background_bias=self.config.routing_background_bias)
         for k, v in values.items():
             setattr(self.state, k, v)
         self.state.training = self.training

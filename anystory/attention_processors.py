@@ -41,6 +41,7 @@ class AnyStoryState:
     latent_hw: Tuple[int, int] = (0, 0)
     training: bool = False
     gumbel_tau: float = 1.0
+    background_bias: float = 0.0  # inference routing's background logit adjustment (see router.py)
     forced_maps: Optional[torch.Tensor] = None  # [N+1, H, W] (test/debug hook) or [Bc, N+1, H, W] (teacher routing) one-hot maps for every layer
     record_maps: bool = False  # accumulate gating maps at latent resolution (for visualisation)
     collect_soft_maps: bool = False  # keep soft maps per layer (for the routing loss)
@@ -175,7 +176,7 @@ class AnyStoryCrossAttnProcessor:
             return forced.expand(hidden_states.shape[0], -1, -1)
         tokens = _to_batch(st.routing_tokens, hidden_states.shape[0])
         logits = self.cond.router(hidden_states, tokens)
-        gate, soft = routing_maps(logits, st.training, st.gumbel_tau)
+        gate, soft = routing_maps(logits, st.training, st.gumbel_tau, st.background_bias)
         if st.collect_soft_maps:
             st.soft_maps[self.name] = soft
         return gate

@@ -151,10 +151,16 @@ class AnyStorySDXLPipeline(StableDiffusionXLPipeline):
                  negative_prompt=None, num_images_per_prompt: int = 1, generator=None, latents=None,
                  output_type: str = "pil", return_dict: bool = True, callback_on_step_end: Optional[Callable] = None,
                  callback_on_step_end_tensor_inputs: Optional[List[str]] = None, return_routing_maps: bool = False,
-                 **kwargs):
+                 routing_background_bias: Optional[float] = None, **kwargs):
         """Generate. ``subjects``: up to ``max_subjects`` :class:`Subject`. Every other argument is
-        ``StableDiffusionXLPipeline``'s. ``return_routing_maps`` adds per-step routing maps to the output."""
+        ``StableDiffusionXLPipeline``'s. ``return_routing_maps`` adds per-step routing maps to the output.
+        ``routing_background_bias``: the router's background logit adjustment (``router.py``); ``None`` uses the
+        value stored with the weights, 0 is the paper's plain argmax, larger values give subjects more room."""
         prepared = self.check_subjects(subjects)
+        if routing_background_bias is not None:
+            routing_background_bias = float(routing_background_bias)
+            if not np.isfinite(routing_background_bias):
+                raise ValueError(f"routing_background_bias must be a finite number, got {routing_background_bias}")
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
@@ -181,6 +187,7 @@ class AnyStorySDXLPipeline(StableDiffusionXLPipeline):
                     latent_hw=(height // self.vae_scale_factor, width // self.vae_scale_factor),
                     forced_maps=self._forced_maps(len(prepared), device),
                     record_maps=return_routing_maps,
+                    **({} if routing_background_bias is None else {"background_bias": routing_background_bias}),
                 )
             out = super().__call__(
                 prompt=prompt, height=height, width=width, num_inference_steps=num_inference_steps,

@@ -10,6 +10,14 @@ background, from the routing QFormer) into a map over N+1 classes for each laten
 
 Inference makes the map hard (argmax one-hot). Training uses straight-through Gumbel-softmax, so the forward
 pass is one-hot like inference while gradients reach the router; the soft probabilities feed the routing loss.
+
+Background logit adjustment (inference only; 0 = the paper's plain argmax). The router learns the posterior
+p(class | noisy latent). Early in sampling the latent says little, so the posterior is the class prior, and where
+subjects cover a small part of the training images the background wins *every* position: no subject condition
+acts until the image has already formed without it. Subtracting ``background_bias`` = log(p_background /
+p_subject) from the background logit before the argmax (post-hoc logit adjustment, Menon et al., ICLR 2021)
+turns the decision into a likelihood ratio; late in sampling, where the router is confident, it changes little.
+Stage 2 measures the two priors on its training data and stores the value with the weights.
 The gating that uses these maps lives in ``attention_processors.py``.
 """
 from __future__ import annotations
@@ -46,11 +54,15 @@ class RouterLayer(nn.Module):
         return torch.einsum("bkd,bld->bkl", t, x) * self.scale
 
 
-def routing_maps(logits: torch.Tensor, training: bool, tau: float = 1.0):
-    """(gating map, soft map) from router logits ``[B, K, L]``; the gating map is one-hot over ``K`` in the forward pass."""
+def routing_maps(logits: torch.Tensor, training: bool, tau: float = 1.0, background_bias: float = 0.0):
+    """(gating map, soft map) from router logits ``[B, K, L]`` (class ``K-1`` the background); the gating map is
+    one-hot over ``K`` in the forward pass. ``background_bias`` applies to the inference argmax only."""
     soft = logits.float().softmax(dim=1)
     if training:
         hard = F.gumbel_softmax(logits.float(), tau=tau, hard=True, dim=1)
     else:
-        hard = F.one_hot(logits.argmax(dim=1), logits.shape[1]).movedim(-1, 1).float()
+        adjusted = logits.float()
+        if background_bias:
+            adjusted = torch.cat([adjusted[:, :-1], adjusted[:, -1:] - background_bias], dim=1)
+        hard = F.one_hot(adjusted.argmax(dim=1), logits.shape[1]).movedim(-1, 1).float()
     return hard.to(logits.dtype), soft

@@ -182,6 +182,46 @@ def test_gumbel_gates_are_one_hot_in_training():
     assert torch.allclose(soft.sum(1), torch.ones(2, 10))
 
 
+def test_background_logit_adjustment_is_inference_only():
+    """The bias moves the inference argmax off the background where the router is unsure, keeps confident
+    positions, and leaves the soft maps and the training path untouched."""
+    from anystory.router import routing_maps
+
+    logits = torch.tensor([[[0.5, 4.0, 0.0], [0.0, 0.0, 0.2], [1.5, 1.0, 9.0]]])  # [1, K=3 (2 subjects + bg), L=3]
+    plain, soft = routing_maps(logits, training=False)
+    adjusted, soft_adjusted = routing_maps(logits, training=False, background_bias=2.0)
+    assert plain.argmax(1).tolist() == [[2, 0, 2]]
+    assert adjusted.argmax(1).tolist() == [[0, 0, 2]]  # unsure -> subject 0; the confident background stays
+    assert torch.equal(soft, soft_adjusted)
+    torch.manual_seed(0)
+    a, _ = routing_maps(logits, training=True, background_bias=50.0)
+    torch.manual_seed(0)
+    b, _ = routing_maps(logits, training=True)
+    assert torch.equal(a, b)
+
+
+def test_background_bias_reaches_the_router_and_is_validated(pipe, monkeypatch):
+    seen = []
+    import anystory.attention_processors as processors
+
+    original = processors.routing_maps
+
+    def spy(logits, training, tau=1.0, background_bias=0.0):
+        seen.append(background_bias)
+        return original(logits, training, tau, background_bias)
+
+    monkeypatch.setattr(processors, "routing_maps", spy)
+    subjects = [Subject(_image(1)), Subject(_image(2))]
+    _run(pipe, subjects, steps=1)
+    assert set(seen) == {pipe.anystory.config.routing_background_bias}
+    seen.clear()
+    many = _run(pipe, subjects, steps=1, routing_background_bias=1e4, return_routing_maps=True)
+    assert set(seen) == {1e4}
+    assert many.routing_maps[-1][0, 2].sum() == 0, "a huge bias leaves the background no position"
+    with pytest.raises(ValueError, match="routing_background_bias"):
+        _run(pipe, subjects, steps=1, routing_background_bias=float("nan"))
+
+
 def test_reference_net_runs_once_per_subject_per_call(pipe):
     calls = []
     handle = pipe.anystory.reference_net.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))

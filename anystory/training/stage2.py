@@ -3,6 +3,7 @@
 Trained: every cross-attention layer's router and the routing QFormer (the per-subject routing tokens).
 Loss: diffusion loss (its gradient reaches the router through the straight-through Gumbel-softmax gates) plus
 ``routing_weight * mean ||M - M_gt||^2`` on the soft maps (paper: 0.1). Logged: both losses and router mIoU.
+Afterwards the class priors of the training targets set the inference logit adjustment (``router.py``).
 
     python -m anystory.training.stage2 --config configs/tiny.yaml
 """
@@ -10,7 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from .data import world_for
+import math
+
+import numpy as np
+
+from .data import subject_count, world_for
 from .diffusion import training_scheduler
 from .loop import StageLoop, make_accelerator
 from .stage1 import evaluate, freeze_all
@@ -20,6 +25,18 @@ from .subject_step import subject_step
 def stage2_parameters(adapter) -> dict:
     return {f"anystory.{n}": p for n, p in adapter.named_parameters()
             if n.startswith("routing_qformer.") or ".router." in n}
+
+
+def routing_priors(cfg: dict, samples: int = 512) -> dict:
+    """Mean area of the background and of one subject in stage 2's training scenes (its subject-count mix)."""
+    world = world_for(cfg)
+    rng = np.random.default_rng([int(cfg["seed"]), 6])
+    background, subject = [], []
+    for i in range(samples):
+        target = world.sample(i, count=subject_count(rng, cfg["stage2"]["subjects"])).scene.routing_target()
+        background.append(float(target[-1].mean()))
+        subject += [float(m.mean()) for m in target[:-1]]
+    return {"background": float(np.mean(background)), "subject": float(np.mean(subject))}
 
 
 def train_stage2(cfg: dict, pipe, log=print) -> dict:
@@ -55,7 +72,13 @@ def train_stage2(cfg: dict, pipe, log=print) -> dict:
     pipe.anystory.eval()
     log(f"[stage2] held-out routing loss {after['routing']:.4f}, mIoU {after['miou']:.3f}"
         + (f" (before: {before['routing']:.4f}, {before['miou']:.3f})" if before else ""))
-    return {"heldout_before": before, "heldout_after": after, "seconds": loop.seconds}
+    priors = routing_priors(cfg)
+    bias = math.log(priors["background"] / priors["subject"])
+    pipe.anystory.register_to_config(routing_background_bias=bias)
+    log(f"[stage2] class priors: background {priors['background']:.3f}, one subject {priors['subject']:.3f} "
+        f"-> inference background logit adjustment {bias:.3f}")
+    return {"heldout_before": before, "heldout_after": after, "seconds": loop.seconds, "routing_priors": priors,
+            "routing_background_bias": bias}
 
 
 def main(argv=None) -> int:
