@@ -16,10 +16,13 @@ neither ("two objects on sand"), so identity can only come from the reference im
 3. Attribute leakage: in the object drawn for subject B, the fraction of pixels whose nearest world colour is
    subject A's colour (and vice versa), with routing on vs off. "Off" forces every subject's map to 1
    everywhere (``set_routing_override`` with all-ones maps): each subject's conditions reach every position.
+   "Plain argmax" is routing on without the background logit adjustment (``routing_background_bias=0``).
 4. Subject fidelity: the identity classifier (``anystory.data.identity_classifier``) reads each drawn object:
    exact identity (shape, colour and texture all right; chance 1/192), per attribute, and the best of the 16
    named identities (chance 1/16). A subject with no object drawn counts as wrong. Control: the same prompts
    with no subjects (the base model).
+5. One subject: each of the 16 named identities from two held-out references, "an object on <background>",
+   fidelity of the largest object drawn, with the same modes.
 """
 from __future__ import annotations
 
@@ -170,26 +173,58 @@ def generated_miou(maps: torch.Tensor, masks: list) -> Optional[float]:
     return miou_labels(maps.argmax(0).numpy(), gt_sub, n + 1)
 
 
+MODES = ("on", "plain", "off", "none")
+
+
+def _generate(pipe, prompt, refs, mode: str, size: int, steps: int, guidance: float, seed: int, **kwargs):
+    if mode == "off":
+        pipe.set_routing_override(torch.ones(len(refs) + 1, size // pipe.vae_scale_factor,
+                                             size // pipe.vae_scale_factor))
+    try:
+        return pipe(prompt, subjects=refs if mode != "none" else [], num_inference_steps=steps,
+                    guidance_scale=guidance, generator=torch.Generator().manual_seed(seed), output_type="np",
+                    routing_background_bias=0.0 if mode == "plain" else None, **kwargs)
+    finally:
+        pipe.set_routing_override(None)
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+
+
+def single_subject(pipe, world, classifier, steps: int, guidance: float, per_identity: int = 2) -> dict:
+    """Fidelity of one subject per image (the largest object drawn), per mode."""
+    size = world.config.image_size
+    rows = {mode: [] for mode in MODES if mode != "off"}
+    for k, identity in enumerate(IDENTITIES):
+        for j in range(per_identity):
+            index = k * per_identity + j
+            refs = [Subject(world.reference(identity, 10_000 + index).image, name=identity.name)]
+            bg = world.config.backgrounds[index % len(world.config.backgrounds)]
+            for mode in rows:
+                image = _to_uint8(_generate(pipe, f"an object on {bg}", refs, mode, size, steps, guidance,
+                                            seed=10_000 + index).images[0])
+                objects = find_objects(image)
+                rows[mode].append(fidelity(image, [objects[0] if objects else None], [identity], classifier))
+    return {mode: {key: float(np.mean([v for r in rs for v in r[key]]))
+                   for key in ("identity", "named", "shape", "colour", "texture", "found")} | {"images": len(rs)}
+            for mode, rs in rows.items()}
+
+
 def run_generation(pipe, world, classifier, pairs, steps: int, guidance: float, out_dir: Optional[str]) -> dict:
     size = world.config.image_size
-    results = {"on": [], "off": [], "none": []}
+    results = {mode: [] for mode in MODES}
     seconds = []
     for k, subjects, bg in pairs:
         refs = [Subject(world.reference(s, k, slot).image, name=s.name) for slot, s in enumerate(subjects)]
         prompt = f"two objects on {bg}"
         images = {}
-        for mode in ("on", "off", "none"):
-            if mode == "off":
-                pipe.set_routing_override(torch.ones(len(refs) + 1, size // pipe.vae_scale_factor,
-                                                     size // pipe.vae_scale_factor))
+        for mode in MODES:
             started = time.perf_counter()
-            out = pipe(prompt, subjects=refs if mode != "none" else [], num_inference_steps=steps,
-                       guidance_scale=guidance, generator=torch.Generator().manual_seed(k), output_type="np",
-                       return_routing_maps=mode == "on")
+            out = _generate(pipe, prompt, refs, mode, size, steps, guidance, seed=k, return_routing_maps=mode == "on")
             if mode == "on":
                 seconds.append(time.perf_counter() - started)
-            pipe.set_routing_override(None)
-            image = (np.clip(out.images[0], 0, 1) * 255).round().astype(np.uint8)
+            image = _to_uint8(out.images[0])
             images[mode] = image
             masks = match_objects(image, subjects, classifier)
             row = {"fidelity": fidelity(image, masks, subjects, classifier), "leakage": leakage(image, masks, subjects)}
@@ -200,7 +235,7 @@ def run_generation(pipe, world, classifier, pairs, steps: int, guidance: float, 
             from PIL import Image
 
             refs_img = [np.asarray(prepare_subjects([r])[0].image.resize((size, size))) for r in refs]
-            Image.fromarray(np.concatenate(refs_img + [images["on"], images["off"], images["none"]], 1)).save(
+            Image.fromarray(np.concatenate(refs_img + [images[m] for m in MODES], 1)).save(
                 os.path.join(out_dir, f"pair_{k:02d}.png"))
     summary = {}
     for mode, rows in results.items():
@@ -248,6 +283,8 @@ def main(argv=None) -> int:
     report["teacher_forced_miou"] = teacher_forced_miou(pipe, world, args.scenes)
     report["generation"] = run_generation(pipe, world, classifier, held_out_pairs(world, args.pairs), args.steps,
                                           args.guidance, args.out)
+    report["single_subject"] = single_subject(pipe, world, classifier, args.steps, args.guidance)
+    report["routing_background_bias"] = pipe.anystory.config.routing_background_bias
     g = report["generation"]
     report["leakage_ratio_off_over_on"] = g["off"]["leakage"] / max(g["on"]["leakage"], 1e-9)
     report["seconds_total"] = round(time.time() - t0, 1)
@@ -261,24 +298,43 @@ def main(argv=None) -> int:
 
 
 def markdown_table(r: dict) -> str:
-    g, tf = r["generation"], r["teacher_forced_miou"]
-    on, off, none = g["on"], g["off"], g["none"]
+    g, tf, one = r["generation"], r["teacher_forced_miou"], r["single_subject"]
+
+    def fid(m):
+        f = m["fidelity"] if "fidelity" in m else m
+        return f"{f['shape']:.2f} / {f['colour']:.2f} / {f['texture']:.2f}"
+
+    def cells(values, fmt="{:.3f}"):
+        return " | ".join("-" if v is None else fmt.format(v) for v in values)
+
+    pair_modes = [g[m] for m in MODES]
     lines = [
-        "| measurement | routing on | routing off | no subjects (base) | goal |",
-        "|---|---|---|---|---|",
-        f"| router mIoU, teacher-forced, mean over t (held-out scenes: {tf['scenes']}) | {tf['mean']:.3f} | - | - | >= 0.8 |",
+        f"Background logit adjustment of this model: {r['routing_background_bias']:.3f}.",
+        "",
+        "| measurement | routing on | routing on, plain argmax | routing off | no subjects (base) | goal |",
+        "|---|---|---|---|---|---|",
+        f"| router mIoU, teacher-forced, mean over t (held-out scenes: {tf['scenes']}) | {tf['mean']:.3f} | - | - | - "
+        "| >= 0.8 |",
         "| router mIoU per t (100 / 300 / 500 / 700 / 900) | "
-        + " / ".join(f"{tf[f't={t}']:.2f}" for t in TIMESTEPS) + " | - | - | |",
-        f"| router mIoU vs the objects drawn (last step; {g['generated_miou_images']} images) | {g['generated_miou']:.3f} | - | - | |",
-        f"| attribute leakage (other subject's colour in a subject's object) | {on['leakage']:.3f} | {off['leakage']:.3f} | - "
-        f"| off/on >= 3: **{r['leakage_ratio_off_over_on']:.1f}x** |",
-        f"| fidelity: exact identity (chance 0.005) | {on['fidelity']['identity']:.3f} | {off['fidelity']['identity']:.3f} | {none['fidelity']['identity']:.3f} | well above chance |",
-        f"| fidelity: best of 16 named identities (chance 0.0625) | {on['fidelity']['named']:.3f} | {off['fidelity']['named']:.3f} | {none['fidelity']['named']:.3f} | |",
-        f"| fidelity: shape / colour / texture (chance .125 / .167 / .25) | "
-        + " | ".join(f"{m['fidelity']['shape']:.2f} / {m['fidelity']['colour']:.2f} / {m['fidelity']['texture']:.2f}" for m in (on, off, none))
-        + " | |",
-        f"| subjects with an object drawn | {on['fidelity']['found']:.2f} | {off['fidelity']['found']:.2f} | {none['fidelity']['found']:.2f} | |",
-        f"| seconds per image (CPU, {g['pairs']} pairs, median) | {g['seconds_per_image']:.2f} | | | a few |",
+        + " / ".join(f"{tf[f't={t}']:.2f}" for t in TIMESTEPS) + " | - | - | - | |",
+        f"| **two subjects** ({g['pairs']} held-out pairs, \"two objects on ...\") | | | | | |",
+        f"| router mIoU vs the objects drawn (last step; {g['generated_miou_images']} images) | "
+        f"{g['generated_miou']:.3f} | - | - | - | |",
+        "| attribute leakage (other subject's colour in a subject's object) | "
+        + cells([m["leakage"] for m in pair_modes[:3]]) + f" | - | off/on >= 3: **{r['leakage_ratio_off_over_on']:.1f}x** |",
+        "| fidelity: exact identity (chance 0.005) | " + cells([m["fidelity"]["identity"] for m in pair_modes])
+        + " | well above chance |",
+        "| fidelity: best of 16 named identities (chance 0.0625) | "
+        + cells([m["fidelity"]["named"] for m in pair_modes]) + " | |",
+        "| fidelity: shape / colour / texture (chance .125 / .167 / .25) | "
+        + " | ".join(fid(m) for m in pair_modes) + " | |",
+        "| subjects with an object drawn | " + cells([m["fidelity"]["found"] for m in pair_modes], "{:.2f}") + " | |",
+        f"| **one subject** ({one['on']['images']} images, 16 identities x 2 references) | | | | | |",
+        "| fidelity: best of 16 named identities (chance 0.0625) | "
+        + " | ".join(f"{one[m]['named']:.3f}" if m in one else "-" for m in MODES) + " | well above chance |",
+        "| fidelity: shape / colour / texture (chance .125 / .167 / .25) | "
+        + " | ".join(fid(one[m]) if m in one else "-" for m in MODES) + " | |",
+        f"| seconds per image (CPU, two subjects, median) | {g['seconds_per_image']:.2f} | | | | a few |",
     ]
     return "\n".join(lines) + "\n"
 
