@@ -13,7 +13,7 @@ neither ("two objects on sand"), so identity can only come from the reference im
    scenes; reported per t and averaged over t in {100, 300, 500, 700, 900}.
 2. Router mIoU on generated images: the last step's routing map against the objects actually drawn (found by
    chroma, matched to subjects by the identity classifier's shape head).
-3. Attribute leakage: in the object drawn for subject B, the fraction of pixels whose nearest world colour is
+3. Attribute leakage: in the object drawn for subject B (see ``match_objects``), the fraction of pixels whose nearest world colour is
    subject A's colour (and vice versa), with routing on vs off. "Off" forces every subject's map to 1
    everywhere (``set_routing_override`` with all-ones maps): each subject's conditions reach every position.
    "Plain argmax" is routing on without the background logit adjustment (``routing_background_bias=0``).
@@ -116,13 +116,18 @@ def nearest_colour(pixels: np.ndarray) -> np.ndarray:
 
 
 def match_objects(image: np.ndarray, subjects, classifier: IdentityClassifier) -> list:
-    """For each subject, the mask of the object drawn for it (or None): largest objects, matched by shape."""
+    """For each subject, the mask of the object drawn for it (or None): among the largest objects, the assignment
+    that makes the objects look most like their subjects (the classifier's joint shape x colour x texture
+    likelihood). Shape alone is not enough: on the miniature's blobby drawings the shape head is near chance, and
+    an assignment by it alone is a coin toss, which would measure the matching rather than the leakage."""
     objects = find_objects(image)[: len(subjects) + 2]
     if not objects:
         return [None] * len(subjects)
     crops = [object_crop(image, m) for m in objects]
-    p_shape = classifier.probabilities(crops)["shape"]
-    cost = -np.log(np.stack([p_shape[:, SHAPES.index(s.shape)] for s in subjects], 1) + 1e-6)  # [objects, subjects]
+    p = classifier.probabilities(crops)
+    cost = -np.stack([np.log(p["shape"][:, SHAPES.index(s.shape)] + 1e-6)
+                      + np.log(p["colour"][:, list(COLOURS).index(s.colour)] + 1e-6)
+                      + np.log(p["texture"][:, s.labels[2]] + 1e-6) for s in subjects], 1)  # [objects, subjects]
     rows, cols = linear_sum_assignment(cost)
     out: List[Optional[np.ndarray]] = [None] * len(subjects)
     for r, c in zip(rows, cols):

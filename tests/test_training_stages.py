@@ -149,6 +149,11 @@ def test_command_builds_a_miniature_that_loads_and_generates(tmp_path):
     assert result.routing_maps[-1].shape[1] == 2
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert {"vae", "clip", "base", "stage1", "stage2", "export"} <= set(summary)
+    priors = summary["stage2"]["routing_priors"]  # the inference logit adjustment is measured, and ships
+    assert 0 < priors["subject"] < priors["background"] < 1
+    bias = json.loads((out / "anystory_config.json").read_text())["routing_background_bias"]
+    assert bias == pytest.approx(np.log(priors["background"] / priors["subject"]))
+    assert pipe.anystory.config.routing_background_bias == pytest.approx(bias)
     # a second run finds every stage finished and only re-exports
     assert run_stages(["--config", SMOKE, "--set", f"work_dir={tmp_path / 'run'}", "--set", f"export_dir={out}"]
                       + [f"--set={s}.steps=1" for s in ("vae", "clip", "base", "stage1", "stage2")],
