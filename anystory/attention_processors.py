@@ -124,10 +124,12 @@ class AnyStorySelfAttnProcessor:
         gate = st.reference_scales.to(query.dtype).view(1, n, 1)  # [1, N, 1]
         if st.prev_map is not None:
             prev = _resize_map(st.prev_map, st.layer_hw(length)).flatten(2)  # [Bc, N+1, L]
-            gate = _to_batch(prev[:, :n].detach().to(query.dtype), batch) * gate  # [B, N, L]
-        bias_subject = torch.log(gate).transpose(-1, -2)  # [B or 1, L or 1, N]: 0 inside, -inf outside
-        bias = query.new_zeros(bias_subject.shape[0], 1, length, length + n * lr)
-        bias[:, 0, :, length:].unflatten(-1, (n, lr)).copy_(bias_subject.unsqueeze(-1).expand(-1, length, -1, lr))
+            prev = prev[:, :n].detach().to(query.dtype)
+            gate = (prev if prev.shape[0] == 1 else _to_batch(prev, batch)) * gate  # [1 or B, N, L]; 1 broadcasts
+        bias_subject = torch.log(gate).transpose(-1, -2)  # [1 or B, L or 1, N]: 0 inside, -inf outside
+        rows = bias_subject.shape[0]
+        bias = torch.cat([bias_subject.new_zeros(1, 1, 1, 1).expand(rows, 1, length, length),
+                          bias_subject.repeat_interleave(lr, dim=-1).expand(rows, length, n * lr).unsqueeze(1)], dim=-1)
 
         out = F.scaled_dot_product_attention(_heads(query, attn.heads), _heads(key, attn.heads),
                                              _heads(value, attn.heads), attn_mask=bias)
