@@ -9,11 +9,10 @@ Afterwards the class priors of the training targets set the inference logit adju
 """
 from __future__ import annotations
 
-import torch
-
 import math
 
 import numpy as np
+import torch
 
 from .data import subject_count, world_for
 from .diffusion import training_scheduler
