@@ -337,10 +337,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.list_entries:
         try:
             bench = load_benchmark(args.bench, args.data_dir)
-        except (DataNotFoundError, FileNotFoundError, DataIntegrityError) as e:
+            bench = bench.subset(args.subset) if args.subset else bench
+        except (DataNotFoundError, FileNotFoundError, DataIntegrityError, ValueError) as e:  # as the run path
             print(f"error: {e}", file=sys.stderr)
             return 1
-        bench = bench.subset(args.subset) if args.subset else bench
         pd.DataFrame([{"entry_id": e.entry_id, "prompt": e.prompt, "prompt_type": e.prompt_type,
                        "subjects": ";".join(s.name for s in e.subjects),
                        "references": ";".join(s.reference for s in e.subjects)} for e in bench.entries]

@@ -145,6 +145,18 @@ def test_cli_missing_data_dir(tmp_path):
     assert not (tmp_path / "run" / "rows.parquet").exists()
 
 
+def test_cli_list_entries_names_a_broken_list(dreambench_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "dreambench"
+    shutil.copytree(dreambench_dir, data)
+    (data / "lists" / "single_subject.json").write_text("{not json")
+    proc = subprocess.run([sys.executable, "-m", "eval.run", "--bench", "dreambench", "--list-entries",
+                           "--data-dir", str(data)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "single_subject.json is not valid JSON" in proc.stderr
+
+
 def test_env_var_is_used(dreambench_dir, monkeypatch):
     monkeypatch.setenv(ENV_VAR, dreambench_dir)
     assert resolve_dreambench_dir() == os.path.abspath(dreambench_dir)

@@ -108,7 +108,10 @@ class DreamBenchData:
     def read_list(self, name: str) -> list:
         path = os.path.join(self.data_dir, "lists", name)
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            try:
+                return json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON ({e})") from None
 
 
 def _match_template(data: DreamBenchData, prompt: str, subjects: Tuple[SubjectRef, ...], where: str) -> int:
