@@ -257,3 +257,40 @@ def test_bfloat16_as_on_a_gpu(pipe):
     out = half(PROMPT, subjects=subjects(2), generator=gen(), return_routing_maps=True, **CALL)
     assert np.isfinite(out.images).all() and np.abs(out.images - expected).max() < 0.1
     assert all(torch.allclose(m.sum(1), torch.ones(1, 8, 8)) for m in out.routing_maps)
+
+
+@pytest.mark.parametrize("kind", ["double", "single"])
+def test_processors_compile_without_graph_breaks(kind):
+    """torch.compile(fullgraph=True) traces a block with AnyStory's processor mid-call (cached reference keys/values,
+    redux tokens, router on) without a graph break, and matches eager."""
+    pipe = make_pipe()
+    state = pipe.anystory_state
+    block = (pipe.transformer.transformer_blocks if kind == "double" else pipe.transformer.single_transformer_blocks)[0]
+    captured, checked = {}, []
+
+    def grab(module, args, kwargs):
+        if not state.in_ref_pass and state.step == 0:
+            captured["args"], captured["kwargs"] = args, dict(kwargs)
+
+    def compare(p, i, t, tensors):
+        if i == 0:
+            assert state.plan.ref and state.plan.redux and state.plan.route and state.ref_kv
+            state.step = 0
+            router = state.router_hidden  # each block advances the router tokens: start both runs alike
+            eager = block(*captured["args"], **captured["kwargs"])
+            state.router_hidden = router
+            torch._dynamo.reset()
+            compiled = torch.compile(block, backend="eager", fullgraph=True)(*captured["args"], **captured["kwargs"])
+            for a, b in zip(eager if isinstance(eager, tuple) else (eager,),
+                            compiled if isinstance(compiled, tuple) else (compiled,)):
+                assert torch.allclose(a, b, atol=1e-5)
+            checked.append(True)
+            state.step = 1
+        return {}
+
+    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        pipe(PROMPT, subjects=subjects(2), generator=gen(), callback_on_step_end=compare, **CALL)
+    finally:
+        handle.remove()
+    assert checked
