@@ -3,6 +3,8 @@
 * ``AnyStorySelfAttnProcessor`` (every ``attn1``): *reference attention*. Each subject's ReferenceNet features
   are appended as extra keys/values. Routing gates them with an additive bias on the logits: ``log(map_i *
   reference_scale_i)``, i.e. 0 inside subject i's map (of the preceding cross-attention layer), ``-inf`` outside.
+  Hard routing makes that mask exclusive, so in eager mode it is computed sparsely (each query meets only its own
+  subject's keys, :func:`_routed_reference_attention`); ``torch.compile`` traces the equal dense form.
 * ``AnyStoryCrossAttnProcessor`` (every ``attn2``): text cross-attention plus *decoupled* cross-attention to
   each subject's semantic tokens (IP-Adapter style, new key/value projections), computed for all subjects in
   one batched SDPA call. The layer's router predicts the map over N subjects + background; subject i's output
@@ -51,6 +53,13 @@ class AnyStoryState:
     map_sum: Optional[torch.Tensor] = None
     map_count: int = 0
     kv_cache: Dict[str, tuple] = field(default_factory=dict)
+    scale_list: Optional[List[float]] = None
+
+    def reference_scale_list(self) -> List[float]:
+        """``reference_scales`` as Python numbers, read once per call (the sparse path branches on them)."""
+        if self.scale_list is None:
+            self.scale_list = [float(s) for s in self.reference_scales.tolist()]
+        return self.scale_list
 
     @property
     def active(self) -> bool:
@@ -114,30 +123,93 @@ class AnyStorySelfAttnProcessor:
         if not st.active or encoder_hidden_states is not None or attention_mask is not None:
             return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         batch, length, _ = hidden_states.shape
-        n = st.num_subjects
         ref_k, ref_v = self._reference_kv(attn)  # [b, N, Lr, inner]
-        lr = ref_k.shape[2]
-        key = torch.cat([attn.to_k(hidden_states), _to_batch(ref_k.flatten(1, 2), batch)], dim=1)
-        value = torch.cat([attn.to_v(hidden_states), _to_batch(ref_v.flatten(1, 2), batch)], dim=1)
-        query = attn.to_q(hidden_states)
+        query = _heads(attn.to_q(hidden_states), attn.heads)
+        key = _heads(attn.to_k(hidden_states), attn.heads)
+        value = _heads(attn.to_v(hidden_states), attn.heads)
+        ref_k = _heads(_to_batch(ref_k.flatten(1, 2), batch), attn.heads)  # [B, h, N*Lr, d]
+        ref_v = _heads(_to_batch(ref_v.flatten(1, 2), batch), attn.heads)
 
-        gate = st.reference_scales.to(query.dtype).view(1, n, 1)  # [1, N, 1]
+        gate = None  # [1 or Bc, N, L]: subject i's reference may act at a position where gate_i > 0
         if st.prev_map is not None:
             prev = _resize_map(st.prev_map, st.layer_hw(length)).flatten(2)  # [Bc, N+1, L]
-            prev = prev[:, :n].detach().to(query.dtype)
-            gate = (prev if prev.shape[0] == 1 else _to_batch(prev, batch)) * gate  # [1 or B, N, L]; 1 broadcasts
-        bias_subject = torch.log(gate).transpose(-1, -2)  # [1 or B, L or 1, N]: 0 inside, -inf outside
-        rows = bias_subject.shape[0]
-        bias = torch.cat([bias_subject.new_zeros(1, 1, 1, 1).expand(rows, 1, length, length),
-                          bias_subject.repeat_interleave(lr, dim=-1).expand(rows, length, n * lr).unsqueeze(1)], dim=-1)
-
-        out = F.scaled_dot_product_attention(_heads(query, attn.heads), _heads(key, attn.heads),
-                                             _heads(value, attn.heads), attn_mask=bias)
-        out = out.transpose(1, 2).reshape(batch, length, -1).to(query.dtype)
+            gate = prev[:, : st.num_subjects].detach().to(query.dtype)
+        labels = None if gate is None or torch.compiler.is_compiling() else _exclusive_labels(gate)
+        if labels is None:
+            out = _dense_reference_attention(query, key, value, ref_k, ref_v, gate, st.reference_scales)
+        else:
+            out = _routed_reference_attention(query, key, value, ref_k, ref_v, labels, st.reference_scale_list())
+        out = out.transpose(1, 2).reshape(batch, length, -1).to(hidden_states.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
+
+
+def _exclusive_labels(gate: torch.Tensor) -> Optional[torch.Tensor]:
+    """``[R, L]`` class per position (N = no subject) when every position gates at most one subject fully,
+    as hard routing does; ``None`` for any other map (e.g. the all-ones "routing off" maps)."""
+    binary = (gate == 0) | (gate == 1)
+    if not bool(binary.all()) or bool((gate.sum(dim=1) > 1).any()):
+        return None
+    n = gate.shape[1]
+    return torch.where(gate.sum(dim=1) > 0, gate.argmax(dim=1), n)
+
+
+def _dense_reference_attention(query, key, value, ref_k, ref_v, gate, reference_scales) -> torch.Tensor:
+    """All subjects' reference keys appended to every query, gated by the additive bias ``log(gate_i * scale_i)``.
+
+    One SDPA call with static shapes (the path ``torch.compile`` traces), at the cost of attending to
+    N x Lr extra keys everywhere and writing an ``[L, L + N*Lr]`` bias. ``query`` etc. are ``[B, h, L|Lr*N, d]``.
+    """
+    batch, _, length, _ = query.shape
+    n, lr = reference_scales.shape[0], ref_k.shape[2] // reference_scales.shape[0]
+    weight = reference_scales.to(query.dtype).view(1, n, 1)  # [1, N, 1]
+    if gate is not None:
+        weight = (gate if gate.shape[0] == 1 else _to_batch(gate, batch)) * weight  # [1 or B, N, L]
+    bias_subject = torch.log(weight).transpose(-1, -2).repeat_interleave(lr, dim=-1)  # [1 or B, L or 1, N*Lr]
+    rows, positions = bias_subject.shape[:2]
+    bias = torch.cat([bias_subject.new_zeros(1, 1, 1).expand(rows, positions, length), bias_subject], dim=-1)
+    return F.scaled_dot_product_attention(query, torch.cat([key, ref_k], dim=2), torch.cat([value, ref_v], dim=2),
+                                          attn_mask=bias.unsqueeze(1))
+
+
+def _routed_reference_attention(query, key, value, ref_k, ref_v, labels, scales: List[float]) -> torch.Tensor:
+    """Hard routing, computed sparsely: the queries routed to subject i attend to the image keys plus subject i's
+    reference keys only, the others to the image keys alone.
+
+    Equal to :func:`_dense_reference_attention` for exclusive maps, but each query meets at most one subject's
+    Lr extra keys instead of all N x Lr, and no bias is written unless a scale differs from 1 (one broadcast row
+    adding ``log(scale_i)``): at SDXL's 64x64 level with two subjects this is about 1.2x a plain self-attention
+    instead of 1.65x. ``labels`` is ``[R, L]`` with R = 1 (one map for the batch) or the conditional batch (the
+    unconditional half reuses its sample's row); positions are grouped by class with one sort per row.
+    """
+    batch, heads, length, dim = query.shape
+    n, rows = len(scales), labels.shape[0]
+    lr = ref_k.shape[2] // n
+    out = torch.empty_like(query)
+    for row in range(rows):
+        samples = slice(row, None, rows)  # sample j uses row j % R
+        q, k, v = query[samples], key[samples], value[samples]
+        order = torch.argsort(labels[row], stable=True)
+        counts = torch.bincount(labels[row], minlength=n + 1).tolist()
+        parts = []
+        for cls, q_cls in enumerate(q[:, :, order].split(counts, dim=2)):
+            if not counts[cls]:
+                continue
+            if cls == n or scales[cls] == 0:
+                parts.append(F.scaled_dot_product_attention(q_cls, k, v))
+                continue
+            span = slice(cls * lr, (cls + 1) * lr)
+            keys = torch.cat([k, ref_k[samples, :, span]], dim=2)
+            bias = None
+            if scales[cls] != 1:
+                bias = keys.new_zeros(1, 1, 1, length + lr)
+                bias[..., length:] = math.log(scales[cls])
+            parts.append(F.scaled_dot_product_attention(q_cls, keys, torch.cat([v, ref_v[samples, :, span]], dim=2),
+                                                        attn_mask=bias))
+        out[samples] = torch.empty_like(q).index_copy_(2, order, torch.cat(parts, dim=2))
+    return out
 
 
 class CrossAttnConditioning(nn.Module):

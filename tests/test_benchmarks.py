@@ -2,7 +2,6 @@
 that really ran, ratios against the bare pipeline of the same run, forwards timed through nesting."""
 import math
 
-import pytest
 import torch
 
 from benchmarks.common import ForwardTimer, interleaved
@@ -29,13 +28,6 @@ def test_flux_tiny_pipeline_benchmark():
     from benchmarks.flux import run
 
     _check(run("tiny", "cpu", steps=2, repeats=1), "flux")
-
-
-def test_flux_real_shape_is_refused_on_cpu():
-    from benchmarks.flux import build
-
-    with pytest.raises(SystemExit, match="--device cuda"):
-        build("real", "cpu", torch.float32)
 
 
 def test_unet_step_benchmark_on_a_small_unet():
