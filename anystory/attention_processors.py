@@ -149,11 +149,10 @@ class AnyStorySelfAttnProcessor:
 def _exclusive_labels(gate: torch.Tensor) -> Optional[torch.Tensor]:
     """``[R, L]`` class per position (N = no subject) when every position gates at most one subject fully,
     as hard routing does; ``None`` for any other map (e.g. the all-ones "routing off" maps)."""
-    binary = (gate == 0) | (gate == 1)
-    if not bool(binary.all()) or bool((gate.sum(dim=1) > 1).any()):
+    total = gate.sum(dim=1)
+    if not bool(((gate == 0) | (gate == 1)).all()) or bool((total > 1).any()):
         return None
-    n = gate.shape[1]
-    return torch.where(gate.sum(dim=1) > 0, gate.argmax(dim=1), n)
+    return torch.where(total > 0, gate.argmax(dim=1), gate.shape[1])
 
 
 def _dense_reference_attention(query, key, value, ref_k, ref_v, gate, reference_scales) -> torch.Tensor:
@@ -184,8 +183,7 @@ def _routed_reference_attention(query, key, value, ref_k, ref_v, labels, scales:
     instead of 1.65x. ``labels`` is ``[R, L]`` with R = 1 (one map for the batch) or the conditional batch (the
     unconditional half reuses its sample's row); positions are grouped by class with one sort per row.
     """
-    batch, heads, length, dim = query.shape
-    n, rows = len(scales), labels.shape[0]
+    length, n, rows = query.shape[2], len(scales), labels.shape[0]
     lr = ref_k.shape[2] // n
     out = torch.empty_like(query)
     for row in range(rows):
@@ -208,7 +206,7 @@ def _routed_reference_attention(query, key, value, ref_k, ref_v, labels, scales:
                 bias[..., length:] = math.log(scales[cls])
             parts.append(F.scaled_dot_product_attention(q_cls, keys, torch.cat([v, ref_v[samples, :, span]], dim=2),
                                                         attn_mask=bias))
-        out[samples] = torch.empty_like(q).index_copy_(2, order, torch.cat(parts, dim=2))
+        out[samples].index_copy_(2, order, torch.cat(parts, dim=2))  # a view: writes into ``out``
     return out
 
 

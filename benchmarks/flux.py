@@ -30,8 +30,6 @@ FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_cha
 SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                      image_size=384, patch_size=14)
 RELEASE_RANK = 128  # the authors' loader: router_lora_rank=128, redux lora_rank=128
-
-
 CPU_DEPTH = dict(num_layers=1, num_single_layers=2)  # real widths, the real 19:38 block proportion
 
 
@@ -49,7 +47,7 @@ def real_shape_pipeline(device: str, dtype):
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):  # random init straight on the GPU, in the target dtype
+        with torch.device(device):  # random init straight on the device, in the target dtype
             depth = {} if device.startswith("cuda") else CPU_DEPTH
             transformer = FluxTransformer2DModel(**{**FLUX_TRANSFORMER, **depth})
             vae = AutoencoderKL(**FLUX_VAE)
