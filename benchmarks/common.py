@@ -9,6 +9,8 @@ from contextlib import contextmanager
 
 import torch
 
+SUBJECTS = (0, 1, 2, 4)  # AnyStory configurations timed against the bare pipeline, by subject count
+
 
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
@@ -95,7 +97,8 @@ def interleaved(configs, module: torch.nn.Module, device: str, repeats: int, pas
     """Time ``configs`` (``(label, subjects, call)``, ``call(seed)`` runs one pipeline call) against each other.
 
     Each config is warmed up once, then ``repeats`` rounds run every config once: a drift in the speed of a shared
-    machine then hits all of them alike, which keeps their ratios honest. ``passes()`` is a running count of
+    machine then hits all of them alike, which keeps their ratios honest. Round r starts at config r (the order
+    rotates), so no config always runs right after the same neighbour. ``passes()`` is a running count of
     reference-encoder passes (subject rows). One row per config: median step time over all its steps, passes per
     call, peak memory.
     """
@@ -108,7 +111,7 @@ def interleaved(configs, module: torch.nn.Module, device: str, repeats: int, pas
     kind = None
     try:
         for r in range(repeats):
-            for label, _, call in configs:
+            for label, _, call in configs[r % len(configs):] + configs[: r % len(configs)]:
                 before, seen = passes(), len(timer.times)
                 with peak_memory(device) as mem:
                     call(r)

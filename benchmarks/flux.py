@@ -17,7 +17,7 @@ from diffusers import FluxPipeline
 
 from anystory import Subject
 
-from .common import interleaved
+from .common import SUBJECTS, interleaved
 
 # black-forest-labs/FLUX.1-dev's transformer and VAE, written out so random-weight runs need no download.
 FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -86,7 +86,7 @@ def build(shape: str, device: str, dtype):
 
 
 def run(shape: str = "tiny", device: str = "cpu", steps: int = 4, repeats: int = 3, dtype=None,
-        height: int | None = None) -> list:
+        height: int | None = None, subjects=SUBJECTS) -> list:
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     pipe, size = build(shape, device, dtype)
     size = height or size
@@ -113,7 +113,7 @@ def run(shape: str = "tiny", device: str = "cpu", steps: int = 4, repeats: int =
 
     hook = pipe.transformer.register_forward_pre_hook(count_reference_rows, with_kwargs=True)
     try:
-        rows = interleaved([config(n) for n in (None, 0, 1, 2, 4)], pipe.transformer, device, repeats,
+        rows = interleaved([config(n) for n in (None, *subjects)], pipe.transformer, device, repeats,
                            passes=lambda: reference_rows[0], skip=lambda: state.in_ref_pass)
     finally:
         hook.remove()

@@ -13,6 +13,8 @@ import platform
 import pandas as pd
 import torch
 
+from anystory.subjects import MAX_SUBJECTS
+
 GOALS = {"sdxl": 1.10, "flux": 1.25}  # per-step time at 2 subjects / bare pipeline
 
 
@@ -33,11 +35,20 @@ def main(argv=None) -> int:
                    help="denoising steps per call (default 4; 2 for real shapes on a CPU, where a step takes minutes)")
     p.add_argument("--repeats", type=int, default=None, help="calls per configuration (default 3; 1 real on a CPU)")
     p.add_argument("--height", type=int, default=None, help="override the image size (square)")
+    p.add_argument("--subjects", default="0,1,2,4",
+                   help="comma-separated subject counts timed against the bare pipeline (default 0,1,2,4)")
     p.add_argument("--skip-eval", action="store_true", help="skip eval-metric throughput")
     p.add_argument("--out", default="runs/benchmarks")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA device is available")
+    try:
+        subjects = tuple(int(n) for n in args.subjects.split(","))
+    except ValueError:
+        p.error(f"--subjects takes comma-separated whole numbers, got {args.subjects!r}")
+    if any(n < 0 or n > MAX_SUBJECTS for n in subjects):
+        p.error(f"--subjects: each count must be between 0 and {MAX_SUBJECTS} (the pipelines' maximum), "
+                f"got {args.subjects!r}")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     slow = args.shape == "real" and args.device == "cpu"
     steps = args.steps or (2 if slow else 4)
@@ -50,7 +61,8 @@ def main(argv=None) -> int:
             from .sdxl import run
         else:
             from .flux import run
-        rows += run(args.shape, args.device, steps=steps, repeats=repeats, dtype=dtype, height=args.height)
+        rows += run(args.shape, args.device, steps=steps, repeats=repeats, dtype=dtype, height=args.height,
+                    subjects=subjects)
     table = pd.DataFrame(rows)
     table["device"] = device_name(args.device)
     table["goal_step_ratio_at_2"] = table["backbone"].map(GOALS)

@@ -8,7 +8,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from anystory import AnyStorySDXLPipeline, Subject
 
-from .common import CallCounter, interleaved
+from .common import SUBJECTS, CallCounter, interleaved
 
 # stabilityai/stable-diffusion-xl-base-1.0's shapes, written out so random-weight runs need no download.
 SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
@@ -76,13 +76,13 @@ def build(shape: str, device: str, dtype):
 
 
 def run(shape: str = "tiny", device: str = "cpu", steps: int = 4, repeats: int = 3, dtype=None,
-        height: int | None = None) -> list:
+        height: int | None = None, subjects=SUBJECTS) -> list:
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
     if shape == "real" and not device.startswith("cuda"):
         # the real-shape pipeline does not fit a CPU machine's memory in float32: time the UNet step alone
         from .sdxl_unet_step import run as unet_step
 
-        return unet_step(height or 1024, steps=steps, repeats=repeats, device=device, dtype=dtype)
+        return unet_step(height or 1024, subjects=subjects, steps=steps, repeats=repeats, device=device, dtype=dtype)
     pipe, size = build(shape, device, dtype)
     size = height or size
     bare = StableDiffusionXLPipeline(**{k: v for k, v in pipe.components.items() if k != "anystory"})
@@ -105,7 +105,7 @@ def run(shape: str = "tiny", device: str = "cpu", steps: int = 4, repeats: int =
         return ("bare diffusers" if n is None else f"anystory {n} subjects", n or 0, call)
 
     try:
-        rows = interleaved([config(n) for n in (None, 0, 1, 2, 4)], pipe.unet, device, repeats,
+        rows = interleaved([config(n) for n in (None, *subjects)], pipe.unet, device, repeats,
                            passes=lambda: counter.items)
     finally:
         counter.remove()

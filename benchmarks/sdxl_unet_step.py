@@ -18,7 +18,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from anystory.adapter_sdxl import AnyStorySDXLAdapter, cross_attention_layers
 
-from .common import interleaved
+from .common import SUBJECTS, interleaved
 from .sdxl import SDXL_UNET
 
 
@@ -50,7 +50,7 @@ def random_conditioning(adapter, unet, tokens: dict, n: int, area_ratio: float, 
                 cfg=batch == 2, latent_hw=latent_hw)
 
 
-def run(height: int = 1024, reference: int = 512, subjects=(0, 1, 2, 4), batch: int = 2, steps: int = 2,
+def run(height: int = 1024, reference: int = 512, subjects=SUBJECTS, batch: int = 2, steps: int = 2,
         repeats: int = 1, device: str = "cpu", dtype=torch.float32, unet_config: dict = SDXL_UNET,
         adapter_config: dict | None = None) -> list:
     """``unet_config`` / ``adapter_config`` default to SDXL's and AnyStory's real sizes (tests pass tiny ones)."""

@@ -2,6 +2,7 @@
 that really ran, ratios against the bare pipeline of the same run, forwards timed through nesting."""
 import math
 
+import pytest
 import torch
 
 from benchmarks.common import ForwardTimer, interleaved
@@ -45,7 +46,7 @@ def test_unet_step_benchmark_on_a_small_unet():
 
 
 def test_interleaved_rounds_and_nested_forwards():
-    """Configs alternate within each round; a forward run inside another's pre-hook is timed on its own and
+    """Configs alternate within each round, each round starting one config later; a forward run inside another's pre-hook is timed on its own and
     dropped when ``skip`` says so, and the outer forward still gets its own time."""
     outer = torch.nn.Linear(2, 2)
     flag = {"inner": False}
@@ -60,7 +61,7 @@ def test_interleaved_rounds_and_nested_forwards():
         return label, n, call
 
     rows = interleaved([config("a", 0), config("b", 3)], outer, "cpu", repeats=2, passes=lambda: passes[0])
-    assert order == [("a", -1), ("b", -1), ("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+    assert order == [("a", -1), ("b", -1), ("a", 0), ("b", 0), ("b", 1), ("a", 1)]
     assert [r["reference_passes_per_call"] for r in rows] == [0, 3]
 
     timer = ForwardTimer(outer, "cpu", skip=lambda: flag["inner"])
@@ -76,3 +77,12 @@ def test_interleaved_rounds_and_nested_forwards():
     hook.remove()
     timer.remove()
     assert len(timer.times) == 1
+
+
+@pytest.mark.parametrize("value,message", [("2,x", "comma-separated whole numbers"), ("0,5", "between 0 and 4")])
+def test_subject_counts_are_checked(value, message, capsys):
+    from benchmarks.run import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--subjects", value, "--skip-eval"])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
