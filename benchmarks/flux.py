@@ -117,6 +117,7 @@ def run(shape: str = "tiny", device: str = "cpu", steps: int = 4, repeats: int =
                            passes=lambda: reference_rows[0], skip=lambda: state.in_ref_pass)
     finally:
         hook.remove()
-    if shape == "real" and not device.startswith("cuda"):
-        shape = "real widths, 1 double + 2 single blocks"
+    depth = pipe.transformer.config
+    if shape == "real" and depth.num_layers != FLUX_TRANSFORMER["num_layers"]:
+        shape = f"real widths, {depth.num_layers} double + {depth.num_single_layers} single blocks"
     return [{"backbone": "flux", "shape": shape, **row} for row in rows]
