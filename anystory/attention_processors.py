@@ -3,11 +3,11 @@
 * ``AnyStorySelfAttnProcessor`` (every ``attn1``): *reference attention*. Each subject's ReferenceNet features
   are appended as extra keys/values. Routing gates them with an additive bias on the logits: ``log(map_i *
   reference_scale_i)``, i.e. 0 inside subject i's map (of the preceding cross-attention layer), ``-inf`` outside.
-  Hard routing makes that mask exclusive, so in eager mode it is computed sparsely (each query meets only its own
-  subject's keys, :func:`_routed_reference_attention`); ``torch.compile`` traces the equal dense form.
+  Hard routing makes that mask exclusive, so on a CPU it is computed sparsely (each query meets only its own
+  subject's keys, :func:`_routed_reference_attention`); accelerators and ``torch.compile`` take the equal dense
+  form (see :func:`_sparse_pays`).
 * ``AnyStoryCrossAttnProcessor`` (every ``attn2``): text cross-attention plus *decoupled* cross-attention to
-  each subject's semantic tokens (IP-Adapter style, new key/value projections), computed for all subjects in
-  one batched SDPA call. The layer's router predicts the map over N subjects + background; subject i's output
+  each subject's semantic tokens (IP-Adapter style, new key/value projections), one SDPA call per subject. The layer's router predicts the map over N subjects + background; subject i's output
   is multiplied by ``scale_i * map_i``. The background gets no subject condition.
 
 Both processors are plain callables holding a reference to one shared :class:`AnyStoryState`, which the pipeline
@@ -134,7 +134,7 @@ class AnyStorySelfAttnProcessor:
         if st.prev_map is not None:
             prev = _resize_map(st.prev_map, st.layer_hw(length)).flatten(2)  # [Bc, N+1, L]
             gate = prev[:, : st.num_subjects].detach().to(query.dtype)
-        labels = None if gate is None or torch.compiler.is_compiling() else _exclusive_labels(gate)
+        labels = _exclusive_labels(gate) if gate is not None and _sparse_pays(query) else None
         if labels is None:
             out = _dense_reference_attention(query, key, value, ref_k, ref_v, gate, st.reference_scales)
         else:
@@ -144,6 +144,15 @@ class AnyStorySelfAttnProcessor:
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
+
+
+def _sparse_pays(query: torch.Tensor) -> bool:
+    """The sparse path sizes its tensors by how many positions each subject got, which the host must read once
+    per layer. On a CPU that read costs nothing and the saved attention FLOPs are what a step costs (measured:
+    README, Benchmarks). On an accelerator the read would drain the launch queue in every layer, so there the
+    dense form keeps one fused SDPA call and no host sync (not yet measured on a GPU); ``torch.compile`` needs
+    the dense form's static shapes."""
+    return query.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _exclusive_labels(gate: torch.Tensor) -> Optional[torch.Tensor]:
@@ -268,12 +277,12 @@ class AnyStoryCrossAttnProcessor:
 
         cond_half = hidden_states[batch // 2:] if st.cfg else hidden_states
         gate = self._route(cond_half, hw)  # [Bc, N+1, L]
-        sem_k, sem_v = self._semantic_kv(batch)
-        sem = F.scaled_dot_product_attention(q.unsqueeze(1), _heads(_to_batch(sem_k, batch), attn.heads),
-                                             _heads(_to_batch(sem_v, batch), attn.heads))  # [B, N, h, L, d]
-        sem = sem.transpose(2, 3).flatten(3)  # [B, N, L, inner]
-        weight = _to_batch(gate[:, :n], batch).to(sem.dtype) * st.scales.to(sem.dtype).view(1, n, 1)
-        out = out + (weight.unsqueeze(-1) * sem).sum(dim=1)
+        sem_k, sem_v = self._semantic_kv(batch)  # [B or 1, N, T, inner]
+        weight = _to_batch(gate[:, :n], batch).to(q.dtype) * st.scales.to(q.dtype).view(1, n, 1)  # [B, N, L]
+        for i in range(n):  # a 4-D SDPA call per subject: one 5-D broadcast call runs about 3x slower on a CPU
+            sem = F.scaled_dot_product_attention(q, _heads(_to_batch(sem_k[:, i], batch), attn.heads),
+                                                 _heads(_to_batch(sem_v[:, i], batch), attn.heads))
+            out = out + weight[:, i, :, None] * sem.transpose(1, 2).reshape(batch, length, -1)
 
         st.prev_map = gate.unflatten(-1, hw)
         if st.record_maps:
