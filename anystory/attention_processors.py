@@ -7,8 +7,9 @@
   subject's keys, :func:`_routed_reference_attention`); accelerators and ``torch.compile`` take the equal dense
   form (see :func:`_sparse_pays`).
 * ``AnyStoryCrossAttnProcessor`` (every ``attn2``): text cross-attention plus *decoupled* cross-attention to
-  each subject's semantic tokens (IP-Adapter style, new key/value projections), one SDPA call per subject. The layer's router predicts the map over N subjects + background; subject i's output
-  is multiplied by ``scale_i * map_i``. The background gets no subject condition.
+  each subject's semantic tokens (IP-Adapter style, new key/value projections), one SDPA call per subject. The
+  layer's router predicts the map over N subjects + background; subject i's output is multiplied by
+  ``scale_i * map_i``. The background gets no subject condition.
 
 Both processors are plain callables holding a reference to one shared :class:`AnyStoryState`, which the pipeline
 (or a trainer) fills once per call. With no subjects they run diffusers' ``AttnProcessor2_0`` unchanged, which is
