@@ -15,6 +15,8 @@ import torch
 
 from anystory.subjects import MAX_SUBJECTS
 
+from .common import SUBJECTS
+
 GOALS = {"sdxl": 1.10, "flux": 1.25}  # per-step time at 2 subjects / bare pipeline
 
 
@@ -35,8 +37,8 @@ def main(argv=None) -> int:
                    help="denoising steps per call (default 4; 2 for real shapes on a CPU, where a step takes minutes)")
     p.add_argument("--repeats", type=int, default=None, help="calls per configuration (default 3; 1 real on a CPU)")
     p.add_argument("--height", type=int, default=None, help="override the image size (square)")
-    p.add_argument("--subjects", default="0,1,2,4",
-                   help="comma-separated subject counts timed against the bare pipeline (default 0,1,2,4)")
+    p.add_argument("--subjects", default=",".join(map(str, SUBJECTS)),
+                   help="comma-separated subject counts timed against the bare pipeline (default %(default)s)")
     p.add_argument("--skip-eval", action="store_true", help="skip eval-metric throughput")
     p.add_argument("--out", default="runs/benchmarks")
     args = p.parse_args(argv)
