@@ -15,6 +15,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from .images import read_image, read_mask_image
 from .subjects import Segmenter, Subject, prepare_subjects
 
 MAX_UPLOAD_MB = 10
@@ -35,19 +36,13 @@ def _fmt_mb(n: int) -> str:
     return f"{n / (1024 * 1024):.1f} MB"
 
 
-def load_image_file(value: Any, what: str) -> Image.Image:
-    """An uploaded image (path, PIL image or array), checked for size, type and pixel count; returns a loaded PIL image."""
-    if isinstance(value, Image.Image):
-        img = value
-    elif isinstance(value, np.ndarray):
-        if value.ndim not in (2, 3) or value.size == 0:
-            raise InputError(f"{what}: expected an image array, got shape {value.shape}")
-        arr = value
-        if np.issubdtype(arr.dtype, np.floating):  # [0, 1] floats, as numpy-typed components may give
-            arr = (np.clip(np.nan_to_num(arr), 0.0, 1.0) * 255).round().astype(np.uint8)
-        elif arr.dtype != np.uint8:
-            arr = np.clip(arr, 0, 255).astype(np.uint8)
-        img = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
+def load_image_file(value: Any, what: str, kind: str = "image") -> Image.Image:
+    """An uploaded image or mask (path, PIL image or array), checked for size, type and pixel count, then read by
+    :mod:`anystory.images`' one rule (EXIF orientation, array dtypes; an image may not be fully transparent).
+
+    Returns a loaded PIL image. ``kind="mask"`` skips the transparency check: a mask's alpha is just data."""
+    if isinstance(value, (Image.Image, np.ndarray)):
+        source: Any = value
     elif isinstance(value, (str, os.PathLike)):
         path = os.fspath(value)
         if not os.path.isfile(path):
@@ -61,23 +56,38 @@ def load_image_file(value: Any, what: str) -> Image.Image:
             raise InputError(f"{what}: the file is {_fmt_mb(size)}; the limit is {MAX_UPLOAD_MB} MB. "
                              "Resize or compress it.")
         try:
-            with Image.open(path) as probe:
+            with Image.open(path) as probe:  # header only: size and format before any pixel is decoded
                 fmt, (w, h) = probe.format, probe.size
-                if w * h > MAX_IMAGE_PIXELS:
-                    raise InputError(_too_many_pixels(what, w, h))
-                if fmt not in SUPPORTED_FORMATS:
-                    raise InputError(f"{what}: unsupported image format {fmt} ({os.path.basename(path)}); "
-                                     "use PNG, JPEG, WebP, BMP or TIFF.")
-                probe.load()
-                img = probe.copy()
-        except InputError:
-            raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise InputError(f"{what}: the image is too large to decode safely.") from None
-        except Exception as e:  # PIL raises several types for broken files
-            raise InputError(f"{what}: cannot read {os.path.basename(path)} as an image ({type(e).__name__}).") from None
+        except Exception as e:  # PIL raises several types for files that are not images
+            raise InputError(f"{what}: cannot read {os.path.basename(path)} as an image ({type(e).__name__}); "
+                             "upload a PNG, JPEG, WebP, BMP or TIFF image.") from None
+        if w * h > MAX_IMAGE_PIXELS:
+            raise InputError(_too_many_pixels(what, w, h))
+        if fmt not in SUPPORTED_FORMATS:
+            raise InputError(f"{what}: unsupported image format {fmt} ({os.path.basename(path)}); "
+                             "use PNG, JPEG, WebP, BMP or TIFF.")
+        source = path
     else:
         raise InputError(f"{what}: expected an image file, got {type(value).__name__}")
+    try:
+        if isinstance(source, np.ndarray) and source.ndim in (2, 3) and source.size:
+            if source.shape[0] * source.shape[1] > MAX_IMAGE_PIXELS:
+                raise InputError(_too_many_pixels(what, source.shape[1], source.shape[0]))
+        img = read_mask_image(source, what) if kind == "mask" else read_image(source, what)
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(f"{what}: the image is too large to decode safely.") from None
+    except ValueError as e:
+        message = str(e)
+        if isinstance(source, str):  # the user knows the upload by its name, not by the server's temp path
+            message = message.replace(source, os.path.basename(source))
+            if "cannot read image file" in message:
+                message = (f"{what}: cannot read {os.path.basename(source)} as an image: the file is damaged or "
+                           "truncated. Upload it again or use another image.")
+        raise InputError(message) from None
     if img.width * img.height > MAX_IMAGE_PIXELS:
         raise InputError(_too_many_pixels(what, img.width, img.height))
     if img.width == 0 or img.height == 0:
@@ -146,7 +156,7 @@ def collect_subjects(slots: Sequence[SubjectSlot], max_subjects: int, segmenter:
             raise InputError(f"{label}: a mask was given but no image; upload the subject's reference image.")
         image = load_image_file(slot.image, f"{label} image")
         if slot.mask is not None:
-            mask: Any = load_image_file(slot.mask, f"{label} mask")
+            mask: Any = load_image_file(slot.mask, f"{label} mask", kind="mask")
             source = "uploaded mask"
         else:
             mask = drawn_mask(slot.drawn, image.size, label)

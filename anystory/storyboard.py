@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from PIL import Image
 
+from .images import read_image, read_mask_image
 from .subjects import Subject
 
 ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
@@ -254,14 +255,14 @@ def resolve_references(script: Script, base_dir: str) -> List[str]:
 
 
 # ---- bundles ------------------------------------------------------------------------------------------------------
-def _image_of(value: Any) -> Optional[Image.Image]:
+def _image_of(value: Any, attr: str = "reference") -> Optional[Image.Image]:
+    """A character's reference or mask read by the one image rule (upright, arrays by dtype)."""
     if value is None:
         return None
-    if isinstance(value, Image.Image):
-        return value
-    with Image.open(value) as im:
-        im.load()
-        return im.copy()
+    try:
+        return read_mask_image(value, attr) if attr == "mask" else read_image(value, attr)
+    except ValueError as e:
+        raise ScriptError(str(e)) from None
 
 
 def export_bundle(script: Script, path: str, fmt: str = "yaml") -> str:
@@ -269,7 +270,7 @@ def export_bundle(script: Script, path: str, fmt: str = "yaml") -> str:
     refs, files = {}, {}
     for c in script.characters:
         for attr, suffix in (("reference", ""), ("mask", "_mask")):
-            image = _image_of(getattr(c, attr))
+            image = _image_of(getattr(c, attr), attr)
             if image is not None:
                 name = f"references/{c.alias}{suffix}.png"
                 buf = io.BytesIO()

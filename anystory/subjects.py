@@ -3,7 +3,8 @@
 Both backbones (SDXL, FLUX) and the app call :func:`prepare_subjects`, so a bad image or mask gets the
 same clear ``ValueError`` wherever it enters.
 
-Mask policy: a mask must have the image's size. We reject a mismatch rather than resize it, because a
+Images and masks are read by the one rule of :mod:`anystory.images` (EXIF orientation, array dtypes and ranges,
+mask foreground relative to the mask's own range). Mask policy: a mask must have the image's size. We reject a mismatch rather than resize it, because a
 silently stretched mask routes a subject's identity to the wrong pixels.
 """
 from __future__ import annotations
@@ -11,27 +12,32 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
-ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike]
+from .images import ImageLike, read_image, read_mask, to_rgb
+
+__all__ = ["MAX_SUBJECTS", "MAX_SCALE", "AlphaOrWholeImageSegmenter", "PreparedSubject", "Segmenter", "Subject",
+           "prepare_subjects", "square_crop_box", "segment_and_crop", "to_rgb"]
 
 #: Documented maximum number of subjects per call (both backbones).
 MAX_SUBJECTS = 4
+#: Documented range of ``scale`` and ``reference_scale``: [0, MAX_SCALE] (larger values only saturate or overflow).
+MAX_SCALE = 10.0
 
 
 @dataclass
 class Subject:
     """One subject to personalise.
 
-    image: the reference photo (PIL image, HxWxC / HxW array, or a file path).
-    mask: optional foreground mask of the same size (PIL, array or path); nonzero = subject.
+    image: the reference photo (PIL image, HxWxC / HxW array, or a file path), read by :func:`anystory.images.read_image`.
+    mask: optional foreground mask of the same size (PIL, array or path), read by :func:`anystory.images.read_mask`.
           Without one, the pipeline's ``Segmenter`` decides (alpha channel, else the whole image).
     name: a label, used by the app and storyboard.
-    scale: strength of the semantic (decoupled cross-attention) condition, eta in the paper.
-    reference_scale: strength of the ReferenceNet (fine detail) condition.
+    scale: strength of the semantic (decoupled cross-attention) condition, eta in the paper; in [0, MAX_SCALE].
+    reference_scale: strength of the ReferenceNet (fine detail) condition; in [0, MAX_SCALE].
     """
 
     image: ImageLike
@@ -81,64 +87,6 @@ class AlphaOrWholeImageSegmenter(Segmenter):
         return np.ones((image.height, image.width), dtype=bool)
 
 
-def _load(value: ImageLike, what: str) -> Image.Image:
-    if isinstance(value, (str, os.PathLike)):
-        try:
-            img = Image.open(value)
-            img.load()
-        except FileNotFoundError:
-            raise ValueError(f"{what}: file not found: {value}") from None
-        except Exception as e:  # PIL raises several types for unreadable files
-            raise ValueError(f"{what}: cannot read image file {value}: {e}") from None
-        return img
-    if isinstance(value, np.ndarray):
-        if value.ndim not in (2, 3) or value.size == 0:
-            raise ValueError(f"{what}: array must be HxW or HxWxC and non-empty, got shape {value.shape}")
-        arr = value
-        if arr.dtype == bool:
-            arr = arr.astype(np.uint8) * 255
-        elif arr.dtype != np.uint8:
-            if np.issubdtype(arr.dtype, np.floating):
-                if not np.isfinite(arr).all():
-                    raise ValueError(f"{what}: array contains NaN or infinite values")
-                arr = (np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8)
-            else:
-                arr = np.clip(arr, 0, 255).astype(np.uint8)
-        if arr.ndim == 3 and arr.shape[2] == 1:
-            arr = arr[..., 0]
-        if arr.ndim == 3 and arr.shape[2] not in (3, 4):
-            raise ValueError(f"{what}: array must have 1, 3 or 4 channels, got {arr.shape[2]}")
-        return Image.fromarray(arr)
-    if isinstance(value, Image.Image):
-        return value
-    raise ValueError(f"{what}: expected a PIL image, numpy array or file path, got {type(value).__name__}")
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB; transparency is composited on white, 16-bit is rescaled to 8-bit."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(image, dtype=np.float64)
-        hi = 65535.0 if image.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        arr = np.clip(arr / hi * 255.0, 0, 255).round().astype(np.uint8)
-        return Image.fromarray(arr).convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA", "P"):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
-
-
-def _mask_array(mask: Image.Image) -> np.ndarray:
-    if mask.mode in ("RGBA", "LA"):
-        return np.asarray(mask)[..., -1] > 127
-    arr = np.asarray(to_rgb(mask) if mask.mode not in ("L", "1") else mask.convert("L"))
-    if arr.ndim == 3:
-        arr = arr.max(axis=2)
-    return arr > 127
-
-
 def _check_scale(value, what: str) -> float:
     try:
         v = float(value)
@@ -146,8 +94,8 @@ def _check_scale(value, what: str) -> float:
         raise ValueError(f"{what} must be a number, got {value!r}") from None
     if math.isnan(v) or math.isinf(v):
         raise ValueError(f"{what} must be finite, got {v}")
-    if v < 0:
-        raise ValueError(f"{what} must be >= 0, got {v}")
+    if not 0 <= v <= MAX_SCALE:
+        raise ValueError(f"{what} must be between 0 and {MAX_SCALE:g}, got {v:g}")
     return v
 
 
@@ -173,46 +121,66 @@ def segment_and_crop(image: Image.Image, mask: np.ndarray, expand: float = 1.04)
     return seg, np.asarray(m) > 127
 
 
+def as_subject_list(subjects) -> list:
+    """``subjects`` as a list of :class:`Subject`: one Subject, image, array or path is one subject (as diffusers
+    takes a single ``ip_adapter_image``), and a list may mix Subjects with bare images."""
+    if subjects is None:
+        return []
+    if isinstance(subjects, (Subject, Image.Image, np.ndarray, str, os.PathLike)):
+        subjects = [subjects]
+    try:
+        items = list(subjects)
+    except TypeError:
+        raise ValueError(f"subjects: expected a Subject, an image, a path or a list of them, got "
+                         f"{type(subjects).__name__}") from None
+    out = []
+    for i, s in enumerate(items):
+        if isinstance(s, (Image.Image, np.ndarray, str, os.PathLike)):
+            s = Subject(s)
+        elif not isinstance(s, Subject):
+            raise ValueError(f"subject {i}: expected anystory.Subject, a PIL image, an array or a file path, got "
+                             f"{type(s).__name__}")
+        out.append(s)
+    return out
+
+
 def prepare_subjects(
-    subjects: Optional[Sequence[Subject]],
+    subjects,
     max_subjects: int = MAX_SUBJECTS,
     segmenter: Optional[Segmenter] = None,
     expand: float = 1.04,
 ) -> list:
-    """Validate every subject and return :class:`PreparedSubject` objects; raise ``ValueError`` naming the problem."""
-    if subjects is None:
-        return []
-    if isinstance(subjects, Subject):
-        subjects = [subjects]
-    subjects = list(subjects)
+    """Validate every subject and return :class:`PreparedSubject` objects; raise ``ValueError`` naming the problem.
+
+    ``subjects``: a list of :class:`Subject` (or of images / paths), or a single one (see :func:`as_subject_list`).
+    Images and masks are read by :mod:`anystory.images`' one rule.
+    """
+    subjects = as_subject_list(subjects)
     if len(subjects) > max_subjects:
         raise ValueError(f"Too many subjects: got {len(subjects)}, the maximum is {max_subjects}.")
     segmenter = segmenter or AlphaOrWholeImageSegmenter()
     out = []
     for i, s in enumerate(subjects):
-        label = f"subject {i}" + (f" ({s.name})" if getattr(s, "name", "") else "")
-        if not isinstance(s, Subject):
-            raise ValueError(f"{label}: expected anystory.Subject, got {type(s).__name__}")
+        label = f"subject {i}" + (f" ({s.name})" if isinstance(s.name, str) and s.name else "")
         scale = _check_scale(s.scale, f"{label}: scale")
         ref_scale = _check_scale(s.reference_scale, f"{label}: reference_scale")
-        raw = _load(s.image, f"{label} image")
-        if raw.width == 0 or raw.height == 0:
-            raise ValueError(f"{label} image has zero size ({raw.width}x{raw.height}).")
+        raw = read_image(s.image, f"{label} image")
         if s.mask is not None:
-            m = _load(s.mask, f"{label} mask")
-            if m.size != raw.size:
+            mask = read_mask(s.mask, f"{label} mask")
+            if mask.shape != (raw.height, raw.width):
+                h, w = mask.shape
                 raise ValueError(
-                    f"{label}: mask size {m.width}x{m.height} does not match image size {raw.width}x{raw.height}; "
+                    f"{label}: mask size {w}x{h} does not match image size {raw.width}x{raw.height}; "
                     "masks are not resized (a stretched mask would misplace the subject)."
                 )
-            mask, source = _mask_array(m), "given"
+            source = "given"
         else:
             mask = np.asarray(segmenter(raw), dtype=bool)
             source = getattr(segmenter, "last_source", None) or segmenter.name
             if mask.shape != (raw.height, raw.width):
                 raise ValueError(f"{label}: segmenter {segmenter.name} returned a mask of shape {mask.shape}")
         if not mask.any():
-            raise ValueError(f"{label}: mask is empty (all zero); it must mark the subject.")
+            raise ValueError(f"{label}: mask is empty (all background); it must mark the subject.")
         seg, seg_mask = segment_and_crop(to_rgb(raw), mask, expand)
         out.append(PreparedSubject(seg, seg_mask, s.name, scale, ref_scale, source))
     return out

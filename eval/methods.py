@@ -3,15 +3,18 @@
 * ``anystory-sdxl`` / ``anystory-flux`` / ``anystory-tiny``: our pipelines, imported only here (generation),
   so scoring works without them. Images go to ``<run>/images/<method>/<entry_id>/<k>.png`` with a sidecar
   ``<k>.json`` (seed; for several subjects the boxes read from the last step's routing maps).
-* ``folder:PATH``: any method's images, in the layout below; nothing is generated.
+* ``folder:PATH``: any method's images, in one of the layouts below; nothing is generated.
 * ``real-images``: the subject's *other* real photos as outputs (the DreamBooth real-vs-real oracle; a photo
-  is never compared with itself).
+  is never compared with itself, so a subject with a single photo has no oracle row: status ``n/a``).
 * ``copy-reference``: the reference photo returned unchanged (the copy-paste extreme).
 
-Folder layout (``python -m eval.run --bench B --list-entries`` prints every entry id and prompt)::
+Folder layouts (``python -m eval.run --bench B --list-entries`` prints every entry id, list index and prompt)::
 
-    PATH/<entry_id>/<k>.png      k = 0 .. images-per-prompt-1; .jpg, .jpeg and .webp also accepted
-    PATH/<entry_id>/<k>.json     optional: {"boxes": [[x0, y0, x1, y1] or null per subject], "region_source": "..."}
+    ours:  PATH/<entry_id>/<k>.png     k = 0 .. images-per-prompt-1; .jpg, .jpeg and .webp also accepted
+           PATH/<entry_id>/<k>.json    optional: {"boxes": [[x0, y0, x1, y1] or null per subject], "region_source": ...}
+    uno:   PATH/<index>_<k>.png        UNO's inference.py naming: index = position in the benchmark's list
+
+Extensions are matched in either case; an empty (zero-byte) file counts as absent, so it never hides another.
 
 For multi-subject entries the reference rows are the subjects' photos side by side, each at its own size,
 with their boxes in the sidecar.
@@ -26,10 +29,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from anystory.images import read_rgb
+
 from .atomic import save_image, write_json
 from .loaders.base import Entry
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+LAYOUTS = {"ours": "PATH/<entry_id>/<k>.png", "uno": "PATH/<index>_<k>.png"}
 PIPELINE_METHODS = ("anystory-sdxl", "anystory-flux", "anystory-tiny")
 REFERENCE_METHODS = ("real-images", "copy-reference")
 
@@ -55,6 +61,14 @@ class Method(abc.ABC):
     @abc.abstractmethod
     def image_path(self, entry: Entry, k: int) -> Optional[str]:
         """Where image ``k`` of ``entry`` is (or will be); ``None`` when a folder lacks it."""
+
+    def expected_path(self, entry: Entry, k: int) -> str:
+        """Where image ``k`` of ``entry`` should be (named when it is missing)."""
+        return self.image_path(entry, k) or ""
+
+    def not_applicable(self, entry: Entry, k: int) -> Optional[str]:
+        """Why this method has deliberately no image here (never counted as missing), else ``None``."""
+        return None
 
     def sidecar_path(self, entry: Entry, k: int) -> Optional[str]:
         path = self.image_path(entry, k)
@@ -95,29 +109,39 @@ class OutputFolderMethod(Method):
 
 
 class FolderMethod(Method):
-    def __init__(self, path: str, name: Optional[str] = None):
-        self.path = os.path.abspath(path)
+    def __init__(self, path: str, name: Optional[str] = None, layout: str = "ours"):
+        if layout not in LAYOUTS:
+            raise MethodError(f"unknown folder layout '{layout}'; choose one of {', '.join(LAYOUTS)}")
+        self.path, self.layout = os.path.abspath(path), layout
         if not os.path.isdir(self.path):
-            raise MethodError(f"folder method: {self.path} is not a folder (layout: <entry_id>/<k>.png; "
-                              "see eval/methods.py or --list-entries)")
+            raise MethodError(f"folder method: {self.path} is not a folder (layout {layout}: {LAYOUTS[layout]}; "
+                              "see eval/README.md or --list-entries)")
         self.name = name or f"folder:{os.path.basename(self.path.rstrip(os.sep))}"
 
+    def _stem(self, entry: Entry, k: int) -> str:
+        if self.layout == "uno":
+            return os.path.join(self.path, f"{entry.index}_{k}")
+        return os.path.join(self.path, entry.entry_id, str(k))
+
+    def expected_path(self, entry: Entry, k: int) -> str:
+        return self._stem(entry, k) + IMAGE_EXTENSIONS[0]
+
     def image_path(self, entry: Entry, k: int) -> Optional[str]:
+        stem = self._stem(entry, k)
         for ext in IMAGE_EXTENSIONS:
-            path = os.path.join(self.path, entry.entry_id, f"{k}{ext}")
-            if os.path.isfile(path):
-                return path
+            for path in (stem + ext, stem + ext.upper()):
+                if os.path.isfile(path) and os.path.getsize(path) > 0:
+                    return path
         return None
 
     def describe(self) -> Dict[str, str]:
-        return {"name": self.name, "folder": self.path}
+        return {"name": self.name, "folder": self.path, "layout": self.layout}
 
 
 def _side_by_side(paths: Sequence[str]):
     images = []
     for p in paths:
-        with Image.open(p) as im:
-            images.append(im.convert("RGB"))
+        images.append(read_rgb(p, os.path.basename(p)))
     width, height = sum(im.width for im in images), max(im.height for im in images)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     boxes, x = [], 0
@@ -137,20 +161,25 @@ class ReferenceMethod(OutputFolderMethod):
             raise ValueError(name)
         super().__init__(name, run_dir)
 
-    def photo(self, entry: Entry, k: int, slot: int) -> str:
+    def photo(self, entry: Entry, k: int, slot: int) -> Optional[str]:
+        """The photo standing for subject ``slot``; ``None`` for the oracle of a subject with one photo."""
         subject = entry.subjects[slot]
         if self.name == "copy-reference":
             return subject.reference
-        others = subject.other_photos or subject.real_photos
-        return others[(entry.prompt_index + k) % len(others)]
+        others = subject.other_photos
+        return others[(entry.prompt_index + k) % len(others)] if others else None
 
-    def image_path(self, entry: Entry, k: int) -> str:
+    def not_applicable(self, entry: Entry, k: int) -> Optional[str]:
+        lone = [s.name for j, s in enumerate(entry.subjects) if self.photo(entry, k, j) is None]
+        return f"{', '.join(lone)}: a single real photo, nothing to stand for it but itself" if lone else None
+
+    def image_path(self, entry: Entry, k: int) -> Optional[str]:
         if len(entry.subjects) == 1:
             return self.photo(entry, k, 0)
         return super().image_path(entry, k)
 
     def needs_generation(self, entry: Entry, k: int) -> bool:
-        return len(entry.subjects) > 1 and super().needs_generation(entry, k)
+        return len(entry.subjects) > 1 and not self.not_applicable(entry, k) and super().needs_generation(entry, k)
 
     def generate(self, entry: Entry, k: int, seed: int) -> None:
         image, boxes = _side_by_side([self.photo(entry, k, j) for j in range(len(entry.subjects))])
@@ -250,10 +279,10 @@ def _load_flux(weights: Optional[str], base: Optional[str], device: str):
 
 
 def make_method(spec: str, run_dir: str, *, device: str = "cpu", anystory_weights: Optional[str] = None,
-                base_model: Optional[str] = None, call_kwargs: Optional[dict] = None) -> Method:
-    """A method from its command-line name (see the module docstring)."""
+                base_model: Optional[str] = None, call_kwargs: Optional[dict] = None, layout: str = "ours") -> Method:
+    """A method from its command-line name (see the module docstring); ``layout`` is that of ``folder:`` ones."""
     if spec.startswith("folder:"):
-        return FolderMethod(spec[len("folder:"):])
+        return FolderMethod(spec[len("folder:"):], layout=layout)
     if spec in REFERENCE_METHODS:
         return ReferenceMethod(spec, run_dir)
     kwargs = {k: v for k, v in (call_kwargs or {}).items() if v is not None}

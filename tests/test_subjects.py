@@ -66,8 +66,10 @@ def test_errors_name_the_subject_and_the_problem(tmp_path):
         prepare_subjects([Subject(Image.new("RGB", (8, 8))), Subject(str(bad), name="bob")])
     with pytest.raises(ValueError, match="mask size 8x9 does not match image size 8x8"):
         prepare_subjects([Subject(Image.new("RGB", (8, 8)), mask=np.ones((9, 8), bool))])
-    with pytest.raises(ValueError, match="expected anystory.Subject"):
+    with pytest.raises(ValueError, match="file not found: a.png"):
         prepare_subjects(["a.png"])
+    with pytest.raises(ValueError, match="expected anystory.Subject"):
+        prepare_subjects([3])
     with pytest.raises(ValueError, match="maximum is 2"):
         prepare_subjects([Subject(Image.new("RGB", (8, 8)))] * 3, max_subjects=2)
     with pytest.raises(ValueError, match="NaN or infinite"):

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import abc
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from PIL import Image
+
+from anystory.images import read_rgb
 
 from ..loaders.base import SubjectRef
 
@@ -29,9 +32,8 @@ class MetricUnavailable(RuntimeError):
 
 
 def load_rgb(path: str) -> Image.Image:
-    with Image.open(path) as im:
-        im.load()
-        return im.convert("RGB")
+    """An image file as RGB by the project's one image rule (EXIF orientation first, transparency on white)."""
+    return read_rgb(path, os.path.basename(path))
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -45,17 +47,24 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
 class ScoreItem:
     """One scored unit: ``image`` is the subject's region (the whole image when no region is known),
     ``full_image`` the whole output (for text alignment). Either is ``None`` when the file was unreadable.
-    ``exclude`` names a real photo that must not count in the comparison set (the real-images oracle: a photo
-    is never compared with itself)."""
+    ``exclude`` names a real photo that must not count in any comparison (the real-images oracle: a photo
+    is never compared with itself). ``comparison`` is the protocol's comparison set (``eval.protocols``);
+    without one, every real photo of the subject (DreamBooth)."""
 
     image: Optional[Image.Image]
     full_image: Optional[Image.Image]
     prompt: str
     subject: SubjectRef
     exclude: Optional[str] = None
+    comparison: Optional[Sequence[str]] = None
 
     def comparison_set(self) -> List[str]:
-        return [p for p in self.subject.real_photos if p != self.exclude]
+        photos = self.subject.real_photos if self.comparison is None else self.comparison
+        return [p for p in photos if p != self.exclude]
+
+    def other_photos(self) -> List[str]:
+        """The subject's real photos except the reference and the excluded photo (copy-paste's set)."""
+        return [p for p in self.subject.other_photos if p != self.exclude]
 
 
 class Embedder(abc.ABC):
@@ -149,11 +158,11 @@ def nanmean_or_nan(values: np.ndarray) -> float:
 
 
 class EmbeddingMetric(Metric):
-    """Subject fidelity by embedding similarity (DreamBooth protocol).
+    """Subject fidelity by embedding similarity.
 
-    ``<name>``: mean cosine between the output and every real photo of the subject (the reference included,
-    as published; the photo itself excluded for the real-images oracle). ``<name>_ref``: cosine to the
-    reference photo alone.
+    ``<name>``: mean cosine between the output and the protocol's comparison set (DreamBooth: every real photo
+    of the subject, the reference included, as published; the photo itself excluded for the real-images
+    oracle). ``<name>_ref``: cosine to the reference photo alone.
     """
 
     def __init__(self, name: str, embedder: Embedder, batch_size: int = 16):
