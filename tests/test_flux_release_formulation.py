@@ -67,7 +67,7 @@ def joint_attention(main, ref, router, maps, text_len, redux_len, ref_bias, n):
     q, k, v = main
     length, img = q.shape[2], q.shape[2] - text_len
     keys, values = (torch.cat([k, ref[1]], 2), torch.cat([v, ref[2]], 2)) if ref else (k, v)
-    mask = torch.zeros(q.shape[0], 1, length, keys.shape[2])
+    mask = torch.zeros(q.shape[0], 1, length, keys.shape[2], dtype=q.dtype)  # the release's mask is in q's dtype
     if ref:
         mask[..., length:] += ref_bias
     if maps is not None:
@@ -78,7 +78,9 @@ def joint_attention(main, ref, router, maps, text_len, redux_len, ref_bias, n):
             mask[:, :, text_len:, length:] += (maps.repeat_interleave(ref[1].shape[2] // n, 1).transpose(1, 2) - 1) * 100
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
     ref_out = router_out = None
-    if ref:
+    if ref and n == 1:
+        ref_out = F.scaled_dot_product_attention(*ref)
+    elif ref:  # the release: one 5-D call over [b, h, N, R, d]
         ref_out = F.scaled_dot_product_attention(*(t.unflatten(2, (n, -1)) for t in ref)).flatten(2, 3)
     if router:
         rq, rk, rv = router
@@ -88,7 +90,10 @@ def joint_attention(main, ref, router, maps, text_len, redux_len, ref_bias, n):
 
 
 def release_forward(t, hidden, text, pooled, timestep, guidance, txt_ids, img_ids, redux, ref_latents, ref_ids,
-                    ref_bias, router_tokens, n):
+                    ref_bias, router_tokens, n, redux_scale=0.6):
+    """``redux``: the subjects' unscaled redux tokens ``[N, 81, C]``; scaled here as the release does."""
+    if redux is not None:
+        redux = torch.cat([tokens[None] * redux_scale for tokens in redux], 1)  # a Python float per subject
     redux_len = 0 if redux is None else redux.shape[1]
     if redux is not None:
         text, txt_ids = torch.cat([text, redux], 1), torch.cat([txt_ids, torch.zeros(redux_len, 3)])
@@ -174,15 +179,19 @@ def pipe():
     return make_pipe()
 
 
-@pytest.mark.parametrize("n,step", [(2, 0), (2, 2), (1, 0), (3, 1)])
-def test_transformer_pass_matches_the_release_formulation(pipe, n, step):
-    """Steps: 0 = redux + reference (+ router for n > 1); >= 1 = reference (+ router) only (4-step schedule)."""
+@pytest.fixture(scope="module")
+def pipe_bf16():
+    return make_pipe().to(torch.bfloat16)
+
+
+def ours_and_release(pipe, n, step, dtype=torch.float32):
+    """Noise predictions of one transformer pass: without subjects, ours, and the release's formulation."""
     t, state = pipe.transformer, pipe.anystory_state
     prepared = pipe.check_subjects(subjects(n))
     cond = pipe.conditioning_inputs(prepared, "cpu", gen(), steps=4, grid=(8, 8))
+    redux = pipe.encode_subjects(prepared, "cpu", gen())["redux"]  # unscaled: the release scales them itself
     g = torch.Generator().manual_seed(1)
-    hidden, text, pooled = torch.randn(1, 64, 16, generator=g), torch.randn(1, 6, 32, generator=g), \
-        torch.randn(1, 32, generator=g)
+    hidden, text, pooled = (torch.randn(*s, generator=g).to(dtype) for s in ((1, 64, 16), (1, 6, 32), (1, 32)))
     timestep, guidance = torch.tensor([0.7]), torch.tensor([3.5])
     txt_ids, img_ids = torch.zeros(6, 3), pipe._prepare_latent_image_ids(1, 8, 8, "cpu", torch.float32)
     call = dict(hidden_states=hidden, encoder_hidden_states=text, pooled_projections=pooled, timestep=timestep,
@@ -196,8 +205,24 @@ def test_transformer_pass_matches_the_release_formulation(pipe, n, step):
         ours = t(**call)[0]
         state.clear()
         expected = release_forward(
-            t, hidden, text, pooled, timestep, guidance, txt_ids, img_ids,
-            cond["redux_tokens"] if plan.redux else None, cond["ref_latents"].flatten(0, 1)[None],
-            cond["ref_ids"].repeat(n, 1), cond["ref_bias"], cond["router_tokens"] if plan.route else None, n)
+            t, hidden, text, pooled, timestep, guidance, txt_ids, img_ids, redux if plan.redux else None,
+            cond["ref_latents"].flatten(0, 1)[None], cond["ref_ids"].repeat(n, 1), cond["ref_bias"],
+            cond["router_tokens"] if plan.route else None, n)
     assert (ours - plain).abs().max() > 1e-2  # the subjects matter, so the comparison means something
+    return ours, expected
+
+
+@pytest.mark.parametrize("n,step", [(2, 0), (2, 2), (1, 0), (3, 1)])
+def test_transformer_pass_matches_the_release_formulation(pipe, n, step):
+    """Steps: 0 = redux + reference (+ router for n > 1); >= 1 = reference (+ router) only (4-step schedule)."""
+    ours, expected = ours_and_release(pipe, n, step)
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,step", [(1, 0), (1, 2), (2, 0), (2, 2), (3, 1)])
+def test_bfloat16_pass_is_the_release_bit_for_bit(pipe_bf16, n, step):
+    """bfloat16, both pipelines' default dtype: equal to the last bit, redux scale and reference pass included."""
+    ours, expected = ours_and_release(pipe_bf16, n, step, torch.bfloat16)
+    assert ours.dtype == torch.bfloat16
+    diff = (ours.float() - expected.float()).abs()
+    assert torch.equal(ours, expected), f"max abs difference {diff.max().item()}, {int((diff > 0).sum())} values differ"

@@ -129,7 +129,14 @@ class AnyStoryFluxAttnProcessor(nn.Module):
         """Reference pass: one subject per batch row, no text; keep this layer's keys/values."""
         q, k, v, _ = self._project(attn, hidden, text, rope)
         self.conditioning.store_ref_kv(self.layer_id, k, v)
-        return self._finish(attn, _attention(q, k, v), text, q.dtype)
+        n = self.conditioning.num_subjects
+        if n == 1:
+            return self._finish(attn, _attention(q, k, v), text, q.dtype)
+        # the release's layout: one [b, h, N, R, d] call, which SDPA computes on its math path; a batch of N
+        # rows would take the fused kernel and round differently in bfloat16
+        q5, k5, v5 = (x.unflatten(0, (-1, n)).permute(0, 3, 1, 2, 4) for x in (q, k, v))
+        out = F.scaled_dot_product_attention(q5, k5, v5).permute(0, 2, 3, 1, 4).flatten(0, 1)
+        return self._finish(attn, out, text, q.dtype)
 
     def _conditioned(self, attn, hidden, text, rope, plan):
         state, block = self.conditioning, self._block[0]

@@ -267,8 +267,9 @@ class AnyStoryFluxPipeline(FluxPipeline):
         """Encode the subjects and lay out one call's conditioning (the fields of ``AnyStoryFluxState.start``)."""
         n = len(prepared)
         enc = self.encode_subjects(prepared, device, generator)
-        scales = torch.tensor([redux_scale * p.scale for p in prepared], device=device)
-        redux = enc["redux"] * scales.to(enc["redux"].dtype)[:, None, None]
+        # one Python-float multiply per subject, as the release does (``tokens * redux_scale``): a scale tensor in
+        # bfloat16 would round 0.6 to 0.6015625
+        redux = torch.cat([enc["redux"][i:i + 1] * (redux_scale * p.scale) for i, p in enumerate(prepared)])
         ref_scale = torch.tensor([p.reference_scale for p in prepared], device=device)
         log_scale = torch.where(ref_scale > 0, ref_scale.clamp(min=1e-30).log(),
                                 torch.full_like(ref_scale, float("-inf")))
