@@ -2,6 +2,9 @@
 from .subjects import MAX_SUBJECTS, AlphaOrWholeImageSegmenter, PreparedSubject, Segmenter, Subject, prepare_subjects
 
 __all__ = ["MAX_SUBJECTS", "AlphaOrWholeImageSegmenter", "PreparedSubject", "Segmenter", "Subject", "prepare_subjects"]
+from .import_notices import drop_import_notices
+
+drop_import_notices()
 from .adapter_sdxl import AnyStorySDXLAdapter
 from .pipeline_sdxl import AnyStoryPipelineOutput, AnyStorySDXLPipeline
 

@@ -70,6 +70,12 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
         self.state = AnyStoryState(gumbel_tau=gumbel_tau)
         self.eval()  # inference (hard routing) unless a trainer calls .train()
 
+    def to(self, *args, **kwargs):
+        """torch's own ``to``: diffusers' warns on every dtype cast about float32-kept modules, and we keep none."""
+        if self._keep_in_fp32_modules:
+            return super().to(*args, **kwargs)
+        return torch.nn.Module.to(self, *args, **kwargs)
+
     @classmethod
     def from_unet(cls, unet: UNet2DConditionModel, image_embed_dim: int, **config) -> "AnyStorySDXLAdapter":
         """A fresh adapter for ``unet``: ReferenceNet from its weights, semantic projections from its to_k/to_v."""

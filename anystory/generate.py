@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 import torch
+from PIL import Image
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default in ``--help``."""
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m anystory.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default=None)
+    p = argparse.ArgumentParser(prog="python -m anystory.generate", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--prompt", required=True, help="what the image shows")
+    p.add_argument("--negative-prompt", default=None, help="what it should not show")
     p.add_argument("--subject", action="append", default=[], help="reference image of a subject (repeatable)")
     p.add_argument("--mask", action="append", default=[], help="mask for the subject at the same position, or -")
     p.add_argument("--scale", type=float, default=1.0, help="semantic condition strength (eta)")
@@ -24,28 +29,64 @@ def parse_args(argv=None):
     p.add_argument("--anystory-weights", default=os.environ.get("ANYSTORY_SDXL_WEIGHTS"),
                    help="AnyStory SDXL weights (folder); default: the shipped miniature")
     p.add_argument("--base-model", default=None, help="SDXL base, hub id or folder (with --anystory-weights)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="outputs/anystory.png")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps; None: 30 for SDXL, 20 for the miniature")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale; None: 5.0 for SDXL, 3.0 for the miniature")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels; None: the model's native size")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels; None: the model's native size")
+    p.add_argument("--seed", type=int, default=0, help="random seed (the same seed gives the same image)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--out", default="outputs/anystory.png", help="output image (PNG, JPEG or WebP by extension)")
     p.add_argument("--save-routing", action="store_true", help="also save the last step's routing map overlay")
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from .loading import DEFAULT_SDXL_BASE, ModelUnavailableError, load_default_pipeline, load_sdxl_anystory
-    from .subjects import Subject
+def check_inputs(args) -> list:
+    """Every input checked before a model loads (that takes seconds to minutes); returns the subjects.
 
+    Raises ``ValueError`` naming the problem: a missing or unreadable file, a mask of the wrong size, an empty
+    prompt, a bad number, an output path that cannot be written.
+    """
+    from .subjects import MAX_SUBJECTS, Subject, prepare_subjects
+
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty: describe the scene")
     if len(args.mask) > len(args.subject):
-        print(f"error: {len(args.mask)} masks for {len(args.subject)} subjects", file=sys.stderr)
-        return 2
+        raise ValueError(f"{len(args.mask)} masks for {len(args.subject)} subjects")
+    for flag in ("steps", "height", "width"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag} must be a positive integer, got {value}")
+    if args.guidance is not None and not args.guidance >= 0:
+        raise ValueError(f"--guidance must be >= 0, got {args.guidance}")
+    ext = os.path.splitext(args.out)[1].lower()
+    if ext not in Image.registered_extensions():
+        raise ValueError(f"--out {args.out}: unknown image extension '{ext or 'none'}'; use .png, .jpg or .webp")
     masks = [None if m == "-" else m for m in args.mask] + [None] * (len(args.subject) - len(args.mask))
     subjects = [Subject(s, mask=m, scale=args.scale, reference_scale=args.reference_scale)
                 for s, m in zip(args.subject, masks)]
+    try:  # files, masks, sizes and scales, with no model
+        prepare_subjects(subjects, MAX_SUBJECTS)
+    except ValueError as e:  # the library counts from 0; name the flag as typed
+        raise ValueError(re.sub(r"^subject (\d+)", lambda m: f"--subject #{int(m.group(1)) + 1}", str(e))) from None
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {args.out}: cannot create {out_dir} ({e.strerror})") from None
+    if not os.access(out_dir, os.W_OK):
+        raise ValueError(f"--out {args.out}: {out_dir} is not writable")
+    return subjects
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        subjects = check_inputs(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from .loading import DEFAULT_SDXL_BASE, ModelUnavailableError, load_default_pipeline, load_sdxl_anystory
+
     try:
         if args.anystory_weights:
             pipe = load_sdxl_anystory(args.anystory_weights, args.base_model or DEFAULT_SDXL_BASE, device=args.device)
@@ -68,7 +109,6 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     out.images[0].save(args.out)
     print(f"saved {args.out}")
     if args.save_routing and out.routing_maps:
