@@ -67,13 +67,17 @@ class AnyStoryState:
         return self.num_subjects > 0
 
     def layer_hw(self, tokens: int) -> Tuple[int, int]:
-        """Spatial size of a layer holding ``tokens`` positions (UNet down-sampling rounds up)."""
+        """Spatial size of a layer holding ``tokens`` positions: the latent halved level by level as the UNet's
+        stride-2 convolutions do (rounding up with padding 1, down without), until the count matches. Each halving
+        shrinks the count strictly until 1x1, so at most one level fits; any size the UNet runs is found."""
         H, W = self.latent_hw
-        factor = round(math.sqrt(H * W / tokens))
-        h, w = -(-H // factor), -(-W // factor)
-        if h * w != tokens:
-            raise RuntimeError(f"cannot infer a {tokens}-token layer's shape from latent size {H}x{W}")
-        return h, w
+        for rounding in (lambda n: -(-n // 2), lambda n: n // 2):
+            h, w = H, W
+            while h * w > tokens and (h > 1 or w > 1):
+                h, w = max(1, rounding(h)), max(1, rounding(w))
+            if h * w == tokens:
+                return h, w
+        raise RuntimeError(f"cannot infer a {tokens}-token layer's shape from latent size {H}x{W}")
 
     def take_step_maps(self) -> Optional[torch.Tensor]:
         """Mean gating map over this step's cross-attention layers ``[Bc, N+1, H, W]``; resets the accumulator."""
