@@ -5,7 +5,7 @@ so a resumed run makes exactly the images that are still missing, with the same 
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from tqdm.auto import tqdm
 
@@ -15,16 +15,19 @@ from .methods import Method, MethodError, image_seed
 ABORT_AFTER_FIRST_FAILURES = 3  # the first images all failing means a setup problem, not a bad prompt
 
 
-def pending(method: Method, entries: Sequence[Entry], images_per_prompt: int) -> List[Tuple[Entry, int]]:
-    return [(e, k) for e in entries for k in range(images_per_prompt) if method.needs_generation(e, k)]
+def pending(method: Method, entries: Sequence[Entry], images_per_prompt: int,
+            owns: Optional[Callable[[Entry, int], bool]] = None) -> List[Tuple[Entry, int]]:
+    """Images still to make; with ``owns``, only this process's share (see ``eval.distributed``)."""
+    return [(e, k) for e in entries for k in range(images_per_prompt)
+            if (owns is None or owns(e, k)) and method.needs_generation(e, k)]
 
 
 def run_generation(methods: Sequence[Method], entries: Sequence[Entry], images_per_prompt: int, seed: int,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, owns: Optional[Callable[[Entry, int], bool]] = None) -> dict:
     """Generate what is missing for each method; returns ``{method: {"made": n, "failed": {image: reason}}}``."""
     summary = {}
     for method in methods:
-        todo = pending(method, entries, images_per_prompt)
+        todo = pending(method, entries, images_per_prompt, owns)
         made, failed = 0, {}
         for entry, k in tqdm(todo, desc=f"generate {method.name}", unit="img", disable=not progress or not todo):
             try:

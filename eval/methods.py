@@ -70,6 +70,9 @@ class Method(abc.ABC):
         """Why this method has deliberately no image here (never counted as missing), else ``None``."""
         return None
 
+    def expected_layout(self) -> str:
+        return "written by the generation stage (run it, or --stage all)"
+
     def sidecar_path(self, entry: Entry, k: int) -> Optional[str]:
         path = self.image_path(entry, k)
         return None if path is None else os.path.splitext(path)[0] + ".json"
@@ -102,6 +105,10 @@ class OutputFolderMethod(Method):
     def needs_generation(self, entry: Entry, k: int) -> bool:
         return not os.path.isfile(self.image_path(entry, k))
 
+    def expected_layout(self) -> str:
+        return (f"{os.path.join(self.run_dir, 'images', self.slug)}/<entry_id>/<k>.png, written by the generation "
+                "stage (run it, or --stage all)")
+
     def write(self, entry: Entry, k: int, image: Image.Image, sidecar: dict) -> None:
         """Sidecar first, image last: an image on disk means both are complete."""
         write_json(self.sidecar_path(entry, k), sidecar)
@@ -125,6 +132,9 @@ class FolderMethod(Method):
 
     def expected_path(self, entry: Entry, k: int) -> str:
         return self._stem(entry, k) + IMAGE_EXTENSIONS[0]
+
+    def expected_layout(self) -> str:
+        return f"'{self.layout}': {LAYOUTS[self.layout].replace('PATH', self.path)} (k = 0 .. images-per-prompt - 1)"
 
     def image_path(self, entry: Entry, k: int) -> Optional[str]:
         stem = self._stem(entry, k)

@@ -9,9 +9,8 @@ import pandas as pd
 from .atomic import write_text, write_with
 from .metrics.base import RANDOM_INIT
 from .metrics.copy_paste import __doc__ as COPY_PASTE_DOC
+from .published import beside_ours
 from .tables import markdown, score_columns
-
-PUBLISHED_ORACLE = "DreamBooth (Ruiz et al. 2023), real vs real photos: DINO 0.774, CLIP-I 0.885"
 
 
 def bar_chart(per_method: pd.DataFrame, columns: Sequence[str], path: str) -> None:
@@ -49,22 +48,35 @@ def write_report(run_dir: str, config: dict, tables: Dict[str, pd.DataFrame], co
     lines = [f"# Evaluation: {config['bench']}", ""]
     if any(RANDOM_INIT in str(d.get("weights", "")) for d in scoring.get("metrics", {}).values()):
         lines += [f"> **WARNING: some metrics use randomly initialised models - {RANDOM_INIT}.**", ""]
-    lines += [f"- data: `{config.get('data_dir')}` ({config.get('entries')} entries"
+    protocol = config.get("protocol", {})
+    lines += [f"- bench: {config['bench']}",
+              f"- protocol: {protocol.get('protocol')} (compares with: {protocol.get('compares_with')}; as "
+              f"{protocol.get('used_by')})",
+              f"- scale: {protocol.get('scale')}",
+              *[f"- {column}: {name}" for column, name in config.get("model_labels", {}).items()],
+              f"- data: `{config.get('data_dir')}` ({config.get('entries')} entries"
               f"{'; ' + config['subset_note'] if config.get('subset_note') else ''}), "
               f"{config['images_per_prompt']} image(s) per prompt, seed {config['seed']}",
               f"- methods: {', '.join(m['name'] for m in config['methods'])}",
-              f"- rows: one per image and subject; {len(tables.get('rows', []))} in `rows.parquet` / `rows.csv`", ""]
-    lines += ["## Metrics", ""]
+              f"- rows: one per image and subject; {len(tables.get('rows', []))} in `rows.parquet` / `rows.csv`"]
+    for method, missing in config.get("missing_images", {}).items():
+        lines.append(f"- **{method}: {missing['count']} of {missing['expected']} images missing** (first: "
+                     f"`{missing['first']}`)")
+    lines += ["", "## Metrics", ""]
     for name, d in scoring.get("metrics", {}).items():
         extra = "; ".join(f"{k}: {v}" for k, v in d.items() if k not in ("metric", "model", "weights", "label"))
         lines.append(f"- **{name}**: {d.get('model')} - weights `{d.get('weights')}`" + (f" ({extra})" if extra else ""))
     for name, reason in scoring.get("unavailable", {}).items():
         lines.append(f"- **{name}: not computed** - {reason}")
     lines += ["", "### Copy-paste score", "", COPY_PASTE_DOC.strip(), ""]
-    if config["bench"].startswith("dreambench"):
-        lines += [f"Published reference: {PUBLISHED_ORACLE}. Our `real-images` row is the same oracle (each real "
-                  "photo except the reference against the subject's other photos).", ""]
     per_method = tables["per_method"]
+    published = beside_ours(config["bench"], per_method, protocol.get("protocol"), protocol.get("scale"))
+    if not published.empty:
+        lines += ["## Beside published numbers", "",
+                  "Published rows were measured by their authors under their own protocol (models, sampling, "
+                  "seeds) and are not re-measured here; compare them with ours only as far as the protocols "
+                  "agree. Our `real-images` row is DreamBooth's oracle (each real photo except the reference "
+                  "against the subject's other photos).", "", markdown(published, 3), ""]
     if "no_face" in per_method.columns:
         found = ", ".join(f"{r.method}: {r.faces_found} of {r.faces_found + r.no_face}"
                           for r in per_method.itertuples())

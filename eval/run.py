@@ -3,18 +3,22 @@
     python -m eval.run --bench dreambench --method anystory-sdxl --anystory-weights DIR --out runs/sdxl
     python -m eval.run --bench dreambench --method folder:/path/to/images --method real-images --subset 50
     python -m eval.run --bench dreambench --method anystory-tiny --out runs/tiny --resume
+    python -m eval.run --bench dreambench --method folder:/path/to/uno_outputs --layout uno --out runs/uno
     python -m eval.run --compare runs/sdxl runs/uno --out runs/compare
+    accelerate launch -m eval.run --bench dreambench --method anystory-flux --device cuda --out runs/flux
 
 Two stages, each resumable after a crash or ``kill -9`` (``--resume``): generation writes each image
 atomically; scoring writes atomic parquet parts and assembles them into ``rows.parquet``/``rows.csv`` (one row
 per image and subject), ``per_method``, ``per_subject`` and ``per_prompt_type`` tables (parquet + CSV),
-``report.md`` and ``chart.png``. ``run_config.json`` records the benchmark, methods, seeds, models and versions.
-A metric whose model cannot be loaded is reported as not computed, with the reason; the others still run.
-See eval/README.md.
+``report.md`` and ``chart.png``. ``run_config.json`` records the benchmark, protocol, methods, seeds, models and
+versions. A metric whose model cannot be loaded is reported as not computed, with the reason; the others still
+run. Under ``accelerate launch`` each process generates its share and the main process scores once
+(``eval.distributed``). See eval/README.md.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
@@ -23,20 +27,23 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Sequence
 
 import pandas as pd
 
 from .atomic import remove_stale_temporaries, write_json, write_with
 from .data import DataIntegrityError, DataNotFoundError
+from .distributed import Processes
 from .generate import run_generation
-from .loaders import BENCHMARKS, Benchmark, load_benchmark
-from .methods import Method, MethodError, PipelineMethod, image_seed, make_method
+from .loaders import BENCHMARKS, PEOPLE_BENCHMARKS, Benchmark, load_benchmark
+from .methods import LAYOUTS, Method, MethodError, PipelineMethod, image_seed, make_method
 from .metrics import METRIC_NAMES, Metric, MetricSettings, build_metrics, load_metrics
+from .metrics.openclip_embedder import ACTIVATIONS
+from .protocols import DEFAULT_PROTOCOL, PROTOCOLS, get_protocol
 from .report import bar_chart, write_report
-from .score import assemble, expected_units, read_parts, score_units
-from .tables import build_tables, markdown
+from .score import absent_images, assemble, expected_units, read_parts, score_units
+from .tables import COUNT_COLUMNS, build_tables, markdown
 
 CONFIG = "run_config.json"
 SIGNATURE = os.path.join("scores", "signature.json")
@@ -61,6 +68,8 @@ class RunConfig:
     stage: str = "all"
     chunk_size: int = 16
     metrics: MetricSettings = field(default_factory=MetricSettings)
+    protocol: str = DEFAULT_PROTOCOL
+    layout: str = "ours"
     anystory_weights: Optional[str] = None
     base_model: Optional[str] = None
     steps: Optional[int] = None
@@ -77,6 +86,12 @@ class EvalResult:
     tables: Dict[str, pd.DataFrame]
     unavailable: Dict[str, str]
     generation: dict
+    missing: Dict[str, dict] = field(default_factory=dict)
+
+
+def default_metric_names(bench: str) -> List[str]:
+    """Face-ID only on benches of people: elsewhere the detector "finds" faces on dogs and teapots."""
+    return [n for n in METRIC_NAMES if n != "face_id" or bench in PEOPLE_BENCHMARKS]
 
 
 def _identity(cfg: RunConfig) -> dict:
@@ -85,6 +100,7 @@ def _identity(cfg: RunConfig) -> dict:
     return {"bench": cfg.bench, "methods": list(cfg.methods), "images_per_prompt": cfg.images_per_prompt,
             "subset": cfg.subset, "seed": cfg.seed, "metric_names": sorted(m.names), "clip_model": m.clip_model,
             "clip_pretrained": m.clip_pretrained, "dino_model": m.dino_model, "face_backend": m.face_backend,
+            "clip_activation": m.clip_activation, "protocol": cfg.protocol, "layout": cfg.layout,
             "generation": {"steps": cfg.steps, "guidance": cfg.guidance, "height": cfg.height, "width": cfg.width,
                            "anystory_weights": cfg.anystory_weights, "base_model": cfg.base_model}}
 
@@ -145,7 +161,8 @@ def _prepare_run_dir(cfg: RunConfig, bench: Benchmark) -> dict:
     config = {"identity": identity, "bench": cfg.bench, "data_dir": bench.data_dir, "entries": len(bench.entries),
               "subset_note": bench.info.get("subset", ""), "images_per_prompt": cfg.images_per_prompt,
               "seed": cfg.seed, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": _versions(),
-              "argv": sys.argv, "metric_settings": asdict(cfg.metrics), "device": cfg.device}
+              "argv": sys.argv, "metric_settings": asdict(cfg.metrics), "device": cfg.device,
+              "protocol": get_protocol(cfg.protocol).describe()}
     return config
 
 
@@ -154,6 +171,43 @@ def _model_labels(metrics: Sequence[Metric]) -> Dict[str, str]:
     column = {"clip_i": "clip_model", "clip_t": "clip_model", "dino": "dino_model", "face_id": "face_model"}
     return {column[m.name]: m.describe().get("label", m.describe().get("model")) for m in metrics
             if m.name in column}
+
+
+def _settings_labels(cfg: RunConfig, metrics: Sequence[Metric], entries: int, total: int) -> Dict[str, object]:
+    """The columns every table carries: what was run, under which protocol and scale, scored by which models."""
+    protocol = get_protocol(cfg.protocol)
+    return {"run": os.path.normpath(cfg.out), "bench": cfg.bench, "protocol": protocol.name,
+            "scale": protocol.scale_label, "subset": f"{entries} of {total}" if entries < total else "all",
+            "images_per_prompt": cfg.images_per_prompt, **_model_labels(metrics)}
+
+
+def _missing_report(methods: Sequence[Method], units) -> Dict[str, dict]:
+    """Per method with absent images: how many, of how many, the first; a method with *none* is an error."""
+    absent = absent_images(units)
+    report = {}
+    for method in methods:
+        expected = [u for u in units if u.method is method and not method.not_applicable(u.entry, u.sample)]
+        missing = absent[method.name]
+        if not missing:
+            continue
+        first = method.expected_path(missing[0].entry, missing[0].sample)
+        if len(missing) == len(expected):
+            raise RunError(f"{method.name}: all {len(expected)} expected images are missing; expected layout "
+                           f"{method.expected_layout()}; first missing: {first} (`--list-entries` prints every "
+                           "entry id and list index)")
+        report[method.name] = {"count": len(missing), "expected": len(expected), "first": first}
+    return report
+
+
+def _merge_generation(per_process: Sequence[dict]) -> dict:
+    merged = {}
+    for summary in per_process:
+        for name, s in summary.items():
+            m = merged.setdefault(name, {"made": 0, "failed": {}, "made_by_process": []})
+            m["made"] += s["made"]
+            m["failed"].update(s["failed"])
+            m["made_by_process"].append(s["made"])
+    return merged
 
 
 def _signature(metrics: Sequence[Metric], unavailable: Dict[str, str]) -> dict:
@@ -186,59 +240,97 @@ def _load_failures(run_dir: str) -> Dict[str, str]:
 def run_eval(cfg: RunConfig, *, metrics: Optional[Sequence[Metric]] = None, benchmark: Optional[Benchmark] = None,
              methods: Optional[Sequence[Method]] = None) -> EvalResult:
     """Run (or resume) an evaluation. ``metrics`` / ``benchmark`` / ``methods`` override what ``cfg`` would build
-    (tests pass randomly initialised models of the real architectures this way; the CLI never does)."""
+    (tests pass randomly initialised models of the real architectures this way; the CLI never does).
+
+    Launched on several processes, every process generates its share and returns without rows; the main
+    process alone records the run, scores and writes the tables."""
     if cfg.stage not in ("all", "generate", "score"):
         raise ValueError(f"stage must be all, generate or score (got {cfg.stage!r})")
     if cfg.images_per_prompt < 1:
         raise ValueError(f"--images-per-prompt must be >= 1 (got {cfg.images_per_prompt})")
-    bench = benchmark or load_benchmark(cfg.bench, cfg.data_dir)
-    bench = bench.subset(cfg.subset) if cfg.subset else bench
-    os.makedirs(cfg.out, exist_ok=True)
-    with RunLock(cfg.out):
-        config = _prepare_run_dir(cfg, bench)
-        remove_stale_temporaries(cfg.out)
+    protocol = get_protocol(cfg.protocol)
+    if cfg.layout not in LAYOUTS:
+        raise ValueError(f"unknown layout '{cfg.layout}'; choose one of {', '.join(LAYOUTS)}")
+    if cfg.metrics.names is None:
+        cfg = replace(cfg, metrics=replace(cfg.metrics, names=default_metric_names(cfg.bench)))
+    full = benchmark or load_benchmark(cfg.bench, cfg.data_dir)
+    bench = full.subset(cfg.subset) if cfg.subset else full
+    procs = Processes()
+    if procs.is_main:
+        os.makedirs(cfg.out, exist_ok=True)
+    with RunLock(cfg.out) if procs.is_main else contextlib.nullcontext():
+        config, problem = {}, None
+        if procs.is_main:
+            try:
+                config = _prepare_run_dir(cfg, bench)
+                remove_stale_temporaries(cfg.out)
+            except RunError as e:
+                problem = str(e)
+        problem = procs.from_main(problem)  # every process stops, or none does
+        if problem:
+            raise RunError(problem)
         call = {"num_inference_steps": cfg.steps, "guidance_scale": cfg.guidance, "height": cfg.height,
                 "width": cfg.width}
         methods = list(methods) if methods is not None else [
-            make_method(spec, cfg.out, device=cfg.device, anystory_weights=cfg.anystory_weights,
-                        base_model=cfg.base_model, call_kwargs=call) for spec in cfg.methods]
+            make_method(spec, cfg.out, device=procs.device(cfg.device), anystory_weights=cfg.anystory_weights,
+                        base_model=cfg.base_model, call_kwargs=call, layout=cfg.layout) for spec in cfg.methods]
         names = [m.name for m in methods]
         if len(set(names)) != len(names):
             raise RunError(f"two methods share a name: {names}")
-        config["methods"] = [m.describe() for m in methods]
-        write_json(os.path.join(cfg.out, CONFIG), config)
+        if procs.is_main:
+            config["methods"] = [m.describe() for m in methods]
+            write_json(os.path.join(cfg.out, CONFIG), config)
 
         generation = {}
         if cfg.stage in ("all", "generate"):
-            generation = run_generation(methods, bench.entries, cfg.images_per_prompt, cfg.seed, cfg.progress)
-            failures = _load_failures(cfg.out)
-            for method_name, summary in generation.items():
-                for key in list(failures):
-                    if key.startswith(method_name + "/"):
-                        del failures[key]
-                failures.update({f"{method_name}/{k}": v for k, v in summary["failed"].items()})
-            write_json(os.path.join(cfg.out, FAILURES), failures)
-        if cfg.stage == "generate":
+            mine, error = {}, None
+            try:
+                mine = run_generation(methods, bench.entries, cfg.images_per_prompt, cfg.seed,
+                                      cfg.progress and procs.is_main,
+                                      owns=lambda e, k: procs.owns(e.index, k, cfg.images_per_prompt))
+            except Exception as e:  # reported on every process, so none waits forever for the others
+                if procs.world == 1:
+                    raise
+                error = f"process {procs.rank}: {type(e).__name__}: {e}"
+            gathered = procs.gather((mine, error))
+            errors = [err for _, err in gathered if err]
+            if errors:
+                raise MethodError("; ".join(errors))
+            generation = _merge_generation([summary for summary, _ in gathered])
+            if procs.is_main:
+                failures = _load_failures(cfg.out)
+                for method_name, summary in generation.items():
+                    for key in list(failures):
+                        if key.startswith(method_name + "/"):
+                            del failures[key]
+                    failures.update({f"{method_name}/{k}": v for k, v in summary["failed"].items()})
+                write_json(os.path.join(cfg.out, FAILURES), failures)
+                config["generation"] = {"processes": procs.world, **{
+                    name: {"made_by_process": g["made_by_process"]} for name, g in generation.items()}}
+                write_json(os.path.join(cfg.out, CONFIG), config)
+        if cfg.stage == "generate" or not procs.is_main:
             return EvalResult(cfg.out, None, {}, {}, generation)
-
-        requested = build_metrics(cfg.metrics) if metrics is None else list(metrics)
-        usable, unavailable = load_metrics(requested)
-        if "copy_paste" in cfg.metrics.names and metrics is None and not any(
-                m.name.startswith("copy_paste") for m in usable):
-            unavailable["copy_paste"] = "needs at least one of dino, clip_i, face_id computed"
-        _check_signature(cfg.out, _signature(usable, unavailable))
-        config["scoring"] = {"metrics": {m.name: m.describe() for m in usable}, "unavailable": unavailable}
-        write_json(os.path.join(cfg.out, CONFIG), config)
 
         def seed_of(method, entry, k):
             return image_seed(cfg.seed, entry, k, cfg.images_per_prompt) if isinstance(method, PipelineMethod) \
                 else None
 
         units = expected_units(methods, bench.entries, cfg.images_per_prompt, seed_of)
-        score_units(units, usable, cfg.out, cfg.chunk_size, _load_failures(cfg.out), cfg.progress)
+        missing = _missing_report(methods, units)
+        requested = build_metrics(cfg.metrics) if metrics is None else list(metrics)
+        usable, unavailable = load_metrics(requested)
+        if "copy_paste" in cfg.metrics.names and metrics is None and not any(
+                m.name.startswith("copy_paste") for m in usable):
+            unavailable["copy_paste"] = "needs at least one of dino, clip_i, face_id computed"
+        _check_signature(cfg.out, _signature(usable, unavailable))
+        labels = _settings_labels(cfg, usable, len(bench.entries), len(full.entries))
+        config.update(scoring={"metrics": {m.name: m.describe() for m in usable}, "unavailable": unavailable},
+                      model_labels=_model_labels(usable), table_settings=labels, missing_images=missing)
+        write_json(os.path.join(cfg.out, CONFIG), config)
+
+        score_units(units, usable, cfg.out, cfg.chunk_size, _load_failures(cfg.out), cfg.progress, protocol)
         rows = assemble(cfg.out, units)
         columns = [c for m in usable for c in m.columns]
-        labels = _model_labels(usable)
         for name, value in labels.items():
             rows[name] = value
         tables = build_tables(rows, columns, labels)
@@ -247,7 +339,7 @@ def run_eval(cfg: RunConfig, *, metrics: Optional[Sequence[Metric]] = None, benc
             _write_table(cfg.out, name, table)
         tables["rows"] = rows
         write_report(cfg.out, config, tables, columns)
-        return EvalResult(cfg.out, rows, tables, unavailable, generation)
+        return EvalResult(cfg.out, rows, tables, unavailable, generation, missing)
 
 
 def _write_table(run_dir: str, name: str, table: pd.DataFrame) -> None:
@@ -255,17 +347,61 @@ def _write_table(run_dir: str, name: str, table: pd.DataFrame) -> None:
     write_with(os.path.join(run_dir, f"{name}.csv"), lambda tmp: table.to_csv(tmp, index=False))
 
 
-def compare_runs(run_dirs: Sequence[str]) -> pd.DataFrame:
-    """Every run's per-method table in one, with a ``run`` column (model columns show what scored what)."""
-    frames = []
+RUN_COLUMNS = ["run", "bench", "protocol", "scale", "subset", "images_per_prompt"]
+MUST_AGREE = ("bench", "protocol", "metric models")
+
+
+def _run_settings(run_dir: str) -> dict:
+    """What a finished run was: read from its ``run_config.json`` (``unknown`` where an old run lacks it)."""
+    path = os.path.join(run_dir, CONFIG)
+    config = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    labels = config.get("table_settings", {})
+    return {"run": os.path.normpath(run_dir), "bench": config.get("bench", "unknown"),
+            **{k: labels.get(k, "unknown") for k in ("protocol", "scale", "subset")},
+            "images_per_prompt": config.get("images_per_prompt"), "metric models": config.get("model_labels", {})}
+
+
+def _differences(settings: Sequence[dict]) -> List[str]:
+    out = []
+    for key in MUST_AGREE:
+        if key == "metric models":  # a model column both runs have must name the same model
+            columns = sorted({c for s in settings for c in s[key]})
+            for column in columns:
+                values = {s["run"]: s[key][column] for s in settings if column in s[key]}
+                if len(set(values.values())) > 1:
+                    out.append(f"{column}: " + ", ".join(f"{run} = {v}" for run, v in values.items()))
+        elif len({s[key] for s in settings}) > 1:
+            out.append(f"{key}: " + ", ".join(f"{s['run']} = {s[key]}" for s in settings))
+    return out
+
+
+def compare_runs(run_dirs: Sequence[str], force: bool = False) -> pd.DataFrame:
+    """Every run's per-method table in one, each row led by its run's path, bench, protocol, subset and images
+    per prompt. Runs of different benches, protocols or metric models are refused (naming the difference)
+    unless ``force``: their numbers do not measure the same thing."""
+    frames, settings = [], []
     for run_dir in run_dirs:
         path = os.path.join(run_dir, "per_method.parquet")
         if not os.path.isfile(path):
             raise RunError(f"{run_dir} has no per_method.parquet (not a finished run; try --resume there)")
-        frame = pd.read_parquet(path)
-        frame.insert(0, "run", os.path.basename(os.path.normpath(run_dir)))
+        run = _run_settings(run_dir)
+        frame = pd.read_parquet(path).drop(columns=RUN_COLUMNS, errors="ignore")
+        for i, column in enumerate(RUN_COLUMNS):
+            frame.insert(i, column, run[column])
         frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
+        settings.append(run)
+    differences = _differences(settings)
+    if differences and not force:
+        raise RunError("these runs do not measure the same thing - " + "; ".join(differences)
+                       + " (pass --force to compare them anyway)")
+    table = pd.concat(frames, ignore_index=True)
+    for column in table.columns:
+        if column in COUNT_COLUMNS + ["faces_found", "no_face", "images_per_prompt"] or column.endswith("_n"):
+            table[column] = table[column].astype("Int64")
+    return table
 
 
 def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
@@ -291,11 +427,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", default="all", choices=["all", "generate", "score"])
     p.add_argument("--data-dir", default=None, help="benchmark data folder (DreamBench: see eval/README.md)")
     p.add_argument("--weights-dir", default=None, help="local copies of metric weights (layout: eval/README.md)")
-    p.add_argument("--metrics", default=",".join(METRIC_NAMES), help="comma-separated subset of "
-                   + ", ".join(METRIC_NAMES))
+    p.add_argument("--metrics", default=None, help="comma-separated subset of " + ", ".join(METRIC_NAMES)
+                   + " (default: all; face_id only on benches of people)")
+    p.add_argument("--protocol", default=DEFAULT_PROTOCOL, choices=list(PROTOCOLS),
+                   help="dreambooth: all real photos, [0, 1]; single-reference: the input reference, x100")
+    p.add_argument("--layout", default="ours", choices=list(LAYOUTS),
+                   help="file naming of folder: methods: ours <entry_id>/<k>.png, uno <index>_<k>.png")
     p.add_argument("--clip-model", default=MetricSettings.clip_model, help="open_clip model (e.g. ViT-L-14)")
     p.add_argument("--clip-pretrained", default=MetricSettings.clip_pretrained, help="open_clip tag or file")
-    p.add_argument("--dino-model", default=MetricSettings.dino_model)
+    p.add_argument("--clip-activation", default="auto", choices=ACTIVATIONS,
+                   help="auto: QuickGELU for OpenAI weights; needed for a checkpoint file whose name has no tag")
+    p.add_argument("--dino-model", default=MetricSettings.dino_model, help="timm name, or vits16 / vits8")
     p.add_argument("--face-backend", default="auto", choices=["auto", "arcface", "sface"])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
@@ -307,6 +449,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--list-entries", action="store_true", help="print the benchmark's entries (CSV) and exit")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="join finished runs into one table")
+    p.add_argument("--force", action="store_true", help="--compare runs of different benches/protocols/models")
     return p
 
 
@@ -315,7 +458,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.compare:
         try:
-            table = compare_runs(args.compare)
+            table = compare_runs(args.compare, force=args.force)
         except RunError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -341,7 +484,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         except (DataNotFoundError, FileNotFoundError, DataIntegrityError, ValueError) as e:  # as the run path
             print(f"error: {e}", file=sys.stderr)
             return 1
-        pd.DataFrame([{"entry_id": e.entry_id, "prompt": e.prompt, "prompt_type": e.prompt_type,
+        pd.DataFrame([{"index": e.index, "entry_id": e.entry_id, "prompt": e.prompt, "prompt_type": e.prompt_type,
                        "subjects": ";".join(s.name for s in e.subjects),
                        "references": ";".join(s.reference for s in e.subjects)} for e in bench.entries]
                      ).to_csv(sys.stdout, index=False)
@@ -351,16 +494,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not os.environ.get("HF_HUB_OFFLINE") and not hub_reachable():
         os.environ["HF_HUB_OFFLINE"] = "1"  # fail fast on absent weights instead of minutes of retries
         print("note: huggingface.co is unreachable; models load from local files and caches only", file=sys.stderr)
-    settings = MetricSettings(names=[n.strip() for n in args.metrics.split(",") if n.strip()],
-                              clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
+    names = None if args.metrics is None else [n.strip() for n in args.metrics.split(",") if n.strip()]
+    settings = MetricSettings(names=names, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
                               dino_model=args.dino_model, face_backend=args.face_backend, device=args.device,
-                              weights_dir=args.weights_dir, batch_size=args.batch_size)
+                              weights_dir=args.weights_dir, batch_size=args.batch_size,
+                              clip_activation=args.clip_activation)
     cfg = RunConfig(bench=args.bench, methods=args.method, out=args.out or os.path.join("runs", args.bench),
                     images_per_prompt=args.images_per_prompt, subset=args.subset, data_dir=args.data_dir,
                     device=args.device, resume=args.resume, seed=args.seed, stage=args.stage,
                     chunk_size=args.batch_size, metrics=settings, anystory_weights=args.anystory_weights,
                     base_model=args.base_model, steps=args.steps, guidance=args.guidance, height=args.height,
-                    width=args.width)
+                    width=args.width, protocol=args.protocol, layout=args.layout)
     try:
         result = run_eval(cfg)
     except (DataNotFoundError, DataIntegrityError, FileNotFoundError, MethodError, RunError, ValueError) as e:
@@ -368,8 +512,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     for name, reason in result.unavailable.items():
         print(f"not computed: {name} - {reason}", file=sys.stderr)
+    for name, m in result.missing.items():
+        print(f"warning: {name}: {m['count']} of {m['expected']} images missing (first: {m['first']}); they are "
+              "counted, not scored", file=sys.stderr)
     if result.rows is None:
-        print(f"generation done in {result.run_dir}")
+        made = {name: g["made"] for name, g in result.generation.items()}
+        print(f"generation done in {result.run_dir}: made {made}")
         return 0
     with pd.option_context("display.width", 200, "display.max_columns", 40, "display.float_format", "{:.4f}".format):
         print(result.tables["per_method"].to_string(index=False))

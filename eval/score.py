@@ -25,6 +25,7 @@ from .atomic import is_temporary, write_with
 from .loaders.base import Entry
 from .methods import Method
 from .metrics.base import BatchContext, Metric, ScoreItem, load_rgb
+from .protocols import PROTOCOLS, Protocol
 
 KEY = ["method", "entry_id", "sample", "subject_slot"]
 PARTS = "scores"
@@ -81,12 +82,26 @@ def _region(image, boxes, slot: int):
     return image.crop((x0, y0, x1, y1)), None
 
 
-def _unit_rows(unit: Unit, failures: Dict[str, str]) -> List[tuple]:
+def absent_images(units: Sequence[Unit]) -> Dict[str, List[Unit]]:
+    """Per method, the expected images that are not on disk (a deliberate ``n/a`` is not absent)."""
+    absent: Dict[str, List[Unit]] = {}
+    for u in units:
+        absent.setdefault(u.method.name, [])
+        path = u.method.image_path(u.entry, u.sample)
+        if (path is None or not os.path.isfile(path)) and not u.method.not_applicable(u.entry, u.sample):
+            absent[u.method.name].append(u)
+    return absent
+
+
+def _unit_rows(unit: Unit, failures: Dict[str, str], protocol: Protocol) -> List[tuple]:
     """``[(row, ScoreItem or None)]`` for each subject of the unit's image."""
     method, entry, k = unit.method, unit.entry, unit.sample
     path = method.image_path(entry, k)
     image, status = None, "ok"
-    if path is None or not os.path.isfile(path):
+    reason = method.not_applicable(entry, k)
+    if reason:
+        status = f"n/a: {reason}"
+    elif path is None or not os.path.isfile(path):
         failure = failures.get(f"{method.name}/{entry.entry_id}/{k}")
         status = f"missing (generation failed: {failure})" if failure else "missing"
     else:
@@ -106,8 +121,9 @@ def _unit_rows(unit: Unit, failures: Dict[str, str]) -> List[tuple]:
             "n_subjects": len(entry.subjects), "seed": unit.seed, "image_path": path or "",
             "region_source": fallback or str(sidecar.get("region_source", "sidecar boxes")), "status": status,
         }
-        item = None if image is None else ScoreItem(region, image, entry.prompt, subject,
-                                                    method.exclude(entry, k, slot))
+        exclude = method.exclude(entry, k, slot)
+        item = None if image is None else ScoreItem(region, image, entry.prompt, subject, exclude,
+                                                    protocol.comparison_set(subject, exclude))
         out.append((row, item))
     return out
 
@@ -131,21 +147,23 @@ def units_to_score(units: Sequence[Unit], done: pd.DataFrame) -> List[Unit]:
 
 
 def score_units(units: Sequence[Unit], metrics: Sequence[Metric], run_dir: str, chunk_size: int = 16,
-                failures: Optional[Dict[str, str]] = None, progress: bool = True) -> int:
-    """Score the units no part holds yet; returns how many images were scored now."""
+                failures: Optional[Dict[str, str]] = None, progress: bool = True,
+                protocol: Protocol = PROTOCOLS["dreambooth"]) -> int:
+    """Score the units no part holds yet, under ``protocol`` (comparison set and scale); returns how many
+    images were scored now."""
     todo = units_to_score(units, read_parts(run_dir))
     columns = [c for m in metrics for c in m.columns]
     bar = tqdm(total=len(todo), desc="score", unit="img", disable=not progress or not todo)
     for start in range(0, len(todo), chunk_size):
         chunk = todo[start:start + chunk_size]
-        pairs = [p for u in chunk for p in _unit_rows(u, failures or {})]
+        pairs = [p for u in chunk for p in _unit_rows(u, failures or {}, protocol)]
         rows = [dict(r, **{c: None for c in columns}) for r, _ in pairs]
         scored = [(row, item) for row, (_, item) in zip(rows, pairs) if item is not None]
         if scored:
             ctx = BatchContext()
             for metric in metrics:
                 for (row, _), values in zip(scored, metric.score([it for _, it in scored], ctx)):
-                    row.update(values)
+                    row.update(protocol.scaled(values))
         frame = pd.DataFrame(rows)
         name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"  # chronological: last one wins
         write_with(os.path.join(run_dir, PARTS, name), lambda tmp: frame.to_parquet(tmp, index=False))

@@ -50,6 +50,26 @@ def sface():
     return embedder
 
 
+def pixel_embedder():
+    """Deterministic stand-in: normalised 4x4 grey thumbnails (to check formulas and plumbing, not a model)."""
+    from eval.metrics.base import Embedder, l2_normalise
+
+    class PixelEmbedder(Embedder):
+        key = "pixels"
+
+        def load(self):
+            pass
+
+        def describe(self):
+            return {"model": "pixels", "weights": "none", "label": "pixels"}
+
+        def embed_images(self, images):
+            return l2_normalise(np.stack([np.asarray(im.convert("L").resize((4, 4)), np.float64).ravel() - 100
+                                          for im in images]))
+
+    return PixelEmbedder()
+
+
 def metrics(clip: bool = True, dino: bool = True, face: bool = True):
     """Fresh metric objects (their photo caches are per run) over the shared embedders."""
     from eval.metrics import ClipImageMetric, ClipTextMetric, CopyPasteMetric, DinoMetric, FaceIdMetric

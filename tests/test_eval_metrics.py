@@ -11,7 +11,6 @@ import eval_support as support
 from eval.loaders.base import SubjectRef
 from eval.metrics import (BatchContext, CopyPasteMetric, DinoEmbedder, EmbeddingMetric, FaceIdMetric, MetricSettings,
                           MetricUnavailable, OpenClipEmbedder, ScoreItem, build_metrics, face_embedder, load_metrics)
-from eval.metrics.base import Embedder, l2_normalise
 
 
 def _cos(a, b):
@@ -89,33 +88,17 @@ def test_clip_text_is_cosine_of_prompt_and_image():
     assert got == pytest.approx(_cos(clip.embed_images([image])[0], clip.embed_texts(["a dog"])[0]), abs=1e-6)
 
 
-class PixelEmbedder(Embedder):
-    """Deterministic stand-in: normalised 4x4 grey thumbnails (to check the formulas, not a model)."""
-
-    key = "pixels"
-
-    def load(self):
-        pass
-
-    def describe(self):
-        return {"model": "pixels", "weights": "none"}
-
-    def embed_images(self, images):
-        return l2_normalise(np.stack([np.asarray(im.convert("L").resize((4, 4)), np.float64).ravel() - 100
-                                      for im in images]))
-
-
 def test_copy_paste_definition(tmp_path):
     photos = []
     for i in range(4):
         support.noise_image(10 + i, (32, 32)).save(tmp_path / f"{i:02d}.png")
         photos.append(str(tmp_path / f"{i:02d}.png"))
     subject = SubjectRef("s", "c", photos[1], tuple(photos))
-    base = EmbeddingMetric("pix", PixelEmbedder())
+    base = EmbeddingMetric("pix", support.pixel_embedder())
     copy_paste = CopyPasteMetric(base)
-    emb = PixelEmbedder().embed_images([Image.open(p) for p in photos])
+    emb = support.pixel_embedder().embed_images([Image.open(p) for p in photos])
     out = support.noise_image(99, (32, 32))
-    o = PixelEmbedder().embed_images([out])[0]
+    o = support.pixel_embedder().embed_images([out])[0]
     ctx = BatchContext()
     items = [ScoreItem(out, out, "p", subject), ScoreItem(Image.open(photos[1]), None, "p", subject),
              ScoreItem(Image.open(photos[2]), None, "p", subject, exclude=photos[2])]

@@ -127,7 +127,8 @@ def test_cli_offline_reports_absent_weights(dreambench_dir, tmp_path):
     run = tmp_path / "cli"
     proc = subprocess.run([sys.executable, "-m", "eval.run", "--bench", "dreambench", "--method", "copy-reference",
                            "--subset", "1", "--images-per-prompt", "1", "--data-dir", dreambench_dir,
-                           "--out", str(run), "--face-backend", "sface"],
+                           "--out", str(run), "--face-backend", "sface",
+                           "--metrics", "clip_i,clip_t,dino,face_id,copy_paste"],  # face-ID only when asked here
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in ("clip_i", "clip_t", "dino"):
@@ -141,7 +142,7 @@ def test_cli_offline_reports_absent_weights(dreambench_dir, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(run, other)
     table = compare_runs([str(run), str(other)])
-    assert list(table["run"]) == ["cli", "other"] and list(table["method"]) == ["copy-reference"] * 2
+    assert list(table["run"]) == [str(run), str(other)] and list(table["method"]) == ["copy-reference"] * 2
     proc = subprocess.run([sys.executable, "-m", "eval.run", "--compare", str(run), str(other), "--out",
                            str(tmp_path / "cmp")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

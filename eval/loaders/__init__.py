@@ -10,6 +10,7 @@ from .faces import ENV_VAR as FACES_ENV_VAR
 from .faces import load_faces
 
 BENCHMARKS = ("dreambench", "dreambench-multi", "faces")
+PEOPLE_BENCHMARKS = ("faces",)  # benches of people: the only ones where face-ID runs unless asked
 
 
 def load_benchmark(name: str, data_dir: Optional[str] = None, *, download: bool = True) -> Benchmark:
@@ -27,5 +28,5 @@ def load_benchmark(name: str, data_dir: Optional[str] = None, *, download: bool 
     raise ValueError(f"unknown benchmark '{name}'; choose one of {', '.join(BENCHMARKS)}")
 
 
-__all__ = ["BENCHMARKS", "Benchmark", "Entry", "SubjectRef", "load_benchmark", "load_dreambench",
+__all__ = ["BENCHMARKS", "PEOPLE_BENCHMARKS", "Benchmark", "Entry", "SubjectRef", "load_benchmark", "load_dreambench",
            "load_dreambench_multi", "load_faces"]

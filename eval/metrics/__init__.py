@@ -1,7 +1,7 @@
 """Metrics behind one interface (:class:`~eval.metrics.base.Metric`), built from the run's settings."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .base import BatchContext, Embedder, EmbeddingMetric, Metric, MetricUnavailable, ScoreItem
@@ -10,6 +10,7 @@ from .clip_text import ClipTextMetric
 from .copy_paste import CopyPasteMetric
 from .dino import DEFAULT_DINO_MODEL, DinoEmbedder, DinoMetric
 from .face_id import FaceIdMetric, face_embedder
+from ..protocols import dino_model_name
 from .openclip_embedder import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, OpenClipEmbedder
 
 METRIC_NAMES = ("clip_i", "clip_t", "dino", "face_id", "copy_paste")
@@ -18,11 +19,12 @@ COPY_PASTE_BASES = ("dino", "clip_i", "face_id")
 
 @dataclass
 class MetricSettings:
-    names: Sequence[str] = METRIC_NAMES
+    names: Optional[Sequence[str]] = None  # None: the bench's default (eval.run.default_metric_names); all here
     clip_model: str = DEFAULT_CLIP_MODEL
     clip_pretrained: str = DEFAULT_CLIP_PRETRAINED
     dino_model: str = DEFAULT_DINO_MODEL
     face_backend: str = "auto"
+    clip_activation: str = "auto"
     device: str = "cpu"
     weights_dir: Optional[str] = None
     batch_size: int = 16
@@ -30,18 +32,21 @@ class MetricSettings:
 
 def build_metrics(s: MetricSettings) -> List[Metric]:
     """The requested metrics (not loaded yet); copy-paste gets one column per fidelity metric it can build on."""
+    if s.names is None:
+        s = replace(s, names=METRIC_NAMES)
     unknown = sorted(set(s.names) - set(METRIC_NAMES))
     if unknown:
         raise ValueError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRIC_NAMES)}")
     metrics: List[Metric] = []
     clip = None
     if {"clip_i", "clip_t"} & set(s.names):
-        clip = OpenClipEmbedder(s.clip_model, s.clip_pretrained, s.device, s.weights_dir, s.batch_size)
+        clip = OpenClipEmbedder(s.clip_model, s.clip_pretrained, s.device, s.weights_dir, s.batch_size,
+                                s.clip_activation)
     by_name: Dict[str, EmbeddingMetric] = {}
     if "clip_i" in s.names:
         by_name["clip_i"] = ClipImageMetric(clip, s.batch_size)
     if "dino" in s.names:
-        by_name["dino"] = DinoMetric(DinoEmbedder(s.dino_model, True, s.device, s.weights_dir, s.batch_size),
+        by_name["dino"] = DinoMetric(DinoEmbedder(dino_model_name(s.dino_model), True, s.device, s.weights_dir, s.batch_size),
                                      s.batch_size)
     if "face_id" in s.names:
         embedder, note = face_embedder(s.face_backend, s.weights_dir, s.device)

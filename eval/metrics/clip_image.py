@@ -1,8 +1,6 @@
 """CLIP-I: subject fidelity as cosine of CLIP image embeddings (output vs the subject's real photos)."""
 from __future__ import annotations
 
-from typing import Dict
-
 from .base import EmbeddingMetric
 from .openclip_embedder import OpenClipEmbedder
 
@@ -10,6 +8,3 @@ from .openclip_embedder import OpenClipEmbedder
 class ClipImageMetric(EmbeddingMetric):
     def __init__(self, embedder: OpenClipEmbedder, batch_size: int = 16):
         super().__init__("clip_i", embedder, batch_size)
-
-    def describe(self) -> Dict[str, str]:
-        return dict(super().describe(), protocol="mean cosine to all real photos of the subject (DreamBooth)")

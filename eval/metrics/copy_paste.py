@@ -36,7 +36,7 @@ class CopyPasteMetric(Metric):
     def score(self, items: Sequence[ScoreItem], ctx: BatchContext) -> List[Dict[str, object]]:
         rows = []
         for item, vector in zip(items, ctx.embed(self.base.embedder, [it.image for it in items])):
-            others = [p for p in item.comparison_set() if p != item.subject.reference]
+            others = item.other_photos()
             to_ref = self.base.similarities(vector, [item.subject.reference])[0]
             to_others = nanmean_or_nan(self.base.similarities(vector, others))
             rows.append({self.name: float(to_ref - to_others)})

@@ -1,4 +1,6 @@
-"""DINO: subject fidelity as cosine of DINO ViT-S/16 CLS embeddings (DreamBooth's preferred metric).
+"""DINO: subject fidelity as cosine of DINO ViT CLS embeddings (DreamBooth's preferred metric).
+
+Default ViT-S/16 (DreamBooth, UNO); ViT-S/8 (``vit_small_patch8_224.dino``, alias ``vits8``) as DreamBench++.
 
 Self-supervised DINO features separate instances of one class (two different dogs) better than CLIP.
 Model ``vit_small_patch16_224.dino`` from timm (hub id ``timm/vit_small_patch16_224.dino``, or
@@ -87,6 +89,3 @@ class DinoEmbedder(Embedder):
 class DinoMetric(EmbeddingMetric):
     def __init__(self, embedder: DinoEmbedder, batch_size: int = 16):
         super().__init__("dino", embedder, batch_size)
-
-    def describe(self) -> Dict[str, str]:
-        return dict(super().describe(), protocol="mean cosine to all real photos of the subject (DreamBooth)")
