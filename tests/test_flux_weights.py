@@ -142,18 +142,17 @@ def _error(state) -> str:
 
 
 def test_wrong_files_fail_naming_the_keys():
+    """Keys the release needs and does not find (it would keep random weights there) and wrong shapes."""
     state = documented_file()
     del state["ref"]["transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight"]
-    state["ref"]["transformer.transformer_blocks.0.ff.net.0.proj.lora_A.weight"] = torch.zeros(R, D)
     state["router"]["router_embedder.gate_proj.weight"] = torch.zeros(1, 7)
     del state["router"]["transformer.single_transformer_blocks.0.attn.processor.to_k_routing_map_lora_B.bias"]
-    state["redux"]["extra.weight"] = torch.zeros(1)
+    del state["redux"]["gate_proj.bias"]
     msg = _error(state)
     for key in ("transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight",
-                "transformer.transformer_blocks.0.ff.net.0.proj.lora_A.weight",
                 "router_embedder.gate_proj.weight [1, 7] (expected [1, 32])",
                 "transformer.single_transformer_blocks.0.attn.processor.to_k_routing_map_lora_B.bias",
-                "extra.weight"):
+                "gate_proj.bias"):
         assert key in msg, key
     assert "group 'ref'" in msg and "group 'router'" in msg and "group 'redux'" in msg
 
@@ -161,16 +160,80 @@ def test_wrong_files_fail_naming_the_keys():
     state["ref"]["transformer.x_embedder.lora_A.weight"] = torch.zeros(R, 64)  # a real FLUX x_embedder, not this one
     assert "transformer.x_embedder.lora_A.weight [4, 64] (expected ['r', 16])" in _error(state)
 
-    state = documented_file(lora_bias=True)
-    del state["router"]["transformer.context_embedder.lora_B.bias"]  # biases are all or none
-    assert "transformer.context_embedder.lora_B.bias" in _error(state)
-
     state = documented_file()
     del state["redux"]
-    state["ip_adapter"] = {}
-    msg = _error(state)
-    assert "missing ['redux']" in msg and "unexpected ['ip_adapter']" in msg
+    assert "missing ['redux']" in _error(state)
     assert "not a state dict" in _error({"ref": [], "redux": {}, "router": {}})
+    state = documented_file()
+    state["ref"]["transformer.x_embedder.alpha"] = torch.tensor(2)  # diffusers refuses an integer alpha
+    assert "alpha" in _error(state)
+
+
+def _run(pipe, n=2):
+    return pipe(PROMPT, subjects=subjects(n), generator=gen(), **CALL).images
+
+
+def _loaded(state):
+    pipe = fresh_pipe()
+    pipe.load_anystory_weights(state, redux_base=tiny_redux_base())
+    return pipe
+
+
+def test_alpha_keys_scale_the_lora_as_peft_does():
+    """``<module>.alpha`` in a LoRA group: the release's loader (diffusers) gives that module PEFT's scaling
+    alpha / r. The same file with lora_B pre-multiplied by alpha / r and no alpha keys gives the same image."""
+    state, scaled = documented_file(), documented_file()
+    alphas = {("ref", m): 2.0 for m in REF_MODULES}
+    alphas.update({("router", m): 12.0 for m in ROUTER_MODULES})
+    alphas[("router", "context_embedder")] = 4.0  # one module apart: diffusers' alpha_pattern
+    for (group, module), alpha in alphas.items():
+        state[group][f"transformer.{module}.alpha"] = torch.tensor(alpha)
+        key = f"transformer.{module}.lora_B.weight"
+        scaled[group][key] = scaled[group][key] * (alpha / R)
+    pipe = _loaded(state)
+    modules = dict(pipe.transformer.named_modules())
+    for (group, module), alpha in alphas.items():
+        assert float(modules[module].scaling["anystory_" + group]) == alpha / R, (group, module)
+    out, expected = _run(pipe), _run(_loaded(scaled))
+    np.testing.assert_allclose(out, expected, atol=2e-6)
+    assert np.abs(out - _run(_loaded(documented_file()))).max() > 1e-4  # the alpha changed the image (2e-6 above)
+
+
+def test_keys_the_release_ignores_are_dropped_with_a_warning():
+    """An extra LoRA target (loaded by the release, never switched on), a text-encoder LoRA key, an unknown
+    redux parameter, a processor key of no block, an extra group: the image is the clean file's, and the
+    warning lists every one of them."""
+    state = documented_file()
+    extra = {
+        ("ref", "transformer.transformer_blocks.0.ff.net.0.proj.lora_A.weight"): torch.randn(R, D),
+        ("ref", "transformer.transformer_blocks.0.ff.net.0.proj.lora_B.weight"): torch.randn(4 * D, R),
+        ("ref", "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"): torch.randn(R, 32),
+        ("ref", "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight"): torch.randn(32, R),
+        ("redux", "extra.weight"): torch.zeros(1),
+        ("router", "transformer.transformer_blocks.7.attn.processor.to_q_routing_map_lora_A.weight"): torch.zeros(R, D),
+    }
+    for (group, key), value in extra.items():
+        state[group][key] = value
+    state["ip_adapter"] = {}
+    with pytest.warns(UserWarning, match="never uses") as record:
+        pipe = _loaded(state)
+    msg = " ".join(str(w.message) for w in record)
+    for _, key in extra:
+        assert key in msg, key
+    assert "top level: ip_adapter" in msg
+    ff = dict(pipe.transformer.named_modules())["transformer_blocks.0.ff.net.0.proj"]
+    assert "anystory_ref" not in getattr(ff, "lora_A", {})  # never applied, in no stream
+    np.testing.assert_array_equal(_run(pipe), _run(_loaded(documented_file())))
+
+
+def test_partial_lora_bias_is_zero_as_peft_leaves_it():
+    state, full = documented_file(lora_bias=True), documented_file(lora_bias=True)
+    key = "transformer.context_embedder.lora_B.bias"
+    del state["router"][key]
+    full["router"][key] = torch.zeros_like(full["router"][key])
+    pipe = _loaded(state)
+    assert torch.equal(pipe.transformer.context_embedder.lora_B["anystory_router"].bias, torch.zeros(D))
+    np.testing.assert_array_equal(_run(pipe), _run(_loaded(full)))
 
 
 def test_missing_file_and_missing_components():

@@ -36,8 +36,7 @@ from .adapter_scope import ANYSTORY_ADAPTERS, REF_ADAPTER, ROUTER_ADAPTER, deact
 from .attention_processor_flux import AnyStoryFluxAttnProcessor
 from .conditioning_flux import AnyStoryFluxState, step_window
 from .redux import AnyStoryReduxEncoder
-from .weights_flux import (RELEASE_FILENAME, RELEASE_REPO, ROUTER_EMBEDDER_PREFIX, block_names,
-                           check_released_state_dict, read_released_file, split_router_group)
+from .weights_flux import RELEASE_FILENAME, RELEASE_REPO, block_names, read_released_file, resolve_released_state_dict
 
 DEFAULT_FLUX = "black-forest-labs/FLUX.1-dev"
 DEFAULT_REDUX = "black-forest-labs/FLUX.1-Redux-dev"
@@ -130,7 +129,8 @@ class AnyStoryFluxPipeline(FluxPipeline):
         rank, redux_dim = sd["redux_up_lora_A.weight"].shape
         enc = AnyStoryReduxEncoder(redux_dim=redux_dim, txt_in_features=sd["gate_proj.weight"].shape[1],
                                    lora_rank=rank, lora_bias=True, output_size=output_size)
-        full = sd if "redux_up.weight" in sd else {**base(), **sd}
+        has_base = all(k in sd for k in ("redux_up.weight", "redux_up.bias", "redux_down.weight", "redux_down.bias"))
+        full = sd if has_base else {**base(), **sd}
         enc.load_state_dict(full, strict=True)
         return enc
 
@@ -141,12 +141,15 @@ class AnyStoryFluxPipeline(FluxPipeline):
         mismatch raises ``AnyStoryWeightsError`` naming the keys and nothing is changed.
 
         ``redux_base``: FLUX.1-Redux-dev (hub id / folder, or its ``ReduxImageEncoder``) for the Redux projection
-        the release adds to; not needed when this pipeline already has a ``redux_embedder``."""
+        the release adds to; not needed when this pipeline already has a ``redux_embedder``.
+
+        Every file the release's loader accepts loads here with the same meaning (see ``weights_flux``): keys it
+        ignores are dropped with an ``AnyStoryWeightsWarning`` listing them, keys it needs are required."""
         state = weights if isinstance(weights, dict) else read_released_file(weights, filename, **hub_kwargs)
         if self.image_encoder is None or self.feature_extractor is None:
             raise ValueError("AnyStory FLUX needs the SigLIP image_encoder and feature_extractor of FLUX.1-Redux-dev "
                              "(SiglipVisionModel / SiglipImageProcessor): pass them to the pipeline first")
-        check_released_state_dict(state, self.transformer, self.image_encoder.config.hidden_size)
+        released = resolve_released_state_dict(state, self.transformer, self.image_encoder.config.hidden_size)
 
         offload_device = getattr(self, "_offload_device", None) if getattr(self, "_all_hooks", None) else None
         if offload_device is not None:
@@ -160,10 +163,9 @@ class AnyStoryFluxPipeline(FluxPipeline):
                 base_cache["sd"] = self._redux_base(redux_base)
             return base_cache["sd"]
 
-        embedder_sd, processor_sd, router_lora = split_router_group(state["router"])
-        redux = self._embedder(state["redux"], REDUX_GRID, base)
-        router = self._embedder({k[len(ROUTER_EMBEDDER_PREFIX):]: v for k, v in embedder_sd.items()},
-                                ROUTER_GRID, base)
+        processor_sd = released.processors
+        redux = self._embedder(released.redux, REDUX_GRID, base)
+        router = self._embedder(released.router_embedder, ROUTER_GRID, base)
 
         self._anystory.detach()
         loaded = [a for a in ANYSTORY_ADAPTERS if a in getattr(transformer, "peft_config", {})]
@@ -171,8 +173,14 @@ class AnyStoryFluxPipeline(FluxPipeline):
             transformer.delete_adapters(loaded)
         with warnings.catch_warnings():  # two adapters on one model is the design, not an accident
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            transformer.load_lora_adapter(dict(state["ref"]), prefix="transformer", adapter_name=REF_ADAPTER)
-            transformer.load_lora_adapter(router_lora, prefix="transformer", adapter_name=ROUTER_ADAPTER)
+            for adapter, sd, alphas, inactive in (
+                    (REF_ADAPTER, released.ref, released.ref_alphas, released.ref_inactive),
+                    (ROUTER_ADAPTER, released.router_lora, released.router_alphas, released.router_inactive)):
+                transformer.load_lora_adapter(dict(sd), network_alphas=alphas or None, prefix="transformer",
+                                              adapter_name=adapter)
+                modules = dict(transformer.named_modules())
+                for name in inactive:  # loaded as the release loads them; it never switches them on
+                    modules[name].delete_adapter(adapter)
         deactivate_anystory_adapters(transformer)
 
         hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim

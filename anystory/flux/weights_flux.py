@@ -33,13 +33,21 @@ exactly three groups:
 
 Shapes are for FLUX.1-dev / SigLIP-so400m; ranks are read from the file. The LoRA target lists are the
 modules the release switches its adapters on for (the reference list is OminiControl's default target set,
-which the release builds on). Where the release leaves room (LoRA ``lora_B.bias``, the Redux base weights)
-both forms are accepted; anything else that differs is an error naming the keys.
+which the release builds on).
+
+What the release's loader accepts, we accept with the same meaning. It loads both LoRAs with diffusers'
+``load_lora_weights`` (so every LoRA layout diffusers converts is read, and a ``<module>.alpha`` key sets PEFT's
+scaling ``alpha / r``), and the rest with ``load_state_dict(strict=False)``. Keys it loads but never uses (a
+LoRA on a module outside the target lists, text-encoder LoRA keys, unknown groups or parameters) are dropped
+with an :class:`AnyStoryWeightsWarning` that lists them. Keys it needs and does not find are an
+:class:`AnyStoryWeightsError` (the release would silently keep random weights there), as are wrong shapes.
+A partial ``lora_B.bias`` set is completed with zeros, the value PEFT gives a bias the file does not hold.
 """
 from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -72,6 +80,10 @@ class AnyStoryWeightsError(ValueError):
     """The file does not have the released layout; the message names the offending keys."""
 
 
+class AnyStoryWeightsWarning(UserWarning):
+    """Keys of the file that the release loads but never uses; we drop them (the message lists them)."""
+
+
 def _names(keys, limit: int = 12) -> str:
     keys = sorted(keys)
     shown = ", ".join(keys[:limit])
@@ -102,24 +114,29 @@ def block_names(transformer) -> List[str]:
 @dataclass
 class GroupReport:
     missing: List[str] = field(default_factory=list)
-    unexpected: List[str] = field(default_factory=list)
     shapes: List[str] = field(default_factory=list)
+    ignored: List[str] = field(default_factory=list)  # the release loads them into nothing: dropped, warned
+    inactive: Dict[str, List[str]] = field(default_factory=dict)  # module -> LoRA keys the release never enables
+    zero_bias: List[str] = field(default_factory=list)  # lora_B.bias keys PEFT would leave at zero
 
     def extend(self, other: "GroupReport") -> None:
         self.missing += other.missing
-        self.unexpected += other.unexpected
         self.shapes += other.shapes
+        self.ignored += other.ignored
+        self.inactive.update(other.inactive)
+        self.zero_bias += other.zero_bias
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.shapes)
+        return not (self.missing or self.shapes)
+
+    def dropped(self) -> List[str]:
+        return self.ignored + [k for keys in self.inactive.values() for k in keys]
 
     def describe(self, group: str) -> str:
         parts = []
         if self.missing:
             parts.append(f"missing {len(self.missing)} key(s): {_names(self.missing)}")
-        if self.unexpected:
-            parts.append(f"unexpected {len(self.unexpected)} key(s): {_names(self.unexpected)}")
         if self.shapes:
             parts.append(f"wrong shape for {len(self.shapes)} key(s): {_names(self.shapes, 6)}")
         return f"group '{group}': " + "; ".join(parts)
@@ -129,19 +146,39 @@ def _shape_note(key: str, got, want) -> str:
     return f"{key} {list(got)} (expected {list(want)})"
 
 
-def check_lora_group(sd: Dict[str, torch.Tensor], targets: Dict[str, Tuple[int, int]]) -> GroupReport:
+def normalise_lora(sd: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """The release's first step for a LoRA group: diffusers' FLUX LoRA reader (format conversions, ``.alpha`` keys
+    taken out as network alphas). Pure: nothing is loaded."""
+    from diffusers import FluxPipeline
+
+    try:
+        out, alphas = FluxPipeline.lora_state_dict(dict(sd), return_alphas=True)
+    except ValueError as e:
+        raise AnyStoryWeightsError(f"diffusers cannot read this LoRA group: {e}") from None
+    return out, dict(alphas or {})
+
+
+def check_lora_group(sd: Dict[str, torch.Tensor], targets: Dict[str, Tuple[int, int]], modules=None,
+                     alphas: Optional[Dict[str, torch.Tensor]] = None) -> GroupReport:
+    """``sd``: a normalised LoRA group. Target modules must be complete; LoRAs on other modules of the model
+    are ``inactive`` (the release loads them and never switches them on); any other key is ``ignored``."""
     report, seen = GroupReport(), {}
     for key, value in sd.items():
         m = _LORA_KEY.match(key)
-        if m is None or m["module"] not in targets:
-            report.unexpected.append(key)
-            continue
-        seen.setdefault(m["module"], {})[m["param"]] = value
+        if m is not None and m["module"] in targets:
+            seen.setdefault(m["module"], {})[m["param"]] = value
+        elif m is not None and modules is not None and m["module"] in modules:
+            report.inactive.setdefault(m["module"], []).append(key)
+        else:
+            report.ignored.append(key)
+    for key in alphas or {}:
+        module = key.removeprefix("transformer.").removesuffix(".alpha")
+        if not key.startswith("transformer.") or (module not in targets and module not in report.inactive):
+            report.ignored.append(key)
     with_bias = any("lora_B.bias" in p for p in seen.values())
     for module, (fan_in, fan_out) in targets.items():
         params = seen.get(module, {})
-        wanted = ["lora_A.weight", "lora_B.weight"] + (["lora_B.bias"] if with_bias else [])
-        for p in wanted:
+        for p in ("lora_A.weight", "lora_B.weight"):
             if p not in params:
                 report.missing.append(f"transformer.{module}.{p}")
         a, b = params.get("lora_A.weight"), params.get("lora_B.weight")
@@ -153,22 +190,18 @@ def check_lora_group(sd: Dict[str, torch.Tensor], targets: Dict[str, Tuple[int, 
         bias = params.get("lora_B.bias")
         if bias is not None and tuple(bias.shape) != (fan_out,):
             report.shapes.append(_shape_note(f"transformer.{module}.lora_B.bias", bias.shape, [fan_out]))
+        if with_bias and bias is None and b is not None:
+            report.zero_bias.append(f"transformer.{module}.lora_B.bias")
     return report
 
 
 def check_embedder(sd: Dict[str, torch.Tensor], prefix: str, redux_dim: Optional[int], text_dim: int) -> GroupReport:
-    """An :class:`AnyStoryReduxEncoder` state dict (keys under ``prefix``); the rank is read from the file."""
+    """An :class:`AnyStoryReduxEncoder` state dict (keys under ``prefix``); the rank is read from the file. Base
+    weights the file lacks come from FLUX.1-Redux-dev, as in the release (which starts from that model)."""
     report = GroupReport()
     allowed = set(EMBEDDER_PARAMS) | set(EMBEDDER_BASE_PARAMS)
-    for key in sd:
-        if key[len(prefix):] not in allowed or not key.startswith(prefix):
-            report.unexpected.append(key)
-    for p in EMBEDDER_PARAMS:
-        if prefix + p not in sd:
-            report.missing.append(prefix + p)
-    base = [p for p in EMBEDDER_BASE_PARAMS if prefix + p in sd]
-    if base and len(base) != len(EMBEDDER_BASE_PARAMS):
-        report.missing += [prefix + p for p in EMBEDDER_BASE_PARAMS if p not in base]
+    report.ignored += [k for k in sd if not k.startswith(prefix) or k[len(prefix):] not in allowed]
+    report.missing += [prefix + p for p in EMBEDDER_PARAMS if prefix + p not in sd]
     a = sd.get(prefix + "redux_up_lora_A.weight")
     rank = a.shape[0] if a is not None and a.ndim == 2 else None
     if redux_dim is None and a is not None and a.ndim == 2:
@@ -192,7 +225,7 @@ def check_embedder(sd: Dict[str, torch.Tensor], prefix: str, redux_dim: Optional
 def check_processors(sd: Dict[str, torch.Tensor], blocks: List[str], hidden: int) -> GroupReport:
     report = GroupReport()
     wanted = {f"transformer.{b}.attn.processor.{p}" for b in blocks for p in PROCESSOR_PARAMS}
-    report.unexpected += [k for k in sd if k not in wanted]
+    report.ignored += [k for k in sd if k not in wanted]
     report.missing += [k for k in wanted if k not in sd]
     for b in blocks:
         for which in ("q", "k"):
@@ -221,16 +254,41 @@ def split_router_group(router: Dict[str, torch.Tensor]):
     return embedder, processors, lora
 
 
-def check_released_state_dict(state, transformer, redux_dim: Optional[int] = None) -> None:
-    """Raise :class:`AnyStoryWeightsError` naming every key that does not fit the released layout."""
+@dataclass
+class ReleasedWeights:
+    """A checked file, as the loader uses it. LoRA groups: diffusers' normalised state dict and network alphas
+    (passed to ``load_lora_adapter`` as the release passes them), ``inactive``: modules whose LoRA the release
+    loads but never enables (loaded, then removed from those layers so the adapter scopes never see them)."""
+
+    ref: Dict[str, torch.Tensor]
+    ref_alphas: Dict[str, torch.Tensor]
+    ref_inactive: List[str]
+    router_lora: Dict[str, torch.Tensor]
+    router_alphas: Dict[str, torch.Tensor]
+    router_inactive: List[str]
+    processors: Dict[str, torch.Tensor]
+    redux: Dict[str, torch.Tensor]
+    router_embedder: Dict[str, torch.Tensor]
+    ignored: List[str]
+
+
+def _lora_with_zero_bias(sd, report: GroupReport) -> Dict[str, torch.Tensor]:
+    out = {k: v for k, v in sd.items() if k not in report.ignored}
+    for key in report.zero_bias:
+        weight = out[key.replace("lora_B.bias", "lora_B.weight")]
+        out[key] = weight.new_zeros(weight.shape[0])
+    return out
+
+
+def resolve_released_state_dict(state, transformer, redux_dim: Optional[int] = None) -> ReleasedWeights:
+    """Check ``state`` as the release's loader reads it; raise :class:`AnyStoryWeightsError` naming every key it
+    needs and lacks or that has a wrong shape, warn (:class:`AnyStoryWeightsWarning`) with every key it ignores."""
     if not isinstance(state, dict):
         raise AnyStoryWeightsError(f"expected a dict with groups {list(GROUPS)}, got {type(state).__name__}")
     problems = []
     missing_groups = [g for g in GROUPS if g not in state]
-    extra_groups = [g for g in state if g not in GROUPS]
-    if missing_groups or extra_groups:
-        problems.append(f"top level: groups must be exactly {list(GROUPS)}; missing {missing_groups}, "
-                        f"unexpected {extra_groups}")
+    if missing_groups:
+        problems.append(f"top level: groups {list(GROUPS)} are needed; missing {missing_groups}")
     for g in GROUPS:
         if g in state and not isinstance(state[g], dict):
             problems.append(f"group '{g}' is a {type(state[g]).__name__}, not a state dict")
@@ -240,18 +298,37 @@ def check_released_state_dict(state, transformer, redux_dim: Optional[int] = Non
     cfg = transformer.config
     hidden = cfg.num_attention_heads * cfg.attention_head_dim
     text_dim = cfg.joint_attention_dim
-    reports = {
-        "ref": check_lora_group(state["ref"], lora_targets(transformer, REF_TOP, REF_DOUBLE, REF_SINGLE)),
-        "redux": check_embedder(state["redux"], "", redux_dim, text_dim),
-    }
+    modules = {name for name, _ in transformer.named_modules()}
+    ref, ref_alphas = normalise_lora(state["ref"])
     emb, procs, lora = split_router_group(state["router"])
+    router_lora, router_alphas = normalise_lora(lora) if lora else ({}, {})
+    ref_report = check_lora_group(ref, lora_targets(transformer, REF_TOP, REF_DOUBLE, REF_SINGLE), modules,
+                                  ref_alphas)
+    router_report = check_lora_group(router_lora, lora_targets(transformer, ROUTER_TOP, ROUTER_DOUBLE, ROUTER_SINGLE),
+                                     modules, router_alphas)
+    reports = {"ref": ref_report, "redux": check_embedder(state["redux"], "", redux_dim, text_dim)}
     router = check_embedder(emb, ROUTER_EMBEDDER_PREFIX, redux_dim, text_dim)
     router.extend(check_processors(procs, block_names(transformer), hidden))
-    router.extend(check_lora_group(lora, lora_targets(transformer, ROUTER_TOP, ROUTER_DOUBLE, ROUTER_SINGLE)))
+    router.extend(router_report)
     reports["router"] = router
     bad = [r.describe(g) for g, r in reports.items() if not r.ok]
     if bad:
         raise AnyStoryWeightsError("Not the released AnyStory FLUX layout: " + " | ".join(bad))
+
+    ignored = [f"{g}: {k}" for g, r in reports.items() for k in r.dropped()]
+    ignored += [f"top level: {g}" for g in state if g not in GROUPS]
+    if ignored:
+        warnings.warn(f"anystory_flux.bin: {len(ignored)} key(s) that the release loads but never uses are ignored: "
+                      f"{_names(ignored, 20)}", AnyStoryWeightsWarning, stacklevel=3)
+    keep = lambda sd, r: {k: v for k, v in sd.items() if k not in r.ignored}  # noqa: E731
+    return ReleasedWeights(
+        ref=_lora_with_zero_bias(ref, ref_report), ref_alphas=keep(ref_alphas, ref_report),
+        ref_inactive=list(ref_report.inactive), router_lora=_lora_with_zero_bias(router_lora, router_report),
+        router_alphas=keep(router_alphas, router_report), router_inactive=list(router_report.inactive),
+        processors={k: v for k, v in procs.items() if k not in router.ignored},
+        redux={k: v for k, v in state["redux"].items() if k not in reports["redux"].ignored},
+        router_embedder={k[len(ROUTER_EMBEDDER_PREFIX):]: v for k, v in emb.items() if k not in router.ignored},
+        ignored=ignored)
 
 
 def read_released_file(source: str, filename: str = RELEASE_FILENAME, **hub_kwargs) -> dict:
