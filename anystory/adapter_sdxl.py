@@ -128,16 +128,28 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
     @classmethod
     def load_anystory(cls, path: str, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
         """Build from ``anystory_config.json`` and load ``anystory.safetensors`` strictly (errors name the keys)."""
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"AnyStory weights: {path} not found (a folder with {WEIGHTS_NAME} and "
+                                    f"{CONFIG_NAME}, or the weights file beside its config)")
         directory = path if os.path.isdir(path) else os.path.dirname(path)
         weights = path if os.path.isfile(path) else os.path.join(directory, WEIGHTS_NAME)
         config_file = os.path.join(directory, CONFIG_NAME)
         for f in (weights, config_file):
             if not os.path.isfile(f):
                 raise FileNotFoundError(f"AnyStory weights: {f} not found")
-        with open(config_file) as f:
-            config = json.load(f)
-        adapter = cls(**config)
-        adapter.load_weights_strict(load_file(weights))
+        try:
+            with open(config_file) as f:
+                config = json.load(f)
+            adapter = cls(**config)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"AnyStory weights: {config_file} is not a valid AnyStory config "
+                             f"({type(e).__name__}: {e})") from None
+        try:
+            state = load_file(weights)
+        except Exception as e:  # safetensors raises its own error type for truncated or foreign files
+            raise ValueError(f"AnyStory weights: cannot read {weights} (truncated or not a safetensors file: "
+                             f"{type(e).__name__}: {e})") from None
+        adapter.load_weights_strict(state)
         return adapter.to(device=device, dtype=dtype)
 
     def load_weights_strict(self, state: dict) -> None:

@@ -25,13 +25,19 @@ def _explain(what: str, source: str, err: Exception) -> ModelUnavailableError:
 def load_sdxl_anystory(anystory_weights: str, base_model: str = DEFAULT_SDXL_BASE,
                        image_encoder: Tuple[str, Optional[str]] = DEFAULT_IMAGE_ENCODER,
                        device: str = "cpu", dtype: Optional[torch.dtype] = None) -> AnyStorySDXLPipeline:
-    """SDXL base (hub id or folder) + CLIP image encoder + our AnyStory weights (folder or file)."""
+    """SDXL base (hub id or folder) + CLIP image encoder + our AnyStory weights (folder or file).
+
+    ``image_encoder``: (hub id or folder, subfolder or None). Weights that do not fit the base UNet are refused
+    here, naming the first mismatching tensor (``anystory.adapter_fit``)."""
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
+    if not os.path.exists(anystory_weights):  # before the base model's minutes of loading
+        raise ModelUnavailableError(f"AnyStory weights not found at '{anystory_weights}' (a folder with "
+                                    "anystory.safetensors and anystory_config.json)")
     dtype = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
     encoder_id, subfolder = image_encoder
     try:
-        encoder = CLIPVisionModelWithProjection.from_pretrained(encoder_id, subfolder=subfolder, torch_dtype=dtype)
+        encoder = CLIPVisionModelWithProjection.from_pretrained(encoder_id, subfolder=subfolder or "", torch_dtype=dtype)
     except Exception as e:
         raise _explain("The CLIP image encoder", f"{encoder_id}/{subfolder or ''}", e) from e
     try:
@@ -39,9 +45,6 @@ def load_sdxl_anystory(anystory_weights: str, base_model: str = DEFAULT_SDXL_BAS
                                                     feature_extractor=CLIPImageProcessor(), torch_dtype=dtype)
     except Exception as e:
         raise _explain("The SDXL base model", base_model, e) from e
-    if not os.path.exists(anystory_weights):
-        raise ModelUnavailableError(f"AnyStory weights not found at '{anystory_weights}' (a folder with "
-                                    "anystory.safetensors and anystory_config.json)")
     pipe.load_anystory_weights(anystory_weights)
     return pipe.to(device)
 

@@ -18,6 +18,7 @@ from diffusers import StableDiffusionXLPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 
+from .adapter_fit import check_adapter_fits_unet
 from .adapter_sdxl import AnyStorySDXLAdapter
 from .subjects import MAX_SUBJECTS, PreparedSubject, Segmenter, Subject, prepare_subjects
 
@@ -59,6 +60,7 @@ class AnyStorySDXLPipeline(StableDiffusionXLPipeline):
         if self.image_encoder is not None and adapter.config.image_embed_dim != self.image_encoder.config.hidden_size:
             raise ValueError(f"AnyStory weights expect image features of width {adapter.config.image_embed_dim}, "
                              f"the image encoder gives {self.image_encoder.config.hidden_size}")
+        check_adapter_fits_unet(adapter, self.unet)  # refused here, not inside a later matmul
         adapter.to(device=self.unet.device, dtype=self.unet.dtype)
         adapter.attach(self.unet)
         self.register_modules(anystory=adapter)
