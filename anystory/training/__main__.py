@@ -12,6 +12,11 @@ Stages (each also runs alone: ``python -m anystory.training.<stage> --config ...
 With ``base_model`` set in the config (an SDXL folder or hub id) the miniature stages are skipped and stages 1-2
 train on top of it. Every stage checkpoints into ``<work_dir>/<stage>/`` and resumes from there; a finished
 stage is skipped, so re-running the command continues where it stopped.
+
+Stages 1-2 run on many processes: ``accelerate launch --num_processes 8 -m anystory.training --config ...``
+(``--config_file configs/accelerate/<ddp|deepspeed_zero2|fsdp>.yaml`` picks the strategy). ``batch_size`` is
+per process; only the main process writes checkpoints, weights, logs and the summary. The miniature's own stages
+(vae, clip, base) run on one process.
 """
 from __future__ import annotations
 
@@ -131,14 +136,25 @@ def _load_external_base(cfg: dict):
 
 
 def run_stages(argv=None, only=None, log=print) -> int:
+    from accelerate import PartialState
+
     args, stages, overrides = _parse(argv, only)
     cfg = load_config(args.config, overrides)
     torch.set_num_threads(int(cfg["threads"]))
     _quiet()
+    state = PartialState(cpu=not torch.cuda.is_available())
+    main = state.is_main_process
+    log = log if main else (lambda *_: None)
     if cfg.get("base_model"):
         bad = [s for s in stages if s in MINIATURE_ONLY]
         if bad:
             raise SystemExit(f"error: stages {bad} build the miniature; base_model is set, so drop them from --stages")
+    if state.num_processes > 1:
+        todo = [s for s in stages if s in MINIATURE_ONLY and not _done(cfg, s)]
+        if todo:
+            raise SystemExit(f"error: stages {todo} build the miniature on one process; run them first with "
+                             f"`python -m anystory.training --config {args.config} --stages {','.join(todo)}`, "
+                             f"then launch stage1,stage2 on {state.num_processes} processes")
     os.makedirs(cfg["work_dir"], exist_ok=True)
     summary_path = os.path.join(cfg["work_dir"], "summary.json")
     summary = json.load(open(summary_path)) if os.path.isfile(summary_path) else {}
@@ -149,23 +165,28 @@ def run_stages(argv=None, only=None, log=print) -> int:
             log(f"[{stage}] already finished in {stage_dir(cfg, stage)}; skipped")
             pipe = None
             continue
+        if stage == "export" and not main:
+            continue
         if pipe is None:
             pipe = load_stage_input(cfg, stage)
         pipe.set_progress_bar_config(disable=True)
         started = time.time()
         try:
-            metrics = _run(stage, cfg, pipe, summary, log)
+            metrics = _run(stage, cfg, pipe, summary, log, main)
         except StageStopped as stop:
             log(str(stop))
             return 0
+        state.wait_for_everyone()  # the stage's outputs are on disk before any process reads them
         metrics["wall_seconds"] = round(time.time() - started, 1)
+        metrics["processes"] = state.num_processes
         summary[stage] = metrics
-        with open(summary_path, "w") as f:
-            json.dump(summary, f, indent=1, default=float)
+        if main:
+            with open(summary_path, "w") as f:
+                json.dump(summary, f, indent=1, default=float)
     return 0
 
 
-def _run(stage: str, cfg: dict, pipe, summary: dict, log) -> dict:
+def _run(stage: str, cfg: dict, pipe, summary: dict, log, main: bool = True) -> dict:
     from .export import save_base_pipeline
 
     if stage == "vae":
@@ -183,6 +204,8 @@ def _run(stage: str, cfg: dict, pipe, summary: dict, log) -> dict:
 
         return export_miniature(cfg, pipe, summary, log)
     metrics = fn(cfg, pipe, log)
+    if not main:
+        return metrics
     if stage in MINIATURE_ONLY or (stage == "stage1" and cfg["stage1"].get("train_unet")):
         save_base_pipeline(pipe, _pipeline_dir(cfg, stage))
     if stage not in MINIATURE_ONLY:

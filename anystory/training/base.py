@@ -22,7 +22,7 @@ def base_step(cfg: dict, pipe, world, scheduler, step: int, batch: int, generato
     rng = np.random.default_rng([int(cfg["seed"]), 3, step])
     scenes = [world.scene(i) for i in indices(stage, step, batch)]
     latents = encode_images(pipe, images_to_tensor([s.image for s in scenes]))
-    captions, dropped = choose_captions(scenes, rng, float(scfg["generic_caption"]), float(scfg["drop_text"]))
+    captions, dropped = choose_captions(scenes, rng.random(len(scenes)), float(scfg["generic_caption"]), float(scfg["drop_text"]))
     h, w = scenes[0].image.shape[:2]
     embeds, added = text_conditioning(pipe, captions, dropped, h, w)
     noisy, noise, t = noisy_latents(scheduler, latents, generator)

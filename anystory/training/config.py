@@ -14,7 +14,12 @@ DEFAULTS: Dict[str, Any] = {
     "threads": 1,  # CPU threads; on a shared CPU one busy thread beats two oversubscribed ones
     "work_dir": "runs/miniature",
     "export_dir": "assets/miniature",
-    "mixed_precision": "no",  # accelerate's setting on a GPU: "fp16" / "bf16"
+    "mixed_precision": None,  # "no" / "bf16" / "fp16"; None = the accelerate launch config's (else "no")
+    "gradient_checkpointing": False,  # UNet and ReferenceNet recompute activations in backward (stages 1-2)
+    "find_unused_parameters": True,  # DDP: the ReferenceNet's layers after its last self-attention get no gradient
+    "trackers": "auto",  # TensorBoard (+ W&B when set up); see anystory/training/tracking.py
+    "sample_every": 0,  # stages 1-2: log a held-out sample + routing map to the trackers every N steps (0 = never)
+    "data": {"stage1": None, "stage2": None, "heldout": None, "resolution": None},  # None = the synthetic world
     "world": {},
     "model": {
         "tiny_spec": {},
@@ -28,9 +33,9 @@ DEFAULTS: Dict[str, Any] = {
     "base": {"steps": 1000, "batch_size": 16, "lr": 1e-3, "drop_text": 0.1, "generic_caption": 0.15,
              "snr_gamma": 5.0, "ema": 0.99},
     "stage1": {"steps": 500, "batch_size": 12, "lr": 5e-4, "subjects": [0.5, 0.3, 0.2], "drop_text": 0.1,
-               "generic_caption": 0.6, "drop_semantic": 0.1, "snr_gamma": 5.0, "ema": 0.0},
+               "generic_caption": 0.6, "drop_semantic": 0.1, "snr_gamma": 5.0, "ema": 0.0, "gradient_accumulation": 1},
     "stage2": {"steps": 300, "batch_size": 12, "lr": 1e-3, "subjects": [0.2, 0.4, 0.4], "routing_weight": 0.1,
-               "generic_caption": 0.6, "drop_text": 0.0, "snr_gamma": 5.0, "ema": 0.0},
+               "generic_caption": 0.6, "drop_text": 0.0, "snr_gamma": 5.0, "ema": 0.0, "gradient_accumulation": 1},
     "log_every": 10,
     "save_every": 100,
 }

@@ -1,17 +1,22 @@
-"""Batches for every stage, drawn from the synthetic world by step index (so resuming replays the same data).
+"""Batches for every stage, drawn by step index (so resuming replays the same data).
 
-References go through exactly what inference does - ``prepare_subjects`` (alpha channel = mask, square crop on
-white) and ``pipe.subject_tensors`` - so the encoder is trained on what it will be given.
+Stages 1-2 read a *source*: the synthetic world in memory (default), or a dataset on disk or in object storage
+(``data.stage1`` / ``data.stage2`` in the config; layout in :mod:`anystory.data.formats`). Step ``k`` of a
+stage with global batch ``G`` reads positions ``k*G .. k*G+G-1`` among the samples with the step's subject
+count (modulo their number); each process decodes only its own rows. References go through exactly what
+inference does - ``prepare_subjects`` (mask or alpha channel, square crop on white) and ``pipe.subject_tensors``
+- so the encoder is trained on what it will be given.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.formats import Dataset, Record
 from ..data.synthetic import Sample, SyntheticWorld, WorldConfig
 from ..subjects import Subject, prepare_subjects
 
@@ -35,12 +40,12 @@ def images_to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def choose_captions(scenes, rng: np.random.Generator, generic: float, drop: float) -> tuple:
+def choose_captions(scenes, draws: Sequence[float], generic: float, drop: float) -> tuple:
     """(captions, dropped): a scene's full caption, its generic one ("two objects on sand") or, for classifier-free
-    guidance, nothing (the pipeline then uses zero embeddings, as SDXL does for an empty negative prompt)."""
+    guidance, nothing (the pipeline then uses zero embeddings, as SDXL does for an empty negative prompt).
+    ``draws``: one uniform number per scene (drawn for the whole global batch, so every process agrees)."""
     captions, dropped = [], []
-    for s in scenes:
-        u = rng.random()
+    for s, u in zip(scenes, draws):
         dropped.append(u < drop)
         captions.append("" if u < drop else (s.generic_caption if u < drop + generic else s.caption))
     return captions, torch.tensor(dropped)
@@ -51,23 +56,65 @@ def subject_count(rng: np.random.Generator, weights: Sequence[float]) -> int:
     return int(rng.choice(len(p), p=p / p.sum())) + 1
 
 
+def record_from_sample(sample: Sample, key: str = "") -> Record:
+    scene = sample.scene
+    return Record(key, scene.image, scene.masks, scene.caption, scene.generic_caption,
+                  [Subject(r.image, name=r.identity.name) for r in sample.references])
+
+
+class SyntheticSource:
+    """The synthetic world as a source: position ``p`` of a stage is world index ``STREAM[stage] * 10^7 + p``."""
+
+    def __init__(self, world: SyntheticWorld):
+        self.world = world
+
+    def sample(self, stage: str, position: int, count: int) -> Sample:
+        return self.world.sample(STREAM[stage] * 10_000_000 + position, count=count)
+
+    def record(self, stage: str, position: int, count: int) -> Record:
+        return record_from_sample(self.sample(stage, position, count))
+
+
+class DatasetSource:
+    """A dataset in the layout of :mod:`anystory.data.formats` (folder, tar or parquet shards, any fsspec URL)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def record(self, stage: str, position: int, count: int) -> Record:
+        return self.dataset.record_with(count, position)
+
+
+def source_for(cfg: dict, stage: str, split: str = "train"):
+    """Where ``stage`` reads its samples: ``data.<stage>`` (``data.heldout`` for ``split="heldout"``) when set,
+    else the synthetic world. Returns ``None`` for a held-out split of real data with no ``data.heldout``."""
+    data = cfg.get("data") or {}
+    path = data.get("heldout" if split == "heldout" else stage)
+    if path:
+        return DatasetSource(Dataset.open(str(path), resolution=data.get("resolution")))
+    if split == "heldout" and any(data.get(s) for s in ("stage1", "stage2")):
+        return None
+    return SyntheticSource(world_for(cfg, split))
+
+
 @dataclass
 class SubjectBatch:
-    samples: List[Sample]
+    samples: List[Record]
     tensors: dict  # pixels [B, N, 3, R, R], masks [B, N, 1, R, R], clip_pixels [B, N+1, 3, r, r]
     targets: torch.Tensor  # [B, N+1, H, W] one-hot routing ground truth at image resolution
 
 
-def subject_batch(pipe, world: SyntheticWorld, stage: str, step: int, batch: int, count: int, device,
-                  dtype=torch.float32) -> SubjectBatch:
-    samples = [world.sample(i, count=count) for i in indices(stage, step, batch)]
+def subject_batch(pipe, source, stage: str, step: int, batch: int, count: int, device,
+                  dtype=torch.float32, rows: Optional[slice] = None) -> SubjectBatch:
+    """Rows ``rows`` (default: all) of step ``step``'s global batch of ``batch`` samples with ``count`` subjects."""
+    positions = range(step * batch, (step + 1) * batch)[rows or slice(None)]
+    samples = [source.record(stage, p, count) for p in positions]
     parts = []
     for s in samples:
-        prepared = prepare_subjects([Subject(r.image, name=r.identity.name) for r in s.references], pipe.max_subjects,
-                                    pipe.segmenter)
+        prepared = prepare_subjects(s.references, pipe.max_subjects, pipe.segmenter)
         parts.append(pipe.subject_tensors(prepared, device, dtype))
     tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    targets = torch.from_numpy(np.stack([s.scene.routing_target() for s in samples])).to(device)
+    targets = torch.from_numpy(np.stack([s.routing_target() for s in samples])).to(device)
     return SubjectBatch(samples, tensors, targets)
 
 

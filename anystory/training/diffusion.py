@@ -39,12 +39,15 @@ def text_conditioning(pipe, captions: Sequence[str], dropped: Optional[torch.Ten
 
 
 def noisy_latents(scheduler: DDPMScheduler, latents: torch.Tensor, generator: torch.Generator,
-                  t_range: Optional[tuple] = None):
-    """(noisy latents, noise, timesteps) with uniform timesteps (or within ``t_range``)."""
+                  t_range: Optional[tuple] = None, total: Optional[int] = None, rows: Optional[slice] = None):
+    """(noisy latents, noise, timesteps) with uniform timesteps (or within ``t_range``).
+
+    With ``total`` and ``rows``, ``latents`` are rows ``rows`` of a global batch of ``total``: timesteps and noise
+    are drawn for the whole global batch and sliced, so each process gets what a single process would."""
     lo, hi = t_range or (0, scheduler.config.num_train_timesteps)
-    b = latents.shape[0]
-    t = torch.randint(lo, hi, (b,), generator=generator).to(latents.device)
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+    total, rows = total or latents.shape[0], rows or slice(None)
+    t = torch.randint(lo, hi, (total,), generator=generator)[rows].to(latents.device)
+    noise = torch.randn((total, *latents.shape[1:]), generator=generator)[rows].to(latents.device, latents.dtype)
     return scheduler.add_noise(latents, noise, t), noise, t
 
 

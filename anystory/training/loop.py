@@ -4,6 +4,11 @@ A checkpoint is ``<stage dir>/checkpoint/``: ``trainable.safetensors`` (the para
 ``optimizer.safetensors`` (AdamW moments per parameter name), ``ema.safetensors`` when EMA is on, and
 ``state.json`` (step, done). Every random draw of step ``k`` is seeded by ``(seed, stage, k)``, so a resumed run
 sees exactly the batches, noise and timesteps the uninterrupted run would have.
+
+Many processes (``accelerate launch``): the stage hands its trained modules to ``accelerator.prepare`` (DDP,
+FSDP or DeepSpeed, whichever the accelerate config picks), each process computes its rows of the step's global
+batch (``batch_size`` per process x processes x ``gradient_accumulation`` micro-batches, see :meth:`rows`),
+gradients are averaged by the wrapper, and only the main process writes checkpoints and logs.
 """
 from __future__ import annotations
 
@@ -11,7 +16,8 @@ import json
 import math
 import os
 import time
-from typing import Dict, Optional
+from contextlib import nullcontext
+from typing import Callable, Dict, Optional
 
 import torch
 from accelerate import Accelerator
@@ -22,8 +28,36 @@ from .config import stage_dir
 STAGE_IDS = {"vae": 1, "clip": 2, "base": 3, "stage1": 4, "stage2": 5}
 
 
-def make_accelerator(cfg: dict) -> Accelerator:
-    return Accelerator(mixed_precision=cfg.get("mixed_precision", "no"), cpu=not torch.cuda.is_available())
+def make_accelerator(cfg: dict, stage: Optional[str] = None) -> Accelerator:
+    """The stage's accelerator; with ``stage``, its experiment trackers (TensorBoard / W&B) are started."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from .tracking import tracker_names
+
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(cfg.get("find_unused_parameters", True)))
+    trackers = tracker_names(cfg) if stage else []
+    precision = {"mixed_precision": cfg["mixed_precision"]} if cfg.get("mixed_precision") else {}  # else the launch's
+    acc = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp], log_with=trackers or None,
+                      project_dir=os.path.join(cfg["work_dir"], "logs"), **precision)
+    if trackers:
+        from .tracking import flat_config
+
+        acc.init_trackers(stage, config=flat_config(cfg, stage))
+    return acc
+
+
+class TrainedModules(torch.nn.Module):
+    """The modules a stage trains, as one module whose forward is the stage's step: what ``accelerator.prepare``
+    wraps (DDP, FSDP, DeepSpeed), so gradients are synchronised however the run is distributed."""
+
+    def __init__(self, step: Callable, **modules: torch.nn.Module):
+        super().__init__()
+        for name, module in modules.items():
+            self.add_module(name, module)
+        self._step = step
+
+    def forward(self, *args, **kwargs):
+        return self._step(*args, **kwargs)
 
 
 def step_generator(cfg: dict, stage: str, step: int, device="cpu") -> torch.Generator:
@@ -46,17 +80,28 @@ class StageLoop:
     """Optimises the named ``params`` of one stage; the stage supplies the loss of each step."""
 
     def __init__(self, cfg: dict, stage: str, params: Dict[str, torch.nn.Parameter], accelerator: Accelerator,
-                 log=print):
+                 log=print, module: Optional[TrainedModules] = None):
         scfg = cfg[stage]
-        self.cfg, self.stage, self.accelerator, self.print = cfg, stage, accelerator, log
+        self.cfg, self.stage, self.accelerator = cfg, stage, accelerator
+        self.print = log if accelerator.is_main_process else (lambda *_: None)
         self.params = {n: p for n, p in params.items() if p.requires_grad}
         if not self.params:
             raise ValueError(f"stage {stage}: nothing to train")
         self.total = int(scfg["steps"])
         self.stop_after = scfg.get("stop_after")
         self.base_lr = float(scfg["lr"])
+        self.batch_size = int(scfg["batch_size"])
+        self.accumulation = int(scfg.get("gradient_accumulation", 1))
+        if self.accumulation < 1:
+            raise ValueError(f"{stage}.gradient_accumulation must be >= 1, got {self.accumulation}")
         opt = torch.optim.AdamW(list(self.params.values()), lr=self.base_lr, weight_decay=float(scfg.get("weight_decay", 0.0)))
-        self.optimizer = accelerator.prepare(opt)
+        if module is not None:
+            self.module, self.optimizer = accelerator.prepare(module, opt)
+        elif accelerator.num_processes > 1:
+            raise ValueError(f"stage {stage} runs on one process only (it hands no module to accelerate)")
+        else:
+            self.module, self.optimizer = None, accelerator.prepare(opt)
+        self.images = None  # set by the stage: called every ``sample_every`` steps to log sample images
         self.ema_decay = float(scfg.get("ema", 0.0) or 0.0)
         self.ema = {n: p.detach().clone() for n, p in self.params.items()} if self.ema_decay > 0 else None
         self.dir = stage_dir(cfg, stage)
@@ -96,6 +141,12 @@ class StageLoop:
         return True
 
     def save(self) -> None:
+        """Write the checkpoint (main process only; every process waits until it is complete)."""
+        if self.accelerator.is_main_process:
+            self._write_checkpoint()
+        self.accelerator.wait_for_everyone()
+
+    def _write_checkpoint(self) -> None:
         os.makedirs(self.ckpt, exist_ok=True)
         tmp = self.ckpt + ".tmp"
         os.makedirs(tmp, exist_ok=True)
@@ -145,13 +196,46 @@ class StageLoop:
         torch.manual_seed(step_generator(self.cfg, self.stage, self.step).initial_seed() + 1)
         return step_generator(self.cfg, self.stage, self.step, device)
 
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step: ``batch_size`` per process x processes x ``gradient_accumulation``."""
+        return self.batch_size * self.accelerator.num_processes * self.accumulation
+
+    def rows(self, micro: int = 0) -> slice:
+        """This process's rows of the step's global batch in micro-batch ``micro``: contiguous blocks of
+        ``batch_size``, micro-batch-major, so 2 processes x batch b split exactly what 1 process x 2b computes."""
+        start = (micro * self.accelerator.num_processes + self.accelerator.process_index) * self.batch_size
+        return slice(start, start + self.batch_size)
+
+    def train_step(self, compute: Callable[[int], Dict[str, torch.Tensor]]) -> None:
+        """One optimizer step over ``gradient_accumulation`` micro-batches; ``compute(micro)`` returns this
+        process's losses (``"loss"`` is optimised, the rest logged) and runs through the prepared module."""
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: Dict[str, torch.Tensor] = {}
+        for micro in range(self.accumulation):
+            last = micro == self.accumulation - 1
+            sync = nullcontext() if last or self.module is None else self.accelerator.no_sync(self.module)
+            with sync:
+                with self.accelerator.autocast():
+                    out = compute(micro)
+                self.accelerator.backward(out["loss"] / self.accumulation)
+            for k, v in out.items():
+                totals[k] = totals.get(k, 0.0) + v.detach().float() / self.accumulation
+        names = sorted(totals)
+        mean = self.accelerator.reduce(torch.stack([totals[k] for k in names]), reduction="mean")
+        metrics = dict(zip(names, mean.tolist()))
+        self._apply(metrics.pop("loss"), metrics)
+
     def update(self, loss: torch.Tensor, **metrics) -> None:
-        """Backward, clip, step with the scheduled learning rate, EMA, log, checkpoint."""
-        for g in self.optimizer.param_groups:
-            g["lr"] = self.base_lr * lr_factor(self.step, self.total)
+        """Backward, clip, step with the scheduled learning rate, EMA, log, checkpoint (one micro-batch)."""
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
-        torch.nn.utils.clip_grad_norm_(list(self.params.values()), 1.0)
+        self._apply(loss.item(), metrics)
+
+    def _apply(self, loss: float, metrics: dict) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.base_lr * lr_factor(self.step, self.total)
+        self.accelerator.clip_grad_norm_(list(self.params.values()), 1.0)
         self.optimizer.step()
         if self.ema is not None:
             with torch.no_grad():
@@ -159,26 +243,38 @@ class StageLoop:
                 for n, p in self.params.items():
                     self.ema[n].lerp_(p.detach(), 1 - decay)
         self.step += 1
-        if not all(math.isfinite(float(v)) for v in metrics.values()) or not math.isfinite(loss.item()):
+        if not all(math.isfinite(float(v)) for v in metrics.values()) or not math.isfinite(loss):
             raise FloatingPointError(f"[{self.stage}] step {self.step}: non-finite loss {metrics}; "
                                      f"last good checkpoint: {self.ckpt}")
         every = int(self.cfg.get("log_every", 10))
         if self.step % every == 0 or self.step == self.total or self.step == 1:
-            self.log(loss=loss.item(), **metrics)
+            self.log(loss=loss, **metrics)
+        sample_every = int(self.cfg.get("sample_every") or 0)
+        if self.images is not None and sample_every and self.step % sample_every == 0 and self.accelerator.is_main_process:
+            from .tracking import log_images
+
+            log_images(self.accelerator, self.images(), self.step)
         if self.step % int(self.cfg.get("save_every", 100)) == 0 and self.step < self.total:
             self.save()
 
     def log(self, **metrics) -> None:
+        """A row of ``log.jsonl`` and of the trackers (main process; metrics are already means over processes)."""
+        if not self.accelerator.is_main_process:
+            return
         row = {"step": self.step, "seconds": round(self.seconds, 1),
                "lr": self.optimizer.param_groups[0]["lr"], **{k: float(v) for k, v in metrics.items()}}
         with open(os.path.join(self.dir, "log.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.accelerator.trackers:
+            self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=self.step)
         shown = " ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("step", "seconds", "lr"))
         self.print(f"[{self.stage}] step {self.step}/{self.total} {shown} ({row['seconds']:.0f}s)")
 
     def finish(self) -> None:
         self.done = True
         self.save()
+        for tracker in self.accelerator.trackers:  # not end_training(): it would end the process group too
+            tracker.finish()
 
     def use_ema(self) -> None:
         """Copy the EMA weights into the live parameters (what gets exported)."""

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from .components import anystory_config
-from .data import world_for
+from .data import source_for
 from .diffusion import training_scheduler
-from .loop import StageLoop, make_accelerator
+from .loop import StageLoop, TrainedModules, make_accelerator
 from .subject_step import subject_step
 
 
@@ -36,53 +36,81 @@ def freeze_all(pipe) -> None:
             module.requires_grad_(False)
 
 
-def evaluate(cfg: dict, stage: str, pipe, batches: int = 3, teacher_routing: bool = True) -> dict:
-    """Losses on fixed held-out batches (same scenes, noise and timesteps every time): comparable across runs."""
-    world = world_for(cfg, "heldout")
+def evaluate(cfg: dict, stage: str, pipe, batches: int = 3, teacher_routing: bool = True):
+    """Losses on fixed held-out batches (same scenes, noise and timesteps every time): comparable across runs.
+    ``None`` when the stage trains on a dataset and the config names no ``data.heldout``."""
+    source = source_for(cfg, stage, "heldout")
+    if source is None:
+        return None
     scheduler = training_scheduler(pipe)
     rows = []
     with torch.no_grad():
         for k in range(batches):
             gen = torch.Generator().manual_seed(1000 + k)
             torch.manual_seed(2000 + k)  # Gumbel noise
-            out = subject_step(cfg, stage, pipe, world, scheduler, k, 8, gen, teacher_routing,
+            out = subject_step(cfg, stage, pipe, source, scheduler, k, 8, gen, teacher_routing,
                                float(cfg["stage2"]["routing_weight"]), count=1 + k % 3, data_stage="heldout")
             rows.append({key: float(v) for key, v in out.items()})
     return {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
 
 
+def prepare_training(cfg: dict, pipe, acc) -> None:
+    """Device and memory settings both stages share: gradient checkpointing of the UNet and the ReferenceNet."""
+    pipe.to(acc.device)
+    if cfg.get("gradient_checkpointing"):
+        pipe.unet.enable_gradient_checkpointing()
+        if pipe.anystory is not None:
+            pipe.anystory.reference_net.unet.enable_gradient_checkpointing()
+
+
+def sampler(cfg: dict, stage: str, pipe):
+    """What the loop calls every ``sample_every`` steps: a held-out sample and its routing map, for the trackers."""
+    from .tracking import routing_sample
+
+    held = source_for(cfg, stage, "heldout")
+    source, key = (held, "heldout") if held is not None else (source_for(cfg, stage), stage)
+    counts = [n + 1 for n, w in enumerate(cfg[stage]["subjects"]) if w > 0]
+    records = [source.record(key, 0, n) for n in sorted({counts[0], counts[-1]})]
+    return lambda: {f"{stage}/sample_{len(r.references)}_subjects": routing_sample(pipe, r) for r in records}
+
+
 def train_stage1(cfg: dict, pipe, log=print) -> dict:
     scfg = cfg["stage1"]
-    acc = make_accelerator(cfg)
-    pipe.to(acc.device)
+    acc = make_accelerator(cfg, "stage1")
     if pipe.anystory is None:
         torch.manual_seed(int(cfg["seed"]))
         pipe.init_anystory(**anystory_config(cfg))
+    prepare_training(cfg, pipe, acc)
     freeze_all(pipe)
     params = stage1_parameters(pipe.anystory)
+    modules = {"anystory": pipe.anystory}
     if scfg.get("train_unet"):  # miniature only: its base saw few images; real SDXL stays frozen (the paper)
         params.update({f"unet.{n}": p for n, p in pipe.unet.named_parameters()})
+        modules["unet"] = pipe.unet
     for p in params.values():
         p.requires_grad_(True)
     pipe.anystory.train()
-    loop = StageLoop(cfg, "stage1", params, acc, log)
-    loop.resume()
-    before = evaluate(cfg, "stage1", pipe) if loop.step == 0 else None
-    world = world_for(cfg)
+    source = source_for(cfg, "stage1")
     scheduler = training_scheduler(pipe)
-    while loop.running():
-        with acc.autocast():
-            out = subject_step(cfg, "stage1", pipe, world, scheduler, loop.step, int(scfg["batch_size"]),
-                               loop.generator(), teacher_routing=True)
-        loop.update(out["loss"], diffusion=out["diffusion"].item())
+    step = TrainedModules(lambda step, micro, gen: subject_step(
+        cfg, "stage1", pipe, source, scheduler, step, loop.global_batch, gen, teacher_routing=True,
+        rows=loop.rows(micro)), **modules)
+    loop = StageLoop(cfg, "stage1", params, acc, log, module=step)
+    loop.resume()
+    if cfg.get("sample_every"):
+        loop.images = sampler(cfg, "stage1", pipe)
+    before = evaluate(cfg, "stage1", pipe) if loop.step == 0 else None
+    while loop.running():  # every micro-batch re-draws the step's global noise and takes its own rows
+        loop.train_step(lambda micro: loop.module(loop.step, micro, loop.generator()))
     if not loop.done:
         loop.use_ema()
         loop.finish()
     freeze_all(pipe)
     pipe.anystory.eval()
     after = evaluate(cfg, "stage1", pipe)
-    log(f"[stage1] held-out diffusion loss {after['diffusion']:.4f}"
-        + (f" (before training {before['diffusion']:.4f})" if before else ""))
+    if after:
+        log(f"[stage1] held-out diffusion loss {after['diffusion']:.4f}"
+            + (f" (before training {before['diffusion']:.4f})" if before else ""))
     return {"heldout_before": before, "heldout_after": after, "seconds": loop.seconds}
 
 

@@ -14,10 +14,10 @@ import math
 import numpy as np
 import torch
 
-from .data import subject_count, world_for
+from .data import SyntheticSource, source_for, subject_count
 from .diffusion import training_scheduler
-from .loop import StageLoop, make_accelerator
-from .stage1 import evaluate, freeze_all
+from .loop import StageLoop, TrainedModules, make_accelerator
+from .stage1 import evaluate, freeze_all, prepare_training, sampler
 from .subject_step import subject_step
 
 
@@ -28,11 +28,15 @@ def stage2_parameters(adapter) -> dict:
 
 def routing_priors(cfg: dict, samples: int = 512) -> dict:
     """Mean area of the background and of one subject in stage 2's training scenes (its subject-count mix)."""
-    world = world_for(cfg)
+    source = source_for(cfg, "stage2")
     rng = np.random.default_rng([int(cfg["seed"]), 6])
     background, subject = [], []
     for i in range(samples):
-        target = world.sample(i, count=subject_count(rng, cfg["stage2"]["subjects"])).scene.routing_target()
+        count = subject_count(rng, cfg["stage2"]["subjects"])
+        if isinstance(source, SyntheticSource):  # world index i (not the stage's stream), as the miniature measured
+            target = source.world.sample(i, count=count).scene.routing_target()
+        else:
+            target = source.record("stage2", i, count).routing_target()
         background.append(float(target[-1].mean()))
         subject += [float(m.mean()) for m in target[:-1]]
     return {"background": float(np.mean(background)), "subject": float(np.mean(subject))}
@@ -42,26 +46,27 @@ def train_stage2(cfg: dict, pipe, log=print) -> dict:
     scfg = cfg["stage2"]
     if pipe.anystory is None:
         raise ValueError("stage 2 needs the stage-1 AnyStory weights loaded (run stage1 first)")
-    acc = make_accelerator(cfg)
-    pipe.to(acc.device)
+    acc = make_accelerator(cfg, "stage2")
+    prepare_training(cfg, pipe, acc)
     freeze_all(pipe)
     params = stage2_parameters(pipe.anystory)
     for p in params.values():
         p.requires_grad_(True)
     pipe.anystory.train()  # straight-through Gumbel-softmax routing
-    loop = StageLoop(cfg, "stage2", params, acc, log)
-    loop.resume()
-    before = evaluate(cfg, "stage2", pipe, teacher_routing=False) if loop.step == 0 else None
-    pipe.anystory.train()
-    world = world_for(cfg)
+    source = source_for(cfg, "stage2")
     scheduler = training_scheduler(pipe)
     weight = float(scfg["routing_weight"])
-    while loop.running():
-        with acc.autocast():
-            out = subject_step(cfg, "stage2", pipe, world, scheduler, loop.step, int(scfg["batch_size"]),
-                               loop.generator(), teacher_routing=False, routing_weight=weight)
-        loop.update(out["loss"], diffusion=out["diffusion"].item(), routing=out["routing"].item(),
-                    miou=out["miou"].item())
+    step = TrainedModules(lambda step, micro, gen: subject_step(
+        cfg, "stage2", pipe, source, scheduler, step, loop.global_batch, gen, teacher_routing=False,
+        routing_weight=weight, rows=loop.rows(micro)), anystory=pipe.anystory)
+    loop = StageLoop(cfg, "stage2", params, acc, log, module=step)
+    loop.resume()
+    if cfg.get("sample_every"):
+        loop.images = sampler(cfg, "stage2", pipe)
+    before = evaluate(cfg, "stage2", pipe, teacher_routing=False) if loop.step == 0 else None
+    pipe.anystory.train()
+    while loop.running():  # every micro-batch re-draws the step's global noise and takes its own rows
+        loop.train_step(lambda micro: loop.module(loop.step, micro, loop.generator()))
     if not loop.done:
         loop.use_ema()
         loop.finish()
@@ -69,8 +74,9 @@ def train_stage2(cfg: dict, pipe, log=print) -> dict:
     pipe.anystory.train()  # held-out losses with the training-time (Gumbel) routing, comparable to the log
     after = evaluate(cfg, "stage2", pipe, teacher_routing=False)
     pipe.anystory.eval()
-    log(f"[stage2] held-out routing loss {after['routing']:.4f}, mIoU {after['miou']:.3f}"
-        + (f" (before: {before['routing']:.4f}, {before['miou']:.3f})" if before else ""))
+    if after:
+        log(f"[stage2] held-out routing loss {after['routing']:.4f}, mIoU {after['miou']:.3f}"
+            + (f" (before: {before['routing']:.4f}, {before['miou']:.3f})" if before else ""))
     priors = routing_priors(cfg)
     bias = math.log(priors["background"] / priors["subject"])
     pipe.anystory.register_to_config(routing_background_bias=bias)

@@ -6,7 +6,7 @@ router decide (straight-through Gumbel-softmax in ``adapter.train()``) and adds 
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -23,17 +23,22 @@ def one_hot_targets(targets: torch.Tensor, hw) -> torch.Tensor:
     return F.one_hot(frac.argmax(1), targets.shape[1]).movedim(-1, 1).float()
 
 
-def subject_step(cfg: dict, stage: str, pipe, world, scheduler, step: int, batch: int, generator: torch.Generator,
+def subject_step(cfg: dict, stage: str, pipe, source, scheduler, step: int, batch: int, generator: torch.Generator,
                  teacher_routing: bool, routing_weight: float = 0.0, count: int = None,
-                 data_stage: str = None) -> Dict[str, torch.Tensor]:
+                 data_stage: str = None, rows: Optional[slice] = None) -> Dict[str, torch.Tensor]:
+    """Losses of rows ``rows`` (default: all) of step ``step``'s global batch of ``batch`` samples. Every random
+    draw is made for the global batch and sliced, so processes that split a batch compute what one process would
+    (up to the router's Gumbel noise, drawn per process)."""
     scfg = cfg[stage]
+    rows = rows or slice(None)
     rng = np.random.default_rng([int(cfg["seed"]), 4 if stage == "stage1" else 5, step])
     count = count or subject_count(rng, scfg["subjects"])
     device = pipe.unet.device
-    data = subject_batch(pipe, world, data_stage or stage, step, batch, count, device, pipe.unet.dtype)
-    scenes = [s.scene for s in data.samples]
+    data = subject_batch(pipe, source, data_stage or stage, step, batch, count, device, pipe.unet.dtype, rows)
+    scenes = data.samples
     latents = encode_images(pipe, images_to_tensor([s.image for s in scenes]).to(device))
-    captions, dropped = choose_captions(scenes, rng, float(scfg["generic_caption"]), float(scfg["drop_text"]))
+    captions, dropped = choose_captions(scenes, rng.random(batch)[rows], float(scfg["generic_caption"]),
+                                        float(scfg["drop_text"]))
     h, w = scenes[0].image.shape[:2]
     with torch.no_grad():
         embeds, added = text_conditioning(pipe, captions, dropped, h, w)
@@ -41,7 +46,7 @@ def subject_step(cfg: dict, stage: str, pipe, world, scheduler, step: int, batch
     encoded = pipe.encode_subjects(**data.tensors)
     drop_sem = float(scfg.get("drop_semantic", 0.0))
     if drop_sem > 0:  # the unconditional half of CFG at inference: blank-image semantic tokens, references kept
-        drop = torch.from_numpy(rng.random(batch) < drop_sem).to(device)[:, None, None, None]
+        drop = torch.from_numpy(rng.random(batch)[rows] < drop_sem).to(device)[:, None, None, None]
         encoded["semantic_tokens"] = torch.where(drop, encoded["semantic_uncond_tokens"], encoded["semantic_tokens"])
     lat_hw = tuple(latents.shape[-2:])
     adapter.reset_state(
@@ -52,7 +57,7 @@ def subject_step(cfg: dict, stage: str, pipe, world, scheduler, step: int, batch
         collect_soft_maps=not teacher_routing,
     )
     try:
-        noisy, noise, t = noisy_latents(scheduler, latents, generator)
+        noisy, noise, t = noisy_latents(scheduler, latents, generator, total=batch, rows=rows)
         pred = pipe.unet(noisy, t, embeds, added_cond_kwargs=added).sample
         diff = diffusion_loss(scheduler, pred, noise, t, float(scfg["snr_gamma"]))
         out = {"diffusion": diff, "loss": diff}
