@@ -13,9 +13,13 @@ import tempfile
 import gradio as gr
 
 from anystory import app_logic as logic
-from anystory.app_inputs import MAX_UPLOAD_MB, MAX_SEED, InputError
+from anystory.app_inputs import MAX_UPLOAD_MB, MAX_SEED, InputError, SubjectSlot
+from anystory.app_progress import StagedSegmenter, Status, follow
+from anystory.mask_preview import preview as mask_preview
 from anystory.matting import BIREFNET_ID, LazyBiRefNetSegmenter
 from anystory.storyboard import ScriptError, import_script
+from anystory.upload_image import UploadImage, editor_background
+from anystory.visualize import display_copy
 
 try:  # Hugging Face Spaces (ZeroGPU): ask for a GPU only while generating
     import spaces
@@ -29,8 +33,66 @@ EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets"
 USER_ERRORS = (InputError, ScriptError, logic.GenerationError)
 
 
+EXAMPLE_STORY = os.path.join(EXAMPLES_DIR, "storyboard.yaml")
+#: Gallery captions wrap instead of being cut to one line; thumbnails in the colour key keep their pixels.
+CSS = """
+#story-frames .caption-label, #output-gallery .caption-label, #routing-gallery .caption-label {
+    white-space: normal; max-width: calc(100% - 2 * var(--block-label-margin)); opacity: 0.9; }
+"""
+#: The editor selects its crop tool whenever it receives an image, so strokes did nothing until the user found the
+#: Brush: after each new image, press the editor's brush button (by its accessible name) once it is there.
+SELECT_BRUSH_JS = """
+(...args) => {
+  const id = "%s";
+  const press = (tries) => {
+    const root = document.getElementById(id);
+    const brush = root && [...root.querySelectorAll("button")].find(b =>
+        /brush|draw/i.test((b.getAttribute("aria-label") || "") + " " + (b.title || "")));
+    if (brush) { brush.click(); } else if (tries > 0) { setTimeout(() => press(tries - 1), 250); }
+  };
+  setTimeout(() => press(20), 300);
+  return args;
+}
+"""
+SLIDER_HELP = {
+    "scale": "How strongly the subject's identity (CLIP + QFormer tokens) steers the picture; 0 turns it off.",
+    "reference_scale": "How much fine detail is copied from the reference (ReferenceNet); lower it if the subject "
+                       "looks pasted in.",
+    "steps": "Denoising steps: more is slower and usually cleaner.",
+    "guidance": "How closely the picture follows the prompt (classifier-free guidance); too high looks harsh.",
+    "width": "Output width in pixels (the model's native size is the default).",
+    "height": "Output height in pixels (the model's native size is the default).",
+    "num_images": "Images per run, each with its own routing overlay.",
+    "story_steps": "Denoising steps for every frame of the story.",
+}
+
+
 def _ex(name):
     return os.path.join(EXAMPLES_DIR, name)
+
+
+STAR, MOON, HEART, TRIANGLE = (_ex(f"{n}.png") for n in ("red_striped_star", "blue_dotted_moon", "yellow_dotted_heart",
+                                                         "orange_striped_triangle"))
+#: [subjects, subject 1's mask, subject 1..4 images, prompt, seed]; each row is reproducible (fixed seed).
+EXAMPLES = [
+    [1, None, STAR, None, None, None, "a red striped star on grass", 1],
+    [2, None, STAR, MOON, None, None, "a red striped star and a blue dotted moon on sand", 7],
+    [2, _ex("green_checkered_square_mask.png"), _ex("green_checkered_square.png"), STAR, None, None,
+     "a green checkered square and a red striped star on snow", 3],
+    [3, None, STAR, MOON, HEART, None, "a red striped star, a blue dotted moon and a yellow dotted heart on sand", 11],
+    [4, None, STAR, MOON, HEART, TRIANGLE, "four objects on grass: a star, a moon, a heart and a triangle", 21],
+    [2, None, _ex("astronaut.png"), _ex("cat.png"), None, None, "an astronaut holding a cat in a garden", 5],
+    [2, None, _ex("cat.png"), _ex("coffee.png"), None, None, "a cat next to a cup of coffee on a wooden table", 9],
+]
+
+
+def _shown(images, labels=None):
+    """Gallery items: small images enlarged with nearest-neighbour, captioned with their real size."""
+    items = []
+    for k, image in enumerate(images):
+        big, size = display_copy(image)
+        items.append((big, f"{labels[k]} - {size}" if labels else size))
+    return items
 
 
 def _refuse(error: Exception, n_outputs: int, title: str = "Cannot generate"):
@@ -50,97 +112,146 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                     "Upload a reference photo per subject, describe the scene, press **Generate**. The router decides "
                     "where each subject may act; the coloured overlay shows it (one colour per subject).")
         gr.Markdown(handle.status_markdown(), elem_id="model-status")
-        matting_status = gr.Markdown(segmenter.status, elem_id="matting-status")
+        matting_status = gr.Markdown(lambda: segmenter.status, elem_id="matting-status")  # per page load
 
         with gr.Tab("Generate"):
             with gr.Row():
                 with gr.Column(scale=3):
-                    count = gr.State(min(2, n_slots))
+                    # a hidden number, not a State, so that the examples can set how many subjects they use
+                    count = gr.Number(min(2, n_slots), visible=False, precision=0, label="Subjects",
+                                      elem_id="subject-count")
                     groups, slot_inputs = [], []
                     for i in range(n_slots):
-                        with gr.Group(visible=i < min(2, n_slots)) as group:
+                        with gr.Group(visible=i < min(2, n_slots), elem_id=f"subject-{i + 1}") as group:
                             with gr.Row():
-                                image = gr.Image(label=f"Subject {i + 1}: reference image", type="filepath",
-                                                 image_mode=None, sources=["upload", "clipboard"], height=220,
-                                                 elem_id=f"subject-{i + 1}-image")
+                                image = UploadImage(label=f"Subject {i + 1}: reference image", type="filepath",
+                                                    image_mode=None, sources=["upload", "clipboard"], height=220,
+                                                    elem_id=f"subject-{i + 1}-image")
+                                mask_view = gr.Image(label="Mask used (preview)", interactive=False, height=220,
+                                                     elem_id=f"subject-{i + 1}-mask-preview")
                                 with gr.Column():
                                     name = gr.Textbox(label="Name", placeholder=f"subject {i + 1}",
                                                       elem_id=f"subject-{i + 1}-name")
-                                    scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Semantic strength")
-                                    ref_scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Detail strength")
-                            with gr.Accordion("Mask (optional: upload one or draw over the subject)", open=False):
-                                with gr.Tab("Upload"):
-                                    mask = gr.Image(label="Mask (white = subject, same size as the image)",
-                                                    type="filepath", image_mode=None, sources=["upload"], height=200)
+                                    scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Semantic strength",
+                                                      info=SLIDER_HELP["scale"])
+                                    ref_scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Detail strength",
+                                                          info=SLIDER_HELP["reference_scale"])
+                            mask_note = gr.Markdown(elem_id=f"subject-{i + 1}-mask-note")
+                            with gr.Accordion("Replace the mask: upload one or draw over the subject", open=False,
+                                              elem_id=f"subject-{i + 1}-mask-editor"):
                                 with gr.Tab("Draw"):
-                                    drawn = gr.ImageEditor(label="Paint over the subject", type="pil",
-                                                           sources=[], layers=False, height=260,
+                                    drawn = gr.ImageEditor(label="Paint over the subject (the brush is selected)",
+                                                           type="pil", sources=[], layers=False, height=300,
+                                                           transforms=[], elem_id=f"subject-{i + 1}-draw",
                                                            brush=gr.Brush(colors=["#ff0000"], color_mode="fixed"))
-                            image.change(lambda p: {"background": p, "layers": [], "composite": p} if p else None,
-                                         image, drawn, queue=False)
+                                with gr.Tab("Upload"):
+                                    mask = UploadImage(label="Mask (white = subject, same size as the image)",
+                                                       type="filepath", image_mode=None, sources=["upload"], height=200,
+                                                       elem_id=f"subject-{i + 1}-mask")
+                            image.change(editor_background,
+                                         image, drawn, queue=False).then(
+                                None, None, None, js=SELECT_BRUSH_JS % f"subject-{i + 1}-draw")
+
+                            def on_mask_inputs(img, msk, drw, index=i):
+                                try:
+                                    return mask_preview(SubjectSlot(img, msk, drw), segmenter, index)
+                                except USER_ERRORS as e:
+                                    return None, f"Mask: {e}"
+
+                            for source in (drawn, mask):  # the editor changes whenever the image does
+                                source.change(on_mask_inputs, [image, mask, drawn], [mask_view, mask_note],
+                                              trigger_mode="always_last")
+                            if i >= 2:  # an example filling a hidden slot shows it
+                                image.change(lambda p, c, k=i: max(int(c or 1), k + 1) if p else c, [image, count],
+                                             count, queue=False)
                         groups.append(group)
                         slot_inputs += [image, mask, drawn, name, scale, ref_scale]
                     with gr.Row():
                         add_btn = gr.Button("+ Add subject", size="sm", elem_id="add-subject")
                         remove_btn = gr.Button("- Remove last subject", size="sm", elem_id="remove-subject")
+                    limit_note = f"Subject limit reached: this model takes at most {n_slots} subjects per image."
 
-                    def _resize(c, delta):
-                        c = max(1, min(n_slots, c + delta))
-                        return [c] + [gr.Group(visible=i < c) for i in range(n_slots)]
+                    def _add(c):
+                        if int(c) >= n_slots:
+                            gr.Info(limit_note, title="Subject limit")
+                        return min(n_slots, int(c) + 1)
 
-                    add_btn.click(lambda c: _resize(c, 1), count, [count] + groups, queue=False)
-                    remove_btn.click(lambda c: _resize(c, -1), count, [count] + groups, queue=False)
+                    def _show(c):
+                        c = max(1, min(n_slots, int(c or 1)))
+                        at_limit = c >= n_slots
+                        return [gr.Group(visible=i < c) for i in range(n_slots)] + [
+                            gr.Button(f"Limit: {n_slots} subjects" if at_limit else "+ Add subject")]
+
+                    add_btn.click(_add, count, count)
+                    remove_btn.click(lambda c: max(1, int(c) - 1), count, count, queue=False)
+                    count.change(_show, count, groups + [add_btn], queue=False)
 
                     prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
                                         placeholder="e.g. a red striped star and a blue dotted moon on sand")
                     negative = gr.Textbox(label="Negative prompt", lines=1)
                     with gr.Accordion("Settings", open=False):
-                        seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, minimum=-1, maximum=MAX_SEED)
-                        steps = gr.Slider(1, 100, value=d.steps, step=1, label="Steps")
-                        guidance = gr.Slider(0.0, 15.0, value=d.guidance, step=0.1, label="Guidance")
-                        width = gr.Slider(d.min_size, d.max_size, value=d.size, step=d.size_step, label="Width")
-                        height = gr.Slider(d.min_size, d.max_size, value=d.size, step=d.size_step, label="Height")
-                        num_images = gr.Slider(1, 4, value=1, step=1, label="Images")
+                        seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, minimum=-1, maximum=MAX_SEED,
+                                         elem_id="seed", info="The same seed and settings give the same image.")
+                        steps = gr.Slider(1, 100, value=d.steps, step=1, label="Steps", info=SLIDER_HELP["steps"])
+                        guidance = gr.Slider(0.0, 15.0, value=d.guidance, step=0.1, label="Guidance",
+                                             info=SLIDER_HELP["guidance"])
+                        width = gr.Slider(d.min_size, d.max_size, value=d.size, step=d.size_step, label="Width",
+                                          info=SLIDER_HELP["width"])
+                        height = gr.Slider(d.min_size, d.max_size, value=d.size, step=d.size_step, label="Height",
+                                           info=SLIDER_HELP["height"])
+                        num_images = gr.Slider(1, 4, value=1, step=1, label="Images", info=SLIDER_HELP["num_images"])
                     run_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column(scale=2):
-                    gallery = gr.Gallery(label="Output", columns=2, height=300, elem_id="output-gallery")
+                    run_progress = gr.HTML(elem_id="run-progress")
+                    gallery = gr.Gallery(label="Output", columns=2, object_fit="contain", elem_id="output-gallery")
                     info = gr.Markdown(elem_id="run-info")
-                    routing = gr.Gallery(label="Routing: where each subject acts (overlay, map)", columns=2,
-                                         height=300, elem_id="routing-gallery")
+                    routing = gr.Gallery(label="Routing: all subjects, then each subject alone, then the map",
+                                         columns=3, object_fit="contain", elem_id="routing-gallery")
                     legend = gr.HTML(elem_id="routing-legend")
                     files = gr.File(label="Download (PNG)", file_count="multiple", interactive=False, elem_id="downloads")
 
             @gpu
             def on_generate(c, prompt_text, negative_text, seed_v, steps_v, guidance_v, width_v, height_v, num_v,
-                            *slot_values, progress=gr.Progress()):
-                slots = logic.slots_from_values(slot_values)[: int(c)]
-                try:
-                    result = logic.run_generation(
-                        handle, segmenter, slots, prompt_text, negative_text, seed_v, steps_v, guidance_v, width_v,
-                        height_v, num_v, progress=lambda i, n: progress((i, n), desc="denoising"),
+                            *slot_values):
+                """A generator: the stage and this run's ETA stream into #run-progress while the model runs."""
+                slots = logic.slots_from_values(slot_values)[: int(c or 1)]
+
+                def work(tracker):
+                    return logic.run_generation(
+                        handle, StagedSegmenter(segmenter, tracker), slots, prompt_text, negative_text, seed_v, steps_v,
+                        guidance_v, width_v, height_v, num_v, progress=tracker.step,
                         out_dir=tempfile.mkdtemp(dir=out_root))
+
+                yield [gr.skip()] * 6 + [Status("starting", "", 0.0).html()]
+                try:
+                    for item in follow(work):
+                        if isinstance(item, Status):
+                            yield [gr.skip()] * 6 + [item.html()]
+                        else:
+                            result = item[1]
                 except USER_ERRORS as e:
-                    return _refuse(e, 6)
-                shown = [(im, "route overlay") for im in result.overlays] + [(m, "route map") for m in result.route_maps]
-                return (result.images, result.info + "  \n" + result.routing_note, shown, result.legend, result.files,
-                        segmenter.status)
+                    yield _refuse(e, 6) + ['<div class="anystory-progress" data-stage="stopped">Stopped: nothing '
+                                           "was generated; earlier results are kept.</div>"]
+                    return
+                shown = []
+                for b, image in enumerate(result.images):
+                    shown += _shown([result.overlays[b]] if result.overlays else [], ["all subjects"])
+                    if result.subject_overlays:
+                        shown += _shown(result.subject_overlays[b], [f"only {n}" for n in result.names])
+                    shown += _shown([result.route_maps[b]] if result.route_maps else [], ["map"])
+                yield (_shown(result.images), result.info + "  \n" + result.routing_note, shown, result.legend,
+                       result.files, segmenter.status, gr.skip())
 
             run_btn.click(on_generate, [count, prompt, negative, seed, steps, guidance, width, height, num_images]
-                          + slot_inputs, [gallery, info, routing, legend, files, matting_status])
+                          + slot_inputs, [gallery, info, routing, legend, files, matting_status, run_progress],
+                          show_progress="hidden")
             fields = len(logic.SLOT_FIELDS)
-            second = slot_inputs[fields] if n_slots > 1 else slot_inputs[0]
+            ex_images = [slot_inputs[k * fields] for k in range(n_slots)]
             gr.Examples(
-                examples=[
-                    [_ex("red_striped_star.png"), None, _ex("blue_dotted_moon.png"),
-                     "a red striped star and a blue dotted moon on sand"],
-                    [_ex("green_checkered_square.png"), _ex("green_checkered_square_mask.png"),
-                     _ex("red_striped_star.png"), "a green checkered square and a red striped star on snow"],
-                    [_ex("astronaut.png"), None, _ex("cat.png"), "an astronaut holding a cat in a garden"],
-                    [_ex("cat.png"), None, _ex("coffee.png"), "a cat next to a cup of coffee on a wooden table"],
-                ],
-                inputs=[slot_inputs[0], slot_inputs[1], second, prompt],
-                label="Examples (synthetic subjects of the miniature's world; public-domain / CC0 photos from "
-                      "scikit-image)")
+                examples=[row[: 2 + n_slots] + row[6:] for row in EXAMPLES if row[0] <= n_slots],
+                inputs=[count, slot_inputs[1]] + ex_images + [prompt, seed],
+                label="Examples: 1 to 4 subjects, each with a fixed seed (synthetic subjects of the miniature's world; "
+                      "public-domain / CC0 photos from scikit-image)", elem_id="examples")
 
         with gr.Tab("Storyboard"):
             gr.Markdown("Characters once, then shots. Refer to a character in a prompt as `{alias}`: it is replaced by "
@@ -154,8 +265,8 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                         with gr.Column(min_width=200):
                             alias = gr.Textbox(label=f"Character {i + 1}: alias", elem_id=f"char-{i + 1}-alias")
                             desc = gr.Textbox(label="Description", placeholder="e.g. a ginger cat")
-                            ref = gr.Image(label="Reference", type="filepath", image_mode=None,
-                                           sources=["upload", "clipboard"], height=160, elem_id=f"char-{i + 1}-ref")
+                            ref = UploadImage(label="Reference", type="filepath", image_mode=None,
+                                              sources=["upload", "clipboard"], height=160, elem_id=f"char-{i + 1}-ref")
                             char_inputs += [alias, desc, ref]
             shots = gr.Dataframe(headers=["prompt", "characters"], datatype=["str", "str"], column_count=2,
                                  row_count=3, label="Shots (characters: comma-separated aliases, optional)",
@@ -164,17 +275,19 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                 story_title = gr.Textbox(label="Title")
                 story_seed = gr.Number(-1, label="Story seed (-1 = random, one seed for all shots)", precision=0,
                                        minimum=-1, maximum=MAX_SEED)
-                story_steps = gr.Slider(1, 100, value=d.steps, step=1, label="Steps")
+                story_steps = gr.Slider(1, 100, value=d.steps, step=1, label="Steps", info=SLIDER_HELP["story_steps"])
             with gr.Row():
                 story_btn = gr.Button("Generate storyboard", variant="primary", elem_id="generate-storyboard")
+                example_btn = gr.Button("Load the example story (references included)", elem_id="story-example")
                 export_btn = gr.Button("Export script")
             with gr.Row():
                 script_upload = gr.File(label="Import script (.yaml, .yml, .json, or a .zip bundle with images)",
                                         file_types=[".yaml", ".yml", ".json", ".zip"], elem_id="import-script")
                 script_files = gr.File(label="Exported script", file_count="multiple", interactive=False)
             story_status = gr.Markdown(elem_id="story-status")
-            frames = gr.Gallery(label="Frames", columns=3, height=360, elem_id="story-frames")
-            frame_routes = gr.Gallery(label="Routing per frame", columns=3, height=240)
+            frames = gr.Gallery(label="Frames (captioned with their shot)", columns=3, object_fit="contain",
+                                elem_id="story-frames")
+            frame_routes = gr.Gallery(label="Routing per frame", columns=3, object_fit="contain")
             story_legend = gr.HTML()
 
             def on_import(path):
@@ -192,8 +305,11 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                 return values + [rows, script.title, script.settings.get("seed", -1),
                                  script.settings.get("steps") or d.steps, note]
 
-            script_upload.upload(on_import, script_upload,
-                                 char_inputs + [shots, story_title, story_seed, story_steps, story_status])
+            story_fields = char_inputs + [shots, story_title, story_seed, story_steps, story_status]
+            script_upload.upload(on_import, script_upload, story_fields)
+            # the shipped script is read where it lies, so its relative reference paths resolve (an upload of the
+            # bare YAML cannot carry its images: that is what the exported .zip bundle is for)
+            example_btn.click(lambda: on_import(EXAMPLE_STORY), None, story_fields)
 
             def _settings(seed_v, steps_v):
                 return {"seed": int(seed_v) if seed_v is not None and seed_v >= 0 else None, "steps": steps_v}
@@ -217,8 +333,8 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                         progress=lambda i, n: progress((i, n), desc="storyboard"), out_dir=tempfile.mkdtemp(dir=out_root))
                     for frame in frame_iter:
                         r = frame.output
-                        shown.append((r.images[0], frame.caption))
-                        routes += [(o, f"shot {frame.index + 1}") for o in r.overlays]
+                        shown += _shown([r.images[0]], [frame.caption])
+                        routes += _shown(r.overlays, [f"shot {frame.index + 1}"] * len(r.overlays))
                         legend_text = logic.story_legend(script)
                         yield shown, routes, f"{len(shown)} of {len(script.shots)} frames, seed {frame.seed}.", legend_text
                 except USER_ERRORS as e:
@@ -237,7 +353,7 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="AnyStory demo (Gradio)")
+    p = argparse.ArgumentParser(description="AnyStory demo (Gradio)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=os.environ.get("ANYSTORY_MODEL", "auto"), choices=("auto",) + logic.KINDS,
                    help="auto: FLUX if a big enough GPU and its weights are reachable, else SDXL AnyStory if its "
                         "weights are configured, else the miniature. tiny: untrained test pipeline")
@@ -266,7 +382,7 @@ def main(argv=None) -> int:
     segmenter = LazyBiRefNetSegmenter(args.segmenter, device=handle.device)
     demo = build_demo(handle, segmenter)
     demo.queue(default_concurrency_limit=1, max_size=32)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share,
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS,
                 max_file_size=f"{MAX_UPLOAD_MB}mb", allowed_paths=[EXAMPLES_DIR])
     return 0
 

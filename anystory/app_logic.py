@@ -28,8 +28,8 @@ from .app_inputs import InputError, SubjectSlot, check_number, check_prompt, col
 from .storyboard import (Frame, Script, ScriptError, dump_script, export_bundle, render_storyboard, script_from_dict,
                          shot_cast, shot_prompt, shot_subjects)
 from .subjects import MAX_SUBJECTS, Subject
-from .visualize import (legend_html, routing_colormap, routing_overlay, save_png, side_by_side, subject_colors,
-                        subject_shares)
+from .visualize import (contrasting_colors, dominant_color, legend_html, routing_colormap, routing_overlay, save_png,
+                        side_by_side, subject_colors, subject_overlays, subject_shares, thumbnail_uri)
 
 KINDS = ("flux", "sdxl", "miniature", "tiny")
 
@@ -374,6 +374,8 @@ class Result:
     info: str
     routing_note: str = ""
     route_maps: List[Image.Image] = field(default_factory=list)  # the maps alone, coloured, at image size
+    subject_overlays: List[List[Image.Image]] = field(default_factory=list)  # per image: one overlay per subject
+    names: List[str] = field(default_factory=list)
 
 
 OOM_ADVICE = ("Out of memory while generating {what}. Lower the resolution, generate fewer images or use fewer "
@@ -433,6 +435,8 @@ def generate(handle: ModelHandle, req: Request, progress: Optional[Callable[[int
         ignored = " The negative prompt is not used by FLUX.1-dev (guidance-distilled)."
     if maps_wanted:
         call["return_routing_maps"] = True
+    if progress is not None:
+        progress(0, steps)  # the subjects are encoded before the first step
     start = time.perf_counter()
     with handle.lock:
         try:
@@ -453,13 +457,18 @@ def generate(handle: ModelHandle, req: Request, progress: Optional[Callable[[int
     images = list(out.images)
     names = [s.name or f"subject {i + 1}" for i, s in enumerate(req.subjects)]
     maps = getattr(out, "routing_maps", None) if maps_wanted else None
-    overlays, route_maps, legend, note = [], [], "", ""
+    overlays, route_maps, per_subject, legend, note = [], [], [], "", ""
     if maps:
         last = maps[-1]
+        pictures = [(s.image, s.mask) if isinstance(s.image, Image.Image) else (None, None) for s in req.subjects]
+        colors = req.colors or contrasting_colors([dominant_color(im, m) if im is not None else (128, 128, 128)
+                                                   for im, m in pictures])
         for b, image in enumerate(images):
-            overlays.append(routing_overlay(image, last[min(b, last.shape[0] - 1)], colors=req.colors))
-            route_maps.append(routing_colormap(last[min(b, last.shape[0] - 1)], image.size, colors=req.colors))
-        legend = legend_html(names, subject_shares(last[0]), colors=req.colors)
+            overlays.append(routing_overlay(image, last[min(b, last.shape[0] - 1)], colors=colors))
+            route_maps.append(routing_colormap(last[min(b, last.shape[0] - 1)], image.size, colors=colors))
+            per_subject.append(subject_overlays(image, last[min(b, last.shape[0] - 1)], colors=colors))
+        legend = legend_html(names, subject_shares(last[0]), colors=colors,
+                             thumbnails=[thumbnail_uri(im, m) if im is not None else None for im, m in pictures])
         note = f"Routing at the last of {len(maps)} steps (averaged over the model's routed layers)."
     else:
         note = "This model does not report routing maps."
@@ -472,7 +481,7 @@ def generate(handle: ModelHandle, req: Request, progress: Optional[Callable[[int
     info = (f"Seed **{seed}** - {steps} steps, guidance {kwargs['guidance_scale']:g}, "
             f"{kwargs['width']}x{kwargs['height']}, {len(req.subjects)} subject(s) - {seconds:.1f} s on {handle.device}."
             + ignored)
-    return Result(images, overlays, legend, seed, files, info, note, route_maps)
+    return Result(images, overlays, legend, seed, files, info, note, route_maps, per_subject, names)
 
 
 # ---- UI glue (still Gradio-free) ----------------------------------------------------------------------------------

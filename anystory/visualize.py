@@ -5,11 +5,17 @@ decision over the picture is how a user checks that "the cat" really went where 
 ``[N+1, h, w]`` (channel N = background) at latent resolution and may be fractional (the pipeline averages the
 one-hot maps of all cross-attention layers), so each subject's colour is blended in proportion to its share.
 Upsampling is nearest-neighbour on purpose: the latent grid the router works on stays visible.
+
+A subject's colour in the key is chosen to differ from the subject's own dominant colour (a green subject is not
+drawn in green), and every subject also gets an overlay of its own, so overlapping or small regions stay readable.
 """
 from __future__ import annotations
 
+import base64
 import colorsys
 import html
+import io
+import itertools
 import os
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -41,6 +47,54 @@ def subject_colors(n: int) -> List[Color]:
         r, g, b = colorsys.hsv_to_rgb((k + 0.5) / extra, 0.85, 0.95)
         colors.append((int(r * 255), int(g * 255), int(b * 255)))
     return colors
+
+
+def _lab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB (0..255, [..., 3]) -> CIELAB (D65): distances there follow what the eye sees."""
+    c = np.asarray(rgb, dtype=np.float64) / 255.0
+    c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+    xyz = c @ np.array([[0.4124, 0.2126, 0.0193], [0.3576, 0.7152, 0.1192], [0.1805, 0.0722, 0.9505]])
+    xyz = xyz / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > 216 / 24389, np.cbrt(xyz), (24389 / 27 * xyz + 16) / 116)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1)
+
+
+def dominant_color(image: Image.Image, mask: Optional[np.ndarray] = None) -> Color:
+    """The most common colour of the subject (inside ``mask``): the mean of the fullest 4-level-per-channel bin."""
+    small = image.convert("RGB")
+    scale = min(1.0, 96 / max(small.size))
+    size = (max(1, round(small.width * scale)), max(1, round(small.height * scale)))
+    pixels = np.asarray(small.resize(size, Image.BILINEAR), dtype=np.int64).reshape(-1, 3)
+    if mask is not None:
+        keep = np.asarray(Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).resize(size, Image.NEAREST)) > 127
+        if keep.any():
+            pixels = pixels[keep.reshape(-1)]
+    bins = (pixels // 64) @ np.array([16, 4, 1])
+    fullest = np.bincount(bins, minlength=64).argmax()
+    return tuple(int(v) for v in pixels[bins == fullest].mean(axis=0).round())
+
+
+def contrasting_colors(dominant: Sequence[Color], palette: Sequence[Color] = PALETTE) -> List[Color]:
+    """One distinct palette colour per subject, as far as possible from that subject's own dominant colour.
+
+    Maximises the smallest CIELAB distance over subjects (then the sum): every subject's region stays visible
+    over the subject itself. Exhaustive for up to 4 subjects, greedy beyond; palette order breaks ties.
+    """
+    n = len(dominant)
+    if n == 0:
+        return []
+    colors = list(palette) if n <= len(palette) else subject_colors(n)
+    dist = np.linalg.norm(_lab(np.array(dominant))[:, None] - _lab(np.array(colors))[None], axis=-1)  # [n, K]
+    if n <= 4:
+        best = max(itertools.permutations(range(len(colors)), n),
+                   key=lambda p: (round(min(dist[i, k] for i, k in enumerate(p)), 6), sum(dist[i, k] for i, k in enumerate(p))))
+        return [tuple(colors[k]) for k in best]
+    chosen: List[int] = []
+    for i in np.argsort(dist.max(axis=1)):  # subjects with the fewest good options pick first
+        free = [k for k in range(len(colors)) if k not in chosen]
+        chosen.append(max(free, key=lambda k: dist[i, k]))
+    order = {int(i): k for i, k in zip(np.argsort(dist.max(axis=1)), chosen)}
+    return [tuple(colors[order[i]]) for i in range(n)]
 
 
 def _as_maps(maps: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
@@ -104,23 +158,50 @@ def routing_overlay(image: Image.Image, maps: Union[torch.Tensor, np.ndarray], a
     return Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
 
 
+def subject_overlays(image: Image.Image, maps: Union[torch.Tensor, np.ndarray], alpha: float = 0.55,
+                     colors: Optional[Sequence[Color]] = None) -> List[Image.Image]:
+    """One overlay per subject: only subject i's region coloured (in its legend colour), the rest untouched."""
+    arr = _as_maps(maps)
+    n = arr.shape[0] - 1
+    colors = _colors(n, colors)
+    return [routing_overlay(image, np.stack([arr[i], 1.0 - arr[i]]), alpha, colors=[colors[i]]) for i in range(n)]
+
+
 def subject_shares(maps: Union[torch.Tensor, np.ndarray]) -> List[float]:
     """Fraction of the image each subject (then the background) was routed to."""
     arr = _as_maps(maps)
     return [float(v) for v in arr.reshape(arr.shape[0], -1).mean(axis=1)]
 
 
+def thumbnail_uri(image: Image.Image, mask: Optional[np.ndarray] = None, size: int = 40) -> str:
+    """A small PNG data URI of the subject (outside ``mask`` white), for the colour key."""
+    rgb = image.convert("RGB")
+    if mask is not None:
+        m = np.asarray(mask, dtype=bool)
+        if m.shape == (rgb.height, rgb.width):
+            rgb = Image.fromarray(np.where(m[..., None], np.asarray(rgb), 255).astype(np.uint8))
+    rgb.thumbnail((size, size), Image.LANCZOS)
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def legend_html(names: Sequence[str], shares: Optional[Sequence[float]] = None,
-                colors: Optional[Sequence[Color]] = None) -> str:
-    """A colour key for the overlay: one swatch per subject (with its share of the image when known)."""
+                colors: Optional[Sequence[Color]] = None, thumbnails: Optional[Sequence[Optional[str]]] = None) -> str:
+    """A colour key for the overlay: per subject its thumbnail (a data URI, when given) beside its colour swatch,
+    its name, and its share of the image when known."""
     colors = _colors(len(names), colors)
     items = []
     for i, (name, (r, g, b)) in enumerate(zip(names, colors)):
         label = html.escape(name or f"subject {i + 1}")
         if shares is not None and i < len(shares):
             label += f" &mdash; {100 * shares[i]:.0f}% of the image"
-        items.append(f'<span style="display:inline-flex;align-items:center;margin-right:1em">'
-                     f'<span style="display:inline-block;width:1em;height:1em;margin-right:.35em;'
+        thumb = thumbnails[i] if thumbnails is not None and i < len(thumbnails) else None
+        thumb_html = (f'<img src="{html.escape(thumb)}" alt="{html.escape(name or "")}" class="anystory-legend-thumb" '
+                      f'style="width:40px;height:40px;object-fit:contain;margin-right:.35em;'
+                      f'border:3px solid rgb({r},{g},{b});border-radius:4px">') if thumb else ""
+        items.append(f'<span class="anystory-legend-item" style="display:inline-flex;align-items:center;margin-right:1em">'
+                     f'{thumb_html}<span style="display:inline-block;width:1em;height:1em;margin-right:.35em;'
                      f'background:rgb({r},{g},{b});border:1px solid #0006"></span>{label}</span>')
     if shares is not None and len(shares) > len(names):
         items.append(f"<span>uncoloured: background &mdash; {100 * shares[len(names)]:.0f}%</span>")
@@ -140,6 +221,16 @@ def side_by_side(images: Sequence[Image.Image], gap: int = 8, fill: Color = (255
         canvas.paste(im, (x, 0))
         x += im.width + gap
     return canvas
+
+
+def display_copy(image: Image.Image, min_side: int = 384) -> Tuple[Image.Image, str]:
+    """A copy for the page: a small image enlarged by a whole factor with nearest-neighbour (sharp pixels, no
+    invented detail), and a caption with its real size. Downloads keep the original."""
+    w, h = image.size
+    factor = max(1, -(-min_side // max(1, min(w, h))))
+    if factor == 1:
+        return image, f"{w}x{h}"
+    return image.resize((w * factor, h * factor), Image.NEAREST), f"{w}x{h} (shown {factor}x, nearest-neighbour)"
 
 
 def save_png(image: Image.Image, directory: str, name: str) -> str:
