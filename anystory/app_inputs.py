@@ -186,7 +186,10 @@ def prompt_tokenizer(pipe) -> Tuple[Any, int]:
 
 
 def check_prompt(prompt: Optional[str], pipe, what: str = "Prompt", required: bool = True) -> str:
-    """The stripped prompt; an error when it is missing or longer than the text encoder reads (it would be cut)."""
+    """The stripped prompt; an error when it is not text, missing, or longer than the text encoder reads (it would
+    be cut)."""
+    if prompt is not None and not isinstance(prompt, str):
+        raise InputError(f"{what} must be text, got {type(prompt).__name__}.")
     text = (prompt or "").strip()
     if not text:
         if required:

@@ -4,13 +4,21 @@ The authors cut every reference out with BiRefNet (``ZhengPeng7/BiRefNet``, load
 ``AutoModelForImageSegmentation`` with the model's own code). It is large and may be absent (offline, no cache),
 so :class:`LazyBiRefNetSegmenter` only tries to load it when a mask is actually needed and otherwise falls back
 to :class:`~anystory.subjects.AlphaOrWholeImageSegmenter`, saying so in ``status`` for the UI.
+
+No silent hub waits: without a local copy, whether the hub can be reached is probed once per endpoint
+(:func:`hub_reachable`, one HTTP request bounded by a thread deadline, default 1.5 s, so a DNS lookup cannot stall
+it) and remembered. An unreachable hub means "absent" at once (no download attempt with its retries); a cached
+copy then loads with ``local_files_only``.
 An image that already carries a cut-out in its alpha channel keeps it, as in the authors' demo.
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
-from typing import Callable, Optional
+import urllib.error
+import urllib.request
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -27,12 +35,49 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
-def load_birefnet(model_id: str = BIREFNET_ID, device: str = "cpu"):
+#: Seconds the hub probe may take in all (connection, DNS, first byte).
+HUB_PROBE_SECONDS = 1.5
+_probed: Dict[str, bool] = {}
+_probe_lock = threading.Lock()
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether the hub answers at all (any HTTP status counts), probed once per endpoint and remembered."""
+    if _offline():
+        return False
+    endpoint = hub_endpoint()
+    with _probe_lock:
+        if endpoint in _probed:
+            return _probed[endpoint]
+        answer = []
+
+        def probe():
+            try:
+                urllib.request.urlopen(urllib.request.Request(endpoint + "/api/models?limit=1", method="HEAD"),
+                                       timeout=timeout)
+                answer.append(True)
+            except urllib.error.HTTPError:  # an HTTP answer, even an error, means the hub is there
+                answer.append(True)
+            except Exception:
+                answer.append(False)
+
+        worker = threading.Thread(target=probe, daemon=True)
+        worker.start()
+        worker.join(timeout)  # urlopen's timeout does not cover name resolution: the deadline is ours
+        _probed[endpoint] = bool(answer and answer[0])
+        return _probed[endpoint]
+
+
+def load_birefnet(model_id: str = BIREFNET_ID, device: str = "cpu", local_files_only: Optional[bool] = None):
     """BiRefNet by hub id or local folder; raises whatever transformers raises when it cannot be had."""
     from transformers import AutoModelForImageSegmentation
 
-    model = AutoModelForImageSegmentation.from_pretrained(model_id, trust_remote_code=True,
-                                                          local_files_only=_offline())
+    local = _offline() if local_files_only is None else local_files_only
+    model = AutoModelForImageSegmentation.from_pretrained(model_id, trust_remote_code=True, local_files_only=local)
     return model.to(device).eval()
 
 
@@ -69,13 +114,21 @@ class LazyBiRefNetSegmenter(Segmenter):
     """BiRefNet when it can be loaded (tried once, on first use), else the alpha-or-whole-image fallback."""
 
     def __init__(self, model_id: str = BIREFNET_ID, device: str = "cpu",
-                 loader: Optional[Callable[[str, str], torch.nn.Module]] = None):
+                 loader: Optional[Callable[[str, str], torch.nn.Module]] = None,
+                 probe: Callable[[], bool] = hub_reachable):
         self.model_id = model_id
         self.device = device
-        self._loader = loader or load_birefnet
+        self._loader = loader
+        self._probe = probe
         self._lock = threading.Lock()
         self._inner: Optional[Segmenter] = None
         self.error: Optional[str] = None
+
+    def _hub(self) -> str:
+        """"off" (HF_HUB_OFFLINE), "unreachable" (probed) or "reachable"."""
+        if _offline():
+            return "off"
+        return "reachable" if self._probe() else "unreachable"
 
     @property
     def name(self) -> str:
@@ -97,9 +150,12 @@ class LazyBiRefNetSegmenter(Segmenter):
         if self._inner is None:
             if self._cached():
                 return f"Automatic matting: BiRefNet (`{self.model_id}`), loaded on first use when a subject has no mask."
-            if _offline():
-                return (f"Automatic matting: BiRefNet (`{self.model_id}`) is not in the local cache and the hub is off "
-                        "(HF_HUB_OFFLINE=1), so masks come from the image's alpha channel, else the whole image is "
+            hub = self._hub()
+            if hub != "reachable":
+                why = ("the hub is off (HF_HUB_OFFLINE=1)" if hub == "off"
+                       else f"the hub ({hub_endpoint()}) is unreachable")
+                return (f"Automatic matting: BiRefNet (`{self.model_id}`) is not in the local cache and {why}, "
+                        "so masks come from the image's alpha channel, else the whole image is "
                         "the subject. Upload or draw a mask for better results.")
             return (f"Automatic matting: BiRefNet (`{self.model_id}`), downloaded and loaded on first use when a "
                     "subject has no mask.")
@@ -112,8 +168,15 @@ class LazyBiRefNetSegmenter(Segmenter):
     def _ensure(self) -> Segmenter:
         with self._lock:
             if self._inner is None:
+                cached, hub = self._cached(), self._hub()
+                loader = self._loader or functools.partial(load_birefnet, local_files_only=hub != "reachable")
+                if not cached and hub != "reachable":  # nothing to load, and no waiting on the hub to learn it
+                    self.error = ("not in the local cache and the hub is off" if hub == "off"
+                                  else f"not in the local cache and the hub ({hub_endpoint()}) is unreachable")
+                    self._inner = AlphaOrWholeImageSegmenter()
+                    return self._inner
                 try:
-                    self._inner = BiRefNetSegmenter(self._loader(self.model_id, self.device), model_id=self.model_id)
+                    self._inner = BiRefNetSegmenter(loader(self.model_id, self.device), model_id=self.model_id)
                 except Exception as e:  # offline, not cached, remote code missing: all mean "absent"
                     self.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no details'}"
                     self._inner = AlphaOrWholeImageSegmenter()

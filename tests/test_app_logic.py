@@ -317,3 +317,62 @@ def test_birefnet_wrapper_pre_and_post_processing(tmp_path):
     seg(Image.open(STAR))  # a real cut-out keeps its alpha: the network is not run
     assert len(model.seen) == 1 and seg.last_source == "alpha"
     assert isinstance(seg._inner, BiRefNetSegmenter)
+
+
+def test_an_unreachable_hub_is_decided_within_two_seconds_and_said(monkeypatch, tmp_path):
+    """No network but HF_HUB_OFFLINE unset: a hub that accepts connections and never answers (as a dead link does)."""
+    import socket
+    import time
+
+    import huggingface_hub.constants
+
+    from anystory import matting
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)  # connections complete in the backlog; no byte ever comes back
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
+    try:
+        start = time.perf_counter()
+        seg = LazyBiRefNetSegmenter()
+        status = seg.status  # what the page shows before the first click
+        mask = seg(Image.new("RGB", (20, 10), "red"))  # the first generation's matting
+        assert time.perf_counter() - start <= 2.0
+        assert "is unreachable" in status and "alpha channel" in status
+        assert mask.all() and seg.last_source == "whole-image"
+        assert "unreachable" in seg.status and "unavailable" in seg.status
+        start = time.perf_counter()  # remembered: a page reload or a second segmenter does not probe again
+        assert "unreachable" in LazyBiRefNetSegmenter().status
+        assert time.perf_counter() - start < 0.5
+    finally:
+        server.close()
+    assert matting.HUB_PROBE_SECONDS <= 2.0
+
+
+def test_hub_probe_counts_any_http_answer_as_reachable(monkeypatch):
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from anystory.matting import hub_reachable
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = HTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{httpd.server_address[1]}")
+    try:
+        assert hub_reachable() is True
+    finally:
+        httpd.shutdown()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_reachable() is False
