@@ -14,15 +14,19 @@ from typing import Any, List
 
 
 class Processes:
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank, self.local_rank, self.state = 0, 0, None
-        if self.world > 1:
+    """``device="cpu"`` joins the processes over gloo (CPU-only machines, or GPUs left idle), ``cuda`` over NCCL."""
+
+    def __init__(self, device: str = "cpu"):
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        self.world, self.rank, self.local_rank, self.state = 1, 0, 0, None
+        if launched > 1:
             from accelerate import PartialState
 
-            self.state = PartialState()
+            self.state = PartialState(cpu=device == "cpu")
             self.rank, self.local_rank = self.state.process_index, self.state.local_process_index
             self.world = self.state.num_processes
+            if self.world != launched:
+                raise RuntimeError(f"launched as {launched} processes but accelerate joined {self.world}")
 
     @property
     def is_main(self) -> bool:

@@ -255,7 +255,7 @@ def run_eval(cfg: RunConfig, *, metrics: Optional[Sequence[Metric]] = None, benc
         cfg = replace(cfg, metrics=replace(cfg.metrics, names=default_metric_names(cfg.bench)))
     full = benchmark or load_benchmark(cfg.bench, cfg.data_dir)
     bench = full.subset(cfg.subset) if cfg.subset else full
-    procs = Processes()
+    procs = Processes(cfg.device)
     if procs.is_main:
         os.makedirs(cfg.out, exist_ok=True)
     with RunLock(cfg.out) if procs.is_main else contextlib.nullcontext():

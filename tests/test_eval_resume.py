@@ -30,7 +30,7 @@ def _parts(run_dir):
 
 
 def _comparable(rows: pd.DataFrame) -> pd.DataFrame:
-    return rows.drop(columns=["image_path"]).sort_values(KEY).reset_index(drop=True)
+    return rows.drop(columns=["image_path", "run"]).sort_values(KEY).reset_index(drop=True)
 
 
 def test_kill_during_scoring_then_resume(tmp_path):
