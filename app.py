@@ -158,9 +158,14 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                                 except USER_ERRORS as e:
                                     return None, f"Mask: {e}"
 
-                            for source in (drawn, mask):  # the editor changes whenever the image does
+                            # a new image clears the strokes: its preview needs no editor value. The editor's own
+                            # change events (strokes, and the new image arriving) may meet a half-rewritten upload
+                            # when several slots load at once (an example): those fail quietly, the next one shows
+                            image.change(lambda img, msk, index=i: on_mask_inputs(img, msk, None, index), [image, mask],
+                                         [mask_view, mask_note], trigger_mode="always_last")
+                            for source in (drawn, mask):
                                 source.change(on_mask_inputs, [image, mask, drawn], [mask_view, mask_note],
-                                              trigger_mode="always_last")
+                                              trigger_mode="always_last", show_progress="hidden")
                             if i >= 2:  # an example filling a hidden slot shows it
                                 image.change(lambda p, c, k=i: max(int(c or 1), k + 1) if p else c, [image, count],
                                              count, queue=False)
@@ -189,7 +194,7 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                     prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
                                         placeholder="e.g. a red striped star and a blue dotted moon on sand")
                     negative = gr.Textbox(label="Negative prompt", lines=1)
-                    with gr.Accordion("Settings", open=False):
+                    with gr.Accordion("Settings", open=False, elem_id="settings"):
                         seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, minimum=-1, maximum=MAX_SEED,
                                          elem_id="seed", info="The same seed and settings give the same image.")
                         steps = gr.Slider(1, 100, value=d.steps, step=1, label="Steps", info=SLIDER_HELP["steps"])
@@ -203,10 +208,11 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                     run_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column(scale=2):
                     run_progress = gr.HTML(elem_id="run-progress")
-                    gallery = gr.Gallery(label="Output", columns=2, object_fit="contain", elem_id="output-gallery")
+                    gallery = gr.Gallery(label="Output", columns=2, object_fit="contain", format="png",
+                                         elem_id="output-gallery")
                     info = gr.Markdown(elem_id="run-info")
                     routing = gr.Gallery(label="Routing: all subjects, then each subject alone, then the map",
-                                         columns=3, object_fit="contain", elem_id="routing-gallery")
+                                         columns=3, object_fit="contain", format="png", elem_id="routing-gallery")
                     legend = gr.HTML(elem_id="routing-legend")
                     files = gr.File(label="Download (PNG)", file_count="multiple", interactive=False, elem_id="downloads")
 
@@ -285,9 +291,9 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                                         file_types=[".yaml", ".yml", ".json", ".zip"], elem_id="import-script")
                 script_files = gr.File(label="Exported script", file_count="multiple", interactive=False)
             story_status = gr.Markdown(elem_id="story-status")
-            frames = gr.Gallery(label="Frames (captioned with their shot)", columns=3, object_fit="contain",
+            frames = gr.Gallery(label="Frames (captioned with their shot)", columns=3, object_fit="contain", format="png",
                                 elem_id="story-frames")
-            frame_routes = gr.Gallery(label="Routing per frame", columns=3, object_fit="contain")
+            frame_routes = gr.Gallery(label="Routing per frame", columns=3, object_fit="contain", format="png")
             story_legend = gr.HTML()
 
             def on_import(path):

@@ -24,12 +24,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 from PIL import Image
 
-from .app_inputs import InputError, SubjectSlot, check_number, check_prompt, collect_subjects, resolve_seed
+from .app_inputs import (InputError, SubjectSlot, check_number, check_prompt, collect_subjects, load_image_file,
+                         resolve_seed)
 from .storyboard import (Frame, Script, ScriptError, dump_script, export_bundle, render_storyboard, script_from_dict,
                          shot_cast, shot_prompt, shot_subjects)
-from .subjects import MAX_SUBJECTS, Subject
+from .subjects import MAX_SUBJECTS, AlphaOrWholeImageSegmenter, Subject
 from .visualize import (contrasting_colors, dominant_color, legend_html, routing_colormap, routing_overlay, save_png,
-                        side_by_side, subject_colors, subject_overlays, subject_shares, thumbnail_uri)
+                        side_by_side, subject_overlays, subject_shares, thumbnail_uri)
 
 KINDS = ("flux", "sdxl", "miniature", "tiny")
 
@@ -521,14 +522,31 @@ def story_subjects(script: Script, segmenter, max_characters: int = 16) -> Dict[
     return {c.alias: s for c, s in zip(chars, subjects)}
 
 
+def _reference_picture(reference: Any) -> tuple:
+    """(image, mask) of a character's reference as the default segmenter sees it; (None, None) when unreadable."""
+    if reference is None:
+        return None, None
+    try:
+        image = load_image_file(reference, "reference")
+        return image, AlphaOrWholeImageSegmenter()(image)
+    except Exception:  # a bad reference is reported where it is used; here it only loses its colour choice
+        return None, None
+
+
 def story_colors(script: Script) -> Dict[str, tuple]:
-    """One colour per character for the whole story, so overlays of different frames can be compared."""
-    return dict(zip([c.alias for c in script.characters], subject_colors(len(script.characters))))
+    """One colour per character for the whole story, so overlays of different frames can be compared; each chosen
+    to differ from the dominant colour of the character's reference (a red character is not keyed in red)."""
+    pictures = [_reference_picture(c.reference) for c in script.characters]
+    dominant = [dominant_color(im, m) if im is not None else (128, 128, 128) for im, m in pictures]
+    return dict(zip([c.alias for c in script.characters], contrasting_colors(dominant)))
 
 
 def story_legend(script: Script) -> str:
     colors = story_colors(script)
-    return legend_html([c.alias for c in script.characters], colors=[colors[c.alias] for c in script.characters])
+    thumbs = [thumbnail_uri(im, m) if im is not None else None
+              for im, m in (_reference_picture(c.reference) for c in script.characters)]
+    return legend_html([c.alias for c in script.characters], colors=[colors[c.alias] for c in script.characters],
+                       thumbnails=thumbs)
 
 
 def storyboard_frames(handle: ModelHandle, segmenter, script: Script, seed: Any = -1, steps: Any = None,

@@ -136,7 +136,7 @@ def test_generation_gives_images_overlays_and_downloads(handle, seg, tmp_path):
     assert len(r.images) == 2 and all(im.size == (size, size) for im in r.images)
     assert len(r.overlays) == 2 and all(o.size == (size, size) for o in r.overlays)
     assert len(r.route_maps) == 2
-    assert calls == [(1, 3), (2, 3), (3, 3)]
+    assert calls == [(0, 3), (1, 3), (2, 3), (3, 3)]  # 0: before the first step, while subjects are encoded
     assert r.seed == 5 and "Seed **5**" in r.info
     assert "star" in r.legend and "cat" in r.legend
     assert "automatic (alpha)" in r.info and "automatic (whole-image)" in r.info

@@ -9,10 +9,9 @@ import pytest
 from PIL import Image
 
 from anystory.app_inputs import InputError
-from anystory.app_logic import (Environment, export_script_files, load_model, script_from_ui, storyboard_frames,
-                                ui_from_script)
+from anystory.app_logic import (Environment, export_script_files, load_model, script_from_ui, story_colors,
+                                storyboard_frames, ui_from_script)
 from anystory.matting import LazyBiRefNetSegmenter
-from anystory.visualize import subject_colors
 from anystory.storyboard import (ScriptError, dump_script, export_bundle, import_bundle, import_script, parse_script,
                                  render_storyboard, shot_cast, shot_prompt)
 
@@ -167,9 +166,11 @@ def test_two_characters_three_shots_give_three_frames_with_own_references(handle
     assert calls[1]["prompt"] == "a blue dotted moon alone in the snow"
     assert frames[0].caption.startswith("Shot 1 (star, moon): a red striped star")
     assert all(len(f.output.overlays) == 1 for f in frames)
-    red, blue = subject_colors(2)  # star keeps red, moon keeps blue, also in the shot where moon acts alone
-    assert f"rgb({blue[0]},{blue[1]},{blue[2]})" in frames[1].output.legend
-    assert f"rgb({red[0]},{red[1]},{red[2]})" not in frames[1].output.legend
+    colors = story_colors(script)  # one colour per character, also in the shot where moon acts alone
+    star, moon = colors["star"], colors["moon"]
+    assert star != moon and star != (230, 25, 75)  # the red star is not keyed in red
+    assert f"rgb({moon[0]},{moon[1]},{moon[2]})" in frames[1].output.legend
+    assert f"rgb({star[0]},{star[1]},{star[2]})" not in frames[1].output.legend
 
 
 def test_storyboard_checks_everything_before_the_first_frame(handle):
