@@ -95,7 +95,7 @@ def _check_scale(value, what: str) -> float:
     if math.isnan(v) or math.isinf(v):
         raise ValueError(f"{what} must be finite, got {v}")
     if not 0 <= v <= MAX_SCALE:
-        raise ValueError(f"{what} must be between 0 and {MAX_SCALE:g}, got {v:g}")
+        raise ValueError(f"{what} must be >= 0 and <= {MAX_SCALE:g}, got {v:g}")
     return v
 
 

@@ -1,9 +1,11 @@
 """app.py's wiring without a browser: the UI builds around a loaded model, the CLI fails clearly."""
 import importlib
+import os
 import sys
 
 import pytest
 import torch
+from PIL import Image
 
 import app
 from anystory.app_logic import Environment, load_model
@@ -57,3 +59,33 @@ def test_gpu_decoration_only_with_spaces(monkeypatch):
     assert spaced.gpu(f) == ("on-gpu", 180, f)
     monkeypatch.setitem(sys.modules, "spaces", None)
     importlib.reload(app)
+
+
+def test_uploads_reach_the_app_checks_undecoded(tmp_path):
+    """Gradio's own gr.Image decodes an upload before any app code runs; a renamed text file raised there."""
+    import gradio as gr
+    from gradio.data_classes import ImageData
+
+    from anystory.upload_image import UploadImage, editor_background
+
+    fake = tmp_path / "holiday.png"
+    fake.write_text("not a picture")
+    payload = ImageData(path=str(fake), orig_name="holiday.png")
+    with pytest.raises(Exception):
+        gr.Image(type="filepath", image_mode="RGB").preprocess(payload)
+    upload = UploadImage(label="x", image_mode="RGB")
+    assert upload.preprocess(payload) == str(fake) and upload.get_block_name() == "image"
+    assert upload.preprocess(None) is None
+    assert editor_background(str(fake)) is None  # the mask editor stays empty; Generate names the problem
+    good = tmp_path / "good.png"
+    Image.new("RGB", (6, 4)).save(good)
+    assert editor_background(str(good))["background"].size == (6, 4)
+    import anystory.upload_image as module
+
+    assert not os.path.exists(module.__file__[:-3] + ".pyi")  # no subclass: Gradio writes no stub beside it
+
+
+def test_matting_status_is_read_at_each_page_load(demo):
+    blocks, _ = demo
+    status = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "matting-status")
+    assert callable(status.value) or getattr(status, "load_event_to_attach", None) is not None
