@@ -144,3 +144,61 @@ def test_add_and_remove_subject_slots(page):
     sync_api.expect(third).to_be_visible(timeout=10_000)
     page.click("#remove-subject")
     sync_api.expect(third).to_be_hidden(timeout=10_000)
+
+
+def test_a_file_that_is_no_image_gets_a_message_and_earlier_results_stay(page, tmp_path_factory):
+    """A text file renamed .png, on both tabs: the app's message, no Error badge, the previous outputs kept."""
+    fake = tmp_path_factory.mktemp("bad") / "holiday.png"
+    fake.write_text("this is a text file, not a picture")
+    page.get_by_role("tab", name="Generate").click()
+    output = page.locator("#output-gallery img").first
+    if page.locator("#output-gallery img").count() == 0:  # run alone: make a result to keep
+        page.locator("#subject-1-image input[type=file]").set_input_files(STAR)
+        page.locator("#prompt textarea").fill("a red striped star on sand")
+        page.click("#generate")
+    sync_api.expect(output).to_be_visible(timeout=240_000)
+    before = output.get_attribute("src")
+
+    page.locator("#subject-1-image input[type=file]").set_input_files(str(fake))
+    page.locator("#prompt textarea").fill("a red striped star on sand")
+    page.wait_for_timeout(1000)  # the upload's change event settles
+    page.click("#generate")
+    message = page.get_by_text("cannot read holiday.png as an image").first
+    sync_api.expect(message).to_be_visible(timeout=30_000)
+    sync_api.expect(output).to_be_visible()
+    assert output.get_attribute("src") == before
+    for gallery in ("#output-gallery", "#routing-gallery"):
+        sync_api.expect(page.locator(gallery).get_by_text("Error", exact=True)).to_have_count(0)
+    page.screenshot(path=os.path.join(OUT, "app_browser_bad_file.png"), full_page=True)
+
+    page.get_by_role("tab", name="Storyboard").click()
+    if not page.locator("#char-1-alias textarea, #char-1-alias input").first.input_value():  # run alone
+        from anystory.storyboard import export_bundle, import_script
+
+        script, _ = import_script(os.path.join(ROOT, "assets", "examples", "storyboard.yaml"), "/unused")
+        bundle = export_bundle(script, str(tmp_path_factory.mktemp("story") / "story.zip"))
+        page.locator("#import-script input[type=file]").set_input_files(bundle)
+        sync_api.expect(page.locator("#story-status")).to_contain_text("2 characters, 3 shots", timeout=30_000)
+    frames = page.locator("#story-frames img").count()
+    page.locator("#char-1-ref input[type=file]").set_input_files(str(fake))
+    page.wait_for_timeout(1000)
+    page.click("#generate-storyboard")
+    sync_api.expect(page.get_by_text("image: cannot read holiday.png as an image").first).to_be_visible(timeout=30_000)
+    assert page.locator("#story-frames img").count() == frames
+    sync_api.expect(page.locator("#story-frames").get_by_text("Error", exact=True)).to_have_count(0)
+    page.get_by_role("tab", name="Generate").click()
+
+
+def test_matting_status_stays_true_after_a_reload(page):
+    """After a generation tried BiRefNet (absent: the hub is off), a reloaded page still says what was found."""
+    status = page.locator("#matting-status")
+    if "unavailable" not in (status.text_content() or ""):  # run alone: one generation tries the matting
+        page.locator("#subject-1-image input[type=file]").set_input_files(CAT)
+        page.locator("#prompt textarea").fill("a cat on sand")
+        page.click("#generate")
+        sync_api.expect(page.locator("#output-gallery img").first).to_be_visible(timeout=240_000)
+    sync_api.expect(status).to_contain_text("unavailable", timeout=30_000)
+    page.reload()
+    page.wait_for_selector("#generate", timeout=60_000)
+    sync_api.expect(page.locator("#matting-status")).to_contain_text("unavailable", timeout=30_000)
+    sync_api.expect(page.locator("#matting-status")).to_contain_text("alpha channel")
