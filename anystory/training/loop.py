@@ -15,12 +15,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from typing import Callable, Dict, Optional
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
 from .config import stage_dir
@@ -37,8 +39,10 @@ def make_accelerator(cfg: dict, stage: Optional[str] = None) -> Accelerator:
     ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(cfg.get("find_unused_parameters", True)))
     trackers = tracker_names(cfg) if stage else []
     precision = {"mixed_precision": cfg["mixed_precision"]} if cfg.get("mixed_precision") else {}  # else the launch's
+    accumulation = int(cfg[stage].get("gradient_accumulation", 1)) if stage else 1
     acc = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp], log_with=trackers or None,
-                      project_dir=os.path.join(cfg["work_dir"], "logs"), **precision)
+                      project_dir=os.path.join(cfg["work_dir"], "logs"), gradient_accumulation_steps=accumulation,
+                      **precision)
     if trackers:
         from .tracking import flat_config
 
@@ -123,10 +127,13 @@ class StageLoop:
         missing = sorted(set(self.params) - set(weights))
         if missing:
             raise ValueError(f"stage {self.stage}: checkpoint {self.ckpt} lacks {missing[:5]} (config changed?)")
+        if self.sharded:  # FSDP / DeepSpeed: their own sharded model and optimizer state, written beside ours
+            self.accelerator.load_state(os.path.join(self.ckpt, "accelerate"))
         with torch.no_grad():
             for n, p in self.params.items():
-                p.copy_(weights[n])
-        moments = load_file(os.path.join(self.ckpt, "optimizer.safetensors"))
+                if not self.sharded:
+                    p.copy_(weights[n])
+        moments = {} if self.sharded else load_file(os.path.join(self.ckpt, "optimizer.safetensors"))
         opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
         for n, p in self.params.items():
             if f"{n}::exp_avg" in moments:
@@ -140,18 +147,34 @@ class StageLoop:
         self.print(f"[{self.stage}] resumed from {self.ckpt} at step {self.step}")
         return True
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP / DeepSpeed: parameters or optimizer state live in shards across processes."""
+        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
     def save(self) -> None:
-        """Write the checkpoint (main process only; every process waits until it is complete)."""
+        """Write the checkpoint (main process only; every process waits until it is complete).
+
+        Under FSDP / DeepSpeed every process also writes its shard of the model and optimizer state
+        (``accelerator.save_state``) and the full trainable weights are gathered for ``trainable.safetensors``."""
+        tmp = self.ckpt + ".tmp"
+        weights = None
+        if self.sharded:
+            if self.accelerator.is_main_process:
+                os.makedirs(tmp, exist_ok=True)
+            self.accelerator.wait_for_everyone()
+            self.accelerator.save_state(os.path.join(tmp, "accelerate"))
+            full = self.accelerator.get_state_dict(self.module)
+            weights = {n: full[n] for n in self.params}
         if self.accelerator.is_main_process:
-            self._write_checkpoint()
+            self._write_checkpoint(tmp, weights)
         self.accelerator.wait_for_everyone()
 
-    def _write_checkpoint(self) -> None:
+    def _write_checkpoint(self, tmp: str, weights: Optional[dict] = None) -> None:
         os.makedirs(self.ckpt, exist_ok=True)
-        tmp = self.ckpt + ".tmp"
         os.makedirs(tmp, exist_ok=True)
-        save_file({n: p.detach().contiguous().cpu() for n, p in self.params.items()},
-                  os.path.join(tmp, "trainable.safetensors"))
+        weights = weights or {n: p.detach() for n, p in self.params.items()}
+        save_file({n: t.contiguous().cpu() for n, t in weights.items()}, os.path.join(tmp, "trainable.safetensors"))
         opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
         moments = {}
         for n, p in self.params.items():
@@ -170,9 +193,7 @@ class StageLoop:
             old = self.ckpt + ".old"
             os.replace(self.ckpt, old)
             os.replace(tmp, self.ckpt)
-            for name in os.listdir(old):
-                os.remove(os.path.join(old, name))
-            os.rmdir(old)
+            shutil.rmtree(old)
         else:
             os.replace(tmp, self.ckpt)
 
@@ -213,12 +234,11 @@ class StageLoop:
         self.optimizer.zero_grad(set_to_none=True)
         totals: Dict[str, torch.Tensor] = {}
         for micro in range(self.accumulation):
-            last = micro == self.accumulation - 1
-            sync = nullcontext() if last or self.module is None else self.accelerator.no_sync(self.module)
-            with sync:
+            # accumulate(): no gradient sync before the last micro-batch; backward() divides by the micro-batches
+            with self.accelerator.accumulate(self.module) if self.module is not None else nullcontext():
                 with self.accelerator.autocast():
                     out = compute(micro)
-                self.accelerator.backward(out["loss"] / self.accumulation)
+                self.accelerator.backward(out["loss"])
             for k, v in out.items():
                 totals[k] = totals.get(k, 0.0) + v.detach().float() / self.accumulation
         names = sorted(totals)
@@ -235,7 +255,10 @@ class StageLoop:
     def _apply(self, loss: float, metrics: dict) -> None:
         for g in self.optimizer.param_groups:
             g["lr"] = self.base_lr * lr_factor(self.step, self.total)
-        self.accelerator.clip_grad_norm_(list(self.params.values()), 1.0)
+        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            self.accelerator.clip_grad_norm_(list(self.params.values()), 1.0)  # sharded gradients
+        else:  # whole, synchronised gradients: torch's own clip, bit for bit what one process computes
+            torch.nn.utils.clip_grad_norm_(list(self.params.values()), 1.0)
         self.optimizer.step()
         if self.ema is not None:
             with torch.no_grad():

@@ -77,6 +77,7 @@ def sampler(cfg: dict, stage: str, pipe):
 def train_stage1(cfg: dict, pipe, log=print) -> dict:
     scfg = cfg["stage1"]
     acc = make_accelerator(cfg, "stage1")
+    pipe.to(acc.device)
     if pipe.anystory is None:
         torch.manual_seed(int(cfg["seed"]))
         pipe.init_anystory(**anystory_config(cfg))
