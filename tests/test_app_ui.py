@@ -1,6 +1,7 @@
 """app.py's wiring without a browser: the UI builds around a loaded model, the CLI fails clearly."""
 import importlib
 import os
+import os
 import sys
 
 import pytest
@@ -89,3 +90,44 @@ def test_matting_status_is_read_at_each_page_load(demo):
     blocks, _ = demo
     status = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "matting-status")
     assert callable(status.value) or getattr(status, "load_event_to_attach", None) is not None
+
+
+def test_every_slider_says_what_it_does(demo):
+    sliders = [c["props"] for c in demo[0].get_config_file()["components"] if c["type"] == "slider"]
+    assert len(sliders) >= 2 * demo[1].max_subjects + 5
+    for props in sliders:
+        assert props.get("info") and len(props["info"]) > 20, props.get("label")
+
+
+def test_each_slot_shows_the_mask_it_will_use_and_an_editor_to_replace_it(demo):
+    ids = {c["props"].get("elem_id"): c for c in demo[0].get_config_file()["components"]}
+    for i in range(1, demo[1].max_subjects + 1):
+        assert ids[f"subject-{i}-mask-preview"]["type"] == "image"
+        assert ids[f"subject-{i}-draw"]["type"] == "imageeditor"
+        assert f"subject-{i}-mask-note" in ids
+    assert ids["run-progress"]["type"] == "html"
+    for gallery in ("output-gallery", "routing-gallery", "story-frames"):
+        assert ids[gallery]["props"]["object_fit"] == "contain", gallery
+
+
+def test_examples_cover_one_to_four_subjects_each_with_a_seed_and_real_files():
+    assert sorted({row[0] for row in app.EXAMPLES}) == [1, 2, 3, 4]
+    for subjects, mask, *images, prompt, seed in app.EXAMPLES:
+        assert isinstance(seed, int) and seed >= 0 and prompt
+        given = [p for p in images if p]
+        assert len(given) == subjects and images[:subjects] == given  # filled slots first, none skipped
+        assert all(os.path.isfile(p) for p in given + ([mask] if mask else []))
+
+
+def test_the_example_story_ships_with_its_references():
+    from anystory.storyboard import import_script
+
+    script, missing = import_script(app.EXAMPLE_STORY, "/unused")
+    assert missing == [] and len(script.shots) >= 3
+    assert all(c.reference and os.path.isfile(c.reference) for c in script.characters)
+
+
+def test_app_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        app.parse_args(["--help"])
+    assert "(default: ZhengPeng7/BiRefNet)" in " ".join(capsys.readouterr().out.split())

@@ -1,11 +1,15 @@
-"""Routing-map overlays: one colour per subject, exactly where the router sent it."""
+"""Routing-map overlays: one colour per subject, exactly where the router sent it; what the demo shows of them."""
+import base64
+import io
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from anystory.visualize import (BACKGROUND_COLOR, legend_html, routing_colormap, routing_overlay, save_png,
-                                side_by_side, subject_colors, subject_shares)
+from anystory.visualize import (BACKGROUND_COLOR, PALETTE, _lab, contrasting_colors, display_copy, dominant_color,
+                                legend_html, routing_colormap, routing_overlay, save_png, side_by_side, subject_colors,
+                                subject_overlays, subject_shares, thumbnail_uri)
 
 
 def _maps():
@@ -81,3 +85,97 @@ def test_side_by_side_and_png_download(tmp_path):
     path = save_png(row, str(tmp_path / "dl"), "overlay")
     with Image.open(path) as im:
         assert im.format == "PNG" and im.size == row.size
+
+
+# ---- legend colours against each subject's own colour, per-subject overlays, display copies ------------------------
+def _blob(color, size=40):
+    """A subject of one colour on white, and its mask."""
+    arr = np.full((size, size, 3), 255, np.uint8)
+    arr[10:30, 10:30] = color
+    mask = np.zeros((size, size), bool)
+    mask[10:30, 10:30] = True
+    return Image.fromarray(arr), mask
+
+
+def test_dominant_colour_is_the_subjects_not_the_background():
+    image, mask = _blob((30, 170, 45))
+    assert dominant_color(image, mask) == (30, 170, 45)
+    assert dominant_color(image) == (255, 255, 255)  # without the mask, white covers most of it
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_each_subject_is_keyed_in_a_colour_far_from_its_own(n):
+    for own in (PALETTE[:n], PALETTE[-n:], PALETTE[n - 1::-1]):  # subjects coloured like the slot palette's own keys
+        chosen = contrasting_colors(list(own))
+        assert len(set(chosen)) == n and all(c in PALETTE for c in chosen)
+        assert all(c != o for c, o in zip(chosen, own))
+    green, red, blue = (30, 170, 45), (215, 35, 35), (35, 85, 225)
+    chosen = contrasting_colors([green, red, blue])
+    lab = lambda c: _lab(np.array(c, dtype=float))  # noqa: E731
+    for own, key in zip([green, red, blue], chosen):  # every key at least as far as the slot palette's worst case
+        assert np.linalg.norm(lab(own) - lab(key)) > 60, (own, key)
+
+
+def test_many_subjects_still_get_distinct_colours():
+    chosen = contrasting_colors([(200, 30, 30)] * 10)
+    assert len(set(chosen)) == 10
+
+
+def test_one_overlay_per_subject_colours_only_that_subject():
+    image = Image.new("RGB", (32, 32), (128, 128, 128))
+    first, second = subject_overlays(image, _maps(), alpha=1.0, colors=[(1, 2, 3), (4, 5, 6)])
+    a, b = np.asarray(first), np.asarray(second)
+    assert (a[:16, :16] == (1, 2, 3)).all() and (a[16:, 16:] == 128).all()
+    assert (b[16:, 16:] == (4, 5, 6)).all() and (b[:16, :16] == 128).all()
+
+
+def test_legend_shows_each_subjects_thumbnail_beside_its_colour():
+    image, mask = _blob((30, 170, 45))
+    uri = thumbnail_uri(image, mask)
+    assert uri.startswith("data:image/png;base64,")
+    with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as thumb:
+        assert max(thumb.size) <= 40
+    text = legend_html(["frog", "cup"], colors=[(1, 2, 3), (4, 5, 6)], thumbnails=[uri, None])
+    assert text.count("<img") == 1 and uri in text and "rgb(1,2,3)" in text
+    assert text.index(uri) < text.index("frog")  # the thumbnail comes first, then the swatch and the name
+
+
+def test_small_images_are_enlarged_with_sharp_pixels_and_their_real_size():
+    rng = np.random.default_rng(0)
+    small = Image.fromarray(rng.integers(0, 255, (32, 64, 3), dtype=np.uint8))
+    big, caption = display_copy(small, min_side=384)
+    assert big.size == (64 * 12, 32 * 12)  # aspect kept, a whole factor
+    assert caption == "64x32 (shown 12x, nearest-neighbour)"
+    blocks = np.asarray(big).reshape(32, 12, 64, 12, 3)
+    assert (blocks == np.asarray(small)[:, None, :, None]).all()  # every pixel a 12x12 block: no blur
+    large = Image.new("RGB", (512, 400))
+    same, caption = display_copy(large, min_side=384)
+    assert same is large and caption == "512x400"
+
+
+def test_mask_preview_shows_the_mask_a_run_would_use(tmp_path):
+    from anystory.app_inputs import InputError, SubjectSlot
+    from anystory.mask_preview import cutout, preview
+    from anystory.subjects import AlphaOrWholeImageSegmenter
+
+    star = "assets/examples/red_striped_star.png"
+    picture, note = preview(SubjectSlot(star), AlphaOrWholeImageSegmenter())
+    alpha = np.asarray(Image.open(star))[..., 3] > 0
+    assert note.startswith("Mask: automatic (alpha)") and "Upload or draw a mask to replace it" in note
+    assert f"{100 * alpha.mean():.0f}% of the image" in note
+    assert picture.size == alpha.shape[::-1]
+    mask = np.zeros(alpha.shape, np.uint8)
+    mask[:40, :40] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    picture, note = preview(SubjectSlot(star, mask=str(tmp_path / "m.png")), AlphaOrWholeImageSegmenter())
+    assert note.startswith("Mask: uploaded mask") and "replace" not in note
+    drawn = Image.new("RGBA", alpha.shape[::-1], (0, 0, 0, 0))
+    drawn.paste((255, 0, 0, 255), (0, 0, 20, 20))
+    _, note = preview(SubjectSlot(star, drawn={"background": None, "layers": [drawn]}), AlphaOrWholeImageSegmenter())
+    assert note.startswith("Mask: drawn mask")
+    assert preview(SubjectSlot(), AlphaOrWholeImageSegmenter()) == (None, "")
+    with pytest.raises(InputError, match="Subject 3 image: file not found"):
+        preview(SubjectSlot("missing.png"), AlphaOrWholeImageSegmenter(), index=2)
+    rgb = Image.new("RGB", (4, 4), (10, 20, 30))
+    cut = np.asarray(cutout(rgb, np.eye(4, dtype=bool)))
+    assert (cut[0, 0] == (10, 20, 30)).all() and not (cut[0, 1] == (10, 20, 30)).all()
