@@ -30,12 +30,14 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
 from diffusers.utils import BaseOutput
 
-from ..subjects import MAX_SUBJECTS, PreparedSubject, Segmenter, Subject, prepare_subjects
+from ..subjects import MAX_SUBJECTS, PreparedSubject, Segmenter, Subject
 from .adapter_scope import ANYSTORY_ADAPTERS, REF_ADAPTER, ROUTER_ADAPTER, deactivate_anystory_adapters, \
     layers_with_adapter
 from .attention_processor_flux import AnyStoryFluxAttnProcessor
 from .conditioning_flux import AnyStoryFluxState, step_window
+from .low_vram import quantization_config
 from .redux import AnyStoryReduxEncoder
+from .release_inputs import encoder_mask_values, prepare_release_subjects
 from .weights_flux import RELEASE_FILENAME, RELEASE_REPO, block_names, read_released_file, resolve_released_state_dict
 
 DEFAULT_FLUX = "black-forest-labs/FLUX.1-dev"
@@ -43,6 +45,7 @@ DEFAULT_REDUX = "black-forest-labs/FLUX.1-Redux-dev"
 REDUX_GRID = 9  # 9x9 = 81 redux tokens per subject
 ROUTER_GRID = 3  # 3x3 = 9 router tokens per subject
 MULTI_SUBJECT_REF_START = 0.09  # the authors' demo starts the reference later when routing several subjects
+REFERENCE_NOISE = ("call", "release")
 
 
 @dataclass
@@ -99,11 +102,17 @@ class AnyStoryFluxPipeline(FluxPipeline):
     # ---- loading -----------------------------------------------------------------------------------------------
     @classmethod
     def from_released(cls, flux: str = DEFAULT_FLUX, redux: str = DEFAULT_REDUX, anystory: str = RELEASE_REPO,
-                      torch_dtype: torch.dtype = torch.bfloat16, **kwargs) -> "AnyStoryFluxPipeline":
+                      torch_dtype: torch.dtype = torch.bfloat16, quantization: str = "none",
+                      **kwargs) -> "AnyStoryFluxPipeline":
         """FLUX.1-dev + FLUX.1-Redux-dev's SigLIP and image embedder + ``anystory_flux.bin`` (hub ids or local
-        paths), as the authors' demo loads them. ``kwargs`` go to ``from_pretrained`` of the FLUX pipeline."""
+        paths), as the authors' demo loads them. ``quantization``: ``"none"``, ``"int8"`` (torchao),
+        ``"bnb-8bit"`` or ``"bnb-4bit"`` (CUDA) for the transformer and T5, the AnyStory LoRAs on top (see
+        ``low_vram``). ``kwargs`` go to ``from_pretrained`` of the FLUX pipeline."""
         from transformers import SiglipImageProcessor, SiglipVisionModel
 
+        config = quantization_config(quantization, torch_dtype)
+        if config is not None:
+            kwargs["quantization_config"] = config
         encoder = SiglipVisionModel.from_pretrained(redux, subfolder="image_encoder", dtype=torch_dtype)
         size = encoder.config.image_size
         pipe = cls.from_pretrained(flux, image_encoder=encoder, dtype=torch_dtype,
@@ -223,58 +232,71 @@ class AnyStoryFluxPipeline(FluxPipeline):
         return (small[:n] > 0.5).float().flatten(1).to(device)
 
     # ---- subjects ----------------------------------------------------------------------------------------------
-    def check_subjects(self, subjects: Optional[Sequence[Subject]]) -> List[PreparedSubject]:
-        prepared = prepare_subjects(subjects, self.max_subjects, self.segmenter)
+    def check_subjects(self, subjects: Optional[Sequence[Subject]], preprocessing: str = "app") -> List[PreparedSubject]:
+        """Validated subjects, prepared as the release prepares them (``release_inputs``: ``"app"`` = the
+        authors' demo, ``"none"`` = their ``generate()``: image and soft mask as given)."""
+        prepared = prepare_release_subjects(subjects, self.max_subjects, self.segmenter, preprocessing)
         if prepared and not self.anystory_loaded:
             raise ValueError("subjects were given but no AnyStory weights are loaded: call "
                              "load_anystory_weights(path) (the authors' anystory_flux.bin)")
         return prepared
 
-    def _mask_tensor(self, prepared: Sequence[PreparedSubject], size) -> torch.Tensor:
-        """``[N, 1, H, W]`` 0/1 masks, nearest-resized (``size`` = (H, W))."""
-        masks = [PIL.Image.fromarray(p.mask.astype(np.uint8) * 255).resize((size[1], size[0]), PIL.Image.NEAREST)
-                 for p in prepared]
-        return torch.from_numpy(np.stack([np.asarray(m) > 127 for m in masks])).float()[:, None]
-
-    def encode_subjects(self, prepared: Sequence[PreparedSubject], device, generator=None) -> dict:
+    def encode_subjects(self, prepared: Sequence[PreparedSubject], device, generator=None,
+                        reference_noise: str = "call") -> dict:
         """Redux tokens ``[N, 81, C]``, router tokens ``[N, 9, C]``, packed reference latents ``[N, R, c]``, their
-        position ids ``[R, 3]`` and reference-token masks ``[N, R]``."""
-        images = [p.image for p in prepared]
-        # SigLIP: normalised pixels times the mask (background -> 0), as the release
-        fe = self.feature_extractor
-        pixels = fe(images=images, return_tensors="pt").pixel_values
-        mask = self._mask_tensor(prepared, tuple(pixels.shape[-2:]))
-        enc = self.image_encoder
-        feats = enc((pixels * mask).to(device=device, dtype=enc.dtype)).last_hidden_state
-        grid = enc.config.image_size // enc.config.patch_size
-        patch_mask = (F.adaptive_avg_pool2d(mask, (grid, grid)) > 0).flatten(2).transpose(1, 2).to(device)
-        feats = feats.to(self.redux_embedder.dtype)
-        redux = self.redux_embedder(feats, patch_mask)
-        router = self.router_embedder(feats.to(self.router_embedder.dtype), patch_mask)
+        position ids ``[R, 3]`` and reference-token masks ``[N, R]``. As the release: one subject at a time, masks
+        as ``encode_redux_maybe_with_router_condition`` / ``encode_ref_condition`` compute them (soft values
+        included).
 
-        # reference: masked, resized, VAE-encoded (a posterior sample, seeded from the call's generator)
-        size = self.reference_size
-        ref_pixels = self.image_processor.preprocess(images, height=size, width=size)
-        ref_mask = self._mask_tensor(prepared, (size, size))
-        x = (ref_pixels * ref_mask).to(device=device, dtype=self.vae.dtype)
+        The reference latent is a sample of the VAE posterior. ``reference_noise="call"``: its noise comes from
+        a CPU generator seeded with the call generator's seed (the same on every device). ``"release"``: as the
+        release's ``generate()``, ``torch.manual_seed(seed)`` (the global RNGs, as it does) and the global RNG
+        of the VAE's device, so a GPU run draws the release's noise."""
+        if reference_noise not in REFERENCE_NOISE:
+            raise ValueError(f"reference_noise must be one of {REFERENCE_NOISE}, got {reference_noise!r}")
         first = generator[0] if isinstance(generator, list) else generator
-        sampler = torch.Generator("cpu").manual_seed(first.initial_seed()) if first is not None else None
-        latents = self.vae.encode(x).latent_dist.sample(generator=sampler)
-        latents = (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
-        n, c, h, w = latents.shape
-        packed = self._pack_latents(latents, n, c, h, w)
+        sampler = None
+        if reference_noise == "call" and first is not None:
+            sampler = torch.Generator("cpu").manual_seed(first.initial_seed())
+        elif first is not None:
+            torch.manual_seed(first.initial_seed())
+        fe, enc, size = self.feature_extractor, self.image_encoder, self.reference_size
+        grid = enc.config.image_size // enc.config.patch_size
+        out = {"redux": [], "router": [], "ref_latents": [], "ref_mask": []}
+        for p, values in zip(prepared, encoder_mask_values(prepared)):
+            mask_image = PIL.Image.fromarray(values)
+            # SigLIP: normalised pixels times the mask (nearest-resized by the SigLIP processor, in [0, 1])
+            pixels = fe.preprocess(images=p.image, return_tensors="pt").pixel_values
+            mask = fe.preprocess(images=mask_image.convert("RGB"), resample=0, do_normalize=False,
+                                 return_tensors="pt").pixel_values
+            feats = enc((pixels * mask).to(device=device, dtype=enc.dtype)).last_hidden_state
+            mask = mask.mean(dim=1, keepdim=True)
+            patch_mask = (F.adaptive_avg_pool2d(mask, (grid, grid)) > 0).flatten(2).transpose(1, 2).to(device)
+            out["redux"].append(self.redux_embedder(feats.to(self.redux_embedder.dtype), patch_mask))
+            out["router"].append(self.router_embedder(feats.to(self.router_embedder.dtype), patch_mask))
+
+            # reference: masked, resized, VAE-encoded
+            ref_pixels = self.image_processor.preprocess(p.image, height=size, width=size)
+            ref_mask = torch.from_numpy(np.array(mask_image.resize((size, size), resample=PIL.Image.NEAREST)))
+            ref_mask = ref_mask.float()[None, None] / 255.0
+            x = (ref_pixels * ref_mask).to(device=device, dtype=self.vae.dtype)
+            latents = self.vae.encode(x).latent_dist.sample(generator=sampler)
+            latents = (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+            _, c, h, w = latents.shape
+            out["ref_latents"].append(self._pack_latents(latents, 1, c, h, w))
+            out["ref_mask"].append((F.adaptive_avg_pool2d(ref_mask, (h // 2, w // 2)) > 0).flatten(1).to(device))
         ids = self._prepare_latent_image_ids(1, h // 2, w // 2, device, latents.dtype)
         ids[:, 2] -= w // 2  # the release's position shift: the reference sits left of the image
-        token_mask = (F.adaptive_avg_pool2d(ref_mask, (h // 2, w // 2)) > 0).flatten(1).to(device)
-        return {"redux": redux, "router": router, "ref_latents": packed, "ref_ids": ids, "ref_mask": token_mask}
+        return {**{k: torch.cat(v) for k, v in out.items()}, "ref_ids": ids}
 
     def conditioning_inputs(self, prepared: Sequence[PreparedSubject], device, generator=None, *, steps: int, grid,
                             redux_scale: float = 0.6, redux_start_at: float = 0.1, redux_end_at: float = 0.3,
                             ref_start_at: float = 0.0, ref_end_at: float = 1.0, use_router: Optional[bool] = None,
-                            confine_subjects: bool = False, record_maps: bool = False) -> dict:
+                            confine_subjects: bool = False, record_maps: bool = False,
+                            reference_noise: str = "call") -> dict:
         """Encode the subjects and lay out one call's conditioning (the fields of ``AnyStoryFluxState.start``)."""
         n = len(prepared)
-        enc = self.encode_subjects(prepared, device, generator)
+        enc = self.encode_subjects(prepared, device, generator, reference_noise)
         # one Python-float multiply per subject, as the release does (``tokens * redux_scale``): a scale tensor in
         # bfloat16 would round 0.6 to 0.6015625
         redux = torch.cat([enc["redux"][i:i + 1] * (redux_scale * p.scale) for i, p in enumerate(prepared)])
@@ -300,13 +322,19 @@ class AnyStoryFluxPipeline(FluxPipeline):
                  output_type: str = "pil", return_dict: bool = True,
                  callback_on_step_end: Optional[Callable] = None,
                  callback_on_step_end_tensor_inputs: Optional[List[str]] = None, return_routing_maps: bool = False,
-                 **kwargs):
+                 subject_preprocessing: str = "app", reference_noise: str = "call", **kwargs):
         """Generate. ``subjects``: up to ``max_subjects`` :class:`Subject` (``scale`` multiplies the subject's redux
         tokens, ``reference_scale`` its reference attention weights). Defaults are the authors': 25 steps,
         guidance 3.5, 512x512, redux 0.6 in [0.1, 0.3) of the schedule, reference from the start (from 0.09
         with >= 2 subjects) to the end, router on for >= 2 subjects. ``confine_subjects``: see
-        ``attention_processor_flux`` (not in the release). Other arguments are ``FluxPipeline``'s."""
-        prepared = self.check_subjects(subjects)
+        ``attention_processor_flux`` (not in the release). ``subject_preprocessing``: ``"app"`` (the authors'
+        demo: mask > 200, their square crop) or ``"none"`` (their ``generate()``: image and soft mask as given);
+        see ``release_inputs``. ``reference_noise``: ``"call"`` or ``"release"`` (the global RNG of the VAE's
+        device, seeded as the release seeds it); see :meth:`encode_subjects`. Other arguments are
+        ``FluxPipeline``'s."""
+        if reference_noise not in REFERENCE_NOISE:
+            raise ValueError(f"reference_noise must be one of {REFERENCE_NOISE}, got {reference_noise!r}")
+        prepared = self.check_subjects(subjects, subject_preprocessing)
         n = len(prepared)
         redux_scale = _finite(redux_scale, "redux_scale")
         if ref_start_at is None:
@@ -347,7 +375,7 @@ class AnyStoryFluxPipeline(FluxPipeline):
                 state.start(**self.conditioning_inputs(
                     prepared, self._execution_device, generator, steps=steps, grid=grid, redux_scale=redux_scale,
                     use_router=use_router, confine_subjects=confine_subjects, record_maps=return_routing_maps,
-                    **fractions))
+                    reference_noise=reference_noise, **fractions))
             out = super().__call__(
                 prompt=prompt, height=height, width=width, num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, generator=generator,
