@@ -128,10 +128,12 @@ def decode_sample(key: str, files: Dict[str, bytes], resolution: Optional[int] =
     mask_bytes = _numbered(_indexed(files, "mask", ("png",)), "mask", key)
     if not 1 <= len(mask_bytes) <= MAX_SUBJECTS:
         raise DataFormatError(f"sample {key!r}: {len(mask_bytes)} instance masks; 1 to {MAX_SUBJECTS} are supported")
-    masks = np.stack([_mask(m, f"sample {key!r} mask{i}") for i, m in enumerate(mask_bytes)])
-    if masks.shape[1:] != (target.height, target.width):
-        raise DataFormatError(f"sample {key!r}: masks are {masks.shape[2]}x{masks.shape[1]}, the image "
-                              f"{target.width}x{target.height}; masks must have the image's size")
+    decoded = [_mask(m, f"sample {key!r} mask{i}") for i, m in enumerate(mask_bytes)]
+    for i, m in enumerate(decoded):
+        if m.shape != (target.height, target.width):
+            raise DataFormatError(f"sample {key!r}: mask{i} is {m.shape[1]}x{m.shape[0]}, the image "
+                                  f"{target.width}x{target.height}; masks must have the image's size")
+    masks = np.stack(decoded)
     for i in range(len(masks)):  # a later subject occludes an earlier one: one class per pixel
         masks[i] &= ~masks[i + 1:].any(axis=0)
     empty = [i for i, m in enumerate(masks) if not m.any()]

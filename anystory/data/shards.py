@@ -79,8 +79,9 @@ def _write_tar(path: str, samples) -> list:
             for ext in sorted(files):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size, info.mode, info.mtime = len(files[ext]), 0o644, 0
+                header = len(info.tobuf(tar.format, tar.encoding, tar.errors))
+                members[ext] = [tar.offset + header, info.size]  # where the member's bytes start
                 tar.addfile(info, io.BytesIO(files[ext]))
-                members[ext] = [info.offset_data, info.size]
             entries.append({"key": key, "subjects": subjects, "members": members})
     os.replace(path + ".tmp", path)
     return entries
