@@ -2,6 +2,10 @@
 
 Without ``--anystory-weights`` it runs the shipped miniature (offline, CPU). Repeat ``--subject`` for several
 subjects; ``--mask`` values pair with subjects in order (use ``-`` for "no mask").
+
+``--flux`` runs FLUX.1-dev with the authors' released AnyStory weights (``--flux-weights``: a local
+``anystory_flux.bin``, default the hub's); ``--vram auto|16|24|40`` picks quantization and offload for the GPU
+(``--quantization`` / ``--offload`` override it), and the choice is printed.
 """
 from __future__ import annotations
 
@@ -37,7 +41,36 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--out", default="outputs/anystory.png", help="output image (PNG, JPEG or WebP by extension)")
     p.add_argument("--save-routing", action="store_true", help="also save the last step's routing map overlay")
+    flux = p.add_argument_group("FLUX (the authors' released weights)")
+    flux.add_argument("--flux", action="store_true", help="use FLUX.1-dev + FLUX.1-Redux-dev + anystory_flux.bin")
+    flux.add_argument("--flux-weights", default=os.environ.get("ANYSTORY_FLUX_WEIGHTS"),
+                      help="anystory_flux.bin (file, folder or hub id); None: Junjie96/AnyStory")
+    flux.add_argument("--vram", default="auto", choices=("auto", "16", "24", "40"),
+                      help="GPU memory preset: 40 bf16 on the GPU, 24 8-bit + model offload, 16 4-bit + model offload")
+    flux.add_argument("--quantization", default=None, choices=("none", "int8", "bnb-8bit", "bnb-4bit"),
+                      help="transformer and T5 quantization; None: the --vram preset's")
+    flux.add_argument("--offload", default=None, choices=("none", "model", "group", "sequential"),
+                      help="offload mode; None: the --vram preset's")
+    flux.add_argument("--subject-preprocessing", default="app", choices=("app", "none"),
+                      help="app: the authors' demo (mask > 200, square crop); none: image and soft mask as given")
+    flux.add_argument("--reference-noise", default="call", choices=("call", "release"),
+                      help="reference latent noise: the seed's CPU stream, or the release's global device RNG")
     return p.parse_args(argv)
+
+
+def load_flux(args):
+    """The FLUX pipeline placed by the ``--vram`` plan (``--quantization`` / ``--offload`` override it)."""
+    from .flux import AnyStoryFluxPipeline
+    from .flux.low_vram import apply_offload, plan_for_vram
+    from .flux.weights_flux import RELEASE_REPO
+
+    plan = plan_for_vram(args.vram, args.device)
+    quantization, offload = args.quantization or plan.quantization, args.offload or plan.offload
+    print(f"FLUX: {plan.describe()}; using quantization={quantization}, offload={offload}")
+    pipe = AnyStoryFluxPipeline.from_released(anystory=args.flux_weights or RELEASE_REPO, quantization=quantization,
+                                              torch_dtype=torch.bfloat16 if args.device != "cpu" else torch.float32)
+    apply_offload(pipe, offload, args.device)
+    return pipe
 
 
 def check_inputs(args) -> list:
@@ -88,13 +121,17 @@ def main(argv=None) -> int:
     from .loading import DEFAULT_SDXL_BASE, ModelUnavailableError, load_default_pipeline, load_sdxl_anystory
 
     try:
-        if args.anystory_weights:
+        if args.flux:
+            pipe = load_flux(args)
+            defaults = dict(num_inference_steps=25, guidance_scale=3.5, subject_preprocessing=args.subject_preprocessing,
+                            reference_noise=args.reference_noise)
+        elif args.anystory_weights:
             pipe = load_sdxl_anystory(args.anystory_weights, args.base_model or DEFAULT_SDXL_BASE, device=args.device)
             defaults = dict(num_inference_steps=30, guidance_scale=5.0)
         else:
             pipe = load_default_pipeline(device=args.device)
             defaults = dict(num_inference_steps=20, guidance_scale=3.0)
-    except (ModelUnavailableError, FileNotFoundError) as e:
+    except (ModelUnavailableError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     call = dict(defaults)

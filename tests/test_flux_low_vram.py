@@ -80,3 +80,20 @@ def test_vram_presets_and_bitsandbytes_configs():
     for bad in (lambda: plan_for_vram("12"), lambda: quantization_config("fp4"), lambda: apply_offload(None, "disk")):
         with pytest.raises(ValueError, match="must be one of"):
             bad()
+
+
+def test_cli_flux_options_follow_the_vram_preset(monkeypatch, capsys):
+    """``python -m anystory.generate --flux --vram 16``: 4-bit and model offload unless overridden."""
+    from anystory import generate
+
+    seen = {}
+    monkeypatch.setattr(AnyStoryFluxPipeline, "from_released",
+                        classmethod(lambda cls, **kw: seen.update(kw) or "pipe"))
+    monkeypatch.setattr("anystory.flux.low_vram.apply_offload", lambda pipe, offload, device: seen.update(
+        offload=offload, device=device))
+    base = ["--prompt", "p", "--flux", "--flux-weights", "w.bin", "--device", "cuda"]
+    assert generate.load_flux(generate.parse_args(base + ["--vram", "16"])) == "pipe"
+    assert (seen["quantization"], seen["offload"], seen["anystory"]) == ("bnb-4bit", "model", "w.bin")
+    assert "4-bit NF4" in capsys.readouterr().out
+    generate.load_flux(generate.parse_args(base + ["--vram", "24", "--quantization", "int8", "--offload", "group"]))
+    assert (seen["quantization"], seen["offload"]) == ("int8", "group")

@@ -96,18 +96,19 @@ def cuda_memory_gb(device=None) -> Optional[float]:
     return torch.cuda.get_device_properties(device or 0).total_memory / 1024 ** 3
 
 
-def plan_for_vram(vram: str = "auto", device="cuda") -> VramPlan:
-    """The quantization and offload for a GPU of ``vram`` GB (``"auto"``: read from the device)."""
+def plan_for_vram(vram: str = "auto", device="cuda", total_gb: Optional[float] = None) -> VramPlan:
+    """The quantization and offload for a GPU of ``vram`` GB (``"auto"``: ``total_gb``, else read from the
+    device: >= 38 GB -> "40", >= 22 GB -> "24", else "16")."""
     _check(str(vram), VRAM, "vram")
     vram = str(vram)
     if torch.device(device).type != "cuda":
         return VramPlan("cpu", "none", "none", f"device {device}: no GPU memory limit")
     reason = f"--vram {vram}"
     if vram == "auto":
-        total = cuda_memory_gb(torch.device(device))
+        total = total_gb if total_gb is not None else cuda_memory_gb(torch.device(device))
         if total is None:
             return VramPlan("cpu", "none", "none", "no CUDA device")
         vram = "40" if total >= 38 else "24" if total >= 22 else "16"
-        reason = f"auto: the GPU has {total:.0f} GB"
+        reason = f"--vram auto: the GPU has {total:.0f} GB"
     quantization, offload = PRESETS[vram]
     return VramPlan(vram, quantization, offload, reason)

@@ -314,8 +314,8 @@ class AnyStoryFluxPipeline(FluxPipeline):
 
     # ---- call --------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, prompt=None, subjects: Optional[Sequence[Subject]] = None, *, height: int = 512,
-                 width: int = 512, num_inference_steps: int = 25, guidance_scale: float = 3.5,
+    def __call__(self, prompt=None, subjects: Optional[Sequence[Subject]] = None, *, height: Optional[int] = 512,
+                 width: Optional[int] = 512, num_inference_steps: int = 25, guidance_scale: float = 3.5,
                  redux_scale: float = 0.6, redux_start_at: float = 0.1, redux_end_at: float = 0.3,
                  ref_start_at: Optional[float] = None, ref_end_at: float = 1.0, use_router: Optional[bool] = None,
                  confine_subjects: bool = False, num_images_per_prompt: int = 1, generator=None, latents=None,
@@ -334,6 +334,7 @@ class AnyStoryFluxPipeline(FluxPipeline):
         ``FluxPipeline``'s."""
         if reference_noise not in REFERENCE_NOISE:
             raise ValueError(f"reference_noise must be one of {REFERENCE_NOISE}, got {reference_noise!r}")
+        height, width = height or 512, width or 512  # None: the authors' 512x512
         prepared = self.check_subjects(subjects, subject_preprocessing)
         n = len(prepared)
         redux_scale = _finite(redux_scale, "redux_scale")
