@@ -34,10 +34,12 @@ USER_ERRORS = (InputError, ScriptError, logic.GenerationError)
 
 
 EXAMPLE_STORY = os.path.join(EXAMPLES_DIR, "storyboard.yaml")
-#: Gallery captions wrap instead of being cut to one line; thumbnails in the colour key keep their pixels.
+#: Gallery captions wrap instead of being cut to one line. Gradio's own timer over the progress line is hidden: its
+#: ETA is the average of earlier runs (any settings); the line itself gives this run's.
 CSS = """
 #story-frames .caption-label, #output-gallery .caption-label, #routing-gallery .caption-label {
     white-space: normal; max-width: calc(100% - 2 * var(--block-label-margin)); opacity: 0.9; }
+#run-progress .wrap { display: none !important; }
 """
 #: The editor selects its crop tool whenever it receives an image, so strokes did nothing until the user found the
 #: Brush: after each new image, press the editor's brush button (by its accessible name) once it is there.
@@ -367,6 +369,9 @@ def parse_args(argv=None):
     p.add_argument("--sdxl-base", default=None, help="SDXL base, hub id or folder (or ANYSTORY_SDXL_BASE)")
     p.add_argument("--flux-weights", default=None, help="local anystory_flux.bin (or ANYSTORY_FLUX_WEIGHTS)")
     p.add_argument("--offload", action="store_true", help="CPU offload on CUDA (saves GPU memory, slower)")
+    p.add_argument("--vram", default=os.environ.get("ANYSTORY_VRAM", "auto"), choices=("auto", "16", "24", "40"),
+                   help="FLUX GPU memory preset: 40 bf16 on the GPU, 24 8-bit + model offload, 16 4-bit + model "
+                        "offload; auto: from the GPU's memory (the page says which)")
     p.add_argument("--segmenter", default=BIREFNET_ID, help="matting model for subjects without a mask (hub id)")
     p.add_argument("--host", default=None, help="server address (default 127.0.0.1, or GRADIO_SERVER_NAME)")
     p.add_argument("--port", type=int, default=None, help="server port (default 7860, or GRADIO_SERVER_PORT)")
@@ -377,6 +382,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     env = logic.probe_environment(args.sdxl_weights, args.sdxl_base, args.flux_weights)
+    env.flux_vram = args.vram
     try:
         handle = logic.load_model(env, args.model)
     except (logic.NoModelError, ValueError) as e:
