@@ -34,10 +34,11 @@ from .visualize import (contrasting_colors, dominant_color, legend_html, routing
 
 KINDS = ("flux", "sdxl", "miniature", "tiny")
 
-#: FLUX.1-dev's transformer alone is ~24 GiB in bf16: below that it cannot run even with CPU offload.
-FLUX_MIN_GIB = 24.0
-#: Everything resident (transformer, T5-XXL, CLIP, VAE, Redux encoder, AnyStory): below this, offload.
-FLUX_RESIDENT_GIB = 40.0
+#: FLUX with 4-bit NF4 transformer and T5 and model offload (``--vram 16``, ``anystory/flux/low_vram.py``) fits a
+#: 16 GB GPU (which reports about 15-16 GiB); below that it is not tried.
+FLUX_MIN_GIB = 15.0
+#: Everything resident in bf16 (transformer, T5-XXL, CLIP, VAE, Redux encoder, AnyStory): below this, offload.
+FLUX_RESIDENT_GIB = 38.0
 FLUX_BASE = "black-forest-labs/FLUX.1-dev"
 FLUX_REDUX = "black-forest-labs/FLUX.1-Redux-dev"
 FLUX_ANYSTORY_REPO = "Junjie96/AnyStory"
@@ -170,6 +171,7 @@ class Environment:
     sdxl_weights: Optional[str] = None
     sdxl_base: Optional[str] = None
     miniature: WeightsStatus = field(default_factory=lambda: WeightsStatus(False, "not checked"))
+    flux_vram: str = "auto"  # the app's --vram: FLUX quantization and offload preset (anystory.flux.low_vram)
 
     @property
     def device(self) -> str:
@@ -208,9 +210,12 @@ def _flux_verdict(env: Environment) -> Candidate | str:
         return f"FLUX: {env.flux_code.detail}"
     if env.flux_weights is None or not env.flux_weights.available:
         return "FLUX: weights not reachable" + (f" ({env.flux_weights.detail})" if env.flux_weights else "")
-    offload = " with CPU offload" if env.gpu_memory_gib < FLUX_RESIDENT_GIB else ""
+    from .flux.low_vram import plan_for_vram
+
+    plan = plan_for_vram(env.flux_vram, "cuda", env.gpu_memory_gib)
+    offload = " with CPU offload" if plan.offload != "none" else ""
     return Candidate("flux", f"CUDA GPU {env.gpu_name} ({env.gpu_memory_gib:.0f} GiB){offload} and the weights are "
-                             f"reachable ({env.flux_weights.detail})")
+                             f"reachable ({env.flux_weights.detail}); {plan.describe()}")
 
 
 def _sdxl_verdict(env: Environment) -> Candidate | str:
@@ -249,13 +254,13 @@ def plan_models(env: Environment, requested: str = "auto") -> tuple:
 def _load_flux(env: Environment):
     from .flux import AnyStoryFluxPipeline
 
+    from .flux.low_vram import apply_offload, plan_for_vram
+
+    plan = plan_for_vram(env.flux_vram, "cuda", env.gpu_memory_gib)
     pipe = AnyStoryFluxPipeline.from_released(FLUX_BASE, FLUX_REDUX,
                                               os.environ.get("ANYSTORY_FLUX_WEIGHTS") or FLUX_ANYSTORY_REPO,
-                                              torch_dtype=torch.bfloat16)
-    if env.gpu_memory_gib < FLUX_RESIDENT_GIB:
-        pipe.enable_model_cpu_offload()
-    else:
-        pipe.to("cuda")
+                                              torch_dtype=torch.bfloat16, quantization=plan.quantization)
+    apply_offload(pipe, plan.offload, "cuda")
     return pipe
 
 

@@ -64,7 +64,7 @@ def test_flux_on_a_mid_size_gpu_is_chosen_with_offload():
 
 
 @pytest.mark.parametrize("env, expected", [
-    (_gpu(16), f"has 16 GiB, FLUX needs at least {FLUX_MIN_GIB:.0f} GiB"),
+    (_gpu(12), f"has 12 GiB, FLUX needs at least {FLUX_MIN_GIB:.0f} GiB"),
     (_gpu(80, flux=WeightsStatus(False, "Junjie96/AnyStory/anystory_flux.bin is not cached")),
      "FLUX: weights not reachable (Junjie96/AnyStory/anystory_flux.bin is not cached)"),
     (_env(cuda=True, gpu_name="G", gpu_memory_gib=80, flux_code=WeightsStatus(False, "the FLUX pipeline is not installed")),
