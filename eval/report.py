@@ -53,7 +53,8 @@ def write_report(run_dir: str, config: dict, tables: Dict[str, pd.DataFrame], co
               f"- protocol: {protocol.get('protocol')} (compares with: {protocol.get('compares_with')}; as "
               f"{protocol.get('used_by')})",
               f"- scale: {protocol.get('scale')}",
-              *[f"- {column}: {name}" for column, name in config.get("model_labels", {}).items()],
+              *[f"- {column}: {name}" + ("" if column in config.get("model_labels", {}) else " (not computed)")
+                for column, name in config.get("requested_model_labels", config.get("model_labels", {})).items()],
               f"- data: `{config.get('data_dir')}` ({config.get('entries')} entries"
               f"{'; ' + config['subset_note'] if config.get('subset_note') else ''}), "
               f"{config['images_per_prompt']} image(s) per prompt, seed {config['seed']}",

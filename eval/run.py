@@ -5,7 +5,8 @@
     python -m eval.run --bench dreambench --method anystory-tiny --out runs/tiny --resume
     python -m eval.run --bench dreambench --method folder:/path/to/uno_outputs --layout uno --out runs/uno
     python -m eval.run --compare runs/sdxl runs/uno --out runs/compare
-    accelerate launch -m eval.run --bench dreambench --method anystory-flux --device cuda --out runs/flux
+    accelerate launch --multi_gpu --num_processes 8 -m eval.run --bench dreambench --method anystory-flux \
+        --device cuda --out runs/flux
 
 Two stages, each resumable after a crash or ``kill -9`` (``--resume``): generation writes each image
 atomically; scoring writes atomic parquet parts and assembles them into ``rows.parquet``/``rows.csv`` (one row
@@ -325,7 +326,8 @@ def run_eval(cfg: RunConfig, *, metrics: Optional[Sequence[Metric]] = None, benc
         _check_signature(cfg.out, _signature(usable, unavailable))
         labels = _settings_labels(cfg, usable, len(bench.entries), len(full.entries))
         config.update(scoring={"metrics": {m.name: m.describe() for m in usable}, "unavailable": unavailable},
-                      model_labels=_model_labels(usable), table_settings=labels, missing_images=missing)
+                      model_labels=_model_labels(usable), table_settings=labels, missing_images=missing,
+                      requested_model_labels=_model_labels(requested))
         write_json(os.path.join(cfg.out, CONFIG), config)
 
         score_units(units, usable, cfg.out, cfg.chunk_size, _load_failures(cfg.out), cfg.progress, protocol)

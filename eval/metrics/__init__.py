@@ -46,8 +46,8 @@ def build_metrics(s: MetricSettings) -> List[Metric]:
     if "clip_i" in s.names:
         by_name["clip_i"] = ClipImageMetric(clip, s.batch_size)
     if "dino" in s.names:
-        by_name["dino"] = DinoMetric(DinoEmbedder(dino_model_name(s.dino_model), True, s.device, s.weights_dir, s.batch_size),
-                                     s.batch_size)
+        dino = DinoEmbedder(dino_model_name(s.dino_model), True, s.device, s.weights_dir, s.batch_size)
+        by_name["dino"] = DinoMetric(dino, s.batch_size)
     if "face_id" in s.names:
         embedder, note = face_embedder(s.face_backend, s.weights_dir, s.device)
         by_name["face_id"] = FaceIdMetric(embedder, s.batch_size, note)
