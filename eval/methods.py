@@ -134,7 +134,11 @@ class FolderMethod(Method):
         return self._stem(entry, k) + IMAGE_EXTENSIONS[0]
 
     def expected_layout(self) -> str:
-        return f"'{self.layout}': {LAYOUTS[self.layout].replace('PATH', self.path)} (k = 0 .. images-per-prompt - 1)"
+        layout = f"'{self.layout}': {LAYOUTS[self.layout].replace('PATH', self.path)} (k = 0 .. images-per-prompt - 1)"
+        other = "uno" if self.layout == "ours" else "ours"
+        if other == "uno" and any(re.fullmatch(r"\d+_\d+\.\w+", n) for n in os.listdir(self.path)):
+            layout += "; the folder holds <index>_<k> files: pass --layout uno"
+        return layout
 
     def image_path(self, entry: Entry, k: int) -> Optional[str]:
         stem = self._stem(entry, k)

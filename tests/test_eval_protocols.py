@@ -143,6 +143,9 @@ def test_compare_refuses_runs_that_differ(two_protocols, tmp_path):
     dreambooth, single = two_protocols
     with pytest.raises(RunError, match="protocol: .*dreambooth.*single-reference.*--force"):
         compare_runs([dreambooth.run_dir, single.run_dir])
+    assert main(["--compare", dreambooth.run_dir, single.run_dir]) == 1
+    assert main(["--compare", dreambooth.run_dir, single.run_dir, "--force", "--out", str(tmp_path / "cmp")]) == 0
+    assert "| single-reference | x100 |" in (tmp_path / "cmp" / "compare.md").read_text()
     table = compare_runs([dreambooth.run_dir, single.run_dir], force=True)
     assert list(table.columns[:6]) == ["run", "bench", "protocol", "scale", "subset", "images_per_prompt"]
     assert list(table["run"]) == [dreambooth.run_dir] * 2 + [single.run_dir] * 2
@@ -178,6 +181,10 @@ def test_every_image_missing_is_an_error_naming_the_layout(faces, tmp_path, caps
     assert code == 1
     assert "all 6 expected images are missing" in err and f"{empty}/<entry_id>/<k>.png" in err
     assert f"first missing: {empty}/id0-00/0.png" in err
+    (empty / "0_0.png").write_bytes(b"not empty")  # UNO's naming, read with our layout
+    assert main(["--bench", "faces", "--data-dir", faces, "--method", f"folder:{empty}", "--images-per-prompt", "1",
+                 "--out", str(tmp_path / "run2"), "--metrics", "dino"]) == 1
+    assert "pass --layout uno" in capsys.readouterr().err
 
 
 def test_partly_missing_is_counted_and_case_and_empty_files_handled(faces, tmp_path):
