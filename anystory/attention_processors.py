@@ -11,6 +11,17 @@
   layer's router predicts the map over N subjects + background; subject i's output is multiplied by
   ``scale_i * map_i``. The background gets no subject condition.
 
+When routing acts (the guarantees, tested in ``tests/test_routing_confinement.py``):
+
+* A self-attention layer uses the map of the cross-attention layer before it. Layers that run before a step's
+  first routing decision use the last map of the previous step (the most recent decision; the latent has moved
+  one step since). At the first step there is no map yet, so no subject condition acts there: those layers are
+  diffusers' own. No layer ever applies a subject's reference where no router decision sent it.
+* A subject that wins no position in any layer changes nothing: the router's classes are independent and its
+  decision is removal-invariant (``router.py``), and a zero gate removes a subject's terms exactly.
+* ``routing_regions`` (``[N, H, W]`` or ``[Bc, N, H, W]``, 1 = allowed) restricts where the router may send
+  each subject (its logit is ``-inf`` elsewhere); the carried-over maps above inherit the restriction.
+
 Both processors are plain callables holding a reference to one shared :class:`AnyStoryState`, which the pipeline
 (or a trainer) fills once per call. With no subjects they run diffusers' ``AttnProcessor2_0`` unchanged, which is
 why zero subjects reproduce ``StableDiffusionXLPipeline`` exactly.
@@ -46,10 +57,11 @@ class AnyStoryState:
     gumbel_tau: float = 1.0
     background_bias: float = 0.0  # inference routing's background logit adjustment (see router.py)
     forced_maps: Optional[torch.Tensor] = None  # [N+1, H, W] (test/debug hook) or [Bc, N+1, H, W] (teacher routing) one-hot maps for every layer
+    routing_regions: Optional[torch.Tensor] = None  # [N, H, W] or [Bc, N, H, W]: where the router may send each subject
     record_maps: bool = False  # accumulate gating maps at latent resolution (for visualisation)
     collect_soft_maps: bool = False  # keep soft maps per layer (for the routing loss)
     # Filled while running:
-    prev_map: Optional[torch.Tensor] = None  # [Bc, N+1, h, w] gating map of the preceding cross-attention layer
+    prev_map: Optional[torch.Tensor] = None  # [Bc, N+1, h, w] latest gating map (kept from one step to the next)
     soft_maps: Dict[str, torch.Tensor] = field(default_factory=dict)
     map_sum: Optional[torch.Tensor] = None
     map_count: int = 0
@@ -125,8 +137,8 @@ class AnyStorySelfAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
         st = self.state
-        if not st.active or encoder_hidden_states is not None or attention_mask is not None:
-            return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if not st.active or encoder_hidden_states is not None or attention_mask is not None or st.prev_map is None:
+            return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)  # no map: no subject
         batch, length, _ = hidden_states.shape
         ref_k, ref_v = self._reference_kv(attn)  # [b, N, Lr, inner]
         query = _heads(attn.to_q(hidden_states), attn.heads)
@@ -135,11 +147,9 @@ class AnyStorySelfAttnProcessor:
         ref_k = _heads(_to_batch(ref_k.flatten(1, 2), batch), attn.heads)  # [B, h, N*Lr, d]
         ref_v = _heads(_to_batch(ref_v.flatten(1, 2), batch), attn.heads)
 
-        gate = None  # [1 or Bc, N, L]: subject i's reference may act at a position where gate_i > 0
-        if st.prev_map is not None:
-            prev = _resize_map(st.prev_map, st.layer_hw(length)).flatten(2)  # [Bc, N+1, L]
-            gate = prev[:, : st.num_subjects].detach().to(query.dtype)
-        labels = _exclusive_labels(gate) if gate is not None and _sparse_pays(query) else None
+        prev = _resize_map(st.prev_map, st.layer_hw(length)).flatten(2)  # [Bc, N+1, L]
+        gate = prev[:, : st.num_subjects].detach().to(query.dtype)  # subject i's reference acts where gate_i > 0
+        labels = _exclusive_labels(gate) if _sparse_pays(query) else None
         if labels is None:
             out = _dense_reference_attention(query, key, value, ref_k, ref_v, gate, st.reference_scales)
         else:
@@ -262,6 +272,10 @@ class AnyStoryCrossAttnProcessor:
             return forced.expand(hidden_states.shape[0], -1, -1)
         tokens = _to_batch(st.routing_tokens, hidden_states.shape[0])
         logits = self.cond.router(hidden_states, tokens)
+        if st.routing_regions is not None:
+            regions = st.routing_regions if st.routing_regions.ndim == 4 else st.routing_regions[None]
+            closed = _resize_map(regions.float(), hw).flatten(2) < 0.5  # [1 or Bc, N, L]
+            logits = torch.cat([logits[:, :-1].masked_fill(closed, float("-inf")), logits[:, -1:]], dim=1)
         gate, soft = routing_maps(logits, st.training, st.gumbel_tau, st.background_bias)
         if st.collect_soft_maps:
             st.soft_maps[self.name] = soft

@@ -120,31 +120,38 @@ class AnyStorySDXLPipeline(StableDiffusionXLPipeline):
 
     def encode_subjects(self, pixels: torch.Tensor, masks: torch.Tensor, clip_pixels: torch.Tensor) -> dict:
         """Encode ``[b, N, 3, R, R]`` references (+ masks ``[b, N, 1, R, R]``, CLIP input ``[b, N+1, ...]`` whose
-        last image is blank) into the state fields the processors read. Differentiable (used by training too)."""
+        last image is blank) into the state fields the processors read. Differentiable (used by training too).
+
+        Each subject (and the blank image) goes through the encoders on its own: in one batch, kernels would give
+        a subject's features float noise that depends on the other subjects, and no subject may change another's
+        conditions (a subject routed nowhere must change nothing)."""
         b, n = pixels.shape[:2]
         adapter = self.anystory
         upcast = self.vae.dtype == torch.float16 and self.vae.config.force_upcast  # SDXL's VAE overflows in fp16
         if upcast:
             self.vae.to(dtype=torch.float32)
         try:
-            latents = self.vae.encode(pixels.flatten(0, 1).to(self.vae.dtype)).latent_dist.mode()
+            latents = [self.vae.encode(pixels[:, i].to(self.vae.dtype)).latent_dist.mode() for i in range(n)]
         finally:
             if upcast:
                 self.vae.to(dtype=torch.float16)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        latents = ((latents - shift) * self.vae.config.scaling_factor).to(self.unet.dtype)
-        small = F.interpolate(masks.flatten(0, 1).float(), size=latents.shape[-2:], mode="area").to(latents.dtype)
-        feats = adapter.reference_net(latents, small, adapter.config.reference_size)
-        reference = {k: v.unflatten(0, (b, n)) for k, v in feats.items()}
-
-        hidden = self.image_encoder(clip_pixels.flatten(0, 1).to(self.image_encoder.dtype),
-                                    output_hidden_states=True).hidden_states[-2].to(self.unet.dtype)
-        hidden = hidden.unflatten(0, (b, n + 1))
-        semantic = adapter.semantic_qformer(hidden[:, :n].flatten(0, 1)).unflatten(0, (b, n))
-        background = adapter.semantic_qformer(hidden[:, n])[:, None].expand(-1, n, -1, -1)
-        routing = adapter.routing_qformer(hidden.flatten(0, 1))[:, 0].unflatten(0, (b, n + 1))
-        return {"num_subjects": n, "reference_features": reference, "semantic_tokens": semantic,
-                "semantic_uncond_tokens": background, "routing_tokens": routing}
+        reference, semantic, routing = [], [], []
+        for i in range(n + 1):
+            hidden = self.image_encoder(clip_pixels[:, i].to(self.image_encoder.dtype),
+                                        output_hidden_states=True).hidden_states[-2].to(self.unet.dtype)
+            semantic.append(adapter.semantic_qformer(hidden))
+            routing.append(adapter.routing_qformer(hidden)[:, 0])
+            if i == n:
+                break
+            latent = ((latents[i] - shift) * self.vae.config.scaling_factor).to(self.unet.dtype)
+            small = F.interpolate(masks[:, i].float(), size=latent.shape[-2:], mode="area").to(latent.dtype)
+            reference.append(adapter.reference_net(latent, small, adapter.config.reference_size))
+        return {"num_subjects": n,
+                "reference_features": {k: torch.stack([f[k] for f in reference], 1) for k in reference[0]},
+                "semantic_tokens": torch.stack(semantic[:n], 1),
+                "semantic_uncond_tokens": semantic[n][:, None].expand(-1, n, -1, -1),
+                "routing_tokens": torch.stack(routing, 1)}
 
     # ---- call --------------------------------------------------------------------------------------------------
     @torch.no_grad()

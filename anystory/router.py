@@ -4,11 +4,19 @@ In every cross-attention layer a tiny mask decoder turns the routing tokens (one
 background, from the routing QFormer) into a map over N+1 classes for each latent position:
 
 1. coarse map: projected inner product of routing tokens and the layer's latent;
-2. the routing tokens cross-attend to the latent, masked by their coarse map (log-mask, so it stays
-   differentiable), which refines each token with what its region looks like;
+2. the routing tokens cross-attend to the latent, masked by their coarse map (log-sigmoid of each class's own
+   coarse logit, so it stays differentiable), which refines each token with what its region looks like;
 3. refined logits: inner product of the refined tokens and the latent.
 
-Inference makes the map hard (argmax one-hot). Training uses straight-through Gumbel-softmax, so the forward
+Each class's logit depends on its own token and the latent only (the coarse mask is per class, not a softmax
+over the classes). With the decision rule below that makes routing *removal-invariant*: a subject that wins no
+position leaves every other class's decision exactly as in the call without it, which is what lets
+``attention_processors.py`` guarantee that a subject routed nowhere changes nothing.
+
+Inference makes the map hard: :func:`route_decision`, in float32, on logits floored to a grid of
+``DECISION_GRID``, the first (lowest-index) class winning a tie. Two classes whose logits differ only by float
+noise (identical subjects, or a batch computed with other kernels) then fall in the same cell and the tie rule,
+not the noise, decides; an argmax on the raw logits flips between such classes from one batch size to another. Training uses straight-through Gumbel-softmax, so the forward
 pass is one-hot like inference while gradients reach the router; the soft probabilities feed the routing loss.
 
 Background logit adjustment (inference only; 0 = the paper's plain argmax). The router learns the posterior
@@ -46,7 +54,7 @@ class RouterLayer(nn.Module):
         x = self.latent_proj(self.latent_norm(latent))
         t = self.token_proj(tokens.to(x.dtype))
         coarse = torch.einsum("bkd,bld->bkl", t, x) * self.scale
-        log_mask = torch.log_softmax(coarse, dim=1).unsqueeze(1)
+        log_mask = F.logsigmoid(coarse).unsqueeze(1)  # per class: no class's mask depends on another's token
         attended = F.scaled_dot_product_attention(self.attn_q(t).unsqueeze(1), self.attn_k(x).unsqueeze(1),
                                                   self.attn_v(x).unsqueeze(1), attn_mask=log_mask).squeeze(1)
         t = t + self.attn_out(attended)
@@ -54,9 +62,21 @@ class RouterLayer(nn.Module):
         return torch.einsum("bkd,bld->bkl", t, x) * self.scale
 
 
+#: Width of the cells the inference decision floors logits to (2**-12: far above float32 noise on logits of
+#: order 1-100, far below the margins the router learns).
+DECISION_GRID = 2.0**-12
+
+
+def route_decision(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Index of the winning class along ``dim``: the highest logit after flooring to ``DECISION_GRID``, in float32,
+    the lowest index among equal cells (``torch.argmax`` returns the first maximum). A strict total order, so
+    removing a class that does not win never changes the winner."""
+    return torch.floor(logits.float() / DECISION_GRID).argmax(dim=dim)
+
+
 def routing_maps(logits: torch.Tensor, training: bool, tau: float = 1.0, background_bias: float = 0.0):
     """(gating map, soft map) from router logits ``[B, K, L]`` (class ``K-1`` the background); the gating map is
-    one-hot over ``K`` in the forward pass. ``background_bias`` applies to the inference argmax only."""
+    one-hot over ``K`` in the forward pass. ``background_bias`` applies to the inference decision only."""
     soft = logits.float().softmax(dim=1)
     if training:
         hard = F.gumbel_softmax(logits.float(), tau=tau, hard=True, dim=1)
@@ -64,5 +84,5 @@ def routing_maps(logits: torch.Tensor, training: bool, tau: float = 1.0, backgro
         adjusted = logits.float()
         if background_bias:
             adjusted = torch.cat([adjusted[:, :-1], adjusted[:, -1:] - background_bias], dim=1)
-        hard = F.one_hot(adjusted.argmax(dim=1), logits.shape[1]).movedim(-1, 1).float()
+        hard = F.one_hot(route_decision(adjusted), logits.shape[1]).movedim(-1, 1).float()
     return hard.to(logits.dtype), soft

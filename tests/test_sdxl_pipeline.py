@@ -231,7 +231,7 @@ def test_reference_net_runs_once_per_subject_per_call(pipe):
     finally:
         handle.remove()
     assert out.images.shape == (1, 64, 64, 3)
-    assert sum(calls) == 2  # subjects encoded once (batched), never per step or per CFG half
+    assert sum(calls) == 2  # each subject encoded once, never per step or per CFG half
 
 
 def test_save_load_round_trip_bit_exact(pipe, components, tmp_path):

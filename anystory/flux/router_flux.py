@@ -4,7 +4,8 @@ Each subject contributes ``k*k`` router tokens (the Redux features pooled to 3x3
 ``context_embedder`` and go through every block on the text side of a double block / the shared side of a
 single block, with the ``anystory_router`` LoRA applied and the image's ``temb``. In each block the mean
 router query of subject i is compared with every image key (base projections plus the block processor's
-``to_{q,k}_routing_map`` low-rank terms); the argmax over subjects gives that block's one-hot map, which
+``to_{q,k}_routing_map`` low-rank terms); the argmax over subjects gives that block's one-hot map (decided
+as on SDXL: float32, logits floored to a grid, the lowest index winning a tie, ``anystory/router.py``), which
 then decides which image tokens may attend to subject i's redux and reference tokens.
 
 The router tokens sit at position 0 of FLUX's RoPE, whose rotation is the identity, so no rotary embedding is
@@ -15,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
+
+from ..router import route_decision
 
 
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -38,8 +41,8 @@ def routing_map(attn, router_norm: torch.Tensor, image_norm: torch.Tensor, image
     k = image_key_proj + lora_k[1](lora_k[0](image_norm))
     k = attn.norm_k(_heads(k, attn.head_dim))
     k = apply_rotary_emb(k, image_rope, sequence_dim=1).mean(dim=2)  # [b, I, d]
-    logits = torch.bmm(q, k.transpose(1, 2))  # [b, N, I]
-    return F.one_hot(logits.argmax(dim=1), num_subjects).transpose(1, 2).to(image_norm.dtype)
+    logits = torch.bmm(q.float(), k.float().transpose(1, 2))  # [b, N, I], in float32 whatever the model's dtype
+    return F.one_hot(route_decision(logits), num_subjects).transpose(1, 2).to(image_norm.dtype)
 
 
 def router_pre_attention(block, attn, router_hidden: torch.Tensor, temb: torch.Tensor, double: bool):
