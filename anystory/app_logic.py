@@ -110,6 +110,10 @@ def hub_file_status(repo_id: str, filename: str) -> WeightsStatus:
         return WeightsStatus(True, f"{repo_id}/{filename} is cached")
     if _offline():
         return WeightsStatus(False, f"{repo_id}/{filename} is not cached and the hub is off (HF_HUB_OFFLINE=1)")
+    from .matting import hub_endpoint, hub_reachable
+
+    if not hub_reachable():  # probed once, bounded: no network means no minute of hub retries at start-up
+        return WeightsStatus(False, f"{repo_id}/{filename} is not cached and the hub ({hub_endpoint()}) is unreachable")
     from huggingface_hub import file_exists
     from huggingface_hub.errors import GatedRepoError
 

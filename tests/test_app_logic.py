@@ -346,7 +346,9 @@ def test_an_unreachable_hub_is_decided_within_two_seconds_and_said(monkeypatch, 
         assert "unreachable" in seg.status and "unavailable" in seg.status
         start = time.perf_counter()  # remembered: a page reload or a second segmenter does not probe again
         assert "unreachable" in LazyBiRefNetSegmenter().status
+        flux = hub_file_status("Junjie96/AnyStory", "anystory_flux.bin")  # the app's FLUX check at start-up
         assert time.perf_counter() - start < 0.5
+        assert not flux.available and "is unreachable" in flux.detail
     finally:
         server.close()
     assert matting.HUB_PROBE_SECONDS <= 2.0

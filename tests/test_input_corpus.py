@@ -147,6 +147,8 @@ SUBJECT_ROWS = [
     ("truncated PNG", lambda f: [S(f["truncated"])], "error", "cannot read image file"),
     ("truncated JPEG", lambda f: [S(f["truncated_jpg"])], "error", "cannot read image file"),
     ("EXIF-rotated photo", lambda f: [S(f["phone"])], "ok", lambda out: _extent(out[0].mask) == (30, 20)),
+    ("EXIF photo opened with PIL", lambda f: [S(Image.open(f["phone"]))], "ok",
+     lambda out: _extent(out[0].mask) == (30, 20)),
     ("int as image", lambda f: [S(42)], "error", "expected a PIL image, numpy array or file path, got int"),
     ("None as image", lambda f: [S(None)], "error", "got NoneType"),
     ("dict as image", lambda f: [S({"path": "x.png"})], "error", "got dict"),
