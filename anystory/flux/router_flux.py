@@ -13,6 +13,8 @@ applied to them. Their attention reads the image keys/values of the same block p
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
@@ -25,14 +27,17 @@ def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 def routing_map(attn, router_norm: torch.Tensor, image_norm: torch.Tensor, image_key_proj: torch.Tensor,
-                image_rope, lora_q, lora_k, num_subjects: int, double: bool) -> torch.Tensor:
+                image_rope, lora_q, lora_k, num_subjects: int, double: bool,
+                closed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One-hot ``[b, N, I]`` map: image token j goes to the subject whose mean router query matches its key best.
 
     Call outside the router adapter scope: the routing logits use the projections without the router LoRA.
 
     router_norm: ``[b, N*k*k, d]`` normalised router tokens; image_norm: ``[b, I, d]`` normalised image tokens;
     image_key_proj: ``attn.to_k(image_norm)`` (already computed by the processor); image_rope: the image part of
-    the block's rotary embedding; lora_q / lora_k: ``(A, B)`` linear pairs of the processor.
+    the block's rotary embedding; lora_q / lora_k: ``(A, B)`` linear pairs of the processor; closed: optional
+    ``[b or 1, N, I]`` bool, True where subject i may not go (a region restriction: its logit is ``-inf``; as in
+    the release, the other subjects' router tokens still attend to its router tokens).
     """
     q_proj, q_norm = (attn.add_q_proj, attn.norm_added_q) if double else (attn.to_q, attn.norm_q)
     q = q_proj(router_norm) + lora_q[1](lora_q[0](router_norm))
@@ -42,6 +47,8 @@ def routing_map(attn, router_norm: torch.Tensor, image_norm: torch.Tensor, image
     k = attn.norm_k(_heads(k, attn.head_dim))
     k = apply_rotary_emb(k, image_rope, sequence_dim=1).mean(dim=2)  # [b, I, d]
     logits = torch.bmm(q.float(), k.float().transpose(1, 2))  # [b, N, I], in float32 whatever the model's dtype
+    if closed is not None:
+        logits = logits.masked_fill(closed, float("-inf"))
     return F.one_hot(route_decision(logits), num_subjects).transpose(1, 2).to(image_norm.dtype)
 
 
