@@ -58,9 +58,9 @@ def prepare_training(cfg: dict, pipe, acc) -> None:
     """Device and memory settings both stages share: gradient checkpointing of the UNet and the ReferenceNet."""
     pipe.to(acc.device)
     if cfg.get("gradient_checkpointing"):
-        pipe.unet.enable_gradient_checkpointing()
-        if pipe.anystory is not None:
-            pipe.anystory.reference_net.unet.enable_gradient_checkpointing()
+        from .checkpointing import enable
+
+        enable(pipe)
 
 
 def sampler(cfg: dict, stage: str, pipe):

@@ -68,4 +68,5 @@ def subject_step(cfg: dict, stage: str, pipe, source, scheduler, step: int, batc
                        miou=torch.tensor(float(np.mean(list(per_layer.values())))))
         return out
     finally:
-        adapter.reset_state()
+        if not (torch.is_grad_enabled() and pipe.unet.is_gradient_checkpointing):
+            adapter.reset_state()  # else backward re-runs the layers and needs the conditions: the next step resets
