@@ -123,6 +123,17 @@ def test_single_reference_compares_with_the_reference_x100(two_protocols):
         assert f"- protocol: {name} " in report and f"- scale: {scale}" in report and "- dino_model: pixels" in report
 
 
+def test_cli_protocol_with_a_real_face_model(tmp_path):
+    data = support.faces_folder(str(tmp_path / "faces"))  # real faces, scored by SFace (shipped, offline)
+    out = tmp_path / "run"
+    assert main(["--bench", "faces", "--data-dir", data, "--method", "copy-reference", "--images-per-prompt", "1",
+                 "--protocol", "single-reference", "--metrics", "face_id", "--face-backend", "sface",
+                 "--out", str(out)]) == 0
+    rows = pd.read_parquet(out / "rows.parquet")
+    assert rows["face_id"].tolist() == pytest.approx([100.0] * 4, abs=1e-3)  # the reference itself, x100
+    assert set(rows["protocol"]) == {"single-reference"} and set(rows["face_model"]) == {"SFace"}
+
+
 def test_dino_vit_s8_is_selectable():
     dino = build_metrics(MetricSettings(names=["dino"], dino_model="vits8"))[0]
     assert dino.embedder.model_name == "vit_small_patch8_224.dino"
@@ -237,6 +248,19 @@ def test_face_id_by_default_only_on_benches_of_people():
     assert "face_id" in default_metric_names("faces")
     assert "face_id" not in default_metric_names("dreambench")
     assert "face_id" not in default_metric_names("dreambench-multi")
+
+
+def test_dreambench_run_leaves_face_id_out_unless_asked(dreambench_dir, tmp_path):
+    def run(name, names):
+        cfg = RunConfig(bench="dreambench", methods=["copy-reference"], out=str(tmp_path / name), images_per_prompt=1,
+                        subset=1, data_dir=dreambench_dir, progress=False,
+                        metrics=MetricSettings(names=names, face_backend="sface"))
+        return run_eval(cfg)
+
+    default = run("default", None)
+    assert "face_id" not in default.rows.columns and "face_id" not in default.unavailable
+    asked = run("asked", ["face_id"])
+    assert "face_id" in asked.rows.columns and asked.rows["face_found"].notna().all()  # detection ran
 
 
 def test_oracle_never_pairs_a_photo_with_itself(tmp_path):
