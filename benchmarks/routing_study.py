@@ -1,7 +1,7 @@
 """Routing study on the miniature: does the router find the subjects, does routing stop attribute leakage,
 and are the generated subjects recognisable?
 
-    python -m benchmarks.routing_study [--model assets/miniature] [--pairs 40] [--steps 20]
+    python -m benchmarks.routing_study [--model assets/miniature] [--pairs 80] [--steps 20]
 
 All scenes come from a held-out seed of the synthetic world (never seen in training); the subjects of each
 generated pair are two of the 16 named identities with different shapes and colours, and the prompt names
@@ -17,12 +17,18 @@ neither ("two objects on sand"), so identity can only come from the reference im
    subject A's colour (and vice versa), with routing on vs off. "Off" forces every subject's map to 1
    everywhere (``set_routing_override`` with all-ones maps): each subject's conditions reach every position.
    "Plain argmax" is routing on without the background logit adjustment (``routing_background_bias=0``).
+   "Oracle" forces every layer's routing to the objects that routing on drew (their masks, background
+   elsewhere): what is left is leakage that no routing decision can remove.
+   Per step (routing on): the share of each subject's drawn object that the step's map routed to the
+   *other* subject, and to the subject itself, averaged over the pairs: where in sampling the leakage arises.
 4. Subject fidelity: the identity classifier (``anystory.data.identity_classifier``) reads each drawn object:
    exact identity (shape, colour and texture all right; chance 1/192), per attribute, and the best of the 16
    named identities (chance 1/16). A subject with no object drawn counts as wrong. Control: the same prompts
    with no subjects (the base model).
 5. One subject: each of the 16 named identities from two held-out references, "an object on <background>",
    fidelity of the largest object drawn, with the same modes.
+
+Every figure comes with a bootstrap 95% interval (2000 resamples of the pairs, scenes or images; percentile).
 """
 from __future__ import annotations
 
@@ -45,6 +51,23 @@ from anystory.subjects import prepare_subjects
 
 STUDY_SEED = 424242  # the training world is seed 0 (held-out checks during training: 7919)
 TIMESTEPS = (100, 300, 500, 700, 900)
+BOOTSTRAP = 2000
+
+
+def bootstrap(units: list, statistic, seed: int = 0) -> dict:
+    """``statistic(units)`` and its percentile 95% interval over ``BOOTSTRAP`` resamples of the units (pairs,
+    scenes or images, each one entry of ``units``)."""
+    value = statistic(units)
+    rng = np.random.default_rng(seed)
+    draws = [statistic([units[i] for i in rng.integers(len(units), size=len(units))]) for _ in range(BOOTSTRAP)]
+    draws = [d for d in draws if d is not None and np.isfinite(d)]
+    lo, hi = (np.percentile(draws, [2.5, 97.5]) if draws else (float("nan"), float("nan")))
+    return {"value": value, "lo": float(lo), "hi": float(hi), "n": len(units)}
+
+
+def mean_of(values) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
 
 
 def held_out_pairs(world: SyntheticWorld, count: int) -> list:
@@ -100,8 +123,9 @@ def teacher_forced_miou(pipe, world: SyntheticWorld, scenes: int) -> dict:
             pipe.unet(scheduler.add_noise(latents, noise, tt), tt, embeds, added_cond_kwargs=added)
             by_t[t].append(float(np.mean(list(router_miou(adapter.state, targets).values()))))
         adapter.reset_state()
-    out = {f"t={t}": float(np.mean(v)) for t, v in by_t.items()}
-    out["mean"] = float(np.mean([np.mean(v) for v in by_t.values()]))
+    per_scene = [{t: by_t[t][k] for t in TIMESTEPS} for k in range(scenes)]
+    out = {f"t={t}": bootstrap(per_scene, lambda u, t=t: mean_of([s[t] for s in u])) for t in TIMESTEPS}
+    out["mean"] = bootstrap(per_scene, lambda u: float(np.mean([np.mean(list(s.values())) for s in u])))
     out["scenes"] = scenes
     return out
 
@@ -178,13 +202,19 @@ def generated_miou(maps: torch.Tensor, masks: list) -> Optional[float]:
     return miou_labels(maps.argmax(0).numpy(), gt_sub, n + 1)
 
 
-MODES = ("on", "plain", "off", "none")
+MODES = ("on", "plain", "off", "oracle", "none")
+LABELS = {"on": "routing on", "plain": "routing on, plain argmax",
+          "off": "routing off", "oracle": "oracle routing (drawn objects)", "none": "no subjects (base)"}
+FIDELITY = ("identity", "named", "shape", "colour", "texture", "found")
+PER_STEP = ("on",)
 
 
-def _generate(pipe, prompt, refs, mode: str, size: int, steps: int, guidance: float, seed: int, **kwargs):
+def _generate(pipe, prompt, refs, mode: str, size: int, steps: int, guidance: float, seed: int, override=None,
+              **kwargs):
+    latent = size // pipe.vae_scale_factor
     if mode == "off":
-        pipe.set_routing_override(torch.ones(len(refs) + 1, size // pipe.vae_scale_factor,
-                                             size // pipe.vae_scale_factor))
+        override = torch.ones(len(refs) + 1, latent, latent)
+    pipe.set_routing_override(override)
     try:
         return pipe(prompt, subjects=refs if mode != "none" else [], num_inference_steps=steps,
                     guidance_scale=guidance, generator=torch.Generator().manual_seed(seed), output_type="np",
@@ -197,10 +227,38 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
 
 
-def single_subject(pipe, world, classifier, steps: int, guidance: float, per_identity: int = 2) -> dict:
+def oracle_maps(masks: list, size: int, latent: int) -> Optional[torch.Tensor]:
+    """``[N+1, latent, latent]`` one-hot maps of the drawn objects (the majority class of each latent cell)."""
+    if any(m is None for m in masks):
+        return None
+    f = size // latent
+    frac = np.stack([m.reshape(latent, f, latent, f).mean(axis=(1, 3)) for m in masks])
+    labels = np.concatenate([frac, 1 - frac.sum(0, keepdims=True)]).argmax(0)
+    return torch.from_numpy(np.eye(len(masks) + 1, dtype=np.float32)[labels]).permute(2, 0, 1)
+
+
+def step_routing(maps: List[torch.Tensor], masks: list, size: int) -> Optional[list]:
+    """Per step: (share of the subjects' drawn objects routed to the *other* subject, share routed to itself)."""
+    if any(m is None for m in masks) or len(masks) != 2:
+        return None
+    rows = []
+    for step in maps:
+        m = step[0].numpy()  # [3, h, w]
+        h = m.shape[-1]
+        f = size // h
+        other, own = [], []
+        for i, mask in enumerate(masks):
+            frac = mask.reshape(h, f, h, f).mean(axis=(1, 3))
+            other.append(float((frac * m[1 - i]).sum() / frac.sum()))
+            own.append(float((frac * m[i]).sum() / frac.sum()))
+        rows.append((float(np.mean(other)), float(np.mean(own))))
+    return rows
+
+
+def single_subject(pipe, world, classifier, steps: int, guidance: float, modes, per_identity: int = 2) -> dict:
     """Fidelity of one subject per image (the largest object drawn), per mode."""
     size = world.config.image_size
-    rows = {mode: [] for mode in MODES if mode != "off"}
+    rows = {mode: [] for mode in modes if mode not in ("off", "oracle")}
     for k, identity in enumerate(IDENTITIES):
         for j in range(per_identity):
             index = k * per_identity + j
@@ -211,50 +269,78 @@ def single_subject(pipe, world, classifier, steps: int, guidance: float, per_ide
                                             seed=10_000 + index).images[0])
                 objects = find_objects(image)
                 rows[mode].append(fidelity(image, [objects[0] if objects else None], [identity], classifier))
-    return {mode: {key: float(np.mean([v for r in rs for v in r[key]]))
-                   for key in ("identity", "named", "shape", "colour", "texture", "found")} | {"images": len(rs)}
-            for mode, rs in rows.items()}
+    return {mode: {key: bootstrap(rs, lambda u, key=key: mean_of([v for r in u for v in r[key]])) for key in FIDELITY}
+            | {"images": len(rs)} for mode, rs in rows.items()}
 
 
-def run_generation(pipe, world, classifier, pairs, steps: int, guidance: float, out_dir: Optional[str]) -> dict:
+def run_generation(pipe, world, classifier, pairs, steps: int, guidance: float, out_dir: Optional[str],
+                   modes) -> dict:
     size = world.config.image_size
-    results = {mode: [] for mode in MODES}
+    latent = size // pipe.vae_scale_factor
+    results = {mode: [] for mode in modes}
     seconds = []
     for k, subjects, bg in pairs:
         refs = [Subject(world.reference(s, k, slot).image, name=s.name) for slot, s in enumerate(subjects)]
         prompt = f"two objects on {bg}"
-        images = {}
-        for mode in MODES:
+        images, drawn = {}, {}
+        for mode in modes:
+            override = None
+            if mode == "oracle":
+                override = oracle_maps(drawn.get("on", [None]), size, latent)
+                if override is None:
+                    results[mode].append({"fidelity": None, "leakage": None})
+                    continue
             started = time.perf_counter()
-            out = _generate(pipe, prompt, refs, mode, size, steps, guidance, seed=k, return_routing_maps=mode == "on")
+            out = _generate(pipe, prompt, refs, mode, size, steps, guidance, seed=k, override=override,
+                            return_routing_maps=mode in PER_STEP)
             if mode == "on":
                 seconds.append(time.perf_counter() - started)
             image = _to_uint8(out.images[0])
             images[mode] = image
-            masks = match_objects(image, subjects, classifier)
+            masks = drawn[mode] = match_objects(image, subjects, classifier)
             row = {"fidelity": fidelity(image, masks, subjects, classifier), "leakage": leakage(image, masks, subjects)}
-            if mode == "on":
+            if mode in PER_STEP:
                 row["miou"] = generated_miou(out.routing_maps[-1][0], masks)
+                row["steps"] = step_routing(out.routing_maps, masks, size)
             results[mode].append(row)
         if out_dir and k < 12:
             from PIL import Image
 
             refs_img = [np.asarray(prepare_subjects([r])[0].image.resize((size, size))) for r in refs]
-            Image.fromarray(np.concatenate(refs_img + [images[m] for m in MODES], 1)).save(
+            Image.fromarray(np.concatenate(refs_img + [images[m] for m in modes if m in images], 1)).save(
                 os.path.join(out_dir, f"pair_{k:02d}.png"))
+    return summarise(results, seconds, len(pairs))
+
+
+def summarise(results: dict, seconds: list, pairs: int) -> dict:
+    """Every figure with its bootstrap interval over the pairs (one unit = one pair, all modes together)."""
+    units = [{mode: results[mode][i] for mode in results} for i in range(pairs)]
     summary = {}
-    for mode, rows in results.items():
-        fid = {key: float(np.mean([v for r in rows for v in r["fidelity"][key]]))
-               for key in ("identity", "named", "shape", "colour", "texture", "found")}
-        leaks = [r["leakage"] for r in rows if r["leakage"] is not None]
-        summary[mode] = {"fidelity": fid, "leakage": float(np.mean(leaks)) if leaks else float("nan"),
-                         "leakage_images": len(leaks)}
-    mious = [r["miou"] for r in results["on"] if r.get("miou") is not None]
-    summary["generated_miou"] = float(np.mean(mious)) if mious else float("nan")
-    summary["generated_miou_images"] = len(mious)
-    summary["seconds_per_image"] = statistics.median(seconds)
-    summary["pairs"] = len(pairs)
+    for mode in results:
+        fid = {key: bootstrap(units, lambda u, key=key, mode=mode: mean_of(
+            [v for r in u if r[mode]["fidelity"] for v in r[mode]["fidelity"][key]])) for key in FIDELITY}
+        summary[mode] = {"fidelity": fid, "leakage": bootstrap(units, lambda u, mode=mode: mean_of(
+            [r[mode]["leakage"] for r in u])),
+            "leakage_images": sum(r["leakage"] is not None for r in results[mode])}
+        if mode in PER_STEP:
+            summary[mode]["generated_miou"] = bootstrap(units, lambda u, mode=mode: mean_of(
+                [r[mode].get("miou") for r in u]))
+            rows = [r[mode]["steps"] for r in units if r[mode].get("steps")]
+            summary[mode]["per_step"] = [
+                {"step": s, "other": bootstrap(rows, lambda u, s=s: mean_of([r[s][0] for r in u])),
+                 "own": bootstrap(rows, lambda u, s=s: mean_of([r[s][1] for r in u]))}
+                for s in range(len(rows[0]))] if rows else []
+    for mode in ("on", "oracle"):
+        if mode in results and "off" in results:
+            summary[f"leakage_ratio_off_over_{mode}"] = bootstrap(units, lambda u, mode=mode: _ratio(u, "off", mode))
+    summary["seconds_per_image"] = statistics.median(seconds) if seconds else float("nan")
+    summary["pairs"] = pairs
     return summary
+
+
+def _ratio(units, num: str, den: str) -> Optional[float]:
+    a, b = mean_of([r[num]["leakage"] for r in units]), mean_of([r[den]["leakage"] for r in units])
+    return None if a is None or not b else a / b
 
 
 def main(argv=None) -> int:
@@ -262,13 +348,18 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="miniature folder (default: assets/miniature)")
     p.add_argument("--classifier", default=None, help="identity classifier weights (default: <model>/identity_classifier.safetensors)")
-    p.add_argument("--pairs", type=int, default=40)
-    p.add_argument("--scenes", type=int, default=40, help="held-out scenes for the teacher-forced mIoU")
+    p.add_argument("--pairs", type=int, default=80, help="held-out pairs for the two-subject part (0: skip)")
+    p.add_argument("--scenes", type=int, default=40, help="held-out scenes for the teacher-forced mIoU (0: skip)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--single", type=int, default=2, help="references per identity in the one-subject part (0: skip)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/routing_study")
     args = p.parse_args(argv)
+    modes = [m for m in MODES if m in args.modes.split(",")]
+    if "oracle" in modes and "on" not in modes:
+        p.error("the oracle mode needs the 'on' mode (it routes to the objects that routing on drew)")
     torch.set_num_threads(args.threads)
     from diffusers.utils import logging as dlog
 
@@ -284,14 +375,16 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     report = {"model": model, "command": "python -m benchmarks.routing_study " + " ".join(argv or []),
-              "classifier_validation": getattr(classifier, "metrics", {})}
-    report["teacher_forced_miou"] = teacher_forced_miou(pipe, world, args.scenes)
-    report["generation"] = run_generation(pipe, world, classifier, held_out_pairs(world, args.pairs), args.steps,
-                                          args.guidance, args.out)
-    report["single_subject"] = single_subject(pipe, world, classifier, args.steps, args.guidance)
+              "classifier_validation": getattr(classifier, "metrics", {}), "modes": modes}
+    if args.scenes:
+        report["teacher_forced_miou"] = teacher_forced_miou(pipe, world, args.scenes)
+    if args.pairs:
+        report["generation"] = run_generation(pipe, world, classifier, held_out_pairs(world, args.pairs),
+                                              args.steps, args.guidance, args.out, modes)
+    if args.single:
+        report["single_subject"] = single_subject(pipe, world, classifier, args.steps, args.guidance, modes,
+                                                  args.single)
     report["routing_background_bias"] = pipe.anystory.config.routing_background_bias
-    g = report["generation"]
-    report["leakage_ratio_off_over_on"] = g["off"]["leakage"] / max(g["on"]["leakage"], 1e-9)
     report["seconds_total"] = round(time.time() - t0, 1)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -302,46 +395,64 @@ def main(argv=None) -> int:
     return 0
 
 
+def ci(b: Optional[dict], fmt: str = "{:.3f}") -> str:
+    """``value [lo, hi]`` of a :func:`bootstrap` result."""
+    if not b or b["value"] is None:
+        return "-"
+    return f"{fmt.format(b['value'])} [{fmt.format(b['lo'])}, {fmt.format(b['hi'])}]"
+
+
 def markdown_table(r: dict) -> str:
-    g, tf, one = r["generation"], r["teacher_forced_miou"], r["single_subject"]
-
-    def fid(m):
-        f = m["fidelity"] if "fidelity" in m else m
-        return f"{f['shape']:.2f} / {f['colour']:.2f} / {f['texture']:.2f}"
-
-    def cells(values, fmt="{:.3f}"):
-        return " | ".join("-" if v is None else fmt.format(v) for v in values)
-
-    pair_modes = [g[m] for m in MODES]
-    lines = [
-        f"Background logit adjustment of this model: {r['routing_background_bias']:.3f}.",
-        "",
-        "| measurement | routing on | routing on, plain argmax | routing off | no subjects (base) | goal |",
-        "|---|---|---|---|---|---|",
-        f"| router mIoU, teacher-forced, mean over t (held-out scenes: {tf['scenes']}) | {tf['mean']:.3f} | - | - | - "
-        "| >= 0.8 |",
-        "| router mIoU per t (100 / 300 / 500 / 700 / 900) | "
-        + " / ".join(f"{tf[f't={t}']:.2f}" for t in TIMESTEPS) + " | - | - | - | |",
-        f"| **two subjects** ({g['pairs']} held-out pairs, \"two objects on ...\") | | | | | |",
-        f"| router mIoU vs the objects drawn (last step; {g['generated_miou_images']} images) | "
-        f"{g['generated_miou']:.3f} | - | - | - | |",
-        "| attribute leakage (other subject's colour in a subject's object) | "
-        + cells([m["leakage"] for m in pair_modes[:3]]) + f" | - | off/on >= 3: **{r['leakage_ratio_off_over_on']:.1f}x** |",
-        "| fidelity: exact identity (chance 0.005) | " + cells([m["fidelity"]["identity"] for m in pair_modes])
-        + " | well above chance |",
-        "| fidelity: best of 16 named identities (chance 0.0625) | "
-        + cells([m["fidelity"]["named"] for m in pair_modes]) + " | |",
-        "| fidelity: shape / colour / texture (chance .125 / .167 / .25) | "
-        + " | ".join(fid(m) for m in pair_modes) + " | |",
-        "| subjects with an object drawn | " + cells([m["fidelity"]["found"] for m in pair_modes], "{:.2f}") + " | |",
-        f"| **one subject** ({one['on']['images']} images, 16 identities x 2 references) | | | | | |",
-        "| fidelity: best of 16 named identities (chance 0.0625) | "
-        + " | ".join(f"{one[m]['named']:.3f}" if m in one else "-" for m in MODES) + " | well above chance |",
-        "| fidelity: shape / colour / texture (chance .125 / .167 / .25) | "
-        + " | ".join(fid(one[m]) if m in one else "-" for m in MODES) + " | |",
-        f"| seconds per image (CPU, two subjects, median) | {g['seconds_per_image']:.2f} | | | | a few |",
-    ]
+    g, modes = r.get("generation"), r["modes"]
+    lines = [f"Background logit adjustment of this model: {r['routing_background_bias']:.3f}. "
+             "Every figure: value [bootstrap 95% interval].", ""]
+    tf = r.get("teacher_forced_miou")
+    if tf:
+        lines += [f"Router mIoU, teacher-forced ({tf['scenes']} held-out scenes): mean over t {ci(tf['mean'])}; "
+                  + "; ".join(f"t={t} {ci(tf[f't={t}'], '{:.2f}')}" for t in TIMESTEPS), ""]
+    if g:
+        lines += two_subject_lines(g, modes)
+    one = r.get("single_subject")
+    if one:
+        om = [m for m in modes if m in one]
+        lines += ["", f"**One subject** ({one[om[0]]['images']} images, 16 identities x references)", "",
+                  "| measurement | " + " | ".join(LABELS[m] for m in om) + " |", "|---" * (len(om) + 1) + "|"]
+        for key, name in (("named", "fidelity: best of 16 named identities (chance 0.0625)"),
+                          ("shape", "fidelity: shape"), ("colour", "fidelity: colour"), ("texture", "fidelity: texture")):
+            lines.append(f"| {name} | " + " | ".join(ci(one[m][key], "{:.2f}") for m in om) + " |")
+    if g:
+        lines.append(f"\nSeconds per image (CPU, two subjects, routing on, median): {g['seconds_per_image']:.2f}")
     return "\n".join(lines) + "\n"
+
+
+def two_subject_lines(g: dict, modes) -> list:
+    lines = [f"**Two subjects** ({g['pairs']} held-out pairs, \"two objects on ...\")", "",
+              "| measurement | " + " | ".join(LABELS[m] for m in modes) + " |", "|---" * (len(modes) + 1) + "|"]
+
+    def row(name, get, fmt="{:.3f}"):
+        lines.append(f"| {name} | " + " | ".join(ci(get(g[m]), fmt) if get(g[m]) else "-" for m in modes) + " |")
+
+    row("attribute leakage (other subject's colour in a subject's object)", lambda m: m["leakage"])
+    for key, name in (("identity", "fidelity: exact identity (chance 0.005)"),
+                      ("named", "fidelity: best of 16 named identities (chance 0.0625)"),
+                      ("shape", "fidelity: shape (chance .125)"), ("colour", "fidelity: colour (chance .167)"),
+                      ("texture", "fidelity: texture (chance .25)"), ("found", "subjects with an object drawn")):
+        row(name, lambda m, key=key: m["fidelity"][key], "{:.2f}")
+    row("router mIoU vs the objects drawn (last step)", lambda m: m.get("generated_miou"))
+    for mode in ("on", "oracle"):
+        if f"leakage_ratio_off_over_{mode}" in g:
+            lines.append(f"\nLeakage off / {LABELS[mode]} (goal >= 3): "
+                         f"**{ci(g[f'leakage_ratio_off_over_{mode}'], '{:.2f}')}x**")
+    for mode in PER_STEP:
+        steps = g.get(mode, {}).get("per_step")
+        if steps:
+            lines += ["", f"Per step, {LABELS[mode]}: share of a subject's drawn object routed to the other subject "
+                      "/ to itself", "", "| step | " + " | ".join(str(s["step"]) for s in steps) + " |",
+                      "|---" * (len(steps) + 1) + "|",
+                      "| other | " + " | ".join(f"{s['other']['value']:.3f}" for s in steps) + " |",
+                      "| 95% | " + " | ".join(f"{s['other']['lo']:.3f}-{s['other']['hi']:.3f}" for s in steps) + " |",
+                      "| own | " + " | ".join(f"{s['own']['value']:.2f}" for s in steps) + " |"]
+    return lines
 
 
 if __name__ == "__main__":
