@@ -63,11 +63,13 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path):
 def test_bf16_autocast_trains(tmp_path):
     from accelerate.state import AcceleratorState
 
-    cfg = _cfg(tmp_path, stage1={"steps": 2, "batch_size": 2}, mixed_precision="bf16")
+    cfg = _cfg(tmp_path, stage1={"steps": 2, "batch_size": 2}, mixed_precision="bf16", frozen_dtype="bf16",
+               gradient_checkpointing=True)
     AcceleratorState._reset_state(True)  # one precision per process: this test's differs from the others'
     try:
-        _stage1(cfg)
+        pipe = _stage1(cfg)
         assert AcceleratorState().mixed_precision == "bf16"
+        assert pipe.unet.dtype == pipe.vae.dtype == torch.bfloat16 and pipe.anystory.dtype == torch.float32
     finally:
         AcceleratorState._reset_state(True)
     rows = _log(cfg, "stage1")
@@ -124,3 +126,18 @@ def test_unknown_tracker_is_named(tmp_path):
     with pytest.raises(ValueError, match="unknown"):
         tracker_names({"trackers": ["mlflowz"]})
     assert tracker_names({"trackers": []}) == []
+
+
+def test_scale_configs_load_and_name_their_strategy():
+    import yaml
+
+    cfg = load_config(os.path.join(ROOT, "configs", "sdxl.yaml"))
+    assert cfg["mixed_precision"] == "bf16" and cfg["frozen_dtype"] == "bf16" and cfg["gradient_checkpointing"]
+    assert cfg["stage1"]["gradient_accumulation"] > 1 and cfg["data"]["stage1"]
+    kinds = {}
+    for name in ("ddp", "deepspeed_zero2", "fsdp"):
+        with open(os.path.join(ROOT, "configs", "accelerate", f"{name}.yaml")) as f:
+            launch = yaml.safe_load(f)
+        assert launch["mixed_precision"] == "bf16" and launch["num_processes"] == 8
+        kinds[name] = launch["distributed_type"]
+    assert kinds == {"ddp": "MULTI_GPU", "deepspeed_zero2": "DEEPSPEED", "fsdp": "FSDP"}

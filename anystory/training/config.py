@@ -15,6 +15,7 @@ DEFAULTS: Dict[str, Any] = {
     "work_dir": "runs/miniature",
     "export_dir": "assets/miniature",
     "mixed_precision": None,  # "no" / "bf16" / "fp16"; None = the accelerate launch config's (else "no")
+    "frozen_dtype": None,  # "bf16" / "fp16": UNet (when not trained), VAE, text and image encoders in half precision
     "gradient_checkpointing": False,  # UNet and ReferenceNet recompute activations in backward (stages 1-2)
     "find_unused_parameters": True,  # DDP: the ReferenceNet's layers after its last self-attention get no gradient
     "trackers": "auto",  # TensorBoard (+ W&B when set up); see anystory/training/tracking.py

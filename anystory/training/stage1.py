@@ -10,6 +10,8 @@ Routing is the ground truth (teacher routing), so the encoder learns in the regi
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import torch
 
@@ -44,7 +46,7 @@ def evaluate(cfg: dict, stage: str, pipe, batches: int = 3, teacher_routing: boo
         return None
     scheduler = training_scheduler(pipe)
     rows = []
-    with torch.no_grad():
+    with torch.no_grad(), mixed_autocast(pipe):
         for k in range(batches):
             gen = torch.Generator().manual_seed(1000 + k)
             torch.manual_seed(2000 + k)  # Gumbel noise
@@ -54,9 +56,27 @@ def evaluate(cfg: dict, stage: str, pipe, batches: int = 3, teacher_routing: boo
     return {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
 
 
+def mixed_autocast(pipe):
+    """Autocast to the frozen components' half precision when they have one (``frozen_dtype``), outside training
+    steps (held-out losses, samples) as inside them."""
+    low = pipe.unet.dtype
+    if pipe.anystory is None or low == pipe.anystory.dtype:
+        return nullcontext()
+    return torch.autocast(pipe.unet.device.type, dtype=low)
+
+
 def prepare_training(cfg: dict, pipe, acc) -> None:
-    """Device and memory settings both stages share: gradient checkpointing of the UNet and the ReferenceNet."""
+    """Device and memory settings both stages share: frozen components' dtype, gradient checkpointing of the UNet
+    and the ReferenceNet."""
     pipe.to(acc.device)
+    if cfg.get("frozen_dtype"):  # frozen components in bf16 / fp16 (half their memory); trained ones stay fp32
+        dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}.get(cfg["frozen_dtype"], cfg["frozen_dtype"]))
+        frozen = ["vae", "text_encoder", "text_encoder_2", "image_encoder"]
+        if not cfg["stage1"].get("train_unet"):
+            frozen.append("unet")
+        for name in frozen:
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).to(dtype)
     if cfg.get("gradient_checkpointing"):
         from .checkpointing import enable
 
@@ -71,7 +91,12 @@ def sampler(cfg: dict, stage: str, pipe):
     source, key = (held, "heldout") if held is not None else (source_for(cfg, stage), stage)
     counts = [n + 1 for n, w in enumerate(cfg[stage]["subjects"]) if w > 0]
     records = [source.record(key, 0, n) for n in sorted({counts[0], counts[-1]})]
-    return lambda: {f"{stage}/sample_{len(r.references)}_subjects": routing_sample(pipe, r) for r in records}
+
+    def images():
+        with mixed_autocast(pipe):
+            return {f"{stage}/sample_{len(r.references)}_subjects": routing_sample(pipe, r) for r in records}
+
+    return images
 
 
 def train_stage1(cfg: dict, pipe, log=print) -> dict:
