@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
+from ..attention_processors import _exclusive_labels, _sparse_pays
 from .adapter_scope import ROUTER_ADAPTER, adapter_scope
+from .routed_attention_flux import routed_attention
 from .router_flux import router_post_attention, router_pre_attention, routing_map
 
 NEG_INF = float("-inf")
@@ -160,12 +162,18 @@ class AnyStoryFluxAttnProcessor(nn.Module):
                 router = (router_hidden, r_qkv, mods, mlp)
             state.record(maps)
 
-        keys, values = k, v
+        labels = None
+        if maps is not None and not state.confine and _sparse_pays(q):
+            labels = _exclusive_labels(maps)  # hard routing: each image token meets one subject's tokens only
+        ref_k = ref_v = None
         if plan.ref:
-            ref_k, ref_v = state.ref_kv_for(self.layer_id, batch)
-            keys = torch.cat([k, ref_k.to(k.dtype)], dim=1)
-            values = torch.cat([v, ref_v.to(v.dtype)], dim=1)
-        out = _attention(q, keys, values, attention_bias(state, plan, maps, batch, q.dtype, q.device))
+            ref_k, ref_v = (x.to(k.dtype) for x in state.ref_kv_for(self.layer_id, batch))
+        if labels is not None:
+            ref_bias = state.ref_bias.to(device=q.device, dtype=q.dtype) if plan.ref else None
+            out = routed_attention(q, k, v, ref_k, ref_v, ref_bias, labels, state.txt_len, state.redux_len, n)
+        else:
+            keys, values = (k, v) if ref_k is None else (torch.cat([k, ref_k], dim=1), torch.cat([v, ref_v], dim=1))
+            out = _attention(q, keys, values, attention_bias(state, plan, maps, batch, q.dtype, q.device))
 
         if router is not None:
             router_hidden, (rq, rk, rv), mods, mlp = router
