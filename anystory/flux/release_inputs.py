@@ -49,7 +49,9 @@ def mask_values(mask) -> np.ndarray:
             return alpha
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         image = to_rgb(image)
-    return np.asarray(image.convert("L"))
+    values = np.asarray(image.convert("L"))
+    # a 0/1 mask marks its subject (anystory/images.py's rule); as 0/255 it means that to the release's arithmetic
+    return values * np.uint8(255) if values.max() == 1 else values
 
 
 def release_rgb(image: Image.Image) -> Image.Image:
