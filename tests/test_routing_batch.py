@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from anystory import AnyStorySDXLPipeline, Subject
+from anystory import Subject
 from anystory.router import DECISION_GRID, route_decision, routing_maps
-from anystory.tiny import TINY_ANYSTORY_CONFIG, tiny_sdxl_components
+from routing_common import noise_image, tiny_pipe
 from test_flux_common import CALL, make_pipe, subject_image
 
 PROMPTS = ["a red striped star and a blue dotted moon on sand", "two toys on a wooden table"]
@@ -38,22 +38,14 @@ def test_removing_a_class_that_does_not_win_keeps_the_winner():
 
 @pytest.fixture(scope="module")
 def sdxl():
-    p = AnyStorySDXLPipeline(**tiny_sdxl_components(seed=0))
-    p.set_progress_bar_config(disable=True)
-    torch.manual_seed(0)
-    p.init_anystory(**TINY_ANYSTORY_CONFIG)
-    return p
-
-
-def _image(seed):
-    return np.random.RandomState(seed).randint(0, 255, (40, 48, 3)).astype(np.uint8)
+    return tiny_pipe()
 
 
 @pytest.mark.parametrize("subject_seeds", [(1, 2), (1, 1)], ids=["two-subjects", "identical-subjects-tie"])
 def test_sdxl_batch_equals_single_calls(sdxl, subject_seeds):
-    subjects = [Subject(_image(s)) for s in subject_seeds]
+    subjects = [Subject(noise_image(s)) for s in subject_seeds]
     latents = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(3))
-    call = dict(subjects=subjects, num_inference_steps=3, output_type="np", routing_background_bias=1.0)
+    call = dict(subjects=subjects, num_inference_steps=2, output_type="np", routing_background_bias=1.0)
     singles = [sdxl(PROMPTS[i], latents=latents[i:i + 1], **call).images[0] for i in range(2)]
     same = sdxl(PROMPTS[0], latents=latents, num_images_per_prompt=2, **call).images
     assert np.abs(same[0] - singles[0]).max() <= 1e-4

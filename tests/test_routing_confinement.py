@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from anystory import AnyStorySDXLPipeline, Subject
+from anystory import Subject
 from anystory.attention_processors import AnyStoryCrossAttnProcessor, AnyStorySelfAttnProcessor
 from anystory.router import RouterLayer
-from anystory.tiny import TINY_ANYSTORY_CONFIG, tiny_sdxl_components
+from routing_common import noise_image, tiny_pipe
 
 PROMPT = "a red striped star and a blue dotted moon on sand"
 FIRST_SELF_ATTENTION = "down_blocks.1.attentions.0.transformer_blocks.0.attn1"  # runs before any router
@@ -15,15 +15,7 @@ FIRST_SELF_ATTENTION = "down_blocks.1.attentions.0.transformer_blocks.0.attn1"  
 
 @pytest.fixture(scope="module")
 def pipe():
-    p = AnyStorySDXLPipeline(**tiny_sdxl_components(seed=0))
-    p.set_progress_bar_config(disable=True)
-    torch.manual_seed(0)
-    p.init_anystory(**TINY_ANYSTORY_CONFIG)
-    return p
-
-
-def _image(seed):
-    return np.random.RandomState(seed).randint(0, 255, (40, 48, 3)).astype(np.uint8)
+    return tiny_pipe()
 
 
 def _run(pipe, subjects, steps=2, **kw):
@@ -53,10 +45,10 @@ def test_single_subject_routed_nowhere_equals_no_subject(pipe):
     """Background bias -1e4: the learned router gives the subject no position in any layer of any step."""
     plain = _run(pipe, []).images
     for seed in (1, 2, 3):
-        out = _run(pipe, [Subject(_image(seed))], routing_background_bias=-1e4, return_routing_maps=True)
+        out = _run(pipe, [Subject(noise_image(seed))], routing_background_bias=-1e4, return_routing_maps=True)
         assert all(m[:, 0].max() == 0 for m in out.routing_maps), "the subject was routed somewhere"
         assert np.abs(out.images - plain).max() <= 1e-6
-    assert np.abs(_run(pipe, [Subject(_image(1))]).images - plain).max() > 1e-4, "a routed subject must act"
+    assert np.abs(_run(pipe, [Subject(noise_image(1))]).images - plain).max() > 1e-4, "a routed subject must act"
 
 
 def test_second_subject_routed_nowhere_equals_the_call_without_it(pipe, regions):
@@ -65,16 +57,16 @@ def test_second_subject_routed_nowhere_equals_the_call_without_it(pipe, regions)
     allowed = torch.zeros(2, 32, 32)
     allowed[0, :, :20] = 1  # A may take the left part only
     regions.value = allowed
-    alone = _run(pipe, [Subject(_image(1))], routing_background_bias=1.0, return_routing_maps=True)
+    alone = _run(pipe, [Subject(noise_image(1))], routing_background_bias=1.0, return_routing_maps=True)
     share = torch.stack([m[0, 0] for m in alone.routing_maps]).mean().item()
     assert 0.05 < share <= 20 / 32, f"A should hold part of the image, holds {share:.2f}"
     for b_seed in (2, 5, 9):
-        both = _run(pipe, [Subject(_image(1)), Subject(_image(b_seed), scale=2.0)], routing_background_bias=1.0,
+        both = _run(pipe, [Subject(noise_image(1)), Subject(noise_image(b_seed), scale=2.0)], routing_background_bias=1.0,
                     return_routing_maps=True)
         assert all(m[:, 1].max() == 0 for m in both.routing_maps)
         assert np.abs(both.images - alone.images).max() <= 1e-6
     regions.value = None
-    assert np.abs(_run(pipe, [Subject(_image(1)), Subject(_image(2))], routing_background_bias=1.0).images
+    assert np.abs(_run(pipe, [Subject(noise_image(1)), Subject(noise_image(2))], routing_background_bias=1.0).images
                   - alone.images).max() > 1e-4, "B, when routed, must act"
 
 
@@ -124,7 +116,7 @@ def test_layers_before_the_first_map_are_gated(pipe, recorder):
     runs = []
     for seed in (1, 2):
         recorder.first, recorder.gates = [], []
-        _run(pipe, [Subject(_image(seed))], steps=2, routing_background_bias=1e4)  # the subject goes everywhere
+        _run(pipe, [Subject(noise_image(seed))], steps=2, routing_background_bias=1e4)  # the subject goes everywhere
         runs.append((recorder.first, recorder.gates))
     for first, gates in runs:
         assert len(first) == 2
