@@ -93,14 +93,16 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def interleaved(configs, module: torch.nn.Module, device: str, repeats: int, passes, skip=None) -> list:
+def interleaved(configs, module: torch.nn.Module, device: str, repeats: int, passes, skip=None,
+                per_call=None) -> list:
     """Time ``configs`` (``(label, subjects, call)``, ``call(seed)`` runs one pipeline call) against each other.
 
     Each config is warmed up once, then ``repeats`` rounds run every config once: a drift in the speed of a shared
     machine then hits all of them alike, which keeps their ratios honest. Round r starts at config r (the order
     rotates), so no config always runs right after the same neighbour. ``passes()`` is a running count of
     reference-encoder passes (subject rows). One row per config: median step time over all its steps, passes per
-    call, peak memory.
+    call, peak memory; and per ``per_call`` entry (``{column: ForwardTimer}``, once-per-call work such as encoders,
+    timed apart from the steps) the milliseconds per call its forwards took.
     """
     for _, _, call in configs:
         call(-1)
@@ -108,20 +110,26 @@ def interleaved(configs, module: torch.nn.Module, device: str, repeats: int, pas
     times = {label: [] for label, _, _ in configs}
     counted = {label: 0 for label, _, _ in configs}
     peaks = {label: 0.0 for label, _, _ in configs}
+    per_call = per_call or {}
+    once = {label: dict.fromkeys(per_call, 0.0) for label, _, _ in configs}
     kind = None
     try:
         for r in range(repeats):
             for label, _, call in configs[r % len(configs):] + configs[: r % len(configs)]:
                 before, seen = passes(), len(timer.times)
+                marks = {column: len(t.times) for column, t in per_call.items()}
                 with peak_memory(device) as mem:
                     call(r)
                 times[label] += timer.times[seen:]
                 counted[label] += passes() - before
+                for column, t in per_call.items():
+                    once[label][column] += sum(t.times[marks[column]:])
                 peaks[label], kind = max(peaks[label], mem["peak_mb"]), mem["kind"]
     finally:
         timer.remove()
     rows = [{"config": label, "subjects": n, "step_ms": 1000 * median(times[label]),
-             "reference_passes_per_call": counted[label] / repeats, "peak_mb": peaks[label], "memory": kind}
+             "reference_passes_per_call": counted[label] / repeats, "peak_mb": peaks[label], "memory": kind,
+             **{column: 1000 * total / repeats for column, total in once[label].items()}}
             for label, n, _ in configs]
     for row in rows:
         row["step_ratio"] = row["step_ms"] / rows[0]["step_ms"]

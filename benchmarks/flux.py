@@ -17,7 +17,7 @@ from diffusers import FluxPipeline
 
 from anystory import Subject
 
-from .common import SUBJECTS, interleaved
+from .common import SUBJECTS, ForwardTimer, interleaved
 
 # black-forest-labs/FLUX.1-dev's transformer and VAE, written out so random-weight runs need no download.
 FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -112,11 +112,20 @@ def run(shape: str = "tiny", device: str = "cpu", steps: int = 4, repeats: int =
         return ("bare diffusers" if n is None else f"anystory {n} subjects", n or 0, call)
 
     hook = pipe.transformer.register_forward_pre_hook(count_reference_rows, with_kwargs=True)
+    # once per call, apart from the steps: the reference pass (the transformer over the references), SigLIP,
+    # the redux and router-token embedders, the VAE encoding the references
+    once = {"reference_pass_ms": ForwardTimer(pipe.transformer, device, skip=lambda: not state.in_ref_pass),
+            "siglip_ms": ForwardTimer(pipe.image_encoder, device),
+            "redux_ms": ForwardTimer(pipe.redux_embedder, device),
+            "router_tokens_ms": ForwardTimer(pipe.router_embedder, device),
+            "vae_encode_ms": ForwardTimer(pipe.vae.encoder, device)}
     try:
         rows = interleaved([config(n) for n in (None, *subjects)], pipe.transformer, device, repeats,
-                           passes=lambda: reference_rows[0], skip=lambda: state.in_ref_pass)
+                           passes=lambda: reference_rows[0], skip=lambda: state.in_ref_pass, per_call=once)
     finally:
         hook.remove()
+        for timer in once.values():
+            timer.remove()
     depth = pipe.transformer.config
     if shape == "real" and depth.num_layers != FLUX_TRANSFORMER["num_layers"]:
         shape = f"real widths, {depth.num_layers} double + {depth.num_single_layers} single blocks"

@@ -26,9 +26,15 @@ def test_sdxl_tiny_pipeline_benchmark():
 
 
 def test_flux_tiny_pipeline_benchmark():
+    """Besides the steps, the once-per-call work is timed apart: with subjects, the reference pass and every
+    subject encoder ran; the bare pipeline and 0 subjects ran none of them."""
     from benchmarks.flux import run
 
-    _check(run("tiny", "cpu", steps=2, repeats=1), "flux")
+    rows = run("tiny", "cpu", steps=2, repeats=1)
+    _check(rows, "flux")
+    once = ["reference_pass_ms", "siglip_ms", "redux_ms", "router_tokens_ms", "vae_encode_ms"]
+    for row in rows:
+        assert all((row[c] > 0) == (row["subjects"] > 0) for c in once), row
 
 
 def test_unet_step_benchmark_on_a_small_unet():
@@ -86,3 +92,24 @@ def test_subject_counts_are_checked(value, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--subjects", value, "--skip-eval"])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_flux_layer_breakdown_on_a_tiny_transformer():
+    """One row per block type and mode, ratios against the bare block of the same run, and the routed modes run
+    the paths they name (sparse attention in ``routed``, the dense form in ``routed, dense``)."""
+    import anystory.flux.attention_processor_flux as processor_module
+    from anystory.flux.tiny_flux import tiny_anystory_flux_pipeline
+    from benchmarks.flux_step_layers import MODES, run, summary
+
+    sparse_calls = []
+    real = processor_module.routed_attention
+    processor_module.routed_attention = lambda *a: sparse_calls.append(1) or real(*a)
+    try:
+        table = run(subjects=2, repeats=1, grid=4, ref_grid=4, pipe=tiny_anystory_flux_pipeline(), text_len=8)
+    finally:
+        processor_module.routed_attention = real
+    assert list(table["mode"]) == list(MODES) * 2 and list(table["block"]) == ["double"] * 6 + ["single"] * 6
+    assert (table[table["mode"] == "bare"]["ratio"] == 1.0).all() and (table["ms"] > 0).all()
+    # sparse in "routed, fixed maps", "routed" and "routed, redux step": 3 modes x 2 blocks x 2 rounds
+    assert len(sparse_calls) == 12
+    assert len(summary(table)) == 3

@@ -1,0 +1,152 @@
+"""Where a routed FLUX step's extra time goes, per layer type (``python -m benchmarks.flux_step_layers``).
+
+Times each block of a FLUX.1-dev transformer at its real widths (24 heads of 128, T5 length 512, 512 px: 1024
+image and 1024 reference tokens per subject, rank-128 LoRAs; 1 double + 1 single block, so it fits a CPU) in
+one run, the modes alternating within every round:
+
+- ``bare``: no subjects (diffusers' processor);
+- ``reference only``: N subjects' cached reference keys seen by every image token (the router off);
+- ``routed, fixed maps``: the routing of ``routed`` without the router (a fixed map splitting the image among
+  the subjects), so it isolates the routed attention;
+- ``routed``: our default, the router tokens' pass through the block and the block's routing map included;
+- ``routed, dense``: the same with the dense masked attention (the form accelerators take);
+- ``routed, redux step``: ``routed`` plus the subjects' 81 redux tokens each (the release's [0.1, 0.3) window).
+
+From the medians it prints per layer type the ratio to ``bare`` and the split of the extra time into routed
+attention (``routed, fixed maps`` - ``bare``) and router (``routed`` - ``routed, fixed maps``), and the ratio of a
+whole step at FLUX.1-dev's 19 double + 38 single blocks (the blocks only, not the embedders around them).
+The reference pass runs once per call and is not timed here (``benchmarks.run`` reports it apart).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from contextlib import nullcontext
+from unittest import mock
+
+import pandas as pd
+import torch
+from diffusers import FluxTransformer2DModel
+from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+
+import anystory.flux.attention_processor_flux as processor_module
+from anystory.flux.pipeline_flux import AnyStoryFluxPipeline
+from anystory.flux.tiny_flux import SIGLIP_HIDDEN, random_released_state_dict, tiny_flux_components
+
+from .common import ForwardTimer
+from .flux import FLUX_TRANSFORMER, RELEASE_RANK
+
+MODES = ("bare", "reference only", "routed, fixed maps", "routed", "routed, dense", "routed, redux step")
+TEXT_LEN, REDUX_TOKENS, ROUTER_TOKENS = 512, 81, 9
+FULL_DEPTH = (FLUX_TRANSFORMER["num_layers"], FLUX_TRANSFORMER["num_single_layers"])
+
+
+def real_width_transformer_pipeline(double: int = 1, single: int = 1, config: dict | None = None):
+    """AnyStory FLUX with a transformer of FLUX.1-dev's widths (or ``config``) and random released weights;
+    the other components are the tiny ones (nothing here runs them)."""
+    torch.manual_seed(0)
+    config = config or {**FLUX_TRANSFORMER, "num_layers": double, "num_single_layers": single}
+    transformer = FluxTransformer2DModel(**config).eval()
+    pipe = AnyStoryFluxPipeline(**{**tiny_flux_components(), "transformer": transformer})
+    text_dim = transformer.config.joint_attention_dim
+    pipe.load_anystory_weights(random_released_state_dict(transformer, rank=RELEASE_RANK, std=0.01),
+                               redux_base=ReduxImageEncoder(redux_dim=SIGLIP_HIDDEN, txt_in_features=text_dim))
+    return pipe
+
+
+def conditioning(pipe, n: int, grid: int, ref_grid: int, mode: str) -> dict:
+    """Random state fields of the real shapes (a step's cost depends on shapes, not values)."""
+    cfg = pipe.transformer.config
+    ref_ids = pipe._prepare_latent_image_ids(1, ref_grid, ref_grid, "cpu", torch.float32)
+    ref_ids[:, 2] -= ref_grid
+    forced = None
+    if mode == "routed, fixed maps":
+        owner = torch.arange(grid * grid) * n // (grid * grid)  # the image split in n bands, one per subject
+        forced = torch.nn.functional.one_hot(owner, n).T.float()
+    on = (0, 1 << 20)
+    return dict(num_subjects=n, redux_tokens=torch.randn(1, n * REDUX_TOKENS, cfg.joint_attention_dim),
+                router_tokens=torch.randn(1, n * ROUTER_TOKENS, cfg.joint_attention_dim),
+                ref_latents=torch.randn(n, ref_grid * ref_grid, cfg.in_channels), ref_ids=ref_ids,
+                ref_bias=torch.zeros(n * ref_grid * ref_grid), redux_window=on if mode == "routed, redux step" else (0, 0),
+                ref_window=on, use_router=mode != "reference only", forced_maps=forced)
+
+
+def run(subjects: int = 2, repeats: int = 3, grid: int = 32, ref_grid: int = 32, pipe=None,
+        text_len: int = TEXT_LEN, modes=MODES) -> pd.DataFrame:
+    """``grid`` / ``ref_grid``: image / reference tokens per side (32: 512 px on FLUX.1-dev)."""
+    pipe = pipe or real_width_transformer_pipeline()
+    t, state = pipe.transformer, pipe.anystory_state
+    g = torch.Generator().manual_seed(0)
+    call = dict(hidden_states=torch.randn(1, grid * grid, t.config.in_channels, generator=g),
+                encoder_hidden_states=torch.randn(1, text_len, t.config.joint_attention_dim, generator=g),
+                pooled_projections=torch.randn(1, t.config.pooled_projection_dim, generator=g),
+                timestep=torch.tensor([0.7]), guidance=torch.tensor([3.5]),
+                img_ids=pipe._prepare_latent_image_ids(1, grid, grid, "cpu", torch.float32),
+                txt_ids=torch.zeros(text_len, 3), return_dict=False)
+    blocks = {"double": t.transformer_blocks[0], "single": t.single_transformer_blocks[0]}
+    states = {}
+    for mode in modes:  # reference keys/values are computed once per mode (a call's reference pass), then kept
+        if mode != "bare":
+            with torch.no_grad():
+                state.start(**conditioning(pipe, subjects, grid, ref_grid, mode))
+                state._reference_pass(t, call)
+            states[mode] = dict(vars(state))
+            state.clear()
+    timers = {kind: ForwardTimer(block, "cpu") for kind, block in blocks.items()}
+    times = {(mode, kind): [] for mode in modes for kind in blocks}
+    try:
+        for r in range(repeats + 1):  # round 0 warms up
+            for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
+                seen = {kind: len(timer.times) for kind, timer in timers.items()}
+                if mode != "bare":
+                    vars(state).update(states[mode])
+                dense = mock.patch.object(processor_module, "_sparse_pays", lambda q: False)
+                with torch.no_grad(), dense if mode == "routed, dense" else nullcontext():
+                    t(**call)
+                state.clear()
+                for kind, timer in timers.items():
+                    if r:
+                        times[(mode, kind)] += timer.times[seen[kind]:]
+    finally:
+        for timer in timers.values():
+            timer.remove()
+    rows = []
+    for kind in blocks:
+        base = statistics.median(times[("bare", kind)])
+        for mode in modes:
+            ms = statistics.median(times[(mode, kind)])
+            rows.append({"block": kind, "mode": mode, "subjects": 0 if mode == "bare" else subjects,
+                         "ms": 1000 * ms, "ratio": ms / base})
+    return pd.DataFrame(rows)
+
+
+def summary(table: pd.DataFrame) -> list:
+    """Lines: per layer type, the extra time of ``routed`` split into attention and router; the full-depth step."""
+    ms = table.set_index(["block", "mode"])["ms"]
+    lines, full = [], {}
+    for kind in ("double", "single"):
+        bare, fixed, routed = (ms[(kind, m)] for m in ("bare", "routed, fixed maps", "routed"))
+        full[kind] = (bare, routed)
+        lines.append(f"{kind} block: routed {routed / bare:.3f}x bare ({routed - bare:+.0f} ms of {bare:.0f}): "
+                     f"routed attention {fixed - bare:+.0f} ms, router tokens + map {routed - fixed:+.0f} ms")
+    bare = FULL_DEPTH[0] * full["double"][0] + FULL_DEPTH[1] * full["single"][0]
+    ours = FULL_DEPTH[0] * full["double"][1] + FULL_DEPTH[1] * full["single"][1]
+    lines.append(f"FLUX.1-dev's 19 double + 38 single blocks, routed: {ours / bare:.3f}x bare")
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.flux_step_layers", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--subjects", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    table = run(args.subjects, args.repeats)
+    with pd.option_context("display.width", 200, "display.float_format", "{:.3f}".format):
+        print(table.to_string(index=False))
+    print("\n".join(summary(table)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
