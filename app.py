@@ -139,7 +139,8 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                                     ref_scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Detail strength",
                                                           info=SLIDER_HELP["reference_scale"])
                             mask_note = gr.Markdown(elem_id=f"subject-{i + 1}-mask-note")
-                            with gr.Accordion("Replace the mask: upload one or draw over the subject", open=False,
+                            # open: an editor that receives its image while folded away never reports its strokes
+                            with gr.Accordion("Replace the mask: draw over the subject or upload one", open=True,
                                               elem_id=f"subject-{i + 1}-mask-editor"):
                                 with gr.Tab("Draw"):
                                     drawn = gr.ImageEditor(label="Paint over the subject (the brush is selected)",
@@ -168,9 +169,6 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                             for source in (drawn, mask):
                                 source.change(on_mask_inputs, [image, mask, drawn], [mask_view, mask_note],
                                               trigger_mode="always_last", show_progress="hidden")
-                            if i >= 2:  # an example filling a hidden slot shows it
-                                image.change(lambda p, c, k=i: max(int(c or 1), k + 1) if p else c, [image, count],
-                                             count, queue=False)
                         groups.append(group)
                         slot_inputs += [image, mask, drawn, name, scale, ref_scale]
                     with gr.Row():
