@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="tiny", choices=["tiny", "real"])
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--steps", type=int, default=None,
-                   help="denoising steps per call (default 4; 2 for real shapes on a CPU, where a step takes minutes)")
+                   help="denoising steps per call (default 4; real shapes on a CPU: 2, FLUX 3, so that its median "
+                        "step is a steady one: with subjects, step 0 also carries the redux tokens)")
     p.add_argument("--repeats", type=int, default=None, help="calls per configuration (default 3; 1 real on a CPU)")
     p.add_argument("--height", type=int, default=None, help="override the image size (square)")
     p.add_argument("--subjects", default=",".join(map(str, SUBJECTS)),
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
                 f"got {args.subjects!r}")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     slow = args.shape == "real" and args.device == "cpu"
-    steps = args.steps or (2 if slow else 4)
+    steps = args.steps or ((3 if args.backbone == "flux" else 2) if slow else 4)
     repeats = args.repeats or (1 if slow else 3)
 
     rows = []

@@ -6,7 +6,8 @@ denoising, when the reference is on, the image/text queries also attend to the c
 logit bias per reference column: -100 outside the subject's mask (the release's ``ref_mask``) and
 ``log(reference_scale)`` per subject (0 at the default scale 1). When routing is on, an image token that the
 block's map does not send to subject i gets ``-inf`` on subject i's redux and reference columns (the release
-uses -100; the difference is below float resolution, and ``-inf`` makes the confinement exact).
+uses -100; the difference is below float resolution, and ``-inf`` makes the confinement exact). Such hard
+routing is computed sparsely on a CPU (``routed_attention_flux``: an image token meets one subject's tokens).
 
 ``confine_subjects`` (our option, off by default; the release does not do it): the text tokens see no subject
 tokens, and subject i's redux tokens see only subject i's tokens. Then a subject routed nowhere cannot reach
