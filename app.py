@@ -39,7 +39,7 @@ EXAMPLE_STORY = os.path.join(EXAMPLES_DIR, "storyboard.yaml")
 CSS = """
 #story-frames .caption-label, #output-gallery .caption-label, #routing-gallery .caption-label {
     white-space: normal; max-width: calc(100% - 2 * var(--block-label-margin)); opacity: 0.9; }
-#run-progress .wrap { display: none !important; }
+#run-progress .wrap, #story-progress .wrap { display: none !important; }
 """
 #: The editor selects its crop tool whenever it receives an image, so strokes did nothing until the user found the
 #: Brush: after each new image, press the editor's brush button (by its accessible name) once it is there.
@@ -291,6 +291,7 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                                         file_types=[".yaml", ".yml", ".json", ".zip"], elem_id="import-script")
                 script_files = gr.File(label="Exported script", file_count="multiple", interactive=False)
             story_status = gr.Markdown(elem_id="story-status")
+            story_progress = gr.HTML(elem_id="story-progress")
             frames = gr.Gallery(label="Frames (captioned with their shot)", columns=3, object_fit="contain", format="png",
                                 elem_id="story-frames")
             frame_routes = gr.Gallery(label="Routing per frame", columns=3, object_fit="contain", format="png")
@@ -330,27 +331,50 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
             export_btn.click(on_export, [story_title, shots, story_seed, story_steps] + char_inputs, script_files)
 
             @gpu
-            def on_storyboard(title, rows, seed_v, steps_v, *values, progress=gr.Progress()):
+            def on_storyboard(title, rows, seed_v, steps_v, *values):
+                """A generator: frames appear as they are made, the stage and ETA stream into #story-progress."""
                 shown, routes, legend_text = [], [], ""
                 try:
                     script = logic.script_from_ui(values, rows, title, _settings(seed_v, steps_v))
-                    frame_iter = logic.storyboard_frames(
-                        handle, segmenter, script, seed_v, steps_v,
-                        progress=lambda i, n: progress((i, n), desc="storyboard"), out_dir=tempfile.mkdtemp(dir=out_root))
-                    for frame in frame_iter:
-                        r = frame.output
-                        shown += _shown([r.images[0]], [frame.caption])
-                        routes += _shown(r.overlays, [f"shot {frame.index + 1}"] * len(r.overlays))
-                        legend_text = logic.story_legend(script)
-                        yield shown, routes, f"{len(shown)} of {len(script.shots)} frames, seed {frame.seed}.", legend_text
                 except USER_ERRORS as e:
+                    yield _refuse(e, 5)
+                    return
+                made = []  # appended by the worker thread, read here
+
+                def work(tracker):
+                    tracker.label = f"frame 1/{len(script.shots)}"
+                    for frame in logic.storyboard_frames(
+                            handle, StagedSegmenter(segmenter, tracker), script, seed_v, steps_v,
+                            progress=tracker.step, out_dir=tempfile.mkdtemp(dir=out_root)):
+                        made.append(frame)
+                        tracker.label = f"frame {min(len(made) + 1, len(script.shots))}/{len(script.shots)}"
+
+                def new_frames():
+                    nonlocal legend_text
+                    while len(shown) < len(made):
+                        frame = made[len(shown)]
+                        shown.extend(_shown([frame.output.images[0]], [frame.caption]))
+                        routes.extend(_shown(frame.output.overlays, [f"shot {frame.index + 1}"] * len(frame.output.overlays)))
+                        legend_text = logic.story_legend(script)
+                    return f"{len(shown)} of {len(script.shots)} frames, seed {made[-1].seed}." if made else gr.skip()
+
+                try:
+                    for item in follow(work):
+                        status = item.html() if isinstance(item, Status) else gr.skip()
+                        if len(shown) < len(made):
+                            yield shown, routes, new_frames(), legend_text, status
+                        else:
+                            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), status
+                except USER_ERRORS as e:
+                    new_frames()
+                    stopped = '<div class="anystory-progress" data-stage="stopped">Stopped.</div>'
                     if shown:  # keep the frames already made
-                        yield shown, routes, f"Stopped after {len(shown)} frame(s): {e}", legend_text
+                        yield shown, routes, f"Stopped after {len(shown)} frame(s): {e}", legend_text, stopped
                         return
-                    yield _refuse(e, 4)
+                    yield _refuse(e, 4) + [stopped]
 
             story_btn.click(on_storyboard, [story_title, shots, story_seed, story_steps] + char_inputs,
-                            [frames, frame_routes, story_status, story_legend])
+                            [frames, frame_routes, story_status, story_legend, story_progress], show_progress="hidden")
 
         gr.Markdown(f"Uploads: PNG, JPEG, WebP, BMP or TIFF, at most {MAX_UPLOAD_MB} MB each. Subjects: at most "
                     f"{handle.max_subjects}. Masks from: uploaded or drawn, else automatic matting "

@@ -330,9 +330,13 @@ def test_one_click_story_example_renders_captioned_frames(page):
     page.click("#story-example")
     sync_api.expect(page.locator("#story-status")).to_contain_text("2 characters, 3 shots", timeout=30_000)
     sync_api.expect(page.locator("#story-status")).not_to_contain_text("Upload the reference")  # they ship with it
+    page.evaluate(WATCH_PROGRESS.replace("#run-progress", "#story-progress"))
     page.click("#generate-storyboard")
     sync_api.expect(page.locator("#story-status")).to_contain_text("3 of 3 frames", timeout=240_000)
     sync_api.expect(page.locator("#story-frames img")).to_have_count(3)
+    sync_api.expect(page.locator("#story-progress")).to_contain_text("done", timeout=30_000)
+    seen = page.evaluate("window.__progress")
+    assert any(re.search(r"step \d+/\d+ \(frame [123]/3\) · ", t) for t in seen), seen  # the stage, per frame
     for k, shot in enumerate(["on sand", "alone on grass", "in the snow"]):
         caption = page.locator("#story-frames .caption-label").nth(k)
         sync_api.expect(caption).to_be_visible()
