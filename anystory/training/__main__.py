@@ -165,7 +165,8 @@ def run_stages(argv=None, only=None, log=print) -> int:
             log(f"[{stage}] already finished in {stage_dir(cfg, stage)}; skipped")
             pipe = None
             continue
-        if stage == "export" and not main:
+        if stage == "export" and not main:  # the main process exports; the others wait for it
+            state.wait_for_everyone()
             continue
         if pipe is None:
             pipe = load_stage_input(cfg, stage)
