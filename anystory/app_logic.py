@@ -28,6 +28,7 @@ from .app_inputs import (InputError, SubjectSlot, check_number, check_prompt, co
                          resolve_seed)
 from .storyboard import (Frame, Script, ScriptError, dump_script, export_bundle, render_storyboard, script_from_dict,
                          shot_cast, shot_prompt, shot_subjects)
+from .images import read_mask
 from .subjects import MAX_SUBJECTS, AlphaOrWholeImageSegmenter, Subject
 from .visualize import (contrasting_colors, dominant_color, legend_html, routing_colormap, routing_overlay, save_png,
                         side_by_side, subject_overlays, subject_shares, thumbnail_uri)
@@ -470,7 +471,7 @@ def generate(handle: ModelHandle, req: Request, progress: Optional[Callable[[int
     overlays, route_maps, per_subject, legend, note = [], [], [], "", ""
     if maps:
         last = maps[-1]
-        pictures = [(s.image, s.mask) if isinstance(s.image, Image.Image) else (None, None) for s in req.subjects]
+        pictures = [_subject_picture(s) for s in req.subjects]
         colors = req.colors or contrasting_colors([dominant_color(im, m) if im is not None else (128, 128, 128)
                                                    for im, m in pictures])
         for b, image in enumerate(images):
@@ -529,6 +530,17 @@ def story_subjects(script: Script, segmenter, max_characters: int = 16) -> Dict[
     slots = [SubjectSlot(c.reference, c.mask, None, c.alias, c.scale, c.reference_scale) for c in chars]
     subjects, _ = collect_subjects(slots, max_characters, segmenter, require_one=False, noun="Character")
     return {c.alias: s for c, s in zip(chars, subjects)}
+
+
+def _subject_picture(subject: Subject) -> tuple:
+    """(image, boolean mask) of a subject, for its legend colour and thumbnail; (None, None) when not at hand."""
+    if not isinstance(subject.image, Image.Image):
+        return None, None
+    try:
+        mask = read_mask(subject.mask) if subject.mask is not None else AlphaOrWholeImageSegmenter()(subject.image)
+    except ValueError:
+        mask = None
+    return subject.image, mask
 
 
 def _reference_picture(reference: Any) -> tuple:

@@ -60,13 +60,15 @@ def _lab(rgb: np.ndarray) -> np.ndarray:
 
 
 def dominant_color(image: Image.Image, mask: Optional[np.ndarray] = None) -> Color:
-    """The most common colour of the subject (inside ``mask``): the mean of the fullest 4-level-per-channel bin."""
+    """The most common colour of the subject (inside the boolean ``mask``): the mean of the fullest
+    4-level-per-channel bin."""
     small = image.convert("RGB")
     scale = min(1.0, 96 / max(small.size))
     size = (max(1, round(small.width * scale)), max(1, round(small.height * scale)))
     pixels = np.asarray(small.resize(size, Image.BILINEAR), dtype=np.int64).reshape(-1, 3)
     if mask is not None:
-        keep = np.asarray(Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).resize(size, Image.NEAREST)) > 127
+        inside = Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255)
+        keep = np.asarray(inside.resize(size, Image.NEAREST)) > 127
         if keep.any():
             pixels = pixels[keep.reshape(-1)]
     bins = (pixels // 64) @ np.array([16, 4, 1])

@@ -179,3 +179,8 @@ def test_mask_preview_shows_the_mask_a_run_would_use(tmp_path):
     rgb = Image.new("RGB", (4, 4), (10, 20, 30))
     cut = np.asarray(cutout(rgb, np.eye(4, dtype=bool)))
     assert (cut[0, 0] == (10, 20, 30)).all() and not (cut[0, 1] == (10, 20, 30)).all()
+
+
+def test_a_mask_of_0_and_255_selects_the_subject_too():
+    image, mask = _blob((35, 85, 225))
+    assert dominant_color(image, (mask * 255).astype(np.uint8)) == (35, 85, 225)
