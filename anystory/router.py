@@ -15,9 +15,11 @@ position leaves every other class's decision exactly as in the call without it, 
 
 Inference makes the map hard: :func:`route_decision`, in float32, on logits floored to a grid of
 ``DECISION_GRID``, the first (lowest-index) class winning a tie. Two classes whose logits differ only by float
-noise (identical subjects, or a batch computed with other kernels) then fall in the same cell and the tie rule,
-not the noise, decides; an argmax on the raw logits flips between such classes from one batch size to another. Training uses straight-through Gumbel-softmax, so the forward
-pass is one-hot like inference while gradients reach the router; the soft probabilities feed the routing loss.
+noise (identical subjects, or a batch computed with other kernels) then fall in one cell and the tie rule, not
+the noise, decides, where an argmax on the raw logits flips between them from one batch size to another (only a
+cell boundary falling between the two values still splits them: for noise of 1e-7, about 1 tie in 2,000).
+Training uses straight-through Gumbel-softmax, so the forward pass is one-hot like inference while gradients
+reach the router; the soft probabilities feed the routing loss.
 
 Background logit adjustment (inference only; 0 = the paper's plain argmax). The router learns the posterior
 p(class | noisy latent). Early in sampling the latent says little, so the posterior is the class prior, and where
