@@ -292,8 +292,8 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                 script_files = gr.File(label="Exported script", file_count="multiple", interactive=False)
             story_status = gr.Markdown(elem_id="story-status")
             story_progress = gr.HTML(elem_id="story-progress")
-            frames = gr.Gallery(label="Frames (captioned with their shot)", columns=3, object_fit="contain", format="png",
-                                elem_id="story-frames")
+            frames = gr.Gallery(label="Frames (captioned with their shot)", columns=3, object_fit="contain",
+                                format="png", elem_id="story-frames")
             frame_routes = gr.Gallery(label="Routing per frame", columns=3, object_fit="contain", format="png")
             story_legend = gr.HTML()
 
@@ -354,7 +354,8 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                     while len(shown) < len(made):
                         frame = made[len(shown)]
                         shown.extend(_shown([frame.output.images[0]], [frame.caption]))
-                        routes.extend(_shown(frame.output.overlays, [f"shot {frame.index + 1}"] * len(frame.output.overlays)))
+                        overlays = frame.output.overlays
+                        routes.extend(_shown(overlays, [f"shot {frame.index + 1}"] * len(overlays)))
                         legend_text = logic.story_legend(script)
                     return f"{len(shown)} of {len(script.shots)} frames, seed {made[-1].seed}." if made else gr.skip()
 
@@ -383,7 +384,8 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="AnyStory demo (Gradio)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="AnyStory demo (Gradio)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=os.environ.get("ANYSTORY_MODEL", "auto"), choices=("auto",) + logic.KINDS,
                    help="auto: FLUX if a big enough GPU and its weights are reachable, else SDXL AnyStory if its "
                         "weights are configured, else the miniature. tiny: untrained test pipeline")

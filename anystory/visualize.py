@@ -49,7 +49,7 @@ def subject_colors(n: int) -> List[Color]:
     return colors
 
 
-def _lab(rgb: np.ndarray) -> np.ndarray:
+def cielab(rgb: np.ndarray) -> np.ndarray:
     """sRGB (0..255, [..., 3]) -> CIELAB (D65): distances there follow what the eye sees."""
     c = np.asarray(rgb, dtype=np.float64) / 255.0
     c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
@@ -86,17 +86,18 @@ def contrasting_colors(dominant: Sequence[Color], palette: Sequence[Color] = PAL
     if n == 0:
         return []
     colors = list(palette) if n <= len(palette) else subject_colors(n)
-    dist = np.linalg.norm(_lab(np.array(dominant))[:, None] - _lab(np.array(colors))[None], axis=-1)  # [n, K]
+    dist = np.linalg.norm(cielab(np.array(dominant))[:, None] - cielab(np.array(colors))[None], axis=-1)  # [n, K]
     if n <= 4:
-        best = max(itertools.permutations(range(len(colors)), n),
-                   key=lambda p: (round(min(dist[i, k] for i, k in enumerate(p)), 6), sum(dist[i, k] for i, k in enumerate(p))))
-        return [tuple(colors[k]) for k in best]
-    chosen: List[int] = []
+        def score(pick):
+            d = [dist[i, k] for i, k in enumerate(pick)]
+            return round(min(d), 6), sum(d)
+
+        return [tuple(colors[k]) for k in max(itertools.permutations(range(len(colors)), n), key=score)]
+    picks: dict = {}
     for i in np.argsort(dist.max(axis=1)):  # subjects with the fewest good options pick first
-        free = [k for k in range(len(colors)) if k not in chosen]
-        chosen.append(max(free, key=lambda k: dist[i, k]))
-    order = {int(i): k for i, k in zip(np.argsort(dist.max(axis=1)), chosen)}
-    return [tuple(colors[order[i]]) for i in range(n)]
+        free = [k for k in range(len(colors)) if k not in picks.values()]
+        picks[int(i)] = max(free, key=lambda k: dist[i, k])
+    return [tuple(colors[picks[i]]) for i in range(n)]
 
 
 def _as_maps(maps: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
@@ -202,8 +203,9 @@ def legend_html(names: Sequence[str], shares: Optional[Sequence[float]] = None,
         thumb_html = (f'<img src="{html.escape(thumb)}" alt="{html.escape(name or "")}" class="anystory-legend-thumb" '
                       f'style="width:40px;height:40px;object-fit:contain;margin-right:.35em;'
                       f'border:3px solid rgb({r},{g},{b});border-radius:4px">') if thumb else ""
-        items.append(f'<span class="anystory-legend-item" style="display:inline-flex;align-items:center;margin-right:1em">'
-                     f'{thumb_html}<span style="display:inline-block;width:1em;height:1em;margin-right:.35em;'
+        items.append(f'<span class="anystory-legend-item" '
+                     f'style="display:inline-flex;align-items:center;margin-right:1em">{thumb_html}'
+                     f'<span style="display:inline-block;width:1em;height:1em;margin-right:.35em;'
                      f'background:rgb({r},{g},{b});border:1px solid #0006"></span>{label}</span>')
     if shares is not None and len(shares) > len(names):
         items.append(f"<span>uncoloured: background &mdash; {100 * shares[len(names)]:.0f}%</span>")

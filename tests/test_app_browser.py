@@ -19,7 +19,7 @@ from PIL import Image
 import app as demo_app
 from anystory.app_logic import miniature_status
 from anystory.subjects import AlphaOrWholeImageSegmenter
-from anystory.visualize import PALETTE, _lab, dominant_color
+from anystory.visualize import PALETTE, cielab, dominant_color
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "tests", "outputs")
@@ -287,7 +287,7 @@ def test_four_subjects_sharp_outputs_per_subject_overlays_contrasting_legend_and
     for path, key in zip(images, keys):
         with Image.open(path) as im:
             own = dominant_color(im, AlphaOrWholeImageSegmenter()(im))
-        assert float(((_lab(own) - _lab(key)) ** 2).sum() ** 0.5) > 40, (path, own, key)
+        assert float(((cielab(own) - cielab(key)) ** 2).sum() ** 0.5) > 40, (path, own, key)
     page.screenshot(path=os.path.join(OUT, "app_browser_four_subjects.png"), full_page=True)
 
     # a second run: its line starts afresh and never shows a timer carried over from the first run

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from anystory.visualize import (BACKGROUND_COLOR, PALETTE, _lab, contrasting_colors, display_copy, dominant_color,
+from anystory.visualize import (BACKGROUND_COLOR, PALETTE, cielab, contrasting_colors, display_copy, dominant_color,
                                 legend_html, routing_colormap, routing_overlay, save_png, side_by_side, subject_colors,
                                 subject_overlays, subject_shares, thumbnail_uri)
 
@@ -111,7 +111,7 @@ def test_each_subject_is_keyed_in_a_colour_far_from_its_own(n):
         assert all(c != o for c, o in zip(chosen, own))
     green, red, blue = (30, 170, 45), (215, 35, 35), (35, 85, 225)
     chosen = contrasting_colors([green, red, blue])
-    lab = lambda c: _lab(np.array(c, dtype=float))  # noqa: E731
+    lab = lambda c: cielab(np.array(c, dtype=float))  # noqa: E731
     for own, key in zip([green, red, blue], chosen):  # every key at least as far as the slot palette's worst case
         assert np.linalg.norm(lab(own) - lab(key)) > 60, (own, key)
 
