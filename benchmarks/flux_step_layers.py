@@ -12,7 +12,7 @@ one run, the modes alternating within every round:
 - ``routed, dense``: the same with the dense masked attention (the form accelerators take);
 - ``routed, redux step``: ``routed`` plus the subjects' 81 redux tokens each (the release's [0.1, 0.3) window).
 
-From the medians it prints per layer type the ratio to ``bare`` and the split of the extra time into routed
+From the minima it prints per layer type the ratio to ``bare`` and the split of the extra time into routed
 attention (``routed, fixed maps`` - ``bare``) and router (``routed`` - ``routed, fixed maps``), and the ratio of a
 whole step at FLUX.1-dev's 19 double + 38 single blocks (the blocks only, not the embedders around them).
 The reference pass runs once per call and is not timed here (``benchmarks.run`` reports it apart).
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 from contextlib import nullcontext
 from unittest import mock
 
@@ -33,7 +34,6 @@ import anystory.flux.attention_processor_flux as processor_module
 from anystory.flux.pipeline_flux import AnyStoryFluxPipeline
 from anystory.flux.tiny_flux import SIGLIP_HIDDEN, random_released_state_dict, tiny_flux_components
 
-from .common import ForwardTimer
 from .flux import FLUX_TRANSFORMER, RELEASE_RANK
 
 MODES = ("bare", "reference only", "routed, fixed maps", "routed", "routed, dense", "routed, redux step")
@@ -71,9 +71,35 @@ def conditioning(pipe, n: int, grid: int, ref_grid: int, mode: str) -> dict:
                 ref_window=on, use_router=mode != "reference only", forced_maps=forced)
 
 
-def run(subjects: int = 2, repeats: int = 3, grid: int = 32, ref_grid: int = 32, pipe=None,
+def attention_form(mode: str):
+    """``routed, dense``: the dense masked attention even on a CPU; otherwise the processor's own choice."""
+    return mock.patch.object(processor_module, "_sparse_pays", lambda q: False) if mode == "routed, dense" \
+        else nullcontext()
+
+
+def capture_blocks(t, state, call: dict, blocks: dict) -> dict:
+    """One transformer forward; per block, the arguments it got and the shared state as it entered it."""
+    seen, handles = {}, []
+    for kind, block in blocks.items():
+        def grab(module, args, kwargs, kind=kind):
+            seen[kind] = (args, kwargs, dict(vars(state)))
+        handles.append(block.register_forward_pre_hook(grab, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            t(**call)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def run(subjects: int = 2, repeats: int = 5, grid: int = 32, ref_grid: int = 32, pipe=None,
         text_len: int = TEXT_LEN, modes=MODES) -> pd.DataFrame:
-    """``grid`` / ``ref_grid``: image / reference tokens per side (32: 512 px on FLUX.1-dev)."""
+    """``grid`` / ``ref_grid``: image / reference tokens per side (32: 512 px on FLUX.1-dev).
+
+    Each block is re-run on its captured inputs (a few seconds per timing, so the modes alternate quickly), after
+    one warm-up round; per mode and block the minimum over ``repeats`` rounds (on a shared machine other processes
+    only ever add time)."""
     pipe = pipe or real_width_transformer_pipeline()
     t, state = pipe.transformer, pipe.anystory_state
     g = torch.Generator().manual_seed(0)
@@ -84,39 +110,36 @@ def run(subjects: int = 2, repeats: int = 3, grid: int = 32, ref_grid: int = 32,
                 img_ids=pipe._prepare_latent_image_ids(1, grid, grid, "cpu", torch.float32),
                 txt_ids=torch.zeros(text_len, 3), return_dict=False)
     blocks = {"double": t.transformer_blocks[0], "single": t.single_transformer_blocks[0]}
-    states = {}
-    for mode in modes:  # reference keys/values are computed once per mode (a call's reference pass), then kept
+    inputs = {}
+    for mode in modes:  # the reference pass runs once per mode (once per call in a pipeline), its cache is kept
         if mode != "bare":
-            with torch.no_grad():
-                state.start(**conditioning(pipe, subjects, grid, ref_grid, mode))
-                state._reference_pass(t, call)
-            states[mode] = dict(vars(state))
-            state.clear()
-    timers = {kind: ForwardTimer(block, "cpu") for kind, block in blocks.items()}
+            state.start(**conditioning(pipe, subjects, grid, ref_grid, mode))
+        with attention_form(mode):
+            inputs[mode] = capture_blocks(t, state, call, blocks)
+        state.clear()
     times = {(mode, kind): [] for mode in modes for kind in blocks}
     try:
         for r in range(repeats + 1):  # round 0 warms up
             for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
-                seen = {kind: len(timer.times) for kind, timer in timers.items()}
-                if mode != "bare":
-                    vars(state).update(states[mode])
-                dense = mock.patch.object(processor_module, "_sparse_pays", lambda q: False)
-                with torch.no_grad(), dense if mode == "routed, dense" else nullcontext():
-                    t(**call)
-                state.clear()
-                for kind, timer in timers.items():
+                for kind, block in blocks.items():
+                    args, kwargs, snapshot = inputs[mode][kind]
+                    vars(state).update(snapshot)
+                    with torch.no_grad(), attention_form(mode):
+                        start = time.perf_counter()
+                        block(*args, **kwargs)
+                        elapsed = time.perf_counter() - start
                     if r:
-                        times[(mode, kind)] += timer.times[seen[kind]:]
+                        times[(mode, kind)].append(elapsed)
     finally:
-        for timer in timers.values():
-            timer.remove()
+        state.clear()
     rows = []
     for kind in blocks:
-        base = statistics.median(times[("bare", kind)])
+        base = min(times[("bare", kind)])
         for mode in modes:
-            ms = statistics.median(times[(mode, kind)])
+            best = min(times[(mode, kind)])
             rows.append({"block": kind, "mode": mode, "subjects": 0 if mode == "bare" else subjects,
-                         "ms": 1000 * ms, "ratio": ms / base})
+                         "ms": 1000 * best, "ratio": best / base,
+                         "median_ms": 1000 * statistics.median(times[(mode, kind)])})
     return pd.DataFrame(rows)
 
 
@@ -139,7 +162,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.flux_step_layers", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--subjects", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
     table = run(args.subjects, args.repeats)
     with pd.option_context("display.width", 200, "display.float_format", "{:.3f}".format):
