@@ -87,7 +87,7 @@ def base(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(base):
     """The same training on 2 processes x batch 2 (accelerate launch) and on 1 process x batch 4 (in-process)."""
-    from anystory.training.__main__ import run_stages
+    from anystory.training.runner import run_stages
 
     two, one = base.parent / "two", base.parent / "one"
     shutil.copytree(base, two)

@@ -129,7 +129,7 @@ def test_config_errors_name_the_problem(tmp_path):
 def test_command_builds_a_miniature_that_loads_and_generates(tmp_path):
     from anystory.data.synthetic import Identity, SyntheticWorld
     from anystory.miniature import load_miniature
-    from anystory.training.__main__ import run_stages
+    from anystory.training.runner import run_stages
 
     torch.set_num_threads(1)
     out = tmp_path / "export"

@@ -61,11 +61,7 @@ def train_base(cfg: dict, pipe, log=print) -> dict:
     return {"heldout_diffusion_loss": float(np.mean(losses)), "seconds": loop.seconds}
 
 
-def main(argv=None) -> int:
-    from .__main__ import run_stages
-
-    return run_stages(argv, only=("base",))
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from anystory.training.runner import run_stages
+
+    raise SystemExit(run_stages(only=("base",)))

@@ -81,11 +81,7 @@ def train_clip(cfg: dict, pipe, log=print) -> dict:
     return {"heldout_top1": held_acc.item(), "seconds": loop.seconds}
 
 
-def main(argv=None) -> int:
-    from .__main__ import run_stages
-
-    return run_stages(argv, only=("clip",))
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from anystory.training.runner import run_stages
+
+    raise SystemExit(run_stages(only=("clip",)))

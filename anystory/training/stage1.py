@@ -140,11 +140,7 @@ def train_stage1(cfg: dict, pipe, log=print) -> dict:
     return {"heldout_before": before, "heldout_after": after, "seconds": loop.seconds}
 
 
-def main(argv=None) -> int:
-    from .__main__ import run_stages
-
-    return run_stages(argv, only=("stage1",))
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from anystory.training.runner import run_stages
+
+    raise SystemExit(run_stages(only=("stage1",)))

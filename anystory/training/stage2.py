@@ -86,11 +86,7 @@ def train_stage2(cfg: dict, pipe, log=print) -> dict:
             "routing_background_bias": bias}
 
 
-def main(argv=None) -> int:
-    from .__main__ import run_stages
-
-    return run_stages(argv, only=("stage2",))
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from anystory.training.runner import run_stages
+
+    raise SystemExit(run_stages(only=("stage2",)))

@@ -69,11 +69,7 @@ def train_vae(cfg: dict, pipe, log=print) -> dict:
     return {"heldout_l1": rec_l1, "latent_std": std, "scaling_factor": 1.0 / std, "seconds": loop.seconds}
 
 
-def main(argv=None) -> int:
-    from .__main__ import run_stages
-
-    return run_stages(argv, only=("vae",))
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from anystory.training.runner import run_stages
+
+    raise SystemExit(run_stages(only=("vae",)))
