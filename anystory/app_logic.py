@@ -28,6 +28,7 @@ from .app_inputs import (InputError, SubjectSlot, check_number, check_prompt, co
                          resolve_seed)
 from .storyboard import (Frame, Script, ScriptError, dump_script, export_bundle, render_storyboard, script_from_dict,
                          shot_cast, shot_prompt, shot_subjects)
+from .hub import FLUX_ANYSTORY_FILE, FLUX_ANYSTORY_REPO, FLUX_BASE, FLUX_REDUX, hub_offline
 from .images import read_mask
 from .subjects import MAX_SUBJECTS, AlphaOrWholeImageSegmenter, Subject
 from .visualize import (contrasting_colors, dominant_color, legend_html, routing_colormap, routing_overlay, save_png,
@@ -40,10 +41,6 @@ KINDS = ("flux", "sdxl", "miniature", "tiny")
 FLUX_MIN_GIB = 15.0
 #: Everything resident in bf16 (transformer, T5-XXL, CLIP, VAE, Redux encoder, AnyStory): below this, offload.
 FLUX_RESIDENT_GIB = 38.0
-FLUX_BASE = "black-forest-labs/FLUX.1-dev"
-FLUX_REDUX = "black-forest-labs/FLUX.1-Redux-dev"
-FLUX_ANYSTORY_REPO = "Junjie96/AnyStory"
-FLUX_ANYSTORY_FILE = "anystory_flux.bin"
 #: One file per repository that must be reachable for FLUX to be worth trying.
 FLUX_REQUIRED = ((FLUX_ANYSTORY_REPO, FLUX_ANYSTORY_FILE), (FLUX_BASE, "model_index.json"),
                  (FLUX_REDUX, "image_encoder/config.json"))
@@ -95,10 +92,6 @@ class WeightsStatus:
     detail: str
 
 
-def _offline() -> bool:
-    return any(os.environ.get(k, "0").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
 def hub_file_status(repo_id: str, filename: str) -> WeightsStatus:
     """Whether ``repo_id/filename`` can be had: in the local cache, or (online) on the hub."""
     from huggingface_hub import try_to_load_from_cache
@@ -109,7 +102,7 @@ def hub_file_status(repo_id: str, filename: str) -> WeightsStatus:
         cached = None
     if isinstance(cached, str):
         return WeightsStatus(True, f"{repo_id}/{filename} is cached")
-    if _offline():
+    if hub_offline():
         return WeightsStatus(False, f"{repo_id}/{filename} is not cached and the hub is off (HF_HUB_OFFLINE=1)")
     from .matting import hub_endpoint, hub_reachable
 
@@ -257,28 +250,26 @@ def plan_models(env: Environment, requested: str = "auto") -> tuple:
 
 # ---- loaders ------------------------------------------------------------------------------------------------------
 def _load_flux(env: Environment):
-    from .flux import AnyStoryFluxPipeline
-
     from .flux.low_vram import apply_offload, plan_for_vram
+    from .loading import load_flux_release
 
     plan = plan_for_vram(env.flux_vram, "cuda", env.gpu_memory_gib)
-    pipe = AnyStoryFluxPipeline.from_released(FLUX_BASE, FLUX_REDUX,
-                                              os.environ.get("ANYSTORY_FLUX_WEIGHTS") or FLUX_ANYSTORY_REPO,
-                                              torch_dtype=torch.bfloat16, quantization=plan.quantization)
+    pipe = load_flux_release(os.environ.get("ANYSTORY_FLUX_WEIGHTS"), torch_dtype=torch.bfloat16,
+                             quantization=plan.quantization)
     apply_offload(pipe, plan.offload, "cuda")
     return pipe
 
 
 def _load_sdxl(env: Environment):
-    from .loading import DEFAULT_SDXL_BASE, load_sdxl_anystory
+    from .loading import load_sdxl_anystory
 
-    return load_sdxl_anystory(env.sdxl_weights, env.sdxl_base or DEFAULT_SDXL_BASE, device=env.device)
+    return load_sdxl_anystory(env.sdxl_weights, env.sdxl_base, device=env.device)
 
 
 def _load_miniature(env: Environment):
-    from .loading import load_default_pipeline
+    from .loading import load_miniature
 
-    return load_default_pipeline(device=env.device)
+    return load_miniature(device=env.device)
 
 
 def build_tiny_pipeline(seed: int = 0, device: str = "cpu"):

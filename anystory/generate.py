@@ -17,6 +17,8 @@ import sys
 import torch
 from PIL import Image
 
+from .hub import FLUX_ANYSTORY_REPO
+
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The module docstring as written, and every option's default in ``--help``."""
@@ -44,7 +46,7 @@ def parse_args(argv=None):
     flux = p.add_argument_group("FLUX (the authors' released weights)")
     flux.add_argument("--flux", action="store_true", help="use FLUX.1-dev + FLUX.1-Redux-dev + anystory_flux.bin")
     flux.add_argument("--flux-weights", default=os.environ.get("ANYSTORY_FLUX_WEIGHTS"),
-                      help="anystory_flux.bin (file, folder or hub id); None: Junjie96/AnyStory")
+                      help=f"anystory_flux.bin (file, folder or hub id); None: {FLUX_ANYSTORY_REPO}")
     flux.add_argument("--vram", default="auto", choices=("auto", "16", "24", "40"),
                       help="GPU memory preset: 40 bf16 on the GPU, 24 8-bit + model offload, 16 4-bit + model offload")
     flux.add_argument("--quantization", default=None, choices=("none", "int8", "bnb-8bit", "bnb-4bit"),
@@ -60,15 +62,14 @@ def parse_args(argv=None):
 
 def load_flux(args):
     """The FLUX pipeline placed by the ``--vram`` plan (``--quantization`` / ``--offload`` override it)."""
-    from .flux import AnyStoryFluxPipeline
     from .flux.low_vram import apply_offload, plan_for_vram
-    from .flux.weights_flux import RELEASE_REPO
+    from .loading import load_flux_release
 
     plan = plan_for_vram(args.vram, args.device)
     quantization, offload = args.quantization or plan.quantization, args.offload or plan.offload
     print(f"FLUX: {plan.describe()}; using quantization={quantization}, offload={offload}")
-    pipe = AnyStoryFluxPipeline.from_released(anystory=args.flux_weights or RELEASE_REPO, quantization=quantization,
-                                              torch_dtype=torch.bfloat16 if args.device != "cpu" else torch.float32)
+    pipe = load_flux_release(args.flux_weights, quantization=quantization,
+                             torch_dtype=torch.bfloat16 if args.device != "cpu" else torch.float32)
     apply_offload(pipe, offload, args.device)
     return pipe
 
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from .loading import DEFAULT_SDXL_BASE, ModelUnavailableError, load_default_pipeline, load_sdxl_anystory
+    from .loading import ModelUnavailableError, load_default_pipeline, load_sdxl_anystory
 
     try:
         if args.flux:
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
             defaults = dict(num_inference_steps=25, guidance_scale=3.5, subject_preprocessing=args.subject_preprocessing,
                             reference_noise=args.reference_noise)
         elif args.anystory_weights:
-            pipe = load_sdxl_anystory(args.anystory_weights, args.base_model or DEFAULT_SDXL_BASE, device=args.device)
+            pipe = load_sdxl_anystory(args.anystory_weights, args.base_model, device=args.device)
             defaults = dict(num_inference_steps=30, guidance_scale=5.0)
         else:
             pipe = load_default_pipeline(device=args.device)

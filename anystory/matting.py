@@ -24,15 +24,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .hub import BIREFNET as BIREFNET_ID
+from .hub import hub_offline
 from .subjects import AlphaOrWholeImageSegmenter, Segmenter, to_rgb
 
-BIREFNET_ID = "ZhengPeng7/BiRefNet"
 _MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 _STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
 #: Seconds the hub probe may take in all (connection, DNS, first byte).
@@ -47,7 +44,7 @@ def hub_endpoint() -> str:
 
 def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
     """Whether the hub answers at all (any HTTP status counts), probed once per endpoint and remembered."""
-    if _offline():
+    if hub_offline():
         return False
     endpoint = hub_endpoint()
     with _probe_lock:
@@ -76,7 +73,7 @@ def load_birefnet(model_id: str = BIREFNET_ID, device: str = "cpu", local_files_
     """BiRefNet by hub id or local folder; raises whatever transformers raises when it cannot be had."""
     from transformers import AutoModelForImageSegmentation
 
-    local = _offline() if local_files_only is None else local_files_only
+    local = hub_offline() if local_files_only is None else local_files_only
     model = AutoModelForImageSegmentation.from_pretrained(model_id, trust_remote_code=True, local_files_only=local)
     return model.to(device).eval()
 
@@ -126,7 +123,7 @@ class LazyBiRefNetSegmenter(Segmenter):
 
     def _hub(self) -> str:
         """"off" (HF_HUB_OFFLINE), "unreachable" (probed) or "reachable"."""
-        if _offline():
+        if hub_offline():
             return "off"
         return "reachable" if self._probe() else "unreachable"
 

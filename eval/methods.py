@@ -260,9 +260,9 @@ class PipelineMethod(OutputFolderMethod):
 
 def _load_tiny(device: str):
     try:
-        from anystory.miniature import load_miniature
+        from anystory.loading import load_miniature
     except ImportError as e:
-        raise MethodError(f"anystory-tiny needs the shipped miniature (anystory.miniature.load_miniature), "
+        raise MethodError(f"anystory-tiny needs the shipped miniature (anystory.loading.load_miniature), "
                           f"which cannot be imported here: {e}") from e
     return load_miniature(device=device)
 
@@ -271,21 +271,19 @@ def _load_sdxl(weights: Optional[str], base: Optional[str], device: str):
     if not weights:
         raise MethodError("anystory-sdxl needs AnyStory SDXL weights: pass --anystory-weights DIR (or set "
                           "ANYSTORY_SDXL_WEIGHTS); --base-model picks the SDXL base (hub id or folder)")
-    from anystory.loading import DEFAULT_SDXL_BASE, ModelUnavailableError, load_sdxl_anystory
+    from anystory.loading import ModelUnavailableError, load_sdxl_anystory
 
     try:
-        return load_sdxl_anystory(weights, base or DEFAULT_SDXL_BASE, device=device)
+        return load_sdxl_anystory(weights, base, device=device)
     except (ModelUnavailableError, FileNotFoundError) as e:
         raise MethodError(f"anystory-sdxl: {e}") from e
 
 
 def _load_flux(weights: Optional[str], base: Optional[str], device: str):
-    from anystory.flux import AnyStoryFluxPipeline
-    from anystory.flux.pipeline_flux import DEFAULT_FLUX
-    from anystory.flux.weights_flux import RELEASE_REPO
+    from anystory.loading import load_flux_release
 
     try:
-        pipe = AnyStoryFluxPipeline.from_released(flux=base or DEFAULT_FLUX, anystory=weights or RELEASE_REPO)
+        pipe = load_flux_release(weights, flux=base)
     except Exception as e:
         raise MethodError(f"anystory-flux could not be loaded ({type(e).__name__}: {str(e)[:300]}); pass local "
                           "folders with --base-model (FLUX.1-dev) and --anystory-weights") from e

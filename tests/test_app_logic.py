@@ -371,6 +371,7 @@ def test_hub_probe_counts_any_http_answer_as_reachable(monkeypatch):
     httpd = HTTPServer(("127.0.0.1", 0), NotFound)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)  # either switches the hub off, as in huggingface_hub
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{httpd.server_address[1]}")
     try:
         assert hub_reachable() is True

@@ -30,6 +30,8 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
 from diffusers.utils import BaseOutput
 
+from ..hub import FLUX_BASE as DEFAULT_FLUX
+from ..hub import FLUX_REDUX as DEFAULT_REDUX
 from ..subjects import MAX_SUBJECTS, PreparedSubject, Segmenter, Subject
 from .adapter_scope import ANYSTORY_ADAPTERS, REF_ADAPTER, ROUTER_ADAPTER, deactivate_anystory_adapters, \
     layers_with_adapter
@@ -40,8 +42,6 @@ from .redux import AnyStoryReduxEncoder
 from .release_inputs import encoder_mask_values, prepare_release_subjects
 from .weights_flux import RELEASE_FILENAME, RELEASE_REPO, block_names, read_released_file, resolve_released_state_dict
 
-DEFAULT_FLUX = "black-forest-labs/FLUX.1-dev"
-DEFAULT_REDUX = "black-forest-labs/FLUX.1-Redux-dev"
 REDUX_GRID = 9  # 9x9 = 81 redux tokens per subject
 ROUTER_GRID = 3  # 3x3 = 9 router tokens per subject
 MULTI_SUBJECT_REF_START = 0.09  # the authors' demo starts the reference later when routing several subjects

@@ -54,8 +54,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-RELEASE_REPO = "Junjie96/AnyStory"
-RELEASE_FILENAME = "anystory_flux.bin"
+from ..hub import FLUX_ANYSTORY_FILE as RELEASE_FILENAME
+from ..hub import FLUX_ANYSTORY_REPO as RELEASE_REPO
+
 GROUPS = ("ref", "redux", "router")
 
 REF_TOP = ("x_embedder",)
