@@ -28,7 +28,8 @@ from .app_inputs import (InputError, SubjectSlot, check_number, check_prompt, co
                          resolve_seed)
 from .storyboard import (Frame, Script, ScriptError, dump_script, export_bundle, render_storyboard, script_from_dict,
                          shot_cast, shot_prompt, shot_subjects)
-from .hub import FLUX_ANYSTORY_FILE, FLUX_ANYSTORY_REPO, FLUX_BASE, FLUX_REDUX, hub_offline
+from .hub import (FLUX_ANYSTORY_FILE, FLUX_ANYSTORY_REPO, FLUX_BASE, FLUX_REDUX, hub_endpoint, hub_offline,
+                  hub_reachable)
 from .images import read_mask
 from .subjects import MAX_SUBJECTS, AlphaOrWholeImageSegmenter, Subject
 from .visualize import (contrasting_colors, dominant_color, legend_html, routing_colormap, routing_overlay, save_png,
@@ -104,7 +105,6 @@ def hub_file_status(repo_id: str, filename: str) -> WeightsStatus:
         return WeightsStatus(True, f"{repo_id}/{filename} is cached")
     if hub_offline():
         return WeightsStatus(False, f"{repo_id}/{filename} is not cached and the hub is off (HF_HUB_OFFLINE=1)")
-    from .matting import hub_endpoint, hub_reachable
 
     if not hub_reachable():  # probed once, bounded: no network means no minute of hub retries at start-up
         return WeightsStatus(False, f"{repo_id}/{filename} is not cached and the hub ({hub_endpoint()}) is unreachable")

@@ -16,57 +16,18 @@ from __future__ import annotations
 import functools
 import os
 import threading
-import urllib.error
-import urllib.request
-from typing import Callable, Dict, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .hub import BIREFNET as BIREFNET_ID
-from .hub import hub_offline
+from .hub import HUB_PROBE_SECONDS, hub_endpoint, hub_offline, hub_reachable  # noqa: F401 (re-exported)
 from .subjects import AlphaOrWholeImageSegmenter, Segmenter, to_rgb
 
 _MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 _STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-
-
-#: Seconds the hub probe may take in all (connection, DNS, first byte).
-HUB_PROBE_SECONDS = 1.5
-_probed: Dict[str, bool] = {}
-_probe_lock = threading.Lock()
-
-
-def hub_endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-
-
-def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
-    """Whether the hub answers at all (any HTTP status counts), probed once per endpoint and remembered."""
-    if hub_offline():
-        return False
-    endpoint = hub_endpoint()
-    with _probe_lock:
-        if endpoint in _probed:
-            return _probed[endpoint]
-        answer = []
-
-        def probe():
-            try:
-                urllib.request.urlopen(urllib.request.Request(endpoint + "/api/models?limit=1", method="HEAD"),
-                                       timeout=timeout)
-                answer.append(True)
-            except urllib.error.HTTPError:  # an HTTP answer, even an error, means the hub is there
-                answer.append(True)
-            except Exception:
-                answer.append(False)
-
-        worker = threading.Thread(target=probe, daemon=True)
-        worker.start()
-        worker.join(timeout)  # urlopen's timeout does not cover name resolution: the deadline is ours
-        _probed[endpoint] = bool(answer and answer[0])
-        return _probed[endpoint]
 
 
 def load_birefnet(model_id: str = BIREFNET_ID, device: str = "cpu", local_files_only: Optional[bool] = None):

@@ -2,7 +2,7 @@
 
     python -m eval.run --bench dreambench --method anystory-sdxl --anystory-weights DIR --out runs/sdxl
     python -m eval.run --bench dreambench --method folder:/path/to/images --method real-images --subset 50
-    python -m eval.run --bench dreambench --method anystory-tiny --out runs/tiny --resume
+    python -m eval.run --bench dreambench --method anystory-miniature --out runs/miniature --resume
     python -m eval.run --bench dreambench --method folder:/path/to/uno_outputs --layout uno --out runs/uno
     python -m eval.run --compare runs/sdxl runs/uno --out runs/compare
     accelerate launch --multi_gpu --num_processes 8 -m eval.run --bench dreambench --method anystory-flux \
@@ -24,7 +24,6 @@ import fcntl
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -406,20 +405,12 @@ def compare_runs(run_dirs: Sequence[str], force: bool = False) -> pd.DataFrame:
     return table
 
 
-def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench", choices=BENCHMARKS, help="benchmark to run")
     p.add_argument("--method", action="append", default=[],
-                   help="anystory-sdxl | anystory-flux | anystory-tiny | folder:PATH | real-images | copy-reference "
+                   help="anystory-sdxl | anystory-flux | anystory-miniature | folder:PATH | real-images | copy-reference "
                         "(repeatable)")
     p.add_argument("--images-per-prompt", type=int, default=4)
     p.add_argument("--subset", type=int, default=None, help="score a fixed sample of N entries")
@@ -493,7 +484,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if not args.method:
         p.error("give at least one --method")
-    if not os.environ.get("HF_HUB_OFFLINE") and not hub_reachable():
+    from anystory.hub import hub_offline, hub_reachable
+
+    if not hub_offline() and not hub_reachable():
         os.environ["HF_HUB_OFFLINE"] = "1"  # fail fast on absent weights instead of minutes of retries
         print("note: huggingface.co is unreachable; models load from local files and caches only", file=sys.stderr)
     names = None if args.metrics is None else [n.strip() for n in args.metrics.split(",") if n.strip()]
