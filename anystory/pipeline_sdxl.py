@@ -20,10 +20,8 @@ from diffusers.utils import BaseOutput
 
 from .adapter_fit import check_adapter_fits_unet
 from .adapter_sdxl import AnyStorySDXLAdapter
+from .hub import SDXL_IMAGE_ENCODER as DEFAULT_IMAGE_ENCODER  # noqa: F401 (the paper's CLIP, kept by this name)
 from .subjects import MAX_SUBJECTS, PreparedSubject, Segmenter, Subject, prepare_subjects
-
-#: IP-Adapter's ViT-H/14 image encoder, the paper's CLIP (penultimate layer, 257 tokens).
-DEFAULT_IMAGE_ENCODER = ("h94/IP-Adapter", "models/image_encoder")
 
 
 @dataclass
