@@ -43,21 +43,30 @@ def test_subject_routed_nowhere_changes_nothing_when_confined(pipe, b_closed):
 
 
 def test_release_attention_keeps_image_tokens_off_an_unrouted_subjects_reference(pipe, b_closed, monkeypatch):
-    """Default (the release's attention): in every block and step, image tokens get -inf on subject 1's redux
-    and reference columns; only the text tokens see them, as the release does."""
-    biases = []
-    original = processor.attention_bias
+    """Default (the release's attention), both forms: in every block and step, image tokens meet none of subject
+    1's redux and reference tokens (dense form: -inf on those columns; sparse CPU form: no image token is
+    labelled subject 1); only the text tokens see them, as the release does."""
+    biases, labels = [], []
+    dense, sparse = processor.attention_bias, processor.routed_attention
 
-    def spy(state, plan, maps, batch, dtype, device):
-        bias = original(state, plan, maps, batch, dtype, device)
+    def spy_dense(state, plan, maps, batch, dtype, device):
+        bias = dense(state, plan, maps, batch, dtype, device)
         if maps is not None:
             biases.append((bias, state.txt_len, state.redux_len, state.img_len, plan.ref))
         return bias
 
-    monkeypatch.setattr(processor, "attention_bias", spy)
-    out = pipe(PROMPT, subjects=[_a(), Subject(*subject_image(1))], generator=gen(), return_routing_maps=True,
-               **CALL)
+    def spy_sparse(q, k, v, ref_k, ref_v, ref_bias, row_labels, *args):
+        labels.append(row_labels.clone())
+        return sparse(q, k, v, ref_k, ref_v, ref_bias, row_labels, *args)
+
+    monkeypatch.setattr(processor, "attention_bias", spy_dense)
+    monkeypatch.setattr(processor, "routed_attention", spy_sparse)
+    subs = [_a(), Subject(*subject_image(1))]
+    out = pipe(PROMPT, subjects=subs, generator=gen(), return_routing_maps=True, **CALL)
     assert all(m[:, 1].max() == 0 for m in out.routing_maps)
+    assert labels and all(bool((row == 0).all()) for row in labels)  # the CPU takes the sparse form
+    monkeypatch.setattr(processor, "_sparse_pays", lambda q: False)  # the dense form, as on an accelerator
+    pipe(PROMPT, subjects=subs, generator=gen(), **CALL)
     assert biases and any(ref for *_, ref in biases)
     for bias, txt, rx, img, ref in biases:
         rows = bias[:, 0, txt:txt + img]
@@ -67,6 +76,6 @@ def test_release_attention_keeps_image_tokens_off_an_unrouted_subjects_reference
         if ref:
             per = (bias.shape[-1] - txt - img) // 2
             assert torch.all(rows[..., txt + img + per:] == float("-inf"))  # subject 1's reference keys
-    unconfined = _run(pipe, [_a(), Subject(*subject_image(1))])
+    unconfined = _run(pipe, subs)
     assert np.abs(unconfined - _run(pipe, [_a(), Subject(*subject_image(5))])).max() > 1e-6, \
         "the release's text tokens do carry subject 1 (the reason confine_subjects exists)"
