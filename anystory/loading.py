@@ -36,7 +36,8 @@ def load_sdxl_base(base_model: Optional[str] = None, image_encoder: Optional[Seq
     encoder_id, subfolder = image_encoder or SDXL_IMAGE_ENCODER
     dtype = dtype or torch.float32
     try:
-        encoder = CLIPVisionModelWithProjection.from_pretrained(encoder_id, subfolder=subfolder or "", torch_dtype=dtype)
+        encoder = CLIPVisionModelWithProjection.from_pretrained(encoder_id, subfolder=subfolder or "",
+                                                                torch_dtype=dtype)
     except Exception as e:
         raise model_unavailable("The CLIP image encoder", f"{encoder_id}/{subfolder or ''}", e) from e
     try:

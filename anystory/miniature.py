@@ -2,7 +2,7 @@
 
 It lives in ``assets/miniature/`` as an ordinary diffusers folder plus our AnyStory weights, and is loaded by
 the very calls that load real SDXL: ``AnyStorySDXLPipeline.from_pretrained`` + ``load_anystory_weights``.
-Rebuild it from nothing with ``python -m anystory.training --config configs/tiny.yaml``.
+Rebuild it from nothing with ``python -m anystory.training --config configs/miniature.yaml``.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .pipeline_sdxl import AnyStorySDXLPipeline
 
 MINIATURE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "miniature")
 REQUIRED = ("model_index.json", "anystory.safetensors", "anystory_config.json")
-REBUILD = "python -m anystory.training --config configs/tiny.yaml"
+REBUILD = "python -m anystory.training --config configs/miniature.yaml"
 
 
 def missing_files(path: Optional[str] = None) -> list:
@@ -33,7 +33,7 @@ def load_miniature(device: str = "cpu", path: Optional[str] = None) -> AnyStoryS
     missing = missing_files(path)
     if missing:
         raise FileNotFoundError(f"The AnyStory miniature is not installed at {path} (missing: {', '.join(missing)}). "
-                                f"Rebuild it with `{REBUILD}` (about an hour on a CPU).")
+                                f"Rebuild it with `{REBUILD}` (its time on a CPU: README, \"The miniature\").")
     pipe = AnyStorySDXLPipeline.from_pretrained(path, dtype=torch.float32)
     pipe.load_anystory_weights(path)
     return pipe.to(device)

@@ -1,6 +1,6 @@
 """Training throughput of stages 1 and 2 on this machine, with 1 and with 2 processes (samples per second).
 
-    python -m benchmarks.training_throughput --config configs/tiny.yaml --steps 30 --batch 6
+    python -m benchmarks.training_throughput --config configs/miniature.yaml --steps 30 --batch 6
 
 The miniature's model (random weights: speed does not depend on them) trains stage 1 then stage 2 under
 ``accelerate launch`` with ``configs/accelerate/ddp.yaml``, once per process count, each process on one thread.
@@ -67,7 +67,7 @@ def run(config: str, steps: int, batch: int, processes=(1, 2), out: str = "runs/
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=os.path.join(ROOT, "configs", "tiny.yaml"))
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "miniature.yaml"))
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int, default=6, help="per process")
     p.add_argument("--out", default="runs/training_throughput")

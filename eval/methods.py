@@ -1,6 +1,6 @@
 """Where each method's images come from: a pipeline we run, a folder of someone else's images, or a reference row.
 
-* ``anystory-sdxl`` / ``anystory-flux`` / ``anystory-tiny``: our pipelines, imported only here (generation),
+* ``anystory-sdxl`` / ``anystory-flux`` / ``anystory-miniature``: our pipelines, imported only here (generation),
   so scoring works without them. Images go to ``<run>/images/<method>/<entry_id>/<k>.png`` with a sidecar
   ``<k>.json`` (seed; for several subjects the boxes read from the last step's routing maps).
 * ``folder:PATH``: any method's images, in one of the layouts below; nothing is generated.
@@ -36,7 +36,7 @@ from .loaders.base import Entry
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 LAYOUTS = {"ours": "PATH/<entry_id>/<k>.png", "uno": "PATH/<index>_<k>.png"}
-PIPELINE_METHODS = ("anystory-sdxl", "anystory-flux", "anystory-tiny")
+PIPELINE_METHODS = ("anystory-sdxl", "anystory-flux", "anystory-miniature")
 REFERENCE_METHODS = ("real-images", "copy-reference")
 
 
@@ -258,11 +258,11 @@ class PipelineMethod(OutputFolderMethod):
         self.write(entry, k, image, sidecar)
 
 
-def _load_tiny(device: str):
+def _load_miniature(device: str):
     try:
         from anystory.loading import load_miniature
     except ImportError as e:
-        raise MethodError(f"anystory-tiny needs the shipped miniature (anystory.loading.load_miniature), "
+        raise MethodError(f"anystory-miniature needs the shipped miniature (anystory.loading.load_miniature), "
                           f"which cannot be imported here: {e}") from e
     return load_miniature(device=device)
 
@@ -298,8 +298,8 @@ def make_method(spec: str, run_dir: str, *, device: str = "cpu", anystory_weight
     if spec in REFERENCE_METHODS:
         return ReferenceMethod(spec, run_dir)
     kwargs = {k: v for k, v in (call_kwargs or {}).items() if v is not None}
-    if spec == "anystory-tiny":
-        return PipelineMethod(spec, run_dir, lambda: _load_tiny(device), kwargs, {"weights": "shipped miniature"})
+    if spec == "anystory-miniature":
+        return PipelineMethod(spec, run_dir, lambda: _load_miniature(device), kwargs, {"weights": "shipped miniature"})
     weights = anystory_weights or (os.environ.get("ANYSTORY_SDXL_WEIGHTS") if spec == "anystory-sdxl" else None)
     if spec == "anystory-sdxl":
         if not weights:  # refuse before the run folder records anything, so the same --out works once corrected

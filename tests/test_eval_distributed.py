@@ -48,7 +48,7 @@ def test_two_processes_give_the_one_process_table(tmp_path):
     if accelerate is None:
         pytest.skip("accelerate's launcher is not installed")
     data = support.small_faces_folder(str(tmp_path / "faces"), identities=1, photos=2)  # 2 entries
-    args = ["-m", "eval.run", "--bench", "faces", "--data-dir", data, "--method", "anystory-tiny",
+    args = ["-m", "eval.run", "--bench", "faces", "--data-dir", data, "--method", "anystory-miniature",
             "--images-per-prompt", "1", "--steps", "2", "--height", "64", "--width", "64", "--metrics", "dino",
             "--dino-model", DINO, "--weights-dir", _dino_weights(tmp_path / "weights")]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -63,10 +63,10 @@ def test_two_processes_give_the_one_process_table(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     config = json.loads((two / "run_config.json").read_text())
-    assert config["generation"] == {"processes": 2, "anystory-tiny": {"made_by_process": [1, 1]}}
+    assert config["generation"] == {"processes": 2, "anystory-miniature": {"made_by_process": [1, 1]}}
     assert json.loads((one / "run_config.json").read_text())["generation"]["processes"] == 1
     for entry in ("id0-00", "id0-01"):  # same seeds, same images
-        a, b = (np.asarray(Image.open(r / "images" / "anystory-tiny" / entry / "0.png")) for r in (one, two))
+        a, b = (np.asarray(Image.open(r / "images" / "anystory-miniature" / entry / "0.png")) for r in (one, two))
         assert np.array_equal(a, b), entry
     assert len(read_parts(str(two))) == 2  # each image scored once, by the main process
     for name in ("rows", "per_method", "per_subject", "per_prompt_type"):

@@ -164,5 +164,5 @@ def test_missing_miniature_says_how_to_rebuild(tmp_path):
     from anystory.miniature import load_miniature, miniature_available
 
     assert not miniature_available(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="python -m anystory.training --config configs/tiny.yaml"):
+    with pytest.raises(FileNotFoundError, match="python -m anystory.training --config configs/miniature.yaml"):
         load_miniature(path=str(tmp_path))

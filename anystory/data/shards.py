@@ -1,7 +1,7 @@
 """Write training data as shards: a sample folder packed into WebDataset tars or parquet, or the synthetic world.
 
     python -m anystory.data.shards pack my_folder shards/ --format tar --per-shard 1000
-    python -m anystory.data.shards synthetic --config configs/tiny.yaml --stage stage1 shards/stage1 --format tar
+    python -m anystory.data.shards synthetic --config configs/miniature.yaml --stage stage1 shards/stage1 --format tar
 
 The layout is :mod:`anystory.data.formats`'. ``pack`` keeps the folder's key order and writes ``index.json``
 (every sample's key and subject count; for tars each member's byte range). ``synthetic`` writes, for every

@@ -4,7 +4,7 @@ UNet and both text encoders learn SDXL's epsilon objective on synthetic scenes w
 generic "two objects on sand", or dropped for classifier-free guidance); the VAE and the image encoder stay
 frozen. EMA weights are what the later stages and the export use.
 
-    python -m anystory.training.base --config configs/tiny.yaml
+    python -m anystory.training.base --config configs/miniature.yaml
 """
 from __future__ import annotations
 

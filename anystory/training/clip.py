@@ -5,7 +5,7 @@ miniature pretrains its own pair the way CLIP was trained: the image encoder aga
 (the SDXL encoder with a projection), on reference views of random subjects and their names ("red striped
 star"), with a symmetric InfoNCE loss. Same-name pairs in a batch all count as positives.
 
-    python -m anystory.training.clip --config configs/tiny.yaml
+    python -m anystory.training.clip --config configs/miniature.yaml
 """
 from __future__ import annotations
 

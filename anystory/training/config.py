@@ -1,4 +1,4 @@
-"""Training configuration: one YAML file describes every stage (see ``configs/tiny.yaml``)."""
+"""Training configuration: one YAML file describes every stage (see ``configs/miniature.yaml``)."""
 from __future__ import annotations
 
 import copy

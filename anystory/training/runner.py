@@ -1,4 +1,4 @@
-"""Train AnyStory: ``python -m anystory.training --config configs/tiny.yaml`` runs every stage in order.
+"""Train AnyStory: ``python -m anystory.training --config configs/miniature.yaml`` runs every stage in order.
 
 Stages (each also runs alone: ``python -m anystory.training.<stage> --config ...``):
 
@@ -50,7 +50,7 @@ def _quiet() -> None:
 def _parse(argv=None, only=None):
     p = argparse.ArgumentParser(prog="python -m anystory.training", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML training config, e.g. configs/tiny.yaml")
+    p.add_argument("--config", required=True, help="YAML training config, e.g. configs/miniature.yaml")
     if only is None:
         p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

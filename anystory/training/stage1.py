@@ -6,7 +6,7 @@ projections of every cross-attention layer. Frozen: UNet, VAE, text encoders, CL
 only some ten thousand images; with SDXL it stays off, as in the paper.
 Routing is the ground truth (teacher routing), so the encoder learns in the regime inference uses it in.
 
-    python -m anystory.training.stage1 --config configs/tiny.yaml
+    python -m anystory.training.stage1 --config configs/miniature.yaml
 """
 from __future__ import annotations
 

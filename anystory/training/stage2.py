@@ -5,7 +5,7 @@ Loss: diffusion loss (its gradient reaches the router through the straight-throu
 ``routing_weight * mean ||M - M_gt||^2`` on the soft maps (paper: 0.1). Logged: both losses and router mIoU.
 Afterwards the class priors of the training targets set the inference logit adjustment (``router.py``).
 
-    python -m anystory.training.stage2 --config configs/tiny.yaml
+    python -m anystory.training.stage2 --config configs/miniature.yaml
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ The encoder of the ``AutoencoderKL`` is set, not trained (see :mod:`.pca_encoder
 synthetic scenes and reference views. Only the decoder learns, with an L1 loss on whole 64px images (the
 GroupNorms make crops a different problem). ``scaling_factor`` = 1 / std of the latents, as in SDXL's config.
 
-    python -m anystory.training.vae --config configs/tiny.yaml
+    python -m anystory.training.vae --config configs/miniature.yaml
 """
 from __future__ import annotations
 
