@@ -15,6 +15,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from .errors import InvalidInputError
 from .images import read_image, read_mask_image
 from .subjects import Segmenter, Subject, prepare_subjects
 
@@ -28,7 +29,7 @@ MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**31 - 1
 
 
-class InputError(ValueError):
+class InputError(InvalidInputError):
     """A problem with what the user gave; the message is shown as is."""
 
 

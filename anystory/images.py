@@ -24,6 +24,8 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from .errors import InvalidInputError
+
 ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike]
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -37,11 +39,11 @@ def _range(arr: np.ndarray) -> str:
 
 def _check_shape(arr: np.ndarray, what: str) -> np.ndarray:
     if arr.ndim not in (2, 3) or arr.size == 0:
-        raise ValueError(f"{what}: array must be HxW or HxWxC and non-empty, got shape {arr.shape}")
+        raise InvalidInputError(f"{what}: array must be HxW or HxWxC and non-empty, got shape {arr.shape}")
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[..., 0]
     if arr.ndim == 3 and arr.shape[2] not in (3, 4):
-        raise ValueError(f"{what}: array must have 1, 3 or 4 channels (HxWxC), got shape {arr.shape}")
+        raise InvalidInputError(f"{what}: array must have 1, 3 or 4 channels (HxWxC), got shape {arr.shape}")
     return arr
 
 
@@ -57,34 +59,34 @@ def array_to_uint8(arr: np.ndarray, what: str) -> np.ndarray:
     if np.issubdtype(arr.dtype, np.integer):
         if arr.min() >= 0 and arr.max() <= 255:
             return arr.astype(np.uint8)
-        raise ValueError(f"{what}: cannot read an image array of {_range(arr)}; integer arrays must be uint8, "
+        raise InvalidInputError(f"{what}: cannot read an image array of {_range(arr)}; integer arrays must be uint8, "
                          "uint16, or hold values in [0, 255].")
     if np.issubdtype(arr.dtype, np.floating):
         if not np.isfinite(arr).all():
-            raise ValueError(f"{what}: array ({arr.dtype}) contains NaN or infinite values")
+            raise InvalidInputError(f"{what}: array ({arr.dtype}) contains NaN or infinite values")
         lo, hi = float(arr.min()), float(arr.max())
         if lo >= 0 and hi <= 1:
             return np.round(arr.astype(np.float64) * 255).astype(np.uint8)
         if lo >= 0 and hi <= 255:
             return np.round(arr.astype(np.float64)).astype(np.uint8)
-        raise ValueError(f"{what}: cannot read an image array of {_range(arr)}; float arrays must lie in [0, 1] "
+        raise InvalidInputError(f"{what}: cannot read an image array of {_range(arr)}; float arrays must lie in [0, 1] "
                          "or [0, 255].")
-    raise ValueError(f"{what}: cannot read an image array of dtype {arr.dtype}; use uint8, uint16, bool, "
+    raise InvalidInputError(f"{what}: cannot read an image array of dtype {arr.dtype}; use uint8, uint16, bool, "
                      "integer or float.")
 
 
 def open_image_file(path: Union[str, os.PathLike], what: str) -> Image.Image:
     """A decoded image file, upright; a missing or undecodable file is a ``ValueError`` naming it."""
     if not os.path.exists(path):
-        raise ValueError(f"{what}: file not found: {os.fspath(path)}")
+        raise InvalidInputError(f"{what}: file not found: {os.fspath(path)}")
     if os.path.isdir(path):
-        raise ValueError(f"{what}: {os.fspath(path)} is a folder, not an image file")
+        raise InvalidInputError(f"{what}: {os.fspath(path)} is a folder, not an image file")
     try:
         with Image.open(path) as im:
             im.load()
             return ImageOps.exif_transpose(im)
     except Exception as e:  # PIL raises several types for unreadable or truncated files
-        raise ValueError(f"{what}: cannot read image file {os.fspath(path)} ({type(e).__name__}: {e})") from None
+        raise InvalidInputError(f"{what}: cannot read image file {os.fspath(path)} ({type(e).__name__}: {e})") from None
 
 
 def upright(image: Image.Image) -> Image.Image:
@@ -101,13 +103,13 @@ def upright(image: Image.Image) -> Image.Image:
 def _as_pil(value: ImageLike, what: str, array_reader) -> Image.Image:
     if isinstance(value, (str, os.PathLike)):
         if isinstance(value, str) and not value.strip():
-            raise ValueError(f"{what}: empty file path")
+            raise InvalidInputError(f"{what}: empty file path")
         return open_image_file(value, what)
     if isinstance(value, np.ndarray):
         return array_reader(value, what)
     if isinstance(value, Image.Image):
         return upright(value)
-    raise ValueError(f"{what}: expected a PIL image, numpy array or file path, got {type(value).__name__}")
+    raise InvalidInputError(f"{what}: expected a PIL image, numpy array or file path, got {type(value).__name__}")
 
 
 def _image_from_array(value: np.ndarray, what: str) -> Image.Image:
@@ -122,11 +124,12 @@ def read_image(value: ImageLike, what: str = "image") -> Image.Image:
     """A PIL image as the user sees it (upright, 8-bit arrays), mode kept so an alpha cut-out survives."""
     image = _as_pil(value, what, _image_from_array)
     if image.width == 0 or image.height == 0:
-        raise ValueError(f"{what}: the image has zero size ({image.width}x{image.height}).")
+        raise InvalidInputError(f"{what}: the image has zero size ({image.width}x{image.height}).")
     if has_alpha(image):
         alpha = np.asarray(image.convert("RGBA"))[..., 3]
         if not alpha.any():
-            raise ValueError(f"{what}: the image is fully transparent (alpha 0 everywhere); there is nothing to use.")
+            raise InvalidInputError(f"{what}: the image is fully transparent (alpha 0 everywhere); "
+                                    "there is nothing to use.")
     return image
 
 
@@ -161,9 +164,9 @@ def _mask_values(arr: np.ndarray, what: str) -> np.ndarray:
     if arr.dtype == bool:
         return arr
     if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise ValueError(f"{what}: cannot read a mask array of dtype {arr.dtype}; use bool, integer or float.")
+        raise InvalidInputError(f"{what}: cannot read a mask array of dtype {arr.dtype}; use bool, integer or float.")
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-        raise ValueError(f"{what}: mask array ({arr.dtype}) contains NaN or infinite values")
+        raise InvalidInputError(f"{what}: mask array ({arr.dtype}) contains NaN or infinite values")
     if arr.ndim == 3:
         if arr.shape[2] == 4 and arr[..., 3].min() != arr[..., 3].max():
             return arr[..., 3]
@@ -198,7 +201,7 @@ def read_mask_image(value: ImageLike, what: str = "mask") -> Image.Image:
     """A mask file, PIL image or array as an upright PIL image (its alpha is data: no transparency check)."""
     image = _as_pil(value, what, _image_from_array)
     if image.width == 0 or image.height == 0:
-        raise ValueError(f"{what}: the mask has zero size ({image.width}x{image.height}).")
+        raise InvalidInputError(f"{what}: the mask has zero size ({image.width}x{image.height}).")
     return image
 
 
@@ -209,5 +212,5 @@ def read_mask(value: ImageLike, what: str = "mask") -> np.ndarray:
     else:
         values = _pil_mask_values(_as_pil(value, what, _image_from_array))
     if values.size == 0:
-        raise ValueError(f"{what}: the mask has zero size {values.shape}.")
+        raise InvalidInputError(f"{what}: the mask has zero size {values.shape}.")
     return mask_foreground(values)

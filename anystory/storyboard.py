@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from PIL import Image
 
+from .errors import InvalidInputError
 from .images import read_image, read_mask_image
 from .subjects import Subject
 
@@ -48,7 +49,7 @@ SETTING_KEYS = ("seed", "steps", "guidance", "width", "height", "negative_prompt
 SCRIPT_KEYS = ("title", "settings", "characters", "shots")
 
 
-class ScriptError(ValueError):
+class ScriptError(InvalidInputError):
     """The script is malformed; the message names the character or shot and what to fix."""
 
 

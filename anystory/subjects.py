@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from .errors import InvalidInputError
 from .images import ImageLike, read_image, read_mask, to_rgb
 
 __all__ = ["MAX_SUBJECTS", "MAX_SCALE", "AlphaOrWholeImageSegmenter", "PreparedSubject", "Segmenter", "Subject",
@@ -91,11 +92,11 @@ def _check_scale(value, what: str) -> float:
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a number, got {value!r}") from None
+        raise InvalidInputError(f"{what} must be a number, got {value!r}") from None
     if math.isnan(v) or math.isinf(v):
-        raise ValueError(f"{what} must be finite, got {v}")
+        raise InvalidInputError(f"{what} must be finite, got {v}")
     if not 0 <= v <= MAX_SCALE:
-        raise ValueError(f"{what} must be >= 0 and <= {MAX_SCALE:g}, got {v:g}")
+        raise InvalidInputError(f"{what} must be >= 0 and <= {MAX_SCALE:g}, got {v:g}")
     return v
 
 
@@ -131,14 +132,14 @@ def as_subject_list(subjects) -> list:
     try:
         items = list(subjects)
     except TypeError:
-        raise ValueError(f"subjects: expected a Subject, an image, a path or a list of them, got "
+        raise InvalidInputError(f"subjects: expected a Subject, an image, a path or a list of them, got "
                          f"{type(subjects).__name__}") from None
     out = []
     for i, s in enumerate(items):
         if isinstance(s, (Image.Image, np.ndarray, str, os.PathLike)):
             s = Subject(s)
         elif not isinstance(s, Subject):
-            raise ValueError(f"subject {i}: expected anystory.Subject, a PIL image, an array or a file path, got "
+            raise InvalidInputError(f"subject {i}: expected anystory.Subject, a PIL image, an array or a file path, got "
                              f"{type(s).__name__}")
         out.append(s)
     return out
@@ -150,14 +151,15 @@ def prepare_subjects(
     segmenter: Optional[Segmenter] = None,
     expand: float = 1.04,
 ) -> list:
-    """Validate every subject and return :class:`PreparedSubject` objects; raise ``ValueError`` naming the problem.
+    """Validate every subject and return :class:`PreparedSubject` objects; raise ``InvalidInputError`` naming the
+    problem.
 
     ``subjects``: a list of :class:`Subject` (or of images / paths), or a single one (see :func:`as_subject_list`).
     Images and masks are read by :mod:`anystory.images`' one rule.
     """
     subjects = as_subject_list(subjects)
     if len(subjects) > max_subjects:
-        raise ValueError(f"Too many subjects: got {len(subjects)}, the maximum is {max_subjects}.")
+        raise InvalidInputError(f"Too many subjects: got {len(subjects)}, the maximum is {max_subjects}.")
     segmenter = segmenter or AlphaOrWholeImageSegmenter()
     out = []
     for i, s in enumerate(subjects):
@@ -169,7 +171,7 @@ def prepare_subjects(
             mask = read_mask(s.mask, f"{label} mask")
             if mask.shape != (raw.height, raw.width):
                 h, w = mask.shape
-                raise ValueError(
+                raise InvalidInputError(
                     f"{label}: mask size {w}x{h} does not match image size {raw.width}x{raw.height}; "
                     "masks are not resized (a stretched mask would misplace the subject)."
                 )
@@ -180,7 +182,7 @@ def prepare_subjects(
             if mask.shape != (raw.height, raw.width):
                 raise ValueError(f"{label}: segmenter {segmenter.name} returned a mask of shape {mask.shape}")
         if not mask.any():
-            raise ValueError(f"{label}: mask is empty (all background); it must mark the subject.")
+            raise InvalidInputError(f"{label}: mask is empty (all background); it must mark the subject.")
         seg, seg_mask = segment_and_crop(to_rgb(raw), mask, expand)
         out.append(PreparedSubject(seg, seg_mask, s.name, scale, ref_scale, source))
     return out
