@@ -21,6 +21,7 @@ from diffusers.utils import BaseOutput
 from .adapter_fit import check_adapter_fits_unet
 from .adapter_sdxl import AnyStorySDXLAdapter
 from .hub import SDXL_IMAGE_ENCODER as DEFAULT_IMAGE_ENCODER  # noqa: F401 (the paper's CLIP, kept by this name)
+from .pipeline_mixin import AnyStoryPipelineMixin
 from .subjects import MAX_SUBJECTS, PreparedSubject, Segmenter, Subject, prepare_subjects
 
 
@@ -34,7 +35,7 @@ class AnyStoryPipelineOutput(BaseOutput):
     routing_maps: Optional[List[torch.Tensor]] = None
 
 
-class AnyStorySDXLPipeline(StableDiffusionXLPipeline):
+class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
     _optional_components = StableDiffusionXLPipeline._optional_components + ["anystory"]
     _exclude_from_cpu_offload = ["anystory"]  # its modules run inside the UNet's forward
 
@@ -53,18 +54,31 @@ class AnyStorySDXLPipeline(StableDiffusionXLPipeline):
     def max_subjects(self) -> int:
         return self.anystory.config.max_subjects if self.anystory is not None else MAX_SUBJECTS
 
+    @property
+    def anystory_loaded(self) -> bool:
+        return self.anystory is not None
+
+    @property
+    def _anystory_denoiser(self):
+        return self.unet
+
     # ---- our weights -------------------------------------------------------------------------------------------
+    def _remove_anystory_modules(self) -> None:
+        self.register_modules(anystory=None)
+
     def _set_anystory(self, adapter: AnyStorySDXLAdapter) -> None:
         if self.image_encoder is not None and adapter.config.image_embed_dim != self.image_encoder.config.hidden_size:
             raise ValueError(f"AnyStory weights expect image features of width {adapter.config.image_embed_dim}, "
                              f"the image encoder gives {self.image_encoder.config.hidden_size}")
         check_adapter_fits_unet(adapter, self.unet)  # refused here, not inside a later matmul
+        self._before_attach()
         adapter.to(device=self.unet.device, dtype=self.unet.dtype)
         adapter.attach(self.unet)
         self.register_modules(anystory=adapter)
 
     def init_anystory(self, **config) -> AnyStorySDXLAdapter:
         """Fresh (untrained) AnyStory modules for this UNet: the starting point of training."""
+        self._refuse_beside_ip_adapter()  # before the ReferenceNet copies the UNet's config
         if self.image_encoder is None:
             raise ValueError("init_anystory needs the pipeline's image_encoder (a CLIPVisionModelWithProjection)")
         adapter = AnyStorySDXLAdapter.from_unet(self.unet, self.image_encoder.config.hidden_size, **config)

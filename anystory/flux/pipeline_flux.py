@@ -32,6 +32,7 @@ from diffusers.utils import BaseOutput
 
 from ..hub import FLUX_BASE as DEFAULT_FLUX
 from ..hub import FLUX_REDUX as DEFAULT_REDUX
+from ..pipeline_mixin import AnyStoryPipelineMixin
 from ..subjects import MAX_SUBJECTS, PreparedSubject, Segmenter, Subject
 from .adapter_scope import ANYSTORY_ADAPTERS, REF_ADAPTER, ROUTER_ADAPTER, deactivate_anystory_adapters, \
     layers_with_adapter
@@ -70,7 +71,7 @@ def _finite(value, what: str, low: float = 0.0, high: float = math.inf) -> float
     return v
 
 
-class AnyStoryFluxPipeline(FluxPipeline):
+class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
     model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->redux_embedder->router_embedder->transformer->vae"
     _optional_components = ["image_encoder", "feature_extractor", "redux_embedder", "router_embedder"]
 
@@ -93,6 +94,19 @@ class AnyStoryFluxPipeline(FluxPipeline):
     @property
     def anystory_loaded(self) -> bool:
         return self._anystory.transformer is not None
+
+    @property
+    def _anystory_denoiser(self):
+        return self.transformer
+
+    def _remove_anystory_modules(self) -> None:
+        """Hooks, PEFT adapters and embedders go; the user's own LoRAs stay."""
+        self._anystory.detach()
+        self._anystory = AnyStoryFluxState()
+        loaded = [a for a in ANYSTORY_ADAPTERS if a in getattr(self.transformer, "peft_config", {})]
+        if loaded:
+            self.transformer.delete_adapters(loaded)
+        self.register_modules(redux_embedder=None, router_embedder=None)
 
     @property
     def anystory_state(self) -> AnyStoryFluxState:
@@ -159,6 +173,7 @@ class AnyStoryFluxPipeline(FluxPipeline):
             raise ValueError("AnyStory FLUX needs the SigLIP image_encoder and feature_extractor of FLUX.1-Redux-dev "
                              "(SiglipVisionModel / SiglipImageProcessor): pass them to the pipeline first")
         released = resolve_released_state_dict(state, self.transformer, self.image_encoder.config.hidden_size)
+        self._before_attach()
 
         offload_device = getattr(self, "_offload_device", None) if getattr(self, "_all_hooks", None) else None
         if offload_device is not None:
