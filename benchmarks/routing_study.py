@@ -17,7 +17,8 @@ neither ("two objects on sand"), so identity can only come from the reference im
    subject A's colour (and vice versa), with routing on vs off. "Off" forces every subject's map to 1
    everywhere (``set_routing_override`` with all-ones maps): each subject's conditions reach every position.
    "Plain argmax" is routing on without the background logit adjustment (``routing_background_bias=0``).
-   "Oracle" forces every layer's routing to the objects that routing on drew (their masks, background
+   "Second pass" generates again with every layer of every step routed by the last-step map of routing on (its
+   own decision, held for the whole call; twice the cost). "Oracle" forces every layer's routing to the objects that routing on drew (their masks, background
    elsewhere): what is left is leakage that no routing decision can remove.
    Per step (routing on): the share of each subject's drawn object that the step's map routed to the
    *other* subject, and to the subject itself, averaged over the pairs: where in sampling the leakage arises.
@@ -202,8 +203,8 @@ def generated_miou(maps: torch.Tensor, masks: list) -> Optional[float]:
     return miou_labels(maps.argmax(0).numpy(), gt_sub, n + 1)
 
 
-MODES = ("on", "plain", "off", "oracle", "none")
-LABELS = {"on": "routing on", "plain": "routing on, plain argmax",
+MODES = ("on", "second", "plain", "off", "oracle", "none")
+LABELS = {"on": "routing on", "second": "second pass, fixed to the first's last map", "plain": "routing on, plain argmax",
           "off": "routing off", "oracle": "oracle routing (drawn objects)", "none": "no subjects (base)"}
 FIDELITY = ("identity", "named", "shape", "colour", "texture", "found")
 PER_STEP = ("on",)
@@ -282,9 +283,15 @@ def run_generation(pipe, world, classifier, pairs, steps: int, guidance: float, 
     for k, subjects, bg in pairs:
         refs = [Subject(world.reference(s, k, slot).image, name=s.name) for slot, s in enumerate(subjects)]
         prompt = f"two objects on {bg}"
-        images, drawn = {}, {}
+        images, drawn, first_maps = {}, {}, None
         for mode in modes:
             override = None
+            if mode == "second":
+                last = first_maps[-1][0] if first_maps else None
+                override = None if last is None else torch.eye(len(refs) + 1)[last.argmax(0)].permute(2, 0, 1)
+                if override is None:
+                    results[mode].append({"fidelity": None, "leakage": None})
+                    continue
             if mode == "oracle":
                 override = oracle_maps(drawn.get("on", [None]), size, latent)
                 if override is None:
@@ -295,6 +302,7 @@ def run_generation(pipe, world, classifier, pairs, steps: int, guidance: float, 
                             return_routing_maps=mode in PER_STEP)
             if mode == "on":
                 seconds.append(time.perf_counter() - started)
+                first_maps = out.routing_maps
             image = _to_uint8(out.images[0])
             images[mode] = image
             masks = drawn[mode] = match_objects(image, subjects, classifier)
@@ -330,7 +338,7 @@ def summarise(results: dict, seconds: list, pairs: int) -> dict:
                 {"step": s, "other": bootstrap(rows, lambda u, s=s: mean_of([r[s][0] for r in u])),
                  "own": bootstrap(rows, lambda u, s=s: mean_of([r[s][1] for r in u]))}
                 for s in range(len(rows[0]))] if rows else []
-    for mode in ("on", "oracle"):
+    for mode in ("on", "second", "oracle"):
         if mode in results and "off" in results:
             summary[f"leakage_ratio_off_over_{mode}"] = bootstrap(units, lambda u, mode=mode: _ratio(u, "off", mode))
     summary["seconds_per_image"] = statistics.median(seconds) if seconds else float("nan")
@@ -358,8 +366,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/routing_study")
     args = p.parse_args(argv)
     modes = [m for m in MODES if m in args.modes.split(",")]
-    if "oracle" in modes and "on" not in modes:
-        p.error("the oracle mode needs the 'on' mode (it routes to the objects that routing on drew)")
+    if {"oracle", "second"} & set(modes) and "on" not in modes:
+        p.error("the oracle and second modes need the 'on' mode (they route by what routing on drew or decided)")
     torch.set_num_threads(args.threads)
     from diffusers.utils import logging as dlog
 
@@ -439,7 +447,7 @@ def two_subject_lines(g: dict, modes) -> list:
                       ("texture", "fidelity: texture (chance .25)"), ("found", "subjects with an object drawn")):
         row(name, lambda m, key=key: m["fidelity"][key], "{:.2f}")
     row("router mIoU vs the objects drawn (last step)", lambda m: m.get("generated_miou"))
-    for mode in ("on", "oracle"):
+    for mode in ("on", "second", "oracle"):
         if f"leakage_ratio_off_over_{mode}" in g:
             lines.append(f"\nLeakage off / {LABELS[mode]} (goal >= 3): "
                          f"**{ci(g[f'leakage_ratio_off_over_{mode}'], '{:.2f}')}x**")
