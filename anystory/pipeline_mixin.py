@@ -1,5 +1,5 @@
-"""What both AnyStory pipelines share on top of their diffusers parent: unloading AnyStory, and refusing
-IP-Adapter while it is attached.
+"""What both AnyStory pipelines share on top of their diffusers parent: the output class, the routing override,
+the step callback, unloading AnyStory, and refusing IP-Adapter while it is attached.
 
 AnyStory enters the denoiser only through attention processors (and, on FLUX, PEFT adapters). Unloading puts
 back the processors the denoiser had before AnyStory attached, so the pipeline is then diffusers' own again, bit
@@ -13,9 +13,27 @@ installing its processors.
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Union
 
+import numpy as np
+import PIL.Image
 import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils import BaseOutput
+
+
+@dataclass
+class AnyStoryPipelineOutput(BaseOutput):
+    """images: as the diffusers pipeline's output. routing_maps: when requested, one ``[batch, N+1, h, w]`` float
+    tensor per denoising step (channel i < N is subject i, channel N the background, i.e. no subject). SDXL: at
+    the latent resolution, the gating maps averaged over the cross-attention layers of that step. FLUX: at the
+    image-token grid (``height/16 x width/16``), the share of blocks in which each image token could attend to
+    each subject; steps without routing report every subject everywhere (one subject, or ``use_router=False``)
+    or none (conditions off at that step)."""
+
+    images: Union[List[PIL.Image.Image], np.ndarray]
+    routing_maps: Optional[List[torch.Tensor]] = None
 
 
 class AnyStoryConflictError(RuntimeError):
@@ -40,6 +58,46 @@ class AnyStoryPipelineMixin:
 
     def _remove_anystory_modules(self) -> None:
         raise NotImplementedError
+
+    # ---- routing override (test / debug hook) -------------------------------------------------------------------
+    def set_routing_override(self, maps: Optional[torch.Tensor]) -> None:
+        """Force the routing of every layer to ``maps`` (``[N+1, H, W]``, channel i < N = subject i, channel N =
+        background), nearest-resized per layer (FLUX: to the image-token grid, applied whenever a subject
+        condition is on, even for one subject). ``None`` restores the router."""
+        self._routing_override = maps
+
+    def _routing_override_for(self, n: int) -> Optional[torch.Tensor]:
+        """The override for a call with ``n`` subjects, checked; None when routing is the router's."""
+        maps = getattr(self, "_routing_override", None)
+        if maps is None:
+            return None
+        maps = torch.as_tensor(maps)
+        if maps.ndim != 3 or maps.shape[0] != n + 1:
+            raise ValueError(f"routing override must be [N+1={n + 1}, H, W], got {tuple(maps.shape)}")
+        return maps
+
+    # ---- the call's step callback and output -------------------------------------------------------------------
+    @staticmethod
+    def _step_callback(callback: Optional[Callable], tensor_inputs: Optional[List[str]],
+                       on_step: Callable[[int], None], needed: bool):
+        """(step callback for the diffusers call, its tensor inputs): ``on_step(i)`` runs at the end of every
+        step, then the user's ``callback``. None when neither ``needed`` nor a user callback asks for one."""
+        inputs = tensor_inputs or ["latents"]
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            inputs = callback.tensor_inputs
+
+        def on_step_end(pipe, i, t, tensors):
+            on_step(i)
+            return callback(pipe, i, t, tensors) if callback is not None else {}
+
+        return (on_step_end if (needed or callback is not None) else None), inputs
+
+    @staticmethod
+    def _anystory_output(images, maps: List[torch.Tensor], return_routing_maps: bool, return_dict: bool):
+        routing = maps if return_routing_maps else None
+        if not return_dict:
+            return (images, routing)
+        return AnyStoryPipelineOutput(images=images, routing_maps=routing)
 
     # ---- attach / unload ---------------------------------------------------------------------------------------
     def _ip_adapter_loaded(self) -> bool:

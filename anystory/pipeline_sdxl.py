@@ -7,7 +7,6 @@ denoising loop untouched. With no subjects nothing is conditioned and the output
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
@@ -15,24 +14,13 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionXLPipeline
-from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.utils import BaseOutput
 
 from .adapter_fit import check_adapter_fits_unet
 from .adapter_sdxl import AnyStorySDXLAdapter
 from .hub import SDXL_IMAGE_ENCODER as DEFAULT_IMAGE_ENCODER  # noqa: F401 (the paper's CLIP, kept by this name)
-from .pipeline_mixin import AnyStoryPipelineMixin
+from .pipeline_mixin import AnyStoryPipelineMixin, AnyStoryPipelineOutput  # noqa: F401 (exported here)
+from .regions import routing_regions
 from .subjects import MAX_SUBJECTS, PreparedSubject, Segmenter, Subject, prepare_subjects
-
-
-@dataclass
-class AnyStoryPipelineOutput(BaseOutput):
-    """images: as ``StableDiffusionXLPipelineOutput``. routing_maps: when requested, one ``[batch, N+1, h, w]``
-    float tensor per denoising step (latent resolution; channel i < N is subject i, channel N the background),
-    the gating maps averaged over the cross-attention layers of that step."""
-
-    images: List[PIL.Image.Image] | np.ndarray
-    routing_maps: Optional[List[torch.Tensor]] = None
 
 
 class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
@@ -95,18 +83,9 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
             raise ValueError("no AnyStory weights to save: call init_anystory or load_anystory_weights first")
         self.anystory.save_anystory(directory)
 
-    def set_routing_override(self, maps: Optional[torch.Tensor]) -> None:
-        """Test/debug hook: force every layer's routing to ``maps`` (``[N+1, H, W]`` one-hot, any resolution,
-        resized nearest per layer; channel N is the background). ``None`` restores the learned router."""
-        self._routing_override = maps
-
     def _forced_maps(self, n: int, device) -> Optional[torch.Tensor]:
-        maps = getattr(self, "_routing_override", None)
-        if maps is None:
-            return None
-        if maps.ndim != 3 or maps.shape[0] != n + 1:
-            raise ValueError(f"routing override must be [N+1={n + 1}, H, W], got {tuple(maps.shape)}")
-        return maps.to(device=device, dtype=torch.float32)
+        maps = self._routing_override_for(n)
+        return None if maps is None else maps.to(device=device, dtype=torch.float32)
 
     # ---- subject encoding --------------------------------------------------------------------------------------
     def check_subjects(self, subjects: Optional[Sequence[Subject]]) -> List[PreparedSubject]:
@@ -184,17 +163,17 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
                 raise ValueError(f"routing_background_bias must be a finite number, got {routing_background_bias}")
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
-        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            tensor_inputs = callback_on_step_end.tensor_inputs
+        routing_regions(prepared, height, width)  # a region mask of another size fails before any encoding
         maps: List[torch.Tensor] = []
 
-        def on_step_end(pipe, i, t, tensors):
+        def collect_maps(i):
             if return_routing_maps:
                 step = self.anystory.state.take_step_maps() if self.anystory is not None else None
                 if step is not None:
                     maps.append(step.cpu())
-            return callback_on_step_end(pipe, i, t, tensors) if callback_on_step_end is not None else {}
+
+        on_step_end, tensor_inputs = self._step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                                         collect_maps, needed=return_routing_maps)
 
         try:
             if prepared:
@@ -207,6 +186,7 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
                     cfg=guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None,
                     latent_hw=(height // self.vae_scale_factor, width // self.vae_scale_factor),
                     forced_maps=self._forced_maps(len(prepared), device),
+                    routing_regions=routing_regions(prepared, height, width, device),
                     record_maps=return_routing_maps,
                     **({} if routing_background_bias is None else {"background_bias": routing_background_bias}),
                 )
@@ -215,12 +195,9 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
                 guidance_scale=guidance_scale, negative_prompt=negative_prompt,
                 num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents,
                 output_type=output_type, return_dict=True,
-                callback_on_step_end=on_step_end if (return_routing_maps or callback_on_step_end) else None,
+                callback_on_step_end=on_step_end,
                 callback_on_step_end_tensor_inputs=tensor_inputs, **kwargs)
         finally:
             if self.anystory is not None:
                 self.anystory.reset_state()
-        routing = maps if return_routing_maps else None
-        if not return_dict:
-            return (out.images, routing)
-        return AnyStoryPipelineOutput(images=out.images, routing_maps=routing)
+        return self._anystory_output(out.images, maps, return_routing_maps, return_dict)

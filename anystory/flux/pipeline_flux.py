@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
@@ -26,13 +25,12 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import FluxPipeline
-from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
-from diffusers.utils import BaseOutput
 
 from ..hub import FLUX_BASE as DEFAULT_FLUX
 from ..hub import FLUX_REDUX as DEFAULT_REDUX
-from ..pipeline_mixin import AnyStoryPipelineMixin
+from ..pipeline_mixin import AnyStoryPipelineMixin, AnyStoryPipelineOutput
+from ..regions import closed_at_grid, routing_regions
 from ..subjects import MAX_SUBJECTS, PreparedSubject, Segmenter, Subject
 from .adapter_scope import ANYSTORY_ADAPTERS, REF_ADAPTER, ROUTER_ADAPTER, deactivate_anystory_adapters, \
     layers_with_adapter
@@ -49,16 +47,8 @@ MULTI_SUBJECT_REF_START = 0.09  # the authors' demo starts the reference later w
 REFERENCE_NOISE = ("call", "release")
 
 
-@dataclass
-class AnyStoryFluxPipelineOutput(BaseOutput):
-    """images: as ``FluxPipelineOutput``. routing_maps: when requested, one ``[batch, N+1, h, w]`` float tensor
-    per denoising step at the image-token grid (``height/16 x width/16`` for FLUX.1-dev). Channel i < N: the
-    share of blocks in which each image token could attend to subject i; channel N: to no subject. The
-    router's per-block maps are one-hot, so the channels sum to 1. Steps without routing report every subject
-    everywhere (one subject, or ``use_router=False``) or none (conditions off at that step)."""
-
-    images: Union[List[PIL.Image.Image], np.ndarray]
-    routing_maps: Optional[List[torch.Tensor]] = None
+#: The output class both pipelines return (kept by this name for FLUX callers).
+AnyStoryFluxPipelineOutput = AnyStoryPipelineOutput
 
 
 def _finite(value, what: str, low: float = 0.0, high: float = math.inf) -> float:
@@ -227,20 +217,11 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
         if offload_device is not None:
             self.enable_model_cpu_offload(device=offload_device)
 
-    # ---- routing override (test / debug hook) -------------------------------------------------------------------
-    def set_routing_override(self, maps: Optional[torch.Tensor]) -> None:
-        """Force the routing of every block to ``maps`` (``[N+1, H, W]``, channel i < N = subject i, channel N =
-        background, i.e. no subject), nearest-resized to the image-token grid and applied whenever a subject
-        condition is on (even for one subject), instead of the router. ``None`` restores the router."""
-        self._routing_override = maps
-
+    # ---- routing override (test / debug hook; set_routing_override is the mixin's) ------------------------------
     def _forced_maps(self, n: int, grid, device) -> Optional[torch.Tensor]:
-        maps = self._routing_override
+        maps = self._routing_override_for(n)
         if maps is None:
             return None
-        maps = torch.as_tensor(maps)
-        if maps.ndim != 3 or maps.shape[0] != n + 1:
-            raise ValueError(f"routing override must be [N+1={n + 1}, H, W], got {tuple(maps.shape)}")
         if not torch.isfinite(maps.float()).all():
             raise ValueError("routing override contains NaN or infinite values")
         small = F.interpolate(maps[None].float(), size=grid, mode="nearest")[0]
@@ -308,9 +289,13 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
                             redux_scale: float = 0.6, redux_start_at: float = 0.1, redux_end_at: float = 0.3,
                             ref_start_at: float = 0.0, ref_end_at: float = 1.0, use_router: Optional[bool] = None,
                             confine_subjects: bool = False, record_maps: bool = False,
-                            reference_noise: str = "call") -> dict:
-        """Encode the subjects and lay out one call's conditioning (the fields of ``AnyStoryFluxState.start``)."""
+                            reference_noise: str = "call", regions: Optional[torch.Tensor] = None) -> dict:
+        """Encode the subjects and lay out one call's conditioning (the fields of ``AnyStoryFluxState.start``).
+        ``regions``: ``[N, H, W]`` from :func:`anystory.regions.routing_regions`; they need the router, so they turn
+        it on for one subject too."""
         n = len(prepared)
+        if regions is not None and use_router is False:
+            raise ValueError("subject regions need the router: use_router=False cannot confine a subject to its region")
         enc = self.encode_subjects(prepared, device, generator, reference_noise)
         # one Python-float multiply per subject, as the release does (``tokens * redux_scale``): a scale tensor in
         # bfloat16 would round 0.6 to 0.6015625
@@ -324,7 +309,8 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
             ref_latents=enc["ref_latents"], ref_ids=enc["ref_ids"], ref_bias=ref_bias.flatten(),
             redux_window=step_window(steps, redux_start_at, redux_end_at),
             ref_window=step_window(steps, ref_start_at, ref_end_at),
-            use_router=(n > 1) if use_router is None else bool(use_router),
+            use_router=(n > 1 or regions is not None) if use_router is None else bool(use_router),
+            closed_regions=None if regions is None else closed_at_grid(regions, grid).to(device),
             forced_maps=self._forced_maps(n, grid, device), confine=bool(confine_subjects), record_maps=record_maps)
 
     # ---- call --------------------------------------------------------------------------------------------------
@@ -369,19 +355,19 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
         grid = (int(height) // (self.vae_scale_factor * 2), int(width) // (self.vae_scale_factor * 2))
         if n:
             self._forced_maps(n, grid, "cpu")  # a wrong override fails before any encoding
+            routing_regions(prepared, height, width)  # so does a region mask of another size
         maps: List[torch.Tensor] = []
-        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            tensor_inputs = callback_on_step_end.tensor_inputs
         state = self._anystory
 
-        def on_step_end(pipe, i, t, tensors):
+        def advance(i):
             state.step = i + 1
             if return_routing_maps:
                 step_maps = state.take_step_maps(grid)
                 if step_maps is not None:
                     maps.append(step_maps)
-            return callback_on_step_end(pipe, i, t, tensors) if callback_on_step_end is not None else {}
+
+        on_step_end, tensor_inputs = self._step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                                         advance, needed=bool(n))
 
         if self.anystory_loaded:
             deactivate_anystory_adapters(self.transformer)  # in case set_adapters() switched ours on globally
@@ -391,16 +377,13 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
                 state.start(**self.conditioning_inputs(
                     prepared, self._execution_device, generator, steps=steps, grid=grid, redux_scale=redux_scale,
                     use_router=use_router, confine_subjects=confine_subjects, record_maps=return_routing_maps,
-                    reference_noise=reference_noise, **fractions))
+                    reference_noise=reference_noise, regions=routing_regions(prepared, height, width), **fractions))
             out = super().__call__(
                 prompt=prompt, height=height, width=width, num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, generator=generator,
                 latents=latents, output_type=output_type, return_dict=True,
-                callback_on_step_end=on_step_end if (n or callback_on_step_end is not None) else None,
+                callback_on_step_end=on_step_end,
                 callback_on_step_end_tensor_inputs=tensor_inputs, **kwargs)
         finally:
             state.clear()
-        routing = maps if return_routing_maps else None
-        if not return_dict:
-            return (out.images, routing)
-        return AnyStoryFluxPipelineOutput(images=out.images, routing_maps=routing)
+        return self._anystory_output(out.images, maps, return_routing_maps, return_dict)
