@@ -19,6 +19,7 @@ from PIL import Image
 
 from .errors import InvalidInputError
 from .images import ImageLike, read_image, read_mask, to_rgb
+from .regions import check_region
 
 __all__ = ["MAX_SUBJECTS", "MAX_SCALE", "AlphaOrWholeImageSegmenter", "PreparedSubject", "Segmenter", "Subject",
            "prepare_subjects", "square_crop_box", "segment_and_crop", "to_rgb"]
@@ -39,6 +40,8 @@ class Subject:
     name: a label, used by the app and storyboard.
     scale: strength of the semantic (decoupled cross-attention) condition, eta in the paper; in [0, MAX_SCALE].
     reference_scale: strength of the ReferenceNet (fine detail) condition; in [0, MAX_SCALE].
+    region: optional layout, where in the output the subject may be routed: a box (x0, y0, x1, y1) in fractions
+            of the output size, or a mask of the output's size (:mod:`anystory.regions`).
     """
 
     image: ImageLike
@@ -46,6 +49,7 @@ class Subject:
     name: str = ""
     scale: float = 1.0
     reference_scale: float = 1.0
+    region: Optional[object] = None
 
 
 @dataclass
@@ -58,6 +62,7 @@ class PreparedSubject:
     scale: float
     reference_scale: float
     mask_source: str = field(default="given")  # "given", "alpha", "whole-image" or a segmenter's name
+    region: Optional[object] = None  # a box of fractions or a bool mask (anystory.regions), None = anywhere
 
 
 class Segmenter:
@@ -184,5 +189,6 @@ def prepare_subjects(
         if not mask.any():
             raise InvalidInputError(f"{label}: mask is empty (all background); it must mark the subject.")
         seg, seg_mask = segment_and_crop(to_rgb(raw), mask, expand)
-        out.append(PreparedSubject(seg, seg_mask, s.name, scale, ref_scale, source))
+        out.append(PreparedSubject(seg, seg_mask, s.name, scale, ref_scale, source,
+                                   region=check_region(getattr(s, "region", None), label)))
     return out

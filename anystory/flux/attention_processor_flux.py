@@ -159,7 +159,8 @@ class AnyStoryFluxAttnProcessor(nn.Module):
                 image_rope = (rope[0][-img:], rope[1][-img:])
                 maps = routing_map(attn, r_norm, image_norm, key_proj[:, -img:], image_rope,
                                    (self.to_q_routing_map_lora_A, self.to_q_routing_map_lora_B),
-                                   (self.to_k_routing_map_lora_A, self.to_k_routing_map_lora_B), n, double)
+                                   (self.to_k_routing_map_lora_A, self.to_k_routing_map_lora_B), n, double,
+                                   **({} if state.closed_regions is None else {"closed": state.closed_regions}))
                 router = (router_hidden, r_qkv, mods, mlp)
             state.record(maps)
 

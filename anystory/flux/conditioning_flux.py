@@ -64,6 +64,7 @@ class AnyStoryFluxState:
         self.ref_window = (0, 0)
         self.use_router = False
         self.forced_maps: Optional[torch.Tensor] = None  # [N, I] 0/1 at the image-token grid
+        self.closed_regions: Optional[torch.Tensor] = None  # [1, N, I] bool: where a subject's region forbids it
         self.confine = False
         self.record_maps = False
         self.step = 0

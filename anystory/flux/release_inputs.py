@@ -112,7 +112,7 @@ def prepare_release_subjects(subjects, max_subjects: int, segmenter: Optional[Se
             values = alpha if alpha is not None and not (alpha > RELEASE_MASK_THRESHOLD).all() else found
         if preprocessing == "none":
             out.append(ReleaseSubject(release_rgb(raw), values > 0, p.name, p.scale, p.reference_scale,
-                                      p.mask_source, mask_values=values))
+                                      p.mask_source, region=p.region, mask_values=values))
             continue
         binary = values > RELEASE_MASK_THRESHOLD
         if not binary.any():
@@ -120,7 +120,7 @@ def prepare_release_subjects(subjects, max_subjects: int, segmenter: Optional[Se
                              f"255; the largest here is {int(values.max())}): the mask marks no subject.")
         image, mask = release_matting(raw, binary)
         out.append(ReleaseSubject(image, mask > 0, p.name, p.scale, p.reference_scale, p.mask_source,
-                                  mask_values=mask))
+                                  region=p.region, mask_values=mask))
     return out
 
 

@@ -47,9 +47,11 @@ def routing_map(attn, router_norm: torch.Tensor, image_norm: torch.Tensor, image
     k = attn.norm_k(_heads(k, attn.head_dim))
     k = apply_rotary_emb(k, image_rope, sequence_dim=1).mean(dim=2)  # [b, I, d]
     logits = torch.bmm(q.float(), k.float().transpose(1, 2))  # [b, N, I], in float32 whatever the model's dtype
+    hot = F.one_hot(route_decision(logits.masked_fill(closed, float("-inf")) if closed is not None else logits),
+                    num_subjects).transpose(1, 2)
     if closed is not None:
-        logits = logits.masked_fill(closed, float("-inf"))
-    return F.one_hot(route_decision(logits), num_subjects).transpose(1, 2).to(image_norm.dtype)
+        hot = hot.masked_fill(closed, 0)  # a token closed to every subject goes to none (the argmax picked one)
+    return hot.to(image_norm.dtype)
 
 
 def router_pre_attention(block, attn, router_hidden: torch.Tensor, temb: torch.Tensor, double: bool):

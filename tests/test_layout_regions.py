@@ -1,0 +1,120 @@
+"""Layout: ``Subject(region=...)`` confines a subject's routing to its region on both backbones (the learned
+router still decides inside it), and bad regions are refused by name."""
+import numpy as np
+import pytest
+import torch
+
+from anystory import Subject
+from anystory.attention_processors import AnyStorySelfAttnProcessor
+from anystory.errors import InvalidInputError
+from anystory.regions import check_region, region_pixels
+from anystory.subjects import prepare_subjects
+from routing_common import noise_image, tiny_pipe
+from test_flux_common import CALL, PROMPT, gen, make_pipe, subject_image
+
+LEFT, RIGHT = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)  # aligned with every layer's grid
+
+
+def _outside(maps, channel, box):
+    """Largest routed share of ``channel`` outside ``box`` over all steps (maps ``[B, N+1, h, w]``)."""
+    worst = 0.0
+    for m in maps:
+        allowed = torch.from_numpy(region_pixels(box, *m.shape[-2:], "test"))
+        worst = max(worst, float(m[:, channel][:, ~allowed].max()) if (~allowed).any() else 0.0)
+    return worst
+
+
+def test_box_and_mask_regions_validated():
+    assert check_region([0.1, 0.2, 0.6, 0.9], "s") == (0.1, 0.2, 0.6, 0.9)
+    for bad, words in (((0, 0, 512, 512), "looks like pixels"), ((0.5, 0, 0.5, 1), "is empty"),
+                       ((-0.1, 0, 1, 1), "negative"), ((0, 0, 1), "four numbers"),
+                       ((0, 0, float("nan"), 1), "finite")):
+        with pytest.raises(InvalidInputError, match=words):
+            check_region(bad, "subject 0")
+    mask = np.zeros((16, 24), np.uint8)
+    mask[:, :8] = 255
+    assert region_pixels(check_region(mask, "s"), 16, 24, "s")[:, :8].all()
+    with pytest.raises(InvalidInputError, match="region mask size 24x16 does not match the output size 32x32"):
+        region_pixels(check_region(mask, "s"), 32, 32, "subject 0")
+    with pytest.raises(InvalidInputError, match="region"):
+        check_region(np.zeros((8, 8)), "subject 0")  # an all-background region mask
+    prepared = prepare_subjects([Subject(noise_image(1), region=LEFT)])
+    assert prepared[0].region == LEFT
+    assert region_pixels((0.0, 0.0, 0.5, 1.0), 4, 4, "s").sum() == 8
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return tiny_pipe()
+
+
+def _sdxl(pipe, subjects, **kw):
+    return pipe("a red striped star and a blue dotted moon on sand", subjects=subjects, num_inference_steps=3,
+                generator=torch.Generator().manual_seed(0), output_type="np", routing_background_bias=1.0, **kw)
+
+
+def test_sdxl_subject_routed_only_inside_its_region(sdxl):
+    """Bias 1 gives the subjects the whole image when free (subject 0 most of it); with regions, every layer of every step keeps
+    each subject inside its box, the learned router still choosing within it."""
+    subs = [Subject(noise_image(1)), Subject(noise_image(2))]
+    free = _sdxl(sdxl, subs, return_routing_maps=True)
+    assert _outside(free.routing_maps, 0, LEFT) > 0.1, "unconstrained, subject 0 goes right too"
+    boxed = [Subject(noise_image(1), region=LEFT), Subject(noise_image(2), region=RIGHT)]
+    out = _sdxl(sdxl, boxed, return_routing_maps=True)
+    assert _outside(out.routing_maps, 0, LEFT) == 0 and _outside(out.routing_maps, 1, RIGHT) == 0
+    assert float(out.routing_maps[-1][:, 0].max()) > 0, "subject 0 is still routed inside its region"
+    assert np.abs(out.images - free.images).max() > 1e-4
+
+
+def test_sdxl_region_mask_equals_box_and_wrong_size_refused(sdxl):
+    """A mask region of the output size acts as the equal box; another size fails before any encoding."""
+    h = w = sdxl.default_sample_size * sdxl.vae_scale_factor
+    mask = region_pixels(LEFT, h, w, "s").astype(np.uint8) * 255
+    by_box = _sdxl(sdxl, [Subject(noise_image(1), region=LEFT)]).images
+    by_mask = _sdxl(sdxl, [Subject(noise_image(1), region=mask)]).images
+    assert np.array_equal(by_box, by_mask)
+    with pytest.raises(InvalidInputError, match="does not match the output size"):
+        _sdxl(sdxl, [Subject(noise_image(1), region=mask[:, :-8])])
+
+
+def test_sdxl_no_layer_applies_a_subject_outside_its_region(sdxl, monkeypatch):
+    """Every reference-attention call (maps carried over from the previous step included) and every semantic
+    gate sees each subject at zero outside its region, resized to that layer's grid: outside its region a
+    subject's routed conditions are removed exactly (the routing guarantee)."""
+    seen = []
+    original = AnyStorySelfAttnProcessor.__call__
+
+    def spy(self, attn, hidden_states, *args, **kw):
+        if self.state.active and self.state.prev_map is not None:
+            seen.append(self.state.prev_map.detach().clone())
+        return original(self, attn, hidden_states, *args, **kw)
+
+    monkeypatch.setattr(AnyStorySelfAttnProcessor, "__call__", spy)
+    _sdxl(sdxl, [Subject(noise_image(1), region=LEFT), Subject(noise_image(2), region=(0.5, 0.5, 1.0, 1.0))])
+    assert len(seen) > 3
+    for m in seen:
+        h, w = m.shape[-2:]
+        assert not m[:, 0][:, ~torch.from_numpy(region_pixels(LEFT, h, w, "s"))].any()
+        assert not m[:, 1][:, ~torch.from_numpy(region_pixels((0.5, 0.5, 1.0, 1.0), h, w, "s"))].any()
+    assert any(m[:, 0].any() for m in seen) and any(m[:, 1].any() for m in seen)
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return make_pipe()
+
+
+def test_flux_subject_routed_only_inside_its_region(flux):
+    """FLUX: the release's router decides within each region; image tokens outside a subject's region never get
+    it (the recorded per-block maps), for two subjects and for one (regions turn the router on)."""
+    two = [Subject(*subject_image(0), region=LEFT), Subject(*subject_image(1), region=RIGHT)]
+    out = flux(PROMPT, subjects=two, generator=gen(), ref_start_at=0.0, return_routing_maps=True, **CALL)
+    assert _outside(out.routing_maps, 0, LEFT) == 0 and _outside(out.routing_maps, 1, RIGHT) == 0
+    assert float(out.routing_maps[-1][:, 0].max()) > 0 and float(out.routing_maps[-1][:, 1].max()) > 0
+    one = flux(PROMPT, subjects=[Subject(*subject_image(0), region=LEFT)], generator=gen(), return_routing_maps=True,
+               **CALL)
+    assert _outside(one.routing_maps, 0, LEFT) == 0 and float(one.routing_maps[-1][:, 0].max()) == 1
+    free = flux(PROMPT, subjects=[Subject(*subject_image(0))], generator=gen(), **CALL).images
+    assert np.abs(one.images - free).max() > 1e-6
+    with pytest.raises(ValueError, match="regions need the router"):
+        flux(PROMPT, subjects=[Subject(*subject_image(0), region=LEFT)], use_router=False, **CALL)
