@@ -16,12 +16,18 @@ Scripts are JSON or YAML with English keys::
       - prompt: "{astronaut} waves at {cat} on the grass"
       - prompt: "{cat} sleeps under a tree"
         characters: [cat]
+      - prompt: "{cat} and {astronaut} on the moon"
+        regions: {cat: [0, 0.3, 0.5, 1], astronaut: [0.5, 0, 1, 1]}
+
+``regions`` (optional, per shot): where a character may appear, a box ``[x0, y0, x1, y1]`` in fractions of the
+frame (``anystory/regions.py``); characters without one go where the router puts them.
 
 ``reference`` paths are relative to the script's folder. A ``.zip`` bundle carries the script with its images.
 YAML note: a prompt that *starts* with ``{`` must be quoted (YAML would read a mapping).
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -34,6 +40,7 @@ from PIL import Image
 
 from .errors import InvalidInputError
 from .images import read_image, read_mask_image
+from .regions import check_region
 from .subjects import Subject
 
 ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
@@ -44,7 +51,7 @@ MAX_SHOTS = 64
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 
 CHARACTER_KEYS = ("alias", "description", "reference", "mask", "scale", "reference_scale")
-SHOT_KEYS = ("prompt", "characters", "seed", "negative_prompt")
+SHOT_KEYS = ("prompt", "characters", "seed", "negative_prompt", "regions")
 SETTING_KEYS = ("seed", "steps", "guidance", "width", "height", "negative_prompt")
 SCRIPT_KEYS = ("title", "settings", "characters", "shots")
 
@@ -69,6 +76,7 @@ class Shot:
     characters: Optional[List[str]] = None  # None: the aliases used in the prompt, in order
     seed: Optional[int] = None
     negative_prompt: str = ""
+    regions: Dict[str, tuple] = field(default_factory=dict)  # alias -> box (x0, y0, x1, y1), fractions
 
 
 @dataclass
@@ -148,11 +156,33 @@ def script_from_dict(data: Any) -> Script:
                 raise ScriptError(f"shot {i + 1}: characters must be a list of aliases")
         seed = s.get("seed")
         shots.append(Shot(prompt, cast, None if seed is None else _number(seed, f"shot {i + 1} seed", integer=True),
-                          str(s.get("negative_prompt") or "")))
+                          str(s.get("negative_prompt") or ""), _shot_regions(s.get("regions"), i)))
     script = Script(characters, shots, str(data.get("title") or ""), settings)
     for i in range(len(shots)):
-        shot_cast(script, i)  # unknown aliases, duplicates
+        cast = shot_cast(script, i)  # unknown aliases, duplicates
+        stray = [a for a in shots[i].regions if a not in cast]
+        if stray:
+            raise ScriptError(f"shot {i + 1}: a region is given for '{stray[0]}', who does not act in it "
+                              f"(cast: {', '.join(cast) or 'none'})")
     return script
+
+
+def _shot_regions(raw: Any, i: int) -> Dict[str, tuple]:
+    """A shot's ``regions``: alias -> box in fractions of the frame, each checked by the one region rule."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ScriptError(f"shot {i + 1}: regions must map character aliases to boxes [x0, y0, x1, y1]")
+    out = {}
+    for alias, box in raw.items():
+        if not isinstance(box, (list, tuple)):
+            raise ScriptError(f"shot {i + 1}: region of '{alias}' must be a box [x0, y0, x1, y1] (fractions of the "
+                              f"frame), got {box!r}")
+        try:
+            out[str(alias)] = check_region(box, f"shot {i + 1}: '{alias}'")
+        except InvalidInputError as e:
+            raise ScriptError(str(e)) from None
+    return out
 
 
 def script_to_dict(script: Script, references: Optional[Dict[str, str]] = None) -> dict:
@@ -180,6 +210,8 @@ def script_to_dict(script: Script, references: Optional[Dict[str, str]] = None) 
             d["seed"] = s.seed
         if s.negative_prompt:
             d["negative_prompt"] = s.negative_prompt
+        if s.regions:
+            d["regions"] = {a: list(box) for a, box in s.regions.items()}
         shots.append(d)
     out = {"title": script.title} if script.title else {}
     if script.settings:
@@ -355,12 +387,14 @@ def shot_prompt(script: Script, index: int) -> str:
 
 
 def shot_subjects(script: Script, index: int, subjects: Dict[str, Subject]) -> List[Subject]:
-    """The acting characters' subjects, in cast order; ``subjects`` maps alias -> that character's Subject."""
+    """The acting characters' subjects, in cast order, each with the shot's region for it (if any); ``subjects``
+    maps alias -> that character's Subject."""
     out = []
+    regions = script.shots[index].regions
     for alias in shot_cast(script, index):
         if alias not in subjects:
             raise ScriptError(f"shot {index + 1}: character '{alias}' has no reference image; upload one")
-        out.append(subjects[alias])
+        out.append(dataclasses.replace(subjects[alias], region=regions[alias]) if alias in regions else subjects[alias])
     return out
 
 

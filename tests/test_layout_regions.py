@@ -1,5 +1,7 @@
 """Layout: ``Subject(region=...)`` confines a subject's routing to its region on both backbones (the learned
 router still decides inside it), and bad regions are refused by name."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ from anystory import Subject
 from anystory.attention_processors import AnyStorySelfAttnProcessor
 from anystory.errors import InvalidInputError
 from anystory.regions import check_region, region_pixels
+from anystory.storyboard import ScriptError, dump_script, parse_script, shot_subjects
 from anystory.subjects import prepare_subjects
 from routing_common import noise_image, tiny_pipe
 from test_flux_common import CALL, PROMPT, gen, make_pipe, subject_image
@@ -118,3 +121,27 @@ def test_flux_subject_routed_only_inside_its_region(flux):
     assert np.abs(one.images - free).max() > 1e-6
     with pytest.raises(ValueError, match="regions need the router"):
         flux(PROMPT, subjects=[Subject(*subject_image(0), region=LEFT)], use_router=False, **CALL)
+
+
+STORY = {"characters": [{"alias": "cat"}, {"alias": "dog"}],
+         "shots": [{"prompt": "{cat} and {dog} play", "regions": {"cat": [0, 0, 0.5, 1]}}, "{dog} sleeps"]}
+
+
+def test_storyboard_regions_per_character_per_shot():
+    """A shot's regions reach only that shot's subjects, survive a YAML round trip, and bad ones name the shot."""
+    script = parse_script(json.dumps(STORY))
+    subs = {"cat": Subject(noise_image(1)), "dog": Subject(noise_image(2))}
+    first = shot_subjects(script, 0, subs)
+    assert first[0].region == (0.0, 0.0, 0.5, 1.0) and first[1].region is None
+    assert subs["cat"].region is None, "the cast's own Subject is not changed"
+    assert shot_subjects(script, 1, subs)[0].region is None
+    again = parse_script(dump_script(script, "yaml"), "yaml")
+    assert again.shots[0].regions == script.shots[0].regions
+    for regions, words in (({"cat": [0, 0, 300, 200]}, "shot 1: 'cat'.*looks like pixels"),
+                           ({"owl": [0, 0, 1, 1]}, "shot 1: a region is given for 'owl'"),
+                           ({"cat": "left"}, "shot 1: region of 'cat' must be a box"),
+                           ([0, 0, 1, 1], "shot 1: regions must map")):
+        bad = json.loads(json.dumps(STORY))
+        bad["shots"][0]["regions"] = regions
+        with pytest.raises(ScriptError, match=words):
+            parse_script(json.dumps(bad))
