@@ -10,8 +10,6 @@ import torch
 from .hub import FLUX_ANYSTORY_REPO, FLUX_BASE, FLUX_REDUX, SDXL_BASE, SDXL_IMAGE_ENCODER
 from .pipeline_sdxl import AnyStorySDXLPipeline
 
-DEFAULT_SDXL_BASE = SDXL_BASE
-
 
 class ModelUnavailableError(RuntimeError):
     """A model could not be loaded (not on disk and no network to fetch it)."""
