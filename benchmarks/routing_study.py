@@ -28,6 +28,10 @@ neither ("two objects on sand"), so identity can only come from the reference im
    with no subjects (the base model).
 5. One subject: each of the 16 named identities from two held-out references, "an object on <background>",
    fidelity of the largest object drawn, with the same modes.
+6. Layout (``--layout``): the pairs again, each subject given a region (``Subject(region=...)``): the bounding
+   box of its placement in the held-out scene of the same index. Per subject, the drawn object's IoU with its
+   box (0 when none is drawn; a disc fills at most pi/4 of its box) and the share of the object inside it;
+   leakage and colour fidelity; routing on with regions against routing on without.
 
 Every figure comes with a bootstrap 95% interval (2000 resamples of the pairs, scenes or images; percentile).
 """
@@ -48,6 +52,7 @@ from anystory import Subject
 from anystory.data.identity_classifier import IdentityClassifier, object_crop
 from anystory.data.object_finder import find_objects
 from anystory.data.synthetic import COLOURS, IDENTITIES, SHADE, SHAPES, SyntheticWorld, WorldConfig
+from anystory.regions import region_pixels
 from anystory.subjects import prepare_subjects
 
 STUDY_SEED = 424242  # the training world is seed 0 (held-out checks during training: 7919)
@@ -224,6 +229,66 @@ def _generate(pipe, prompt, refs, mode: str, size: int, steps: int, guidance: fl
         pipe.set_routing_override(None)
 
 
+def scene_boxes(world: SyntheticWorld, k: int, subjects, bg: str) -> list:
+    """Each subject's box ``(x0, y0, x1, y1)`` in fractions: its placement's bounding square in held-out scene k."""
+    scene = world.scene(k, identities=subjects, background_name=bg)
+    size = float(world.config.image_size)
+    return [tuple(min(max(v / size, 0.0), 1.0) for v in (p.center[0] - p.radius, p.center[1] - p.radius,
+                                                          p.center[0] + p.radius, p.center[1] + p.radius))
+            for p in scene.placements]
+
+
+def layout_overlap(masks: list, boxes: list, size: int) -> dict:
+    """Per subject: IoU of the drawn object with its box (0 when none is drawn), and the object's share inside it."""
+    iou, inside = [], []
+    for mask, box in zip(masks, boxes):
+        region = region_pixels(box, size, size, "box")
+        if mask is None:
+            iou.append(0.0)
+            continue
+        iou.append(float((mask & region).sum() / (mask | region).sum()))
+        inside.append(float((mask & region).sum() / mask.sum()))
+    return {"iou": iou, "inside": inside}
+
+
+def layout_study(pipe, world, classifier, pairs, steps: int, guidance: float, out_dir: Optional[str]) -> dict:
+    """Routing on, without and with each subject's region (the held-out scene's boxes)."""
+    size = world.config.image_size
+    rows = []
+    for k, subjects, bg in pairs:
+        boxes = scene_boxes(world, k, subjects, bg)
+        row, images = {}, []
+        for name, regions in (("free", [None, None]), ("regions", boxes)):
+            refs = [Subject(world.reference(s, k, slot).image, name=s.name, region=r)
+                    for slot, (s, r) in enumerate(zip(subjects, regions))]
+            out = _generate(pipe, f"two objects on {bg}", refs, "on", size, steps, guidance, seed=k)
+            image = _to_uint8(out.images[0])
+            masks = match_objects(image, subjects, classifier)
+            row[name] = {**layout_overlap(masks, boxes, size), "leakage": leakage(image, masks, subjects),
+                         "colour": fidelity(image, masks, subjects, classifier)["colour"]}
+            images.append(image)
+        rows.append(row)
+        if out_dir and k < 8:
+            from PIL import Image
+
+            Image.fromarray(np.concatenate(images, 1)).save(os.path.join(out_dir, f"layout_{k:02d}.png"))
+    out = {"pairs": len(pairs)}
+    for name in ("free", "regions"):
+        out[name] = {key: bootstrap(rows, lambda u, key=key, name=name: mean_of(
+            [v for r in u if r[name][key] is not None for v in
+             (r[name][key] if isinstance(r[name][key], list) else [r[name][key]])]))
+            for key in ("iou", "inside", "leakage", "colour")}
+    return out
+
+
+def layout_lines(lay: dict) -> list:
+    names = (("iou", "mIoU of drawn objects with their boxes"), ("inside", "share of a drawn object inside its box"),
+             ("leakage", "attribute leakage"), ("colour", "fidelity: colour (chance .167)"))
+    return ["", f"**Layout** ({lay['pairs']} held-out pairs, regions = the held-out scene's boxes)", "",
+            "| measurement | routing on, no regions | routing on, regions |", "|---|---|---|"] + [
+        f"| {label} | {ci(lay['free'][key])} | {ci(lay['regions'][key])} |" for key, label in names]
+
+
 def _to_uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
 
@@ -362,6 +427,7 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--single", type=int, default=2, help="references per identity in the one-subject part (0: skip)")
+    p.add_argument("--layout", type=int, default=40, help="held-out pairs for the layout part (0: skip)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/routing_study")
     args = p.parse_args(argv)
@@ -392,6 +458,9 @@ def main(argv=None) -> int:
     if args.single:
         report["single_subject"] = single_subject(pipe, world, classifier, args.steps, args.guidance, modes,
                                                   args.single)
+    if args.layout:
+        report["layout"] = layout_study(pipe, world, classifier, held_out_pairs(world, args.layout), args.steps,
+                                        args.guidance, args.out)
     report["routing_background_bias"] = pipe.anystory.config.routing_background_bias
     report["seconds_total"] = round(time.time() - t0, 1)
     with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -428,6 +497,8 @@ def markdown_table(r: dict) -> str:
         for key, name in (("named", "fidelity: best of 16 named identities (chance 0.0625)"),
                           ("shape", "fidelity: shape"), ("colour", "fidelity: colour"), ("texture", "fidelity: texture")):
             lines.append(f"| {name} | " + " | ".join(ci(one[m][key], "{:.2f}") for m in om) + " |")
+    if r.get("layout"):
+        lines += layout_lines(r["layout"])
     if g:
         lines.append(f"\nSeconds per image (CPU, two subjects, routing on, median): {g['seconds_per_image']:.2f}")
     return "\n".join(lines) + "\n"

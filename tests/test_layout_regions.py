@@ -145,3 +145,20 @@ def test_storyboard_regions_per_character_per_shot():
         bad["shots"][0]["regions"] = regions
         with pytest.raises(ScriptError, match=words):
             parse_script(json.dumps(bad))
+
+
+def test_routing_study_layout_arithmetic():
+    """The layout section's overlap: IoU of a drawn object with its box (0 when nothing is drawn) and the share
+    inside; the boxes are the held-out scene's placements."""
+    from benchmarks.routing_study import held_out_pairs, layout_overlap, scene_boxes
+    from anystory.data.synthetic import SyntheticWorld, WorldConfig
+
+    obj = np.zeros((8, 8), bool)
+    obj[0:4, 0:2] = True  # 8 pixels, 4 of them inside the left-top quarter box
+    out = layout_overlap([obj, None], [(0.0, 0.0, 0.5, 0.25), (0, 0, 1, 1)], 8)
+    assert out["iou"] == [4 / 12, 0.0] and out["inside"] == [0.5]
+    world = SyntheticWorld(7, WorldConfig(image_size=64, reference_size=32))
+    k, subjects, bg = held_out_pairs(world, 1)[0]
+    scene = world.scene(k, identities=subjects, background_name=bg)
+    for mask, box in zip(scene.masks, scene_boxes(world, k, subjects, bg)):
+        assert (mask & ~region_pixels(box, 64, 64, "s")).sum() <= 0.02 * mask.sum()  # the object lies in its box
