@@ -138,6 +138,10 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                                                       info=SLIDER_HELP["scale"])
                                     ref_scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Detail strength",
                                                           info=SLIDER_HELP["reference_scale"])
+                                    region = gr.Textbox(label="Region (optional)", placeholder="x0, y0, x1, y1",
+                                                        info="Where this subject may appear: a box in fractions of "
+                                                             "the output, e.g. 0, 0, 0.5, 1 = the left half",
+                                                        elem_id=f"subject-{i + 1}-region")
                             mask_note = gr.Markdown(elem_id=f"subject-{i + 1}-mask-note")
                             # open: an editor that receives its image while folded away never reports its strokes
                             with gr.Accordion("Replace the mask: draw over the subject or upload one", open=True,
@@ -170,7 +174,7 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                                 source.change(on_mask_inputs, [image, mask, drawn], [mask_view, mask_note],
                                               trigger_mode="always_last", show_progress="hidden")
                         groups.append(group)
-                        slot_inputs += [image, mask, drawn, name, scale, ref_scale]
+                        slot_inputs += [image, mask, drawn, name, scale, ref_scale, region]
                     with gr.Row():
                         add_btn = gr.Button("+ Add subject", size="sm", elem_id="add-subject")
                         remove_btn = gr.Button("- Remove last subject", size="sm", elem_id="remove-subject")

@@ -17,6 +17,7 @@ from PIL import Image
 
 from .errors import InvalidInputError
 from .images import read_image, read_mask_image
+from .regions import parse_region_text
 from .subjects import Segmenter, Subject, prepare_subjects
 
 MAX_UPLOAD_MB = 10
@@ -132,6 +133,7 @@ class SubjectSlot:
     name: str = ""
     scale: float = 1.0
     reference_scale: float = 1.0
+    region: Optional[str] = None  # "x0, y0, x1, y1" in fractions of the output (anystory/regions.py), blank = anywhere
 
     def is_empty(self) -> bool:
         return self.image is None and self.mask is None and not (self.drawn and self.drawn.get("layers"))
@@ -165,8 +167,12 @@ def collect_subjects(slots: Sequence[SubjectSlot], max_subjects: int, segmenter:
             if mask is None:
                 mask = np.asarray(segmenter(image), dtype=bool)
                 source = f"automatic ({getattr(segmenter, 'last_source', None) or segmenter.name})"
+        try:
+            region = parse_region_text(slot.region, label)
+        except InvalidInputError as e:
+            raise InputError(str(e)) from None
         subject = Subject(image=image, mask=mask, name=slot.name.strip() if slot.name else f"subject {i + 1}",
-                          scale=slot.scale, reference_scale=slot.reference_scale)
+                          scale=slot.scale, reference_scale=slot.reference_scale, region=region)
         try:  # the shared checks (mask size and content, scales), relabelled with the UI's 1-based numbering
             prepare_subjects([Subject(image, mask, "", subject.scale, subject.reference_scale)], max_subjects)
         except ValueError as e:

@@ -487,7 +487,7 @@ def generate(handle: ModelHandle, req: Request, progress: Optional[Callable[[int
 
 
 # ---- UI glue (still Gradio-free) ----------------------------------------------------------------------------------
-SLOT_FIELDS = ("image", "mask", "drawn", "name", "scale", "reference_scale")
+SLOT_FIELDS = ("image", "mask", "drawn", "name", "scale", "reference_scale", "region")
 
 
 def slots_from_values(values: Sequence[Any]) -> List[SubjectSlot]:

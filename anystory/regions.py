@@ -62,6 +62,19 @@ def check_region(region: Optional[Union[Sequence[float], ImageLike]], label: str
     return mask
 
 
+def parse_region_text(text: Optional[str], label: str) -> Optional[Box]:
+    """A box typed as ``"x0, y0, x1, y1"`` (the app's field); blank is no region."""
+    if text is None or not str(text).strip():
+        return None
+    parts = [p for p in str(text).replace(";", ",").replace(" ", ",").split(",") if p]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise InvalidInputError(f"{label}: region {text!r} must be four numbers x0, y0, x1, y1 (fractions of the "
+                                "output size, e.g. 0, 0, 0.5, 1 for the left half)") from None
+    return check_region(values, label)
+
+
 def region_pixels(region: Optional[Region], height: int, width: int, label: str) -> np.ndarray:
     """The region as a boolean ``[height, width]`` mask of the output (everywhere when ``None``)."""
     if region is None:

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from anystory import Subject
 from anystory.attention_processors import AnyStorySelfAttnProcessor
@@ -162,3 +163,21 @@ def test_routing_study_layout_arithmetic():
     scene = world.scene(k, identities=subjects, background_name=bg)
     for mask, box in zip(scene.masks, scene_boxes(world, k, subjects, bg)):
         assert (mask & ~region_pixels(box, 64, 64, "s")).sum() <= 0.02 * mask.sum()  # the object lies in its box
+
+
+def test_app_region_field(tmp_path):
+    """The app's per-subject region field: "x0, y0, x1, y1" in fractions reaches the Subject; a blank field is no
+    region; pixel numbers or words are refused by the UI's error naming the subject."""
+    from anystory.app_inputs import InputError, SubjectSlot, collect_subjects
+    from anystory.app_logic import SLOT_FIELDS, slots_from_values
+    from anystory.subjects import AlphaOrWholeImageSegmenter
+
+    path = tmp_path / "s.png"
+    Image.fromarray(noise_image(1)).save(path)
+    values = [str(path), None, None, "cat", 1.0, 1.0, "0, 0, 0.5, 1", str(path), None, None, "dog", 1.0, 1.0, " "]
+    assert len(values) == 2 * len(SLOT_FIELDS)
+    subs, _ = collect_subjects(slots_from_values(values), 4, AlphaOrWholeImageSegmenter())
+    assert subs[0].region == (0.0, 0.0, 0.5, 1.0) and subs[1].region is None
+    for text, words in (("0 0 512 512", "Subject 1 \\(cat\\).*looks like pixels"), ("left", "must be four numbers")):
+        with pytest.raises(InputError, match=words):
+            collect_subjects([SubjectSlot(str(path), name="cat", region=text)], 4, AlphaOrWholeImageSegmenter())
