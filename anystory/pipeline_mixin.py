@@ -46,6 +46,8 @@ _IP_ADAPTER_CONFLICT = ("IP-Adapter and AnyStory both replace the denoiser's att
 
 class AnyStoryPipelineMixin:
     _anystory_saved_processors: Optional[dict] = None
+    #: What to call to load weights, named in the error for subjects without them.
+    _anystory_load_hint = "load_anystory_weights(path)"
 
     # ---- provided by the backbone pipeline ---------------------------------------------------------------------
     @property
@@ -58,6 +60,23 @@ class AnyStoryPipelineMixin:
 
     def _remove_anystory_modules(self) -> None:
         raise NotImplementedError
+
+    def _prepare_subjects(self, subjects, *options) -> list:
+        """The backbone's validation and preparation of ``subjects`` (a list of ``PreparedSubject``)."""
+        raise NotImplementedError
+
+    # ---- subjects ----------------------------------------------------------------------------------------------
+    def check_subjects(self, subjects, *options) -> list:
+        """Validated, prepared subjects; refuses subjects when no AnyStory weights (or no image encoder) are
+        there to use them. ``options``: the backbone's preparation options."""
+        prepared = self._prepare_subjects(subjects, *options)
+        if prepared:
+            if not self.anystory_loaded:
+                raise ValueError(f"subjects were given but no AnyStory weights are loaded: call "
+                                 f"{self._anystory_load_hint}")
+            if self.image_encoder is None or self.feature_extractor is None:
+                raise ValueError("subjects need the pipeline's image_encoder and feature_extractor")
+        return prepared
 
     # ---- routing override (test / debug hook) -------------------------------------------------------------------
     def set_routing_override(self, maps: Optional[torch.Tensor]) -> None:

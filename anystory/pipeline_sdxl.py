@@ -88,15 +88,10 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
         return None if maps is None else maps.to(device=device, dtype=torch.float32)
 
     # ---- subject encoding --------------------------------------------------------------------------------------
-    def check_subjects(self, subjects: Optional[Sequence[Subject]]) -> List[PreparedSubject]:
-        prepared = prepare_subjects(subjects, self.max_subjects, self.segmenter)
-        if prepared:
-            if self.anystory is None:
-                raise ValueError("subjects were given but no AnyStory weights are loaded: call "
-                                 "load_anystory_weights(path) (or init_anystory() to train)")
-            if self.image_encoder is None or self.feature_extractor is None:
-                raise ValueError("subjects need the pipeline's image_encoder and feature_extractor")
-        return prepared
+    _anystory_load_hint = "load_anystory_weights(path) (or init_anystory() to train)"
+
+    def _prepare_subjects(self, subjects: Optional[Sequence[Subject]]) -> List[PreparedSubject]:
+        return prepare_subjects(subjects, self.max_subjects, self.segmenter)
 
     def subject_tensors(self, prepared: Sequence[PreparedSubject], device, dtype) -> dict:
         """Pixel tensors for ``encode_subjects``: VAE input, mask, and CLIP input (plus a blank image last)."""

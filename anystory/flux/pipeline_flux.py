@@ -228,14 +228,13 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
         return (small[:n] > 0.5).float().flatten(1).to(device)
 
     # ---- subjects ----------------------------------------------------------------------------------------------
-    def check_subjects(self, subjects: Optional[Sequence[Subject]], preprocessing: str = "app") -> List[PreparedSubject]:
-        """Validated subjects, prepared as the release prepares them (``release_inputs``: ``"app"`` = the
-        authors' demo, ``"none"`` = their ``generate()``: image and soft mask as given)."""
-        prepared = prepare_release_subjects(subjects, self.max_subjects, self.segmenter, preprocessing)
-        if prepared and not self.anystory_loaded:
-            raise ValueError("subjects were given but no AnyStory weights are loaded: call "
-                             "load_anystory_weights(path) (the authors' anystory_flux.bin)")
-        return prepared
+    _anystory_load_hint = "load_anystory_weights(path) (the authors' anystory_flux.bin)"
+
+    def _prepare_subjects(self, subjects: Optional[Sequence[Subject]],
+                          preprocessing: str = "app") -> List[PreparedSubject]:
+        """Subjects prepared as the release prepares them (``release_inputs``: ``"app"`` = the authors' demo,
+        ``"none"`` = their ``generate()``: image and soft mask as given); ``check_subjects`` is the mixin's."""
+        return prepare_release_subjects(subjects, self.max_subjects, self.segmenter, preprocessing)
 
     def encode_subjects(self, prepared: Sequence[PreparedSubject], device, generator=None,
                         reference_noise: str = "call") -> dict:
