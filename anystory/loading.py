@@ -67,8 +67,9 @@ def load_flux_release(anystory: Optional[str] = None, flux: Optional[str] = None
     moves it or offloads it (``anystory.flux.low_vram.apply_offload``)."""
     from .flux import AnyStoryFluxPipeline
 
-    return AnyStoryFluxPipeline.from_released(flux or FLUX_BASE, redux or FLUX_REDUX, anystory or FLUX_ANYSTORY_REPO,
-                                              torch_dtype=torch_dtype, quantization=quantization, **kwargs)
+    return AnyStoryFluxPipeline.from_released(flux=flux or FLUX_BASE, redux=redux or FLUX_REDUX,
+                                              anystory=anystory or FLUX_ANYSTORY_REPO, torch_dtype=torch_dtype,
+                                              quantization=quantization, **kwargs)
 
 
 def load_miniature(device: str = "cpu", path: Optional[str] = None) -> AnyStorySDXLPipeline:
