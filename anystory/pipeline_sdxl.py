@@ -158,7 +158,7 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
                 raise ValueError(f"routing_background_bias must be a finite number, got {routing_background_bias}")
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
-        routing_regions(prepared, height, width)  # a region mask of another size fails before any encoding
+        regions = routing_regions(prepared, height, width)  # a region mask of another size fails before encoding
         maps: List[torch.Tensor] = []
 
         def collect_maps(i):
@@ -181,7 +181,7 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
                     cfg=guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None,
                     latent_hw=(height // self.vae_scale_factor, width // self.vae_scale_factor),
                     forced_maps=self._forced_maps(len(prepared), device),
-                    routing_regions=routing_regions(prepared, height, width, device),
+                    routing_regions=None if regions is None else regions.to(device),
                     record_maps=return_routing_maps,
                     **({} if routing_background_bias is None else {"background_bias": routing_background_bias}),
                 )
