@@ -352,9 +352,10 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
                              "FLUX.1-dev is guidance-distilled; use guidance_scale")
 
         grid = (int(height) // (self.vae_scale_factor * 2), int(width) // (self.vae_scale_factor * 2))
+        regions = None
         if n:
             self._forced_maps(n, grid, "cpu")  # a wrong override fails before any encoding
-            routing_regions(prepared, height, width)  # so does a region mask of another size
+            regions = routing_regions(prepared, height, width)  # so does a region mask of another size
         maps: List[torch.Tensor] = []
         state = self._anystory
 
@@ -376,7 +377,7 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
                 state.start(**self.conditioning_inputs(
                     prepared, self._execution_device, generator, steps=steps, grid=grid, redux_scale=redux_scale,
                     use_router=use_router, confine_subjects=confine_subjects, record_maps=return_routing_maps,
-                    reference_noise=reference_noise, regions=routing_regions(prepared, height, width), **fractions))
+                    reference_noise=reference_noise, regions=regions, **fractions))
             out = super().__call__(
                 prompt=prompt, height=height, width=width, num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, generator=generator,
