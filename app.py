@@ -1,7 +1,7 @@
 """AnyStory demo: several subjects from reference photos in one image, and storyboards (``python app.py``).
 
-This file only wires Gradio components to functions in ``anystory.app_logic`` / ``anystory.app_inputs`` /
-``anystory.storyboard``; those hold the logic and are what the tests call.
+This file only wires Gradio components to functions in ``anystory.app.logic`` / ``anystory.app.inputs`` /
+``anystory.app.storyboard``; those hold the logic and are what the tests call.
 """
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import tempfile
 
 import gradio as gr
 
-from anystory import app_logic as logic
-from anystory.app_inputs import MAX_UPLOAD_MB, MAX_SEED, InputError, SubjectSlot
-from anystory.app_progress import StagedSegmenter, Status, follow
-from anystory.mask_preview import preview as mask_preview
+from anystory.app import logic as logic
+from anystory.app.inputs import MAX_UPLOAD_MB, MAX_SEED, InputError, SubjectSlot
+from anystory.app.progress import StagedSegmenter, Status, follow
+from anystory.app.mask_preview import preview as mask_preview
 from anystory.matting import BIREFNET_ID, LazyBiRefNetSegmenter
-from anystory.storyboard import ScriptError, import_script
-from anystory.upload_image import UploadImage, editor_background
-from anystory.visualize import display_copy
+from anystory.app.storyboard import ScriptError, import_script
+from anystory.app.upload_image import UploadImage, editor_background
+from anystory.app.visualize import display_copy
 
 try:  # Hugging Face Spaces (ZeroGPU): ask for a GPU only while generating
     import spaces

@@ -5,7 +5,7 @@ __all__ = ["MAX_SUBJECTS", "AlphaOrWholeImageSegmenter", "PreparedSubject", "Seg
 from .import_notices import drop_import_notices
 
 drop_import_notices()
-from .adapter_sdxl import AnyStorySDXLAdapter
-from .pipeline_sdxl import AnyStoryPipelineOutput, AnyStorySDXLPipeline
+from .sdxl.adapter_sdxl import AnyStorySDXLAdapter
+from .sdxl.pipeline_sdxl import AnyStoryPipelineOutput, AnyStorySDXLPipeline
 
 __all__ += ["AnyStorySDXLAdapter", "AnyStoryPipelineOutput", "AnyStorySDXLPipeline"]

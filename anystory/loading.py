@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import torch
 
 from .hub import FLUX_ANYSTORY_REPO, FLUX_BASE, FLUX_REDUX, SDXL_BASE, SDXL_IMAGE_ENCODER
-from .pipeline_sdxl import AnyStorySDXLPipeline
+from .sdxl.pipeline_sdxl import AnyStorySDXLPipeline
 
 
 class ModelUnavailableError(RuntimeError):
@@ -51,7 +51,7 @@ def load_sdxl_anystory(anystory_weights: str, base_model: Optional[str] = None,
     """SDXL base (hub id or folder) + CLIP image encoder + our AnyStory weights (folder or file).
 
     Weights that do not fit the base UNet are refused here, naming the first mismatching tensor
-    (``anystory.adapter_fit``)."""
+    (``anystory.sdxl.adapter_fit``)."""
     if not os.path.exists(anystory_weights):  # before the base model's minutes of loading
         raise ModelUnavailableError(f"AnyStory weights not found at '{anystory_weights}' (a folder with "
                                     "anystory.safetensors and anystory_config.json)")
@@ -74,7 +74,7 @@ def load_flux_release(anystory: Optional[str] = None, flux: Optional[str] = None
 
 def load_miniature(device: str = "cpu", path: Optional[str] = None) -> AnyStorySDXLPipeline:
     """The shipped miniature (trained by us, in ``assets/miniature``): what runs fully offline."""
-    from .miniature import load_miniature as _load
+    from .sdxl.miniature import load_miniature as _load
 
     return _load(device=device, path=path)
 

@@ -73,7 +73,7 @@ def conditioning(pipe, n: int, grid: int, ref_grid: int, mode: str) -> dict:
 
 def attention_form(mode: str):
     """``routed, dense``: the dense masked attention even on a CPU; otherwise the processor's own choice."""
-    return mock.patch.object(processor_module, "_sparse_pays", lambda q: False) if mode == "routed, dense" \
+    return mock.patch.object(processor_module, "sparse_pays", lambda q: False) if mode == "routed, dense" \
         else nullcontext()
 
 

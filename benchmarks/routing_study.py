@@ -438,7 +438,7 @@ def main(argv=None) -> int:
     from diffusers.utils import logging as dlog
 
     dlog.disable_progress_bar()
-    from anystory.miniature import MINIATURE_DIR, load_miniature
+    from anystory.sdxl.miniature import MINIATURE_DIR, load_miniature
 
     model = args.model or MINIATURE_DIR
     pipe = load_miniature(path=model)

@@ -16,7 +16,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from anystory.adapter_sdxl import AnyStorySDXLAdapter, cross_attention_layers
+from anystory.sdxl.adapter_sdxl import AnyStorySDXLAdapter, cross_attention_layers
 
 from .common import SUBJECTS, interleaved
 from .sdxl import SDXL_UNET

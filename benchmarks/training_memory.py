@@ -24,7 +24,7 @@ def count_parameters() -> dict:
     from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig,
                               CLIPVisionModelWithProjection)
 
-    from anystory.adapter_sdxl import AnyStorySDXLAdapter, cross_attention_layers
+    from anystory.sdxl.adapter_sdxl import AnyStorySDXLAdapter, cross_attention_layers
     from anystory.training.stage1 import stage1_parameters
     from anystory.training.stage2 import stage2_parameters
 

@@ -6,7 +6,7 @@
 The layout is :mod:`anystory.data.formats`'. ``pack`` keeps the folder's key order and writes ``index.json``
 (every sample's key and subject count; for tars each member's byte range). ``synthetic`` writes, for every
 subject count the stage trains with, the very samples the in-memory world gives the trainer, in its order, so
-a config pointing ``data.<stage>`` at them trains on identical batches (``tests/test_training_data.py``).
+a config pointing ``data.<stage>`` at them trains on identical batches (``tests/training/test_training_data.py``).
 """
 from __future__ import annotations
 

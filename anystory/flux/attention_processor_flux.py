@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-from ..attention_processors import _exclusive_labels, _sparse_pays
+from ..routing import exclusive_labels, sparse_pays
 from .adapter_scope import ROUTER_ADAPTER, adapter_scope
 from .routed_attention_flux import routed_attention
 from .router_flux import router_post_attention, router_pre_attention, routing_map
@@ -165,8 +165,8 @@ class AnyStoryFluxAttnProcessor(nn.Module):
             state.record(maps)
 
         labels = None
-        if maps is not None and not state.confine and _sparse_pays(q):
-            labels = _exclusive_labels(maps)  # hard routing: each image token meets one subject's tokens only
+        if maps is not None and not state.confine and sparse_pays(q):
+            labels = exclusive_labels(maps)  # hard routing: each image token meets one subject's tokens only
         ref_k = ref_v = None
         if plan.ref:
             ref_k, ref_v = (x.to(k.dtype) for x in state.ref_kv_for(self.layer_id, batch))

@@ -8,11 +8,11 @@ group i attends to ``[text, subject i's redux, image, subject i's reference]``; 
 attend to every key, as in the release. No ``[Lq, Lk]`` bias is written: at most one broadcast row carries the
 reference columns' bias (-100 outside a subject's mask, ``log(reference_scale)``), and none when it is zero.
 
-The result equals the dense form up to float summation order (float32: ``tests/test_flux_routed_attention.py``),
+The result equals the dense form up to float summation order (float32: ``tests/flux/test_flux_routed_attention.py``),
 not to the last bit, so the processor takes it only where routing acts (>= 2 subjects with the router, or a
 routing override), never for one subject or with the router off, where bfloat16 stays the release's bit for bit.
-As on SDXL (``_sparse_pays``), only on a CPU outside ``torch.compile``: the group sizes are read on the host
-once per block.
+As on SDXL (:func:`anystory.routing.sparse_pays`), only on a CPU outside ``torch.compile``: the group sizes are read
+on the host once per block.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Each subject contributes ``k*k`` router tokens (the Redux features pooled to 3x3
 single block, with the ``anystory_router`` LoRA applied and the image's ``temb``. In each block the mean
 router query of subject i is compared with every image key (base projections plus the block processor's
 ``to_{q,k}_routing_map`` low-rank terms); the argmax over subjects gives that block's one-hot map (decided
-as on SDXL: float32, logits floored to a grid, the lowest index winning a tie, ``anystory/router.py``), which
+as on SDXL: float32, logits floored to a grid, the lowest index winning a tie, ``anystory/sdxl/router.py``), which
 then decides which image tokens may attend to subject i's redux and reference tokens.
 
 The router tokens sit at position 0 of FLUX's RoPE, whose rotation is the identity, so no rotary embedding is
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
-from ..router import route_decision
+from ..routing import route_decision
 
 
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:

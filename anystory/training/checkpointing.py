@@ -52,5 +52,5 @@ def enable(pipe) -> None:
         pipe.unet.enable_gradient_checkpointing()
         return
     pipe.unet.enable_gradient_checkpointing(stateful_checkpointing(pipe.anystory.state))
-    pipe.anystory.reference_net.unet.enable_gradient_checkpointing()
+    pipe.anystory.sdxl.reference_net.unet.enable_gradient_checkpointing()
 

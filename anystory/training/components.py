@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKL
 
-from ..tiny import TinySpec, tiny_sdxl_components
+from ..sdxl.tiny_sdxl import TinySpec, tiny_sdxl_components
 from ..tokenizer import offline_clip_tokenizer
 
 

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..pipeline_sdxl import AnyStorySDXLPipeline
+from ..sdxl.pipeline_sdxl import AnyStorySDXLPipeline
 
 SIZE_LIMIT_MB = 25.0
 COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler",

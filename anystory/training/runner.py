@@ -93,7 +93,7 @@ def _done(cfg: dict, stage: str) -> bool:
 
 def load_stage_input(cfg: dict, stage: str):
     """The pipeline a stage starts from, read from the previous stage's output (or built / downloaded)."""
-    from ..pipeline_sdxl import AnyStorySDXLPipeline
+    from ..sdxl.pipeline_sdxl import AnyStorySDXLPipeline
 
     if stage == "vae":
         from .components import build_components
@@ -118,7 +118,7 @@ def load_stage_input(cfg: dict, stage: str):
 
 
 def _load_pipeline(path: str, stage: str):
-    from ..pipeline_sdxl import AnyStorySDXLPipeline
+    from ..sdxl.pipeline_sdxl import AnyStorySDXLPipeline
 
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         raise FileNotFoundError(f"{path} not found: run the '{stage}' stage first")

@@ -1,0 +1,168 @@
+"""All of AnyStory's trainable parts for a UNet backbone, in one module (IP-Adapter's compact-module model).
+
+``AnyStorySDXLAdapter`` holds the ReferenceNet, the semantic and routing QFormers, and per cross-attention layer
+the semantic key/value projections and the router. ``attach(unet)`` installs the attention processors that use
+them. Our weights are written as ``anystory.safetensors`` with ``anystory_config.json`` beside them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from safetensors.torch import load_file, save_file
+
+from .attention_processors import AnyStoryCrossAttnProcessor, AnyStorySelfAttnProcessor, AnyStoryState, CrossAttnConditioning
+from .qformer import QFormer
+from .reference_net import ReferenceNet
+from ..subjects import MAX_SUBJECTS
+
+WEIGHTS_NAME = "anystory.safetensors"
+CONFIG_NAME = "anystory_config.json"
+
+
+def _key(layer_name: str) -> str:
+    return layer_name.replace(".", "_")
+
+
+def cross_attention_layers(unet: UNet2DConditionModel) -> list:
+    """[name, latent_dim, cross_dim, inner_dim] for every cross-attention layer of ``unet``."""
+    layers = []
+    for name, module in unet.named_modules():
+        if name.endswith("attn2") and hasattr(module, "to_k"):
+            layers.append([name, module.to_q.in_features, module.to_k.in_features, module.to_k.out_features])
+    return layers
+
+
+class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
+    config_name = CONFIG_NAME
+
+    @register_to_config
+    def __init__(
+        self,
+        unet_config: dict,
+        cross_attention_layers: list,
+        image_embed_dim: int,
+        num_semantic_tokens: int = 64,
+        qformer_dim: int = 1024,
+        qformer_depth: int = 4,
+        qformer_heads: int = 16,
+        routing_dim: int = 768,
+        router_dim: int = 64,
+        reference_size: int = 512,
+        max_subjects: int = MAX_SUBJECTS,
+        gumbel_tau: float = 1.0,
+        routing_background_bias: float = 0.0,
+    ):
+        super().__init__()
+        cross_dim = unet_config["cross_attention_dim"]
+        self.reference_net = ReferenceNet(unet_config)
+        self.semantic_qformer = QFormer(image_embed_dim, cross_dim, num_semantic_tokens, qformer_dim, qformer_depth, qformer_heads)
+        self.routing_qformer = QFormer(image_embed_dim, routing_dim, 1, qformer_dim, qformer_depth, qformer_heads)
+        self.layer_conditioning = torch.nn.ModuleDict({
+            _key(name): CrossAttnConditioning(latent_dim, cdim, inner, routing_dim, router_dim)
+            for name, latent_dim, cdim, inner in cross_attention_layers
+        })
+        self.state = AnyStoryState(gumbel_tau=gumbel_tau)
+        self.eval()  # inference (hard routing) unless a trainer calls .train()
+
+    def to(self, *args, **kwargs):
+        """torch's own ``to``: diffusers' warns on every dtype cast about float32-kept modules, and we keep none."""
+        if self._keep_in_fp32_modules:
+            return super().to(*args, **kwargs)
+        return torch.nn.Module.to(self, *args, **kwargs)
+
+    @classmethod
+    def from_unet(cls, unet: UNet2DConditionModel, image_embed_dim: int, **config) -> "AnyStorySDXLAdapter":
+        """A fresh adapter for ``unet``: ReferenceNet from its weights, semantic projections from its to_k/to_v."""
+        layers = cross_attention_layers(unet)
+        adapter = cls(dict(unet.config), layers, image_embed_dim, **config)
+        adapter.reference_net = ReferenceNet.from_unet(unet)
+        modules = dict(unet.named_modules())
+        with torch.no_grad():
+            for name, *_ in layers:
+                cond = adapter.layer_conditioning[_key(name)]
+                cond.to_k_sem.weight.copy_(modules[name].to_k.weight)
+                cond.to_v_sem.weight.copy_(modules[name].to_v.weight)
+        return adapter.to(device=unet.device)
+
+    def attach(self, unet: UNet2DConditionModel) -> None:
+        """Install AnyStory's processors on every attention layer of the denoising UNet."""
+        names = {name for name, *_ in self.config.cross_attention_layers}
+        processors = {}
+        for full in unet.attn_processors:
+            layer = full[: -len(".processor")]
+            if layer.endswith("attn1"):
+                processors[full] = AnyStorySelfAttnProcessor(layer, self.state)
+            elif layer in names:
+                processors[full] = AnyStoryCrossAttnProcessor(layer, self.state, self.layer_conditioning[_key(layer)])
+            else:
+                raise ValueError(f"UNet layer {layer} is unknown to this AnyStory adapter (built for another UNet?)")
+        missing = names - {p[: -len(".processor")] for p in processors}
+        if missing:
+            raise ValueError(f"AnyStory adapter expects cross-attention layers the UNet lacks: {sorted(missing)[:5]}")
+        unet.set_attn_processor(processors)
+
+    def reset_state(self, **values) -> AnyStoryState:
+        """Start a new call: clear everything the previous one left, then set ``values``."""
+        self.state.__init__(gumbel_tau=self.config.gumbel_tau, background_bias=self.config.routing_background_bias)
+        for k, v in values.items():
+            setattr(self.state, k, v)
+        self.state.training = self.training
+        if self.state.forced_maps is not None:
+            forced = self.state.forced_maps
+            self.state.prev_map = forced if forced.ndim == 4 else forced[None]  # forced routing holds from the first layer
+        return self.state
+
+    def save_anystory(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            json.dump({k: v for k, v in self.config.items() if not k.startswith("_")}, f, indent=1)
+
+    @classmethod
+    def load_anystory(cls, path: str, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
+        """Build from ``anystory_config.json`` and load ``anystory.safetensors`` strictly (errors name the keys)."""
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"AnyStory weights: {path} not found (a folder with {WEIGHTS_NAME} and "
+                                    f"{CONFIG_NAME}, or the weights file beside its config)")
+        directory = path if os.path.isdir(path) else os.path.dirname(path)
+        weights = path if os.path.isfile(path) else os.path.join(directory, WEIGHTS_NAME)
+        config_file = os.path.join(directory, CONFIG_NAME)
+        for f in (weights, config_file):
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f"AnyStory weights: {f} not found")
+        try:
+            with open(config_file) as f:
+                config = json.load(f)
+            adapter = cls(**config)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"AnyStory weights: {config_file} is not a valid AnyStory config "
+                             f"({type(e).__name__}: {e})") from None
+        try:
+            state = load_file(weights)
+        except Exception as e:  # safetensors raises its own error type for truncated or foreign files
+            raise ValueError(f"AnyStory weights: cannot read {weights} (truncated or not a safetensors file: "
+                             f"{type(e).__name__}: {e})") from None
+        adapter.load_weights_strict(state)
+        return adapter.to(device=device, dtype=dtype)
+
+    def load_weights_strict(self, state: dict) -> None:
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+        if missing or unexpected or wrong:
+            def show(keys):
+                return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "") if keys else "none"
+            raise ValueError(
+                "AnyStory weights do not match this model: "
+                f"missing keys: {show(missing)}; unexpected keys: {show(unexpected)}; "
+                f"shape mismatches: {show([f'{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}' for k in wrong])}"
+            )
+        self.load_state_dict(state)

@@ -1,0 +1,351 @@
+"""The demo in a real browser: Debian's headless Chromium driven by Playwright against ``python app.py``.
+
+Runs the miniature when it is installed (the tiny untrained pipeline otherwise, which exercises the same UI and
+code path). Skips when Chromium is absent; `.ci/run` installs it. Screenshots land in tests/outputs/. One server
+for the module; every test opens its own fresh page, so none depends on another's state.
+"""
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from PIL import Image
+
+import app as demo_app
+from anystory.app.logic import miniature_status
+from anystory.subjects import AlphaOrWholeImageSegmenter
+from anystory.app.visualize import PALETTE, cielab, dominant_color
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+OUT = os.path.join(ROOT, "tests", "outputs")
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+STAR = os.path.join(ROOT, "assets", "examples", "red_striped_star.png")
+#: Records every visible text the progress line shows (a MutationObserver), so a test sees stages that pass quickly.
+WATCH_PROGRESS = """() => { window.__progress = [];
+  new MutationObserver(() => {
+    const el = document.querySelector('#run-progress');
+    if (!el) return;
+    const text = [...el.querySelectorAll('*')].filter(e => e.offsetParent !== null && e.children.length === 0)
+                     .map(e => e.textContent.trim()).filter(t => t).join(' | ');
+    if (text && window.__progress[window.__progress.length - 1] !== text) window.__progress.push(text);
+  }).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+CAT = os.path.join(ROOT, "assets", "examples", "cat.png")
+
+pytestmark = pytest.mark.skipif(not os.path.isfile(CHROMIUM), reason=f"Chromium not found at {CHROMIUM}")
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app():
+    model = "miniature" if miniature_status().available else "tiny"
+    port = _free_port()
+    os.makedirs(OUT, exist_ok=True)
+    log_path = os.path.join(OUT, "app_browser_server.log")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "app.py", "--model", model, "--host", "127.0.0.1", "--port", str(port)],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 180
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"app.py exited with {proc.returncode}:\n{open(log_path).read()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"app.py did not serve {url} within 180 s:\n{open(log_path).read()[-3000:]}")
+            time.sleep(0.5)
+        yield url, model
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(app, browser):
+    """A fresh page per test."""
+    pg = browser.new_page(viewport={"width": 1400, "height": 1600})
+    pg.goto(app[0])
+    pg.wait_for_selector("#generate", timeout=60_000)
+    yield pg
+    pg.close()
+
+
+def test_bad_input_shows_a_message(page):
+    page.click("#generate")
+    sync_api.expect(page.get_by_text("No subject image: upload at least one reference image.")).to_be_visible(timeout=30_000)
+
+
+def test_upload_two_subjects_generate_and_see_the_routing_overlay(page, app):
+    model = app[1]
+    sync_api.expect(page.locator("#model-status")).to_contain_text(model if model == "miniature" else "UNTRAINED")
+    page.locator("#subject-1-image input[type=file]").set_input_files(STAR)
+    page.locator("#subject-2-image input[type=file]").set_input_files(CAT)
+    page.locator("#subject-1-name textarea, #subject-1-name input").first.fill("star")
+    page.locator("#subject-2-name textarea, #subject-2-name input").first.fill("cat")
+    page.locator("#prompt textarea").fill("a red striped star and a cat on sand")
+    sync_api.expect(page.locator("#subject-2-image img").first).to_be_visible(timeout=30_000)
+    page.click("#generate")
+
+    output = page.locator("#output-gallery img").first
+    overlay = page.locator("#routing-gallery img").first
+    sync_api.expect(output).to_be_visible(timeout=240_000)
+    sync_api.expect(overlay).to_be_visible(timeout=30_000)
+    for img in (output, overlay):  # really decoded, not a broken link
+        _loaded(img)
+        assert img.evaluate("el => el.naturalWidth") > 0
+    assert page.locator("#routing-gallery img").count() >= 2  # the overlay and the map alone
+    sync_api.expect(page.locator("#routing-legend")).to_contain_text("star")
+    sync_api.expect(page.locator("#routing-legend")).to_contain_text("cat")
+    sync_api.expect(page.locator("#run-info")).to_contain_text("Seed")
+    sync_api.expect(page.locator("#run-info")).to_contain_text("2 subject(s)")
+    sync_api.expect(page.locator("#downloads")).to_contain_text("_routing")
+    page.wait_for_timeout(500)
+    page.screenshot(path=os.path.join(OUT, "app_browser.png"), full_page=True)
+
+    # a bad second run names the problem and leaves the first run's results in place
+    page.locator("#prompt textarea").fill(" ".join(["a very long prompt"] * 30))
+    page.click("#generate")
+    sync_api.expect(page.get_by_text("Prompt is too long")).to_be_visible(timeout=30_000)
+    sync_api.expect(output).to_be_visible()
+    sync_api.expect(overlay).to_be_visible()
+    sync_api.expect(page.locator("#output-gallery").get_by_text("Error", exact=True)).to_have_count(0)
+
+
+def test_storyboard_import_bundle_and_generate_three_frames(page, tmp_path_factory):
+    from anystory.app.storyboard import export_bundle, import_script
+
+    script, missing = import_script(os.path.join(ROOT, "assets", "examples", "storyboard.yaml"), "/unused")
+    assert missing == []
+    bundle = export_bundle(script, str(tmp_path_factory.mktemp("story") / "story.zip"))
+    page.get_by_role("tab", name="Storyboard").click()
+    page.locator("#import-script input[type=file]").set_input_files(bundle)
+    sync_api.expect(page.locator("#story-status")).to_contain_text("2 characters, 3 shots", timeout=30_000)
+    page.click("#generate-storyboard")
+    sync_api.expect(page.locator("#story-status")).to_contain_text("3 of 3 frames, seed 7", timeout=240_000)
+    assert page.locator("#story-frames img").count() == 3
+    page.screenshot(path=os.path.join(OUT, "app_browser_storyboard.png"), full_page=True)
+    page.get_by_role("tab", name="Generate").click()
+
+
+def test_add_and_remove_subject_slots(page):
+    third = page.locator("#subject-3-image")
+    sync_api.expect(third).to_be_hidden()
+    page.click("#add-subject")
+    sync_api.expect(third).to_be_visible(timeout=10_000)
+    page.click("#remove-subject")
+    sync_api.expect(third).to_be_hidden(timeout=10_000)
+
+
+def test_a_file_that_is_no_image_gets_a_message_and_earlier_results_stay(page, tmp_path_factory):
+    """A text file renamed .png, on both tabs: the app's message, no Error badge, the previous outputs kept."""
+    fake = tmp_path_factory.mktemp("bad") / "holiday.png"
+    fake.write_text("this is a text file, not a picture")
+    page.get_by_role("tab", name="Generate").click()
+    output = page.locator("#output-gallery img").first
+    if page.locator("#output-gallery img").count() == 0:  # run alone: make a result to keep
+        page.locator("#subject-1-image input[type=file]").set_input_files(STAR)
+        page.locator("#prompt textarea").fill("a red striped star on sand")
+        page.click("#generate")
+    sync_api.expect(output).to_be_visible(timeout=240_000)
+    before = output.get_attribute("src")
+
+    page.locator("#subject-1-image input[type=file]").set_input_files(str(fake))
+    page.locator("#prompt textarea").fill("a red striped star on sand")
+    page.wait_for_timeout(1000)  # the upload's change event settles
+    page.click("#generate")
+    message = page.get_by_text("cannot read holiday.png as an image").first
+    sync_api.expect(message).to_be_visible(timeout=30_000)
+    sync_api.expect(output).to_be_visible()
+    assert output.get_attribute("src") == before
+    for gallery in ("#output-gallery", "#routing-gallery"):
+        sync_api.expect(page.locator(gallery).get_by_text("Error", exact=True)).to_have_count(0)
+    page.screenshot(path=os.path.join(OUT, "app_browser_bad_file.png"), full_page=True)
+
+    page.get_by_role("tab", name="Storyboard").click()
+    if not page.locator("#char-1-alias textarea, #char-1-alias input").first.input_value():  # run alone
+        from anystory.app.storyboard import export_bundle, import_script
+
+        script, _ = import_script(os.path.join(ROOT, "assets", "examples", "storyboard.yaml"), "/unused")
+        bundle = export_bundle(script, str(tmp_path_factory.mktemp("story") / "story.zip"))
+        page.locator("#import-script input[type=file]").set_input_files(bundle)
+        sync_api.expect(page.locator("#story-status")).to_contain_text("2 characters, 3 shots", timeout=30_000)
+    frames = page.locator("#story-frames img").count()
+    page.locator("#char-1-ref input[type=file]").set_input_files(str(fake))
+    page.wait_for_timeout(1000)
+    page.click("#generate-storyboard")
+    toast = page.get_by_text("image: cannot read holiday.png as an image").filter(visible=True)  # not slot 1's note
+    sync_api.expect(toast.first).to_be_visible(timeout=30_000)
+    assert page.locator("#story-frames img").count() == frames
+    sync_api.expect(page.locator("#story-frames").get_by_text("Error", exact=True)).to_have_count(0)
+    page.get_by_role("tab", name="Generate").click()
+
+
+def test_matting_status_stays_true_after_a_reload(page):
+    """After a generation tried BiRefNet (absent: the hub is off), a reloaded page still says what was found."""
+    status = page.locator("#matting-status")
+    if "unavailable" not in (status.text_content() or ""):  # run alone: one generation tries the matting
+        page.locator("#subject-1-image input[type=file]").set_input_files(CAT)
+        page.locator("#prompt textarea").fill("a cat on sand")
+        page.click("#generate")
+        sync_api.expect(page.locator("#output-gallery img").first).to_be_visible(timeout=240_000)
+    sync_api.expect(status).to_contain_text("unavailable", timeout=30_000)
+    page.reload()
+    page.wait_for_selector("#generate", timeout=60_000)
+    sync_api.expect(page.locator("#matting-status")).to_contain_text("unavailable", timeout=30_000)
+    sync_api.expect(page.locator("#matting-status")).to_contain_text("alpha channel")
+
+
+def _loaded(img):
+    """Wait until a gallery image has loaded: they are lazy (``img.decode()`` of one off screen never settles)."""
+    img.scroll_into_view_if_needed()
+    sync_api.expect(img).to_have_js_property("complete", True, timeout=30_000)
+
+
+def _example(page, subjects: int):
+    """Click the first example row with ``subjects`` subjects; returns that row of app.EXAMPLES."""
+    rows = [r for r in demo_app.EXAMPLES if r[0] <= 4]
+    k = next(i for i, r in enumerate(rows) if r[0] == subjects)
+    page.locator("#examples tbody tr").nth(k).click()
+    return rows[k]
+
+
+def test_mask_editor_opens_with_the_brush_and_every_mask_is_previewed(page):
+    page.locator("#subject-1-image input[type=file]").set_input_files(STAR)
+    note = page.locator("#subject-1-mask-note")
+    sync_api.expect(note).to_contain_text("Mask: automatic (alpha)", timeout=30_000)  # shown before generating
+    sync_api.expect(page.locator("#subject-1-mask-preview img")).to_be_visible()
+    canvas = page.locator("#subject-1-draw canvas").first
+    sync_api.expect(canvas).to_be_visible(timeout=10_000)
+    brush = page.locator("#subject-1-draw button[aria-label=Brush]")
+    sync_api.expect(brush).to_have_class(re.compile("highlight"), timeout=10_000)  # selected, nobody clicked it
+    page.wait_for_timeout(500)
+    box = canvas.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x - 30, y - 30)  # strokes straight away, as a new user draws
+    page.mouse.down()
+    for k in range(20):
+        page.mouse.move(x - 30 + 3 * k, y - 30 + 3 * k)
+    page.mouse.up()
+    sync_api.expect(note).to_contain_text("Mask: drawn mask", timeout=30_000)
+    page.screenshot(path=os.path.join(OUT, "app_browser_mask.png"), full_page=True)
+
+
+def test_four_subjects_sharp_outputs_per_subject_overlays_contrasting_legend_and_staged_progress(page, app):
+    _, _, *images, prompt, seed = _example(page, 4)
+    sync_api.expect(page.locator("#subject-4-image img").first).to_be_visible(timeout=30_000)  # the slot was shown
+    for i in range(1, 5):  # the automatic masks, before anything is generated
+        sync_api.expect(page.locator(f"#subject-{i}-mask-note")).to_contain_text("Mask: automatic", timeout=30_000)
+    page.evaluate(WATCH_PROGRESS)
+    page.click("#generate")
+    sync_api.expect(page.locator("#run-progress")).to_contain_text("done", timeout=240_000)
+    seen = page.evaluate("window.__progress")
+    assert seen[0].startswith("starting"), seen  # fast stages (matting an alpha channel) may pass between frames
+    assert any(re.search(r"step \d+/\d+ · about [\d.]+ s left", t) for t in seen), seen
+    assert not any(re.search(r"\d+\.\d+/\d+\.\d+s", t) for t in seen), seen  # no timer averaged over other runs
+
+    output = page.locator("#output-gallery img").first
+    sync_api.expect(output).to_be_visible(timeout=30_000)
+    _loaded(output)
+    natural = output.evaluate("el => [el.naturalWidth, el.naturalHeight]")
+    assert natural[0] == natural[1] and natural[0] >= 384  # enlarged for the page, square kept square
+    assert output.evaluate("el => getComputedStyle(el).objectFit") == "contain"  # never cropped into the box
+    label = re.search(r"(\d+)x(\d+) \(shown (\d+)x, nearest-neighbour\)", page.locator("#output-gallery").inner_text())
+    assert label and int(label[1]) * int(label[3]) == natural[0], label  # labelled with the real size
+    sync_api.expect(page.locator("#routing-gallery img")).to_have_count(1 + 4 + 1)  # all, each subject, the map
+    for i in range(1, 5):
+        sync_api.expect(page.locator("#routing-gallery")).to_contain_text(f"only subject {i}")
+    legend = page.locator("#routing-legend")
+    sync_api.expect(legend.locator("img")).to_have_count(4)  # each subject's thumbnail beside its colour
+    html = legend.inner_html()
+    keys = [tuple(int(v) for v in m) for m in re.findall(r"border:3px solid rgb\((\d+),(\d+),(\d+)\)", html)]
+    assert len(keys) == 4 and len(set(keys)) == 4 and all(k in PALETTE for k in keys)
+    for path, key in zip(images, keys):
+        with Image.open(path) as im:
+            own = dominant_color(im, AlphaOrWholeImageSegmenter()(im))
+        assert float(((cielab(own) - cielab(key)) ** 2).sum() ** 0.5) > 40, (path, own, key)
+    page.screenshot(path=os.path.join(OUT, "app_browser_four_subjects.png"), full_page=True)
+
+    # a second run: its line starts afresh and never shows a timer carried over from the first run
+    page.evaluate("window.__progress = []")
+    page.click("#generate")
+    page.wait_for_function("window.__progress.some(t => t.startsWith('starting'))", timeout=60_000)
+    page.wait_for_function("window.__progress.some(t => t.startsWith('done'))", timeout=240_000)
+    assert not any(re.search(r"\d+\.\d+/\d+\.\d+s", t) for t in page.evaluate("window.__progress"))
+    sync_api.expect(page.locator("#run-info")).to_contain_text(f"Seed {seed}")  # the example's fixed seed
+
+
+def test_examples_set_the_subject_count_and_a_fixed_seed(page):
+    for subjects in (1, 3, 2):
+        *_, seed = _example(page, subjects)
+        for i in range(1, 5):
+            slot = page.locator(f"#subject-{i}-image")
+            if i <= subjects:
+                sync_api.expect(slot).to_be_visible(timeout=60_000)
+            else:
+                sync_api.expect(slot).to_be_hidden(timeout=60_000)
+    page.locator("#settings").get_by_text("Settings").first.click()
+    sync_api.expect(page.locator("#seed input")).to_have_value(str(seed))
+    sync_api.expect(page.get_by_text(demo_app.SLIDER_HELP["guidance"])).to_be_visible()  # slider help, one line
+    sync_api.expect(page.get_by_text(demo_app.SLIDER_HELP["scale"]).first).to_be_visible()
+
+
+def test_subject_limit_says_so(page):
+    for n in (3, 4):
+        page.click("#add-subject")
+        sync_api.expect(page.locator(f"#subject-{n}-image")).to_be_visible(timeout=30_000)
+    sync_api.expect(page.locator("#add-subject")).to_contain_text("Limit: 4 subjects")
+    page.click("#add-subject")
+    sync_api.expect(page.get_by_text("Subject limit reached: this model takes at most 4 subjects").first).to_be_visible(
+        timeout=30_000)
+    page.screenshot(path=os.path.join(OUT, "app_browser_subject_limit.png"), full_page=False)
+
+
+def test_one_click_story_example_renders_captioned_frames(page):
+    page.get_by_role("tab", name="Storyboard").click()
+    page.click("#story-example")
+    sync_api.expect(page.locator("#story-status")).to_contain_text("2 characters, 3 shots", timeout=30_000)
+    sync_api.expect(page.locator("#story-status")).not_to_contain_text("Upload the reference")  # they ship with it
+    page.evaluate(WATCH_PROGRESS.replace("#run-progress", "#story-progress"))
+    page.click("#generate-storyboard")
+    sync_api.expect(page.locator("#story-status")).to_contain_text("3 of 3 frames", timeout=240_000)
+    sync_api.expect(page.locator("#story-frames img")).to_have_count(3)
+    sync_api.expect(page.locator("#story-progress")).to_contain_text("done", timeout=30_000)
+    seen = page.evaluate("window.__progress")
+    assert any(re.search(r"step \d+/\d+ \(frame [123]/3\) · ", t) for t in seen), seen  # the stage, per frame
+    for k, shot in enumerate(["on sand", "alone on grass", "in the snow"]):
+        caption = page.locator("#story-frames .caption-label").nth(k)
+        sync_api.expect(caption).to_be_visible()
+        sync_api.expect(caption).to_contain_text(f"Shot {k + 1}")
+        sync_api.expect(caption).to_contain_text(shot)
+    page.screenshot(path=os.path.join(OUT, "app_browser_story_example.png"), full_page=True)

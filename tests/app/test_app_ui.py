@@ -1,0 +1,133 @@
+"""app.py's wiring without a browser: the UI builds around a loaded model, the CLI fails clearly."""
+import importlib
+import os
+import os
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import app
+from anystory.app.logic import Environment, load_model
+from anystory.matting import LazyBiRefNetSegmenter
+
+
+@pytest.fixture(scope="module")
+def demo():
+    handle = load_model(Environment(), "tiny")
+    return app.build_demo(handle, LazyBiRefNetSegmenter()), handle
+
+
+def test_ui_has_a_slot_per_subject_and_the_outputs(demo):
+    blocks, handle = demo
+    config = blocks.get_config_file()
+    ids = {c["props"].get("elem_id") for c in config["components"]}
+    for i in range(1, handle.max_subjects + 1):
+        assert f"subject-{i}-image" in ids and f"subject-{i}-name" in ids
+    assert f"subject-{handle.max_subjects + 1}-image" not in ids
+    for elem in ("prompt", "generate", "output-gallery", "routing-gallery", "routing-legend", "downloads",
+                 "model-status", "matting-status", "shots", "generate-storyboard", "import-script"):
+        assert elem in ids, elem
+    status = next(c for c in config["components"] if c["props"].get("elem_id") == "model-status")
+    assert "UNTRAINED" in status["props"]["value"] and "Why:" in status["props"]["value"]
+
+
+def test_cli_defaults_are_local_and_not_shared():
+    args = app.parse_args([])
+    assert args.share is False and args.host is None and args.model in ("auto", "flux", "sdxl", "miniature", "tiny")
+
+
+def test_cli_reports_an_unavailable_model_and_exits(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert app.main(["--model", "flux"]) == 1
+    assert "FLUX: no CUDA GPU" in capsys.readouterr().err
+
+
+def test_gpu_decoration_only_with_spaces(monkeypatch):
+    monkeypatch.setitem(sys.modules, "spaces", None)  # import fails: the plain function is used
+    plain = importlib.reload(app)
+    f = lambda: 1  # noqa: E731
+    assert plain.gpu(f) is f
+
+    class FakeSpaces:
+        @staticmethod
+        def GPU(duration):
+            return lambda fn: ("on-gpu", duration, fn)
+
+    monkeypatch.setitem(sys.modules, "spaces", FakeSpaces)
+    spaced = importlib.reload(app)
+    assert spaced.gpu(f) == ("on-gpu", 180, f)
+    monkeypatch.setitem(sys.modules, "spaces", None)
+    importlib.reload(app)
+
+
+def test_uploads_reach_the_app_checks_undecoded(tmp_path):
+    """Gradio's own gr.Image decodes an upload before any app code runs; a renamed text file raised there."""
+    import gradio as gr
+    from gradio.data_classes import ImageData
+
+    from anystory.app.upload_image import UploadImage, editor_background
+
+    fake = tmp_path / "holiday.png"
+    fake.write_text("not a picture")
+    payload = ImageData(path=str(fake), orig_name="holiday.png")
+    with pytest.raises(Exception):
+        gr.Image(type="filepath", image_mode="RGB").preprocess(payload)
+    upload = UploadImage(label="x", image_mode="RGB")
+    assert upload.preprocess(payload) == str(fake) and upload.get_block_name() == "image"
+    assert upload.preprocess(None) is None
+    assert editor_background(str(fake)) is None  # the mask editor stays empty; Generate names the problem
+    good = tmp_path / "good.png"
+    Image.new("RGB", (6, 4)).save(good)
+    assert editor_background(str(good))["background"].size == (6, 4)
+    import anystory.app.upload_image as module
+
+    assert not os.path.exists(module.__file__[:-3] + ".pyi")  # no subclass: Gradio writes no stub beside it
+
+
+def test_matting_status_is_read_at_each_page_load(demo):
+    blocks, _ = demo
+    status = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "matting-status")
+    assert callable(status.value) or getattr(status, "load_event_to_attach", None) is not None
+
+
+def test_every_slider_says_what_it_does(demo):
+    sliders = [c["props"] for c in demo[0].get_config_file()["components"] if c["type"] == "slider"]
+    assert len(sliders) >= 2 * demo[1].max_subjects + 5
+    for props in sliders:
+        assert props.get("info") and len(props["info"]) > 20, props.get("label")
+
+
+def test_each_slot_shows_the_mask_it_will_use_and_an_editor_to_replace_it(demo):
+    ids = {c["props"].get("elem_id"): c for c in demo[0].get_config_file()["components"]}
+    for i in range(1, demo[1].max_subjects + 1):
+        assert ids[f"subject-{i}-mask-preview"]["type"] == "image"
+        assert ids[f"subject-{i}-draw"]["type"] == "imageeditor"
+        assert f"subject-{i}-mask-note" in ids
+    assert ids["run-progress"]["type"] == "html"
+    for gallery in ("output-gallery", "routing-gallery", "story-frames"):
+        assert ids[gallery]["props"]["object_fit"] == "contain", gallery
+
+
+def test_examples_cover_one_to_four_subjects_each_with_a_seed_and_real_files():
+    assert sorted({row[0] for row in app.EXAMPLES}) == [1, 2, 3, 4]
+    for subjects, mask, *images, prompt, seed in app.EXAMPLES:
+        assert isinstance(seed, int) and seed >= 0 and prompt
+        given = [p for p in images if p]
+        assert len(given) == subjects and images[:subjects] == given  # filled slots first, none skipped
+        assert all(os.path.isfile(p) for p in given + ([mask] if mask else []))
+
+
+def test_the_example_story_ships_with_its_references():
+    from anystory.app.storyboard import import_script
+
+    script, missing = import_script(app.EXAMPLE_STORY, "/unused")
+    assert missing == [] and len(script.shots) >= 3
+    assert all(c.reference and os.path.isfile(c.reference) for c in script.characters)
+
+
+def test_app_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        app.parse_args(["--help"])
+    assert "(default: ZhengPeng7/BiRefNet)" in " ".join(capsys.readouterr().out.split())

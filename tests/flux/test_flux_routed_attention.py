@@ -1,0 +1,102 @@
+"""FLUX's sparse routed attention equals the dense masked form, and the pipeline takes it only where routing acts."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import anystory.flux.attention_processor_flux as processor_module
+from anystory.flux.attention_processor_flux import _attention, attention_bias
+from anystory.flux.routed_attention_flux import routed_attention
+from helpers.flux_pipe import CALL, PROMPT, gen, make_pipe, subjects
+
+HEADS, DIM, TXT, IMG, R = 2, 8, 6, 20, 5
+
+
+def dense(q, k, v, ref_k, ref_v, ref_bias, labels, txt, redux_len, n):
+    """The processor's dense form: every key for every query, the routing as an ``-inf`` bias."""
+    state = SimpleNamespace(num_subjects=n, txt_len=txt, redux_len=redux_len, img_len=labels.shape[1],
+                            ref_bias=ref_bias, confine=False)
+    maps = F.one_hot(labels, n + 1)[..., :n].transpose(1, 2).to(q.dtype)  # [b, N, I]; class n routes nowhere
+    plan = SimpleNamespace(ref=ref_k is not None)
+    keys, values = (k, v) if ref_k is None else (torch.cat([k, ref_k], 1), torch.cat([v, ref_v], 1))
+    return _attention(q, keys, values, attention_bias(state, plan, maps, q.shape[0], q.dtype, q.device))
+
+
+def inputs(n, redux_per, batch, reference=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    txt = TXT + n * redux_per
+    q, k, v = (torch.randn(batch, txt + IMG, HEADS, DIM, generator=g) for _ in range(3))
+    ref_k, ref_v = (torch.randn(batch, n * R, HEADS, DIM, generator=g) for _ in range(2)) if reference else (None,) * 2
+    return q, k, v, ref_k, ref_v, txt
+
+
+@pytest.mark.parametrize("n,redux_per,batch,reference", [(2, 0, 1, True), (2, 3, 1, True), (3, 2, 2, True),
+                                                          (4, 1, 2, True), (2, 3, 1, False)])
+@pytest.mark.parametrize("bias", ["zero", "mask and scales"])
+def test_sparse_equals_dense(n, redux_per, batch, reference, bias):
+    """Per-sample labels with a subject routed nowhere and tokens routed to no subject (an override's
+    background); reference bias zero (no mask is written) or -100 outside masks, log-scales and a zero scale."""
+    q, k, v, ref_k, ref_v, txt = inputs(n, redux_per, batch, reference)
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, n, (batch, IMG), generator=g)
+    labels[0, :3] = n  # no subject
+    labels[0][labels[0] == 1] = 0  # subject 1 routed nowhere in sample 0
+    ref_bias = None
+    if reference:
+        ref_bias = torch.zeros(n * R)
+        if bias != "zero":
+            ref_bias[torch.rand(n * R, generator=g) < 0.4] = -100.0
+            ref_bias[:R] += 0.7  # log(reference_scale) of subject 0
+            ref_bias[R:2 * R] = float("-inf")  # subject 1 at reference_scale 0
+    args = (q, k, v, ref_k, ref_v, ref_bias, labels, txt, n * redux_per, n)
+    expected = dense(*args)
+    got = routed_attention(*args)
+    assert got.shape == q.shape and torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_an_image_token_meets_only_its_own_subjects_tokens():
+    """Changing subject 1's redux and reference tokens moves only the image tokens routed to subject 1 (and the
+    text rows, which see every subject, as in the release)."""
+    n, redux_per = 2, 3
+    q, k, v, ref_k, ref_v, txt = inputs(n, redux_per, 1)
+    labels = (torch.arange(IMG) % 2)[None]
+    before = routed_attention(q, k, v, ref_k, ref_v, None, labels, txt, n * redux_per, n)
+    k2, v2, ref_v2 = k.clone(), v.clone(), ref_v.clone()
+    k2[:, TXT + redux_per:txt] += 1.0
+    v2[:, TXT + redux_per:txt] += 1.0
+    ref_v2[:, R:] += 1.0
+    after = routed_attention(q, k2, v2, ref_k, ref_v2, None, labels, txt, n * redux_per, n)
+    moved = (after - before).abs().amax(dim=(0, 2, 3)) > 1e-6
+    assert moved[:txt].all()
+    assert torch.equal(moved[txt:], labels[0] == 1)
+
+
+def _call(pipe, n, **kwargs):
+    return pipe(PROMPT, subjects=subjects(n), generator=gen(), **CALL, **kwargs).images
+
+
+def test_pipeline_routes_sparsely_only_where_routing_acts(monkeypatch):
+    """2 subjects with the router: the sparse form runs in every block of every routed step and the images equal
+    the dense form's (float32 rounding); 1 subject and the router off never take it (bfloat16 stays exact)."""
+    pipe = make_pipe()
+    calls = []
+
+    def counted(*args):
+        calls.append(args[-1])
+        return routed_attention(*args)
+
+    monkeypatch.setattr(processor_module, "routed_attention", counted)
+    sparse = _call(pipe, 2)
+    blocks = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
+    assert len(calls) == blocks * CALL["num_inference_steps"]
+    calls.clear()
+    _call(pipe, 1)
+    _call(pipe, 2, use_router=False)
+    assert calls == []
+    monkeypatch.setattr(processor_module, "sparse_pays", lambda q: False)
+    dense_images = _call(pipe, 2)
+    assert calls == []
+    assert abs(sparse - _call(pipe, 0)).max() > 1e-3  # the subjects matter, so the comparison means something
+    assert abs(sparse - dense_images).max() <= 1e-5

@@ -1,0 +1,19 @@
+"""Shared pieces of the routing tests (no tests here): the tiny SDXL AnyStory pipeline and reference images."""
+import numpy as np
+import torch
+
+from anystory import AnyStorySDXLPipeline
+from anystory.sdxl.tiny_sdxl import TINY_ANYSTORY_CONFIG, tiny_sdxl_components
+
+
+def tiny_pipe() -> AnyStorySDXLPipeline:
+    """Tiny SDXL components with freshly initialised (untrained) AnyStory modules, seeded."""
+    p = AnyStorySDXLPipeline(**tiny_sdxl_components(seed=0))
+    p.set_progress_bar_config(disable=True)
+    torch.manual_seed(0)
+    p.init_anystory(**TINY_ANYSTORY_CONFIG)
+    return p
+
+
+def noise_image(seed: int) -> np.ndarray:
+    return np.random.RandomState(seed).randint(0, 255, (40, 48, 3)).astype(np.uint8)
