@@ -13,7 +13,8 @@ import torch
 
 from .pipeline_sdxl import AnyStorySDXLPipeline
 
-MINIATURE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "miniature")
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # anystory/sdxl/ -> repository
+MINIATURE_DIR = os.path.join(_REPO, "assets", "miniature")
 REQUIRED = ("model_index.json", "anystory.safetensors", "anystory_config.json")
 REBUILD = "python -m anystory.training --config configs/miniature.yaml"
 
