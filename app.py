@@ -1,25 +1,31 @@
 """AnyStory demo: several subjects from reference photos in one image, and storyboards (``python app.py``).
 
-This file only wires Gradio components to functions in ``anystory.app.logic`` / ``anystory.app.inputs`` /
-``anystory.app.storyboard``; those hold the logic and are what the tests call.
+This file only wires Gradio components to the functions of ``anystory.app`` (models, generation, the two tabs'
+glue, inputs, storyboard, visualisation); those hold the logic and are what the tests call.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
 
 import gradio as gr
 
-from anystory.app import logic as logic
-from anystory.app.inputs import MAX_UPLOAD_MB, MAX_SEED, InputError, SubjectSlot
+from anystory.app import generate_tab, storyboard_run, storyboard_tab
+from anystory.app.environment import probe_environment
+from anystory.app.generation import GenerationError
+from anystory.app.inputs import MAX_UPLOAD_MB, MAX_SEED, SubjectSlot
+from anystory.app.models import KINDS, ModelHandle, NoModelError, load_model
 from anystory.app.progress import StagedSegmenter, Status, follow
 from anystory.app.mask_preview import preview as mask_preview
 from anystory.matting import BIREFNET_ID, LazyBiRefNetSegmenter
-from anystory.app.storyboard import ScriptError, import_script
+from anystory.app.region_canvas import drawn_region_text, region_canvas
+from anystory.app.storyboard import import_script
 from anystory.app.upload_image import UploadImage, editor_background
-from anystory.app.visualize import display_copy
+from anystory.app.visualize import PALETTE, display_copy
+from anystory.errors import InvalidInputError
 
 try:  # Hugging Face Spaces (ZeroGPU): ask for a GPU only while generating
     import spaces
@@ -30,7 +36,12 @@ except ImportError:
         return fn
 
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "examples")
-USER_ERRORS = (InputError, ScriptError, logic.GenerationError)
+#: What the user can act on (bad input, or advice such as running out of memory): shown as a message. Any other
+#: exception is a bug: logged with its traceback and reported as one (see :func:`_report_bug`).
+USER_ERRORS = (InvalidInputError, GenerationError)
+LOG = logging.getLogger("anystory.app")
+#: Each slot's region canvas draws in that slot's colour.
+REGION_COLORS = ["#%02x%02x%02x" % c for c in PALETTE]
 
 
 EXAMPLE_STORY = os.path.join(EXAMPLES_DIR, "storyboard.yaml")
@@ -97,13 +108,27 @@ def _shown(images, labels=None):
     return items
 
 
+def _canvas_region(value):
+    """A drawing fills the Region field in; an empty canvas leaves what the user typed."""
+    text = drawn_region_text(value)
+    return gr.skip() if text is None else text
+
+
 def _refuse(error: Exception, n_outputs: int, title: str = "Cannot generate"):
     """Show the problem and leave every output as it was (a raised gr.Error would cover earlier results)."""
     gr.Warning(str(error), title=title, duration=None)
     return gr.skip() if n_outputs == 1 else [gr.skip()] * n_outputs
 
 
-def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: str | None = None) -> gr.Blocks:
+def _report_bug(error: Exception, n_outputs: int):
+    """A programming error: logged with its traceback, said to be a bug (not the user's input), outputs kept."""
+    LOG.error("internal error while serving a request", exc_info=error)
+    gr.Warning(f"This is a bug in AnyStory, not a problem with your input ({type(error).__name__}: {error}). "
+               "Earlier results are kept; the details are in the server log.", title="Internal error", duration=None)
+    return gr.skip() if n_outputs == 1 else [gr.skip()] * n_outputs
+
+
+def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: str | None = None) -> gr.Blocks:
     """The whole UI around an already loaded model."""
     out_root = out_root or tempfile.mkdtemp(prefix="anystory_app_")
     n_slots = max(1, handle.max_subjects)
@@ -122,7 +147,7 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                     # a hidden number, not a State, so that the examples can set how many subjects they use
                     count = gr.Number(min(2, n_slots), visible=False, precision=0, label="Subjects",
                                       elem_id="subject-count")
-                    groups, slot_inputs = [], []
+                    groups, slot_inputs, canvases = [], [], []
                     for i in range(n_slots):
                         with gr.Group(visible=i < min(2, n_slots), elem_id=f"subject-{i + 1}") as group:
                             with gr.Row():
@@ -138,10 +163,22 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                                                       info=SLIDER_HELP["scale"])
                                     ref_scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Detail strength",
                                                           info=SLIDER_HELP["reference_scale"])
-                                    region = gr.Textbox(label="Region (optional)", placeholder="x0, y0, x1, y1",
-                                                        info="Where this subject may appear: a box in fractions of "
-                                                             "the output, e.g. 0, 0, 0.5, 1 = the left half",
+                            with gr.Accordion("Region (optional): where this subject may appear", open=True,
+                                              elem_id=f"subject-{i + 1}-region-box"):
+                                with gr.Row():
+                                    canvas = gr.ImageEditor(
+                                        value=region_canvas(d.size, d.size), label="Draw a box (the output's shape)",
+                                        type="pil", sources=[], layers=False, height=260, transforms=[],
+                                        elem_id=f"subject-{i + 1}-region-canvas",
+                                        brush=gr.Brush(colors=[REGION_COLORS[i % len(REGION_COLORS)]],
+                                                       color_mode="fixed"))
+                                    region = gr.Textbox(label="Region (x0, y0, x1, y1)", placeholder="anywhere",
+                                                        info="A box in fractions of the output, e.g. 0, 0, 0.5, 1 = "
+                                                             "the left half. Drawing fills it in; typed text wins.",
                                                         elem_id=f"subject-{i + 1}-region")
+                            canvas.change(_canvas_region, canvas, region, trigger_mode="always_last",
+                                          show_progress="hidden")
+                            canvases.append(canvas)
                             mask_note = gr.Markdown(elem_id=f"subject-{i + 1}-mask-note")
                             # open: an editor that receives its image while folded away never reports its strokes
                             with gr.Accordion("Replace the mask: draw over the subject or upload one", open=True,
@@ -174,7 +211,7 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                                 source.change(on_mask_inputs, [image, mask, drawn], [mask_view, mask_note],
                                               trigger_mode="always_last", show_progress="hidden")
                         groups.append(group)
-                        slot_inputs += [image, mask, drawn, name, scale, ref_scale, region]
+                        slot_inputs += [image, mask, drawn, name, scale, ref_scale, region, canvas]
                     with gr.Row():
                         add_btn = gr.Button("+ Add subject", size="sm", elem_id="add-subject")
                         remove_btn = gr.Button("- Remove last subject", size="sm", elem_id="remove-subject")
@@ -210,6 +247,18 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                                            info=SLIDER_HELP["height"])
                         num_images = gr.Slider(1, 4, value=1, step=1, label="Images", info=SLIDER_HELP["num_images"])
                     run_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+
+                    def _reshape(w, h, *values):
+                        """The region canvases follow the output's shape, their strokes scaled along."""
+                        return [region_canvas(w, h, v) for v in values]
+
+                    for size in (width, height):
+                        reshaped = size.change(_reshape, [width, height] + canvases, canvases,
+                                               trigger_mode="always_last", show_progress="hidden")
+                        for k in range(n_slots):
+                            reshaped = reshaped.then(None, None, None, js=SELECT_BRUSH_JS % f"subject-{k + 1}-region-canvas")
+                    for k in range(n_slots):  # drawing works straight away, as on the mask editor
+                        demo.load(None, None, None, js=SELECT_BRUSH_JS % f"subject-{k + 1}-region-canvas")
                 with gr.Column(scale=2):
                     run_progress = gr.HTML(elem_id="run-progress")
                     gallery = gr.Gallery(label="Output", columns=2, object_fit="contain", format="png",
@@ -224,10 +273,10 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
             def on_generate(c, prompt_text, negative_text, seed_v, steps_v, guidance_v, width_v, height_v, num_v,
                             *slot_values):
                 """A generator: the stage and this run's ETA stream into #run-progress while the model runs."""
-                slots = logic.slots_from_values(slot_values)[: int(c or 1)]
+                slots = generate_tab.slots_from_values(slot_values)[: int(c or 1)]
 
                 def work(tracker):
-                    return logic.run_generation(
+                    return generate_tab.run_generation(
                         handle, StagedSegmenter(segmenter, tracker), slots, prompt_text, negative_text, seed_v, steps_v,
                         guidance_v, width_v, height_v, num_v, progress=tracker.step,
                         out_dir=tempfile.mkdtemp(dir=out_root))
@@ -239,9 +288,10 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                             yield [gr.skip()] * 6 + [item.html()]
                         else:
                             result = item[1]
-                except USER_ERRORS as e:
-                    yield _refuse(e, 6) + ['<div class="anystory-progress" data-stage="stopped">Stopped: nothing '
-                                           "was generated; earlier results are kept.</div>"]
+                except Exception as e:  # the user's mistake or advice, else a bug: both keep earlier results
+                    told = _refuse(e, 6) if isinstance(e, USER_ERRORS) else _report_bug(e, 6)
+                    yield told + ['<div class="anystory-progress" data-stage="stopped">Stopped: nothing was '
+                                  "generated; earlier results are kept.</div>"]
                     return
                 shown = []
                 for b, image in enumerate(result.images):
@@ -255,7 +305,7 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
             run_btn.click(on_generate, [count, prompt, negative, seed, steps, guidance, width, height, num_images]
                           + slot_inputs, [gallery, info, routing, legend, files, matting_status, run_progress],
                           show_progress="hidden")
-            fields = len(logic.SLOT_FIELDS)
+            fields = len(generate_tab.SLOT_FIELDS)
             ex_images = [slot_inputs[k * fields] for k in range(n_slots)]
             gr.Examples(
                 examples=[row[: 2 + n_slots] + row[6:] for row in EXAMPLES if row[0] <= n_slots],
@@ -269,17 +319,19 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                         "*characters* empty to use those named in its prompt. One seed for the whole story keeps the "
                         "characters consistent.")
             char_inputs = []
-            for row in range(0, logic.STORY_SLOTS, 3):
+            for row in range(0, storyboard_tab.STORY_SLOTS, 3):
                 with gr.Row():
-                    for i in range(row, min(row + 3, logic.STORY_SLOTS)):
+                    for i in range(row, min(row + 3, storyboard_tab.STORY_SLOTS)):
                         with gr.Column(min_width=200):
                             alias = gr.Textbox(label=f"Character {i + 1}: alias", elem_id=f"char-{i + 1}-alias")
                             desc = gr.Textbox(label="Description", placeholder="e.g. a ginger cat")
                             ref = UploadImage(label="Reference", type="filepath", image_mode=None,
                                               sources=["upload", "clipboard"], height=160, elem_id=f"char-{i + 1}-ref")
                             char_inputs += [alias, desc, ref]
-            shots = gr.Dataframe(headers=["prompt", "characters"], datatype=["str", "str"], column_count=2,
-                                 row_count=3, label="Shots (characters: comma-separated aliases, optional)",
+            shots = gr.Dataframe(headers=list(storyboard_tab.SHOT_COLUMNS), datatype=["str", "str", "str"],
+                                 column_count=len(storyboard_tab.SHOT_COLUMNS), row_count=3,
+                                 label="Shots (characters: comma-separated aliases, optional; regions: optional, "
+                                       "'alias: x0, y0, x1, y1' in fractions of the frame, ';' between characters)",
                                  interactive=True, elem_id="shots")
             with gr.Row():
                 story_title = gr.Textbox(label="Title")
@@ -306,7 +358,7 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                     return [gr.update()] * (len(char_inputs) + 5)
                 try:
                     script, missing = import_script(path, tempfile.mkdtemp(dir=out_root))
-                    values, rows = logic.ui_from_script(script)
+                    values, rows = storyboard_tab.ui_from_script(script)
                 except USER_ERRORS as e:
                     return _refuse(e, len(char_inputs) + 5, "Import failed")
                 note = f"Imported '{script.title or os.path.basename(path)}': {len(script.characters)} characters, " \
@@ -327,8 +379,8 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
 
             def on_export(title, rows, seed_v, steps_v, *values):
                 try:
-                    script = logic.script_from_ui(values, rows, title, _settings(seed_v, steps_v))
-                    return logic.export_script_files(script, tempfile.mkdtemp(dir=out_root))
+                    script = storyboard_tab.script_from_ui(values, rows, title, _settings(seed_v, steps_v))
+                    return storyboard_tab.export_script_files(script, tempfile.mkdtemp(dir=out_root))
                 except USER_ERRORS as e:
                     return _refuse(e, 1, "Cannot export")
 
@@ -339,7 +391,7 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                 """A generator: frames appear as they are made, the stage and ETA stream into #story-progress."""
                 shown, routes, legend_text = [], [], ""
                 try:
-                    script = logic.script_from_ui(values, rows, title, _settings(seed_v, steps_v))
+                    script = storyboard_tab.script_from_ui(values, rows, title, _settings(seed_v, steps_v))
                 except USER_ERRORS as e:
                     yield _refuse(e, 5)
                     return
@@ -347,7 +399,7 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
 
                 def work(tracker):
                     tracker.label = f"frame 1/{len(script.shots)}"
-                    for frame in logic.storyboard_frames(
+                    for frame in storyboard_run.storyboard_frames(
                             handle, StagedSegmenter(segmenter, tracker), script, seed_v, steps_v,
                             progress=tracker.step, out_dir=tempfile.mkdtemp(dir=out_root)):
                         made.append(frame)
@@ -360,7 +412,7 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                         shown.extend(_shown([frame.output.images[0]], [frame.caption]))
                         overlays = frame.output.overlays
                         routes.extend(_shown(overlays, [f"shot {frame.index + 1}"] * len(overlays)))
-                        legend_text = logic.story_legend(script)
+                        legend_text = storyboard_run.story_legend(script)
                     return f"{len(shown)} of {len(script.shots)} frames, seed {made[-1].seed}." if made else gr.skip()
 
                 try:
@@ -370,13 +422,14 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
                             yield shown, routes, new_frames(), legend_text, status
                         else:
                             yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), status
-                except USER_ERRORS as e:
+                except Exception as e:  # the user's mistake or advice, else a bug: both keep the frames made
                     new_frames()
+                    told = _refuse(e, 4) if isinstance(e, USER_ERRORS) else _report_bug(e, 4)
                     stopped = '<div class="anystory-progress" data-stage="stopped">Stopped.</div>'
-                    if shown:  # keep the frames already made
+                    if shown:
                         yield shown, routes, f"Stopped after {len(shown)} frame(s): {e}", legend_text, stopped
                         return
-                    yield _refuse(e, 4) + [stopped]
+                    yield told + [stopped]
 
             story_btn.click(on_storyboard, [story_title, shots, story_seed, story_steps] + char_inputs,
                             [frames, frame_routes, story_status, story_legend, story_progress], show_progress="hidden")
@@ -390,7 +443,7 @@ def build_demo(handle: logic.ModelHandle, segmenter: LazyBiRefNetSegmenter, out_
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="AnyStory demo (Gradio)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=os.environ.get("ANYSTORY_MODEL", "auto"), choices=("auto",) + logic.KINDS,
+    p.add_argument("--model", default=os.environ.get("ANYSTORY_MODEL", "auto"), choices=("auto",) + KINDS,
                    help="auto: FLUX if a big enough GPU and its weights are reachable, else SDXL AnyStory if its "
                         "weights are configured, else the miniature. tiny: untrained test pipeline")
     p.add_argument("--sdxl-weights", default=None, help="AnyStory SDXL weights folder (or ANYSTORY_SDXL_WEIGHTS)")
@@ -409,11 +462,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    env = logic.probe_environment(args.sdxl_weights, args.sdxl_base, args.flux_weights)
+    env = probe_environment(args.sdxl_weights, args.sdxl_base, args.flux_weights)
     env.flux_vram = args.vram
     try:
-        handle = logic.load_model(env, args.model)
-    except (logic.NoModelError, ValueError) as e:
+        handle = load_model(env, args.model)
+    except (NoModelError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.offload and handle.device == "cuda" and hasattr(handle.pipe, "enable_model_cpu_offload"):

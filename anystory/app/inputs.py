@@ -17,7 +17,7 @@ from PIL import Image
 
 from ..errors import InvalidInputError
 from ..images import read_image, read_mask_image
-from ..regions import parse_region_text
+from ..regions import Box, check_region, parse_region_text
 from ..subjects import Segmenter, Subject, prepare_subjects
 
 MAX_UPLOAD_MB = 10
@@ -102,17 +102,23 @@ def _too_many_pixels(what: str, w: int, h: int) -> str:
     return f"{what}: the image is {w}x{h} pixels; the limit is {side}x{side} ({MAX_IMAGE_PIXELS / 1e6:.1f} MP). Resize it."
 
 
+def editor_layers(value: Optional[dict]) -> List[Image.Image]:
+    """The RGBA layers of an image editor's value (what the user painted), in order; none for an empty editor."""
+    if not value:
+        return []
+    return [(layer if isinstance(layer, Image.Image) else Image.fromarray(np.asarray(layer))).convert("RGBA")
+            for layer in value.get("layers") or [] if layer is not None]
+
+
+def editor_strokes(value: Optional[dict]) -> List[Tuple[Tuple[int, int], np.ndarray]]:
+    """(size, painted-pixel mask) of every editor layer that holds a stroke."""
+    strokes = [(layer.size, np.asarray(layer)[..., 3] > 0) for layer in editor_layers(value)]
+    return [(size, alpha) for size, alpha in strokes if alpha.any()]
+
+
 def drawn_mask(editor_value: Optional[dict], image_size: Tuple[int, int], what: str) -> Optional[np.ndarray]:
     """The mask a user painted in the image editor (any layer's strokes), or None when nothing was painted."""
-    if not editor_value:
-        return None
-    layers = [layer for layer in (editor_value.get("layers") or []) if layer is not None]
-    strokes = []
-    for layer in layers:
-        layer = layer if isinstance(layer, Image.Image) else Image.fromarray(np.asarray(layer))
-        alpha = np.asarray(layer.convert("RGBA"))[..., 3] > 0
-        if alpha.any():
-            strokes.append((layer.size, alpha))
+    strokes = editor_strokes(editor_value)
     if not strokes:
         return None
     sizes = {s for s, _ in strokes}
@@ -121,6 +127,33 @@ def drawn_mask(editor_value: Optional[dict], image_size: Tuple[int, int], what: 
         raise InputError(f"{what}: the drawn mask is {w}x{h} but the image is {iw}x{ih}; "
                          "draw over the subject image itself (it is loaded into the editor) or upload a mask.")
     return np.logical_or.reduce([a for _, a in strokes])
+
+
+def drawn_region(editor_value: Optional[dict], label: str) -> Optional[Box]:
+    """The box around every stroke on a region canvas (``anystory/app/region_canvas.py``), in fractions of the
+    canvas, which has the output's shape; None when nothing is drawn."""
+    strokes = editor_strokes(editor_value)
+    if not strokes:
+        return None
+    w, h = strokes[0][0]
+    if any(size != (w, h) for size, _ in strokes):
+        raise InputError(f"{label}: the region canvas's layers differ in size; clear the canvas and draw again.")
+    painted = np.logical_or.reduce([a for _, a in strokes])
+    rows, cols = np.flatnonzero(painted.any(axis=1)), np.flatnonzero(painted.any(axis=0))
+    box = (cols[0] / w, rows[0] / h, (cols[-1] + 1) / w, (rows[-1] + 1) / h)
+    return check_region(tuple(round(float(v), 3) for v in box), label)
+
+
+def slot_region(slot: "SubjectSlot", label: str) -> Optional[Box]:
+    """A slot's region: the typed box when the field is filled (the precise form), else the drawn one."""
+    try:
+        if slot.region is not None and str(slot.region).strip():
+            return parse_region_text(slot.region, label)
+        return drawn_region(slot.region_drawn, label)
+    except InputError:
+        raise
+    except InvalidInputError as e:
+        raise InputError(str(e)) from None
 
 
 @dataclass
@@ -134,6 +167,7 @@ class SubjectSlot:
     scale: float = 1.0
     reference_scale: float = 1.0
     region: Optional[str] = None  # "x0, y0, x1, y1" in fractions of the output (anystory/regions.py), blank = anywhere
+    region_drawn: Optional[dict] = None  # the region canvas's editor value; used when ``region`` is blank
 
     def is_empty(self) -> bool:
         return self.image is None and self.mask is None and not (self.drawn and self.drawn.get("layers"))
@@ -167,10 +201,7 @@ def collect_subjects(slots: Sequence[SubjectSlot], max_subjects: int, segmenter:
             if mask is None:
                 mask = np.asarray(segmenter(image), dtype=bool)
                 source = f"automatic ({getattr(segmenter, 'last_source', None) or segmenter.name})"
-        try:
-            region = parse_region_text(slot.region, label)
-        except InvalidInputError as e:
-            raise InputError(str(e)) from None
+        region = slot_region(slot, label)
         subject = Subject(image=image, mask=mask, name=slot.name.strip() if slot.name else f"subject {i + 1}",
                           scale=slot.scale, reference_scale=slot.reference_scale, region=region)
         try:  # the shared checks (mask size and content, scales), relabelled with the UI's 1-based numbering

@@ -34,7 +34,7 @@ import os
 import re
 import zipfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 from PIL import Image
 
@@ -399,34 +399,42 @@ def shot_subjects(script: Script, index: int, subjects: Dict[str, Subject]) -> L
 
 
 @dataclass
+class ShotPlan:
+    """One shot ready to render: its prompt with descriptions in, its cast and their subjects (with the shot's
+    regions), its seed (the shot's own, else the story's) and negative prompt (the shot's, else the settings')."""
+
+    index: int
+    prompt: str
+    cast: List[str]
+    subjects: List[Subject]
+    seed: Any
+    negative_prompt: str
+
+
+def plan_shots(script: Script, subjects: Dict[str, Subject], seed: Any,
+               max_subjects: Optional[int] = None) -> List[ShotPlan]:
+    """Every shot planned, and its structure checked (cast, characters with references, cast size), before the
+    first frame is made. ``subjects`` maps alias -> that character's Subject; ``seed`` is the story's seed."""
+    plans = []
+    default_negative = str(script.settings.get("negative_prompt") or "")
+    for i, shot in enumerate(script.shots):
+        cast = shot_cast(script, i)
+        if max_subjects is not None and len(cast) > max_subjects:
+            raise ScriptError(f"shot {i + 1}: {len(cast)} characters act, the model takes at most {max_subjects}")
+        plans.append(ShotPlan(i, shot_prompt(script, i), cast, shot_subjects(script, i, subjects),
+                              seed if shot.seed is None else shot.seed, shot.negative_prompt or default_negative))
+    return plans
+
+
+@dataclass
 class Frame:
     index: int
     prompt: str
     cast: List[str]
     seed: int
-    output: Any  # whatever ``run_shot`` returned (app: an app_logic.Result)
+    output: Any  # the app's generation.Result
 
     @property
     def caption(self) -> str:
         who = ", ".join(self.cast) if self.cast else "no characters"
         return f"Shot {self.index + 1} ({who}): {self.prompt}"
-
-
-def render_storyboard(script: Script, subjects: Dict[str, Subject], seed: int,
-                      run_shot: Callable[[str, List[Subject], int, str], Any],
-                      max_subjects: Optional[int] = None) -> Iterator[Frame]:
-    """Yield one :class:`Frame` per shot, in order. Everything is checked before the first frame is made.
-
-    ``seed`` is the story's seed (a shot's own ``seed`` wins); ``run_shot(prompt, subjects, seed, negative)``
-    makes the frame. Frames are yielded as they finish, so a failure in shot k keeps shots 1..k-1.
-    """
-    plans = []
-    for i, shot in enumerate(script.shots):
-        cast = shot_cast(script, i)
-        if max_subjects is not None and len(cast) > max_subjects:
-            raise ScriptError(f"shot {i + 1}: {len(cast)} characters act, the model takes at most {max_subjects}")
-        negative = shot.negative_prompt or str(script.settings.get("negative_prompt") or "")
-        plans.append((i, shot_prompt(script, i), cast, shot_subjects(script, i, subjects),
-                      seed if shot.seed is None else shot.seed, negative))
-    for i, prompt, cast, subs, shot_seed, negative in plans:
-        yield Frame(i, prompt, cast, shot_seed, run_shot(prompt, subs, shot_seed, negative))

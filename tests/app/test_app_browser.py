@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import app as demo_app
-from anystory.app.logic import miniature_status
+from anystory.app.environment import miniature_status
 from anystory.subjects import AlphaOrWholeImageSegmenter
 from anystory.app.visualize import PALETTE, cielab, dominant_color
 
@@ -142,20 +142,34 @@ def test_upload_two_subjects_generate_and_see_the_routing_overlay(page, app):
     sync_api.expect(page.locator("#output-gallery").get_by_text("Error", exact=True)).to_have_count(0)
 
 
-def test_storyboard_import_bundle_and_generate_three_frames(page, tmp_path_factory):
+def _import_example_bundle(page, tmp_path):
+    """On the Storyboard tab, import the example story as an exported .zip bundle (references inside)."""
     from anystory.app.storyboard import export_bundle, import_script
 
     script, missing = import_script(os.path.join(ROOT, "assets", "examples", "storyboard.yaml"), "/unused")
     assert missing == []
-    bundle = export_bundle(script, str(tmp_path_factory.mktemp("story") / "story.zip"))
+    bundle = export_bundle(script, str(tmp_path / "story.zip"))
     page.get_by_role("tab", name="Storyboard").click()
     page.locator("#import-script input[type=file]").set_input_files(bundle)
     sync_api.expect(page.locator("#story-status")).to_contain_text("2 characters, 3 shots", timeout=30_000)
+
+
+def _generate_one(page, image=STAR, prompt="a red striped star on sand"):
+    """One generation on the Generate tab of this page; returns the first output image's locator."""
+    page.locator("#subject-1-image input[type=file]").set_input_files(image)
+    page.locator("#prompt textarea").fill(prompt)
+    page.click("#generate")
+    output = page.locator("#output-gallery img").first
+    sync_api.expect(output).to_be_visible(timeout=240_000)
+    return output
+
+
+def test_storyboard_import_bundle_and_generate_three_frames(page, tmp_path):
+    _import_example_bundle(page, tmp_path)
     page.click("#generate-storyboard")
     sync_api.expect(page.locator("#story-status")).to_contain_text("3 of 3 frames, seed 7", timeout=240_000)
     assert page.locator("#story-frames img").count() == 3
     page.screenshot(path=os.path.join(OUT, "app_browser_storyboard.png"), full_page=True)
-    page.get_by_role("tab", name="Generate").click()
 
 
 def test_add_and_remove_subject_slots(page):
@@ -167,17 +181,11 @@ def test_add_and_remove_subject_slots(page):
     sync_api.expect(third).to_be_hidden(timeout=10_000)
 
 
-def test_a_file_that_is_no_image_gets_a_message_and_earlier_results_stay(page, tmp_path_factory):
+def test_a_file_that_is_no_image_gets_a_message_and_earlier_results_stay(page, tmp_path):
     """A text file renamed .png, on both tabs: the app's message, no Error badge, the previous outputs kept."""
-    fake = tmp_path_factory.mktemp("bad") / "holiday.png"
+    fake = tmp_path / "holiday.png"
     fake.write_text("this is a text file, not a picture")
-    page.get_by_role("tab", name="Generate").click()
-    output = page.locator("#output-gallery img").first
-    if page.locator("#output-gallery img").count() == 0:  # run alone: make a result to keep
-        page.locator("#subject-1-image input[type=file]").set_input_files(STAR)
-        page.locator("#prompt textarea").fill("a red striped star on sand")
-        page.click("#generate")
-    sync_api.expect(output).to_be_visible(timeout=240_000)
+    output = _generate_one(page)  # a result to keep
     before = output.get_attribute("src")
 
     page.locator("#subject-1-image input[type=file]").set_input_files(str(fake))
@@ -192,14 +200,7 @@ def test_a_file_that_is_no_image_gets_a_message_and_earlier_results_stay(page, t
         sync_api.expect(page.locator(gallery).get_by_text("Error", exact=True)).to_have_count(0)
     page.screenshot(path=os.path.join(OUT, "app_browser_bad_file.png"), full_page=True)
 
-    page.get_by_role("tab", name="Storyboard").click()
-    if not page.locator("#char-1-alias textarea, #char-1-alias input").first.input_value():  # run alone
-        from anystory.app.storyboard import export_bundle, import_script
-
-        script, _ = import_script(os.path.join(ROOT, "assets", "examples", "storyboard.yaml"), "/unused")
-        bundle = export_bundle(script, str(tmp_path_factory.mktemp("story") / "story.zip"))
-        page.locator("#import-script input[type=file]").set_input_files(bundle)
-        sync_api.expect(page.locator("#story-status")).to_contain_text("2 characters, 3 shots", timeout=30_000)
+    _import_example_bundle(page, tmp_path)
     frames = page.locator("#story-frames img").count()
     page.locator("#char-1-ref input[type=file]").set_input_files(str(fake))
     page.wait_for_timeout(1000)
@@ -208,17 +209,12 @@ def test_a_file_that_is_no_image_gets_a_message_and_earlier_results_stay(page, t
     sync_api.expect(toast.first).to_be_visible(timeout=30_000)
     assert page.locator("#story-frames img").count() == frames
     sync_api.expect(page.locator("#story-frames").get_by_text("Error", exact=True)).to_have_count(0)
-    page.get_by_role("tab", name="Generate").click()
 
 
 def test_matting_status_stays_true_after_a_reload(page):
     """After a generation tried BiRefNet (absent: the hub is off), a reloaded page still says what was found."""
     status = page.locator("#matting-status")
-    if "unavailable" not in (status.text_content() or ""):  # run alone: one generation tries the matting
-        page.locator("#subject-1-image input[type=file]").set_input_files(CAT)
-        page.locator("#prompt textarea").fill("a cat on sand")
-        page.click("#generate")
-        sync_api.expect(page.locator("#output-gallery img").first).to_be_visible(timeout=240_000)
+    _generate_one(page, CAT, "a cat on sand")  # a photo without alpha: the matting is tried
     sync_api.expect(status).to_contain_text("unavailable", timeout=30_000)
     page.reload()
     page.wait_for_selector("#generate", timeout=60_000)
@@ -349,3 +345,24 @@ def test_one_click_story_example_renders_captioned_frames(page):
         sync_api.expect(caption).to_contain_text(f"Shot {k + 1}")
         sync_api.expect(caption).to_contain_text(shot)
     page.screenshot(path=os.path.join(OUT, "app_browser_story_example.png"), full_page=True)
+
+
+def test_a_box_drawn_on_the_region_canvas_fills_the_region_field(page):
+    """Issue 18: each subject's region drawn on a canvas of the output's shape; the drawing's box is the region."""
+    canvas = page.locator("#subject-1-region-canvas canvas").first
+    sync_api.expect(canvas).to_be_visible(timeout=30_000)
+    sync_api.expect(page.locator("#subject-1-region-canvas button[aria-label=Brush]")).to_have_class(
+        re.compile("highlight"), timeout=10_000)
+    page.wait_for_timeout(500)
+    box = canvas.bounding_box()
+    x0, y0 = box["x"] + 0.1 * box["width"], box["y"] + 0.2 * box["height"]
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    for k in range(1, 21):  # a diagonal stroke over the left half
+        page.mouse.move(x0 + k * 0.02 * box["width"], y0 + k * 0.03 * box["height"])
+    page.mouse.up()
+    field = page.locator("#subject-1-region textarea, #subject-1-region input").first
+    sync_api.expect(field).to_have_value(re.compile(r"^[\d.]+, [\d.]+, [\d.]+, [\d.]+$"), timeout=30_000)
+    x_0, y_0, x_1, y_1 = (float(v) for v in field.input_value().split(","))
+    assert 0.03 < x_0 < 0.2 and 0.1 < y_0 < 0.3 and 0.4 < x_1 < 0.6 and 0.7 < y_1 < 0.9, field.input_value()
+    page.screenshot(path=os.path.join(OUT, "app_browser_region.png"), full_page=False)

@@ -6,9 +6,10 @@ from PIL import Image
 
 from anystory.app import inputs
 from anystory.app.inputs import InputError, SubjectSlot, check_prompt, collect_subjects, load_image_file, resolve_seed
-from anystory.app.logic import (FLUX_MIN_GIB, Environment, GenerationError, ModelHandle, NoModelError, WeightsStatus,
-                                hub_file_status, is_out_of_memory, load_model, plan_models, probe_environment,
-                                run_generation)
+from anystory.app.environment import FLUX_MIN_GIB, Environment, WeightsStatus, hub_file_status, probe_environment
+from anystory.app.generate_tab import run_generation
+from anystory.app.generation import GenerationError, is_out_of_memory
+from anystory.app.models import Defaults, ModelHandle, NoModelError, load_model, plan_models
 from anystory.matting import BiRefNetSegmenter, LazyBiRefNetSegmenter
 from anystory.subjects import AlphaOrWholeImageSegmenter
 
@@ -153,8 +154,6 @@ def test_random_seed_is_shown_and_reproduces(handle, seg):
 
 def test_flux_pipeline_through_the_app(seg):
     tiny_flux = pytest.importorskip("anystory.flux.tiny_flux")
-    from anystory.app.logic import Defaults
-
     pipe = tiny_flux.tiny_anystory_flux_pipeline(0, True)
     flux = ModelHandle("flux", pipe, "cpu", "test", defaults=Defaults(3, 3.5, 32, 32, 64, 16))
     r = run_generation(flux, seg, [SubjectSlot(STAR, name="star"), SubjectSlot(CAT, name="cat")], "a star and a cat",
@@ -193,7 +192,7 @@ def test_unsupported_or_broken_files(handle, seg, tmp_path, name, content, messa
 
 def test_oversized_file_and_too_many_pixels(handle, seg, tmp_path):
     big = tmp_path / "big.png"
-    big.write_bytes(b"\x89PNG" + b"\0" * (app_inputs.MAX_UPLOAD_BYTES + 1))
+    big.write_bytes(b"\x89PNG" + b"\0" * (inputs.MAX_UPLOAD_BYTES + 1))
     with pytest.raises(InputError, match=r"Subject 1 image: the file is 10\.0 MB; the limit is 10 MB"):
         run_generation(handle, seg, [SubjectSlot(str(big))], "a cat")
     huge = _png(tmp_path / "huge.png", size=(5000, 4000), mode="1")  # small file, 20 MP
@@ -379,3 +378,24 @@ def test_hub_probe_counts_any_http_answer_as_reachable(monkeypatch):
         httpd.shutdown()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert hub_reachable() is False
+
+
+# ---- errors keep their kind ---------------------------------------------------------------------------------------
+def test_a_bug_in_the_pipeline_is_not_reported_as_an_input_error(handle, seg, monkeypatch):
+    """Only InvalidInputError is the user's problem; a ValueError from the model's code is a bug and stays one."""
+    from anystory.errors import InvalidInputError
+
+    def broken(*args, **kwargs):
+        raise ValueError("operands could not be broadcast together")
+
+    monkeypatch.setattr(handle.pipe.unet, "forward", broken)
+    with pytest.raises(ValueError, match="could not be broadcast") as e:
+        run_generation(handle, seg, [SubjectSlot(STAR)], "a star", steps=2)
+    assert not isinstance(e.value, InvalidInputError)
+
+    def refused(*args, **kwargs):
+        raise InvalidInputError("subject 0: mask is empty")
+
+    monkeypatch.setattr(handle.pipe.unet, "forward", refused)
+    with pytest.raises(InvalidInputError, match="mask is empty"):
+        run_generation(handle, seg, [SubjectSlot(STAR)], "a star", steps=2)

@@ -9,11 +9,13 @@ import pytest
 from PIL import Image
 
 from anystory.app.inputs import InputError
-from anystory.app.logic import (Environment, export_script_files, load_model, script_from_ui, story_colors,
-                                storyboard_frames, ui_from_script)
-from anystory.matting import LazyBiRefNetSegmenter
+from anystory.app.environment import Environment
+from anystory.app.models import load_model
 from anystory.app.storyboard import (ScriptError, dump_script, export_bundle, import_bundle, import_script, parse_script,
-                                 render_storyboard, shot_cast, shot_prompt)
+                                     plan_shots, shot_cast, shot_prompt)
+from anystory.app.storyboard_run import story_colors, storyboard_frames
+from anystory.app.storyboard_tab import export_script_files, script_from_ui, ui_from_script
+from anystory.matting import LazyBiRefNetSegmenter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLE = os.path.join(ROOT, "assets", "examples", "storyboard.yaml")
@@ -116,10 +118,11 @@ def test_missing_reference_is_reported_on_import(tmp_path):
 
 def test_ui_round_trip_and_export(tmp_path):
     values = ["star", "a red striped star", STAR, "moon", "a blue dotted moon", MOON] + ["", "", None] * 4
-    rows = [["{star} and {moon} on sand", ""], ["{moon} alone", "moon"], ["", ""]]
+    rows = [["{star} and {moon} on sand", "", ""], ["{moon} alone", "moon", "moon: 0.5, 0, 1, 1"], ["", "", ""]]
     script = script_from_ui(values, rows, "T", {"seed": 4})
     assert [s.characters for s in script.shots] == [None, ["moon"]] and script.settings == {"seed": 4}
-    assert ui_from_script(script) == (values, [rows[0], ["{moon} alone", "moon"]])
+    assert [s.regions for s in script.shots] == [{}, {"moon": (0.5, 0.0, 1.0, 1.0)}]
+    assert ui_from_script(script) == (values, rows[:2])
     paths = export_script_files(script, str(tmp_path))
     assert [os.path.basename(p) for p in paths] == ["storyboard.yaml", "storyboard.json", "storyboard.zip"]
     assert json.load(open(paths[1]))["characters"][0]["reference"] == "references/star.png"
@@ -127,6 +130,12 @@ def test_ui_round_trip_and_export(tmp_path):
         script_from_ui(["star", "", STAR, "", "a moon", MOON], rows[:1])
     with pytest.raises(InputError, match="shot 1: unknown character 'moon'"):
         script_from_ui(["star", "", STAR], rows[:1])
+    for regions, message in (("moon 0, 0, 1, 1", "must read 'alias: x0, y0, x1, y1'"),
+                             ("moon: left half", "region of 'moon' must be four numbers"),
+                             ("moon: 0, 0, 512, 512", "looks like pixels"),
+                             ("star: 0, 0, 1, 1", "region is given for 'star', who does not act in it")):
+        with pytest.raises(InputError, match=message):
+            script_from_ui(values, [["{moon} alone", "moon", regions]])
 
 
 # ---- frames with the tiny pipeline ------------------------------------------------------------------------------
@@ -184,21 +193,41 @@ def test_storyboard_checks_everything_before_the_first_frame(handle):
         next(storyboard_frames(handle, LazyBiRefNetSegmenter(), script))
 
 
-def test_a_failing_shot_keeps_the_frames_before_it():
+def test_the_settings_negative_prompt_and_every_shot_seed_are_checked_before_the_first_frame(handle, monkeypatch):
+    """One rule set for the whole story: the settings' negative prompt (used by shots without their own) and each
+    shot's seed are checked by the Generate tab's own check before any frame is made."""
     script = parse_script(json.dumps(SCRIPT))
-    subjects = {"star": object(), "moon": object()}
-    made = []
+    script.characters[0].reference, script.characters[1].reference = STAR, MOON
+    calls = record_calls(monkeypatch, handle.pipe)
+    script.settings["negative_prompt"] = " ".join(["a very long negative prompt"] * 30)
+    with pytest.raises(InputError, match="Negative prompt is too long"):
+        next(storyboard_frames(handle, LazyBiRefNetSegmenter(), script))
+    script.settings["negative_prompt"] = "blurry"
+    script.shots[2].seed = 2**40
+    with pytest.raises(InputError, match="Seed must be -1"):
+        next(storyboard_frames(handle, LazyBiRefNetSegmenter(), script))
+    assert calls == []
+    script.shots[2].seed = None
+    plans = plan_shots(script, {"star": object(), "moon": object()}, 3)
+    assert [p.negative_prompt for p in plans] == ["blurry"] * 3 and [p.seed for p in plans] == [3, 3, 3]
 
-    def run_shot(prompt, subs, seed, negative):
-        if len(made) == 2:
+
+def test_a_failing_shot_keeps_the_frames_before_it(handle, monkeypatch):
+    script = parse_script(json.dumps(SCRIPT))
+    script.characters[0].reference, script.characters[1].reference = STAR, MOON
+    calls = record_calls(monkeypatch, handle.pipe)
+    recording = type(handle.pipe).__call__
+
+    def third_fails(self, *args, **kwargs):
+        if len(calls) == 2:
             raise RuntimeError("shot 3 failed")
-        made.append(prompt)
-        return prompt
+        return recording(self, *args, **kwargs)
 
-    frames = render_storyboard(script, subjects, 1, run_shot)
+    monkeypatch.setattr(type(handle.pipe), "__call__", third_fails)
+    frames = storyboard_frames(handle, LazyBiRefNetSegmenter(), script)
     got = [next(frames), next(frames)]
-    with pytest.raises(RuntimeError, match="shot 3 failed"):
+    with pytest.raises(RuntimeError, match="shot 3 failed"):  # a bug stays a bug: not turned into an input error
         next(frames)
-    assert [f.output for f in got] == made and len(made) == 2
+    assert [f.index for f in got] == [0, 1] and len(calls) == 2
     with pytest.raises(ScriptError, match="shot 1: 2 characters act, the model takes at most 1"):
-        list(render_storyboard(script, subjects, 1, run_shot, max_subjects=1))
+        plan_shots(script, {"star": object(), "moon": object()}, 1, max_subjects=1)

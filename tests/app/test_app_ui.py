@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 import app
-from anystory.app.logic import Environment, load_model
+from anystory.app.environment import Environment
+from anystory.app.models import load_model
 from anystory.matting import LazyBiRefNetSegmenter
 
 

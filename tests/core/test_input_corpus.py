@@ -12,7 +12,11 @@ from PIL import Image
 
 from anystory import Subject, prepare_subjects
 from anystory.app.inputs import InputError, SubjectSlot, collect_subjects
-from anystory.app.logic import Environment, load_model, run_generation, script_from_ui, storyboard_frames
+from anystory.app.environment import Environment
+from anystory.app.generate_tab import run_generation
+from anystory.app.models import load_model
+from anystory.app.storyboard_run import storyboard_frames
+from anystory.app.storyboard_tab import script_from_ui
 from anystory.subjects import AlphaOrWholeImageSegmenter
 
 EXIF_ORIENTATION = 0x0112
@@ -240,7 +244,7 @@ ERROR_ROWS = [r for r in SUBJECT_ROWS if r[2] == "error"]
 
 @pytest.fixture(scope="module")
 def sdxl():
-    from anystory.app.logic import build_tiny_pipeline
+    from anystory.app.models import build_tiny_pipeline
 
     pipe = build_tiny_pipeline()
     pipe.set_progress_bar_config(disable=True)

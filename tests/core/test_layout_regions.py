@@ -169,12 +169,13 @@ def test_app_region_field(tmp_path):
     """The app's per-subject region field: "x0, y0, x1, y1" in fractions reaches the Subject; a blank field is no
     region; pixel numbers or words are refused by the UI's error naming the subject."""
     from anystory.app.inputs import InputError, SubjectSlot, collect_subjects
-    from anystory.app.logic import SLOT_FIELDS, slots_from_values
+    from anystory.app.generate_tab import SLOT_FIELDS, slots_from_values
     from anystory.subjects import AlphaOrWholeImageSegmenter
 
     path = tmp_path / "s.png"
     Image.fromarray(noise_image(1)).save(path)
-    values = [str(path), None, None, "cat", 1.0, 1.0, "0, 0, 0.5, 1", str(path), None, None, "dog", 1.0, 1.0, " "]
+    values = [str(path), None, None, "cat", 1.0, 1.0, "0, 0, 0.5, 1", None,
+              str(path), None, None, "dog", 1.0, 1.0, " ", None]
     assert len(values) == 2 * len(SLOT_FIELDS)
     subs, _ = collect_subjects(slots_from_values(values), 4, AlphaOrWholeImageSegmenter())
     assert subs[0].region == (0.0, 0.0, 0.5, 1.0) and subs[1].region is None

@@ -36,14 +36,15 @@ def test_every_hub_id_is_a_string_literal_in_one_module_only():
 
 @pytest.mark.parametrize("var", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
 def test_one_offline_check_reads_both_variables(monkeypatch, var):
-    from anystory.app import logic, matting
+    from anystory import matting
+    from anystory.app import environment
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
     assert not hub.hub_offline()
     monkeypatch.setenv(var, "1")
     assert hub.hub_offline()
-    assert matting.hub_offline is hub.hub_offline and app_logic.hub_offline is hub.hub_offline
+    assert matting.hub_offline is hub.hub_offline and environment.hub_offline is hub.hub_offline
     assert not matting.hub_reachable()  # no probe when the user switched the hub off
 
 
@@ -59,14 +60,15 @@ def _record(calls):
 
 
 def test_the_app_the_cli_and_eval_load_flux_through_the_loading_module(monkeypatch):
-    from anystory.app import logic, generate
+    from anystory import generate
+    from anystory.app import environment, models
     from eval import methods
 
     calls = []
     monkeypatch.setattr(loading, "load_flux_release", _record(calls))
     monkeypatch.delenv("ANYSTORY_FLUX_WEIGHTS", raising=False)
     with pytest.raises(Reached):
-        app_logic.LOADERS["flux"](app_logic.Environment(cuda=True, gpu_memory_gib=80.0))
+        models.LOADERS["flux"](environment.Environment(cuda=True, gpu_memory_gib=80.0))
     args = argparse.Namespace(vram="auto", device="cpu", quantization=None, offload=None, flux_weights="w.bin")
     with pytest.raises(Reached):
         generate.load_flux(args)
@@ -77,13 +79,13 @@ def test_the_app_the_cli_and_eval_load_flux_through_the_loading_module(monkeypat
 
 
 def test_the_app_and_eval_load_sdxl_through_the_loading_module(monkeypatch, tmp_path):
-    from anystory.app import logic
+    from anystory.app import environment, models
     from eval import methods
 
     calls = []
     monkeypatch.setattr(loading, "load_sdxl_anystory", _record(calls))
     with pytest.raises(Reached):
-        app_logic.LOADERS["sdxl"](app_logic.Environment(sdxl_weights="weights", sdxl_base="base"))
+        models.LOADERS["sdxl"](environment.Environment(sdxl_weights="weights", sdxl_base="base"))
     with pytest.raises(Reached):
         methods._load_sdxl("weights2", None, "cpu")
     assert [c[0][:2] for c in calls] == [("weights", "base"), ("weights2", None)]
