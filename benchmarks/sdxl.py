@@ -89,7 +89,7 @@ def run(shape: str = "tiny", device: str = "cpu", steps: int = 4, repeats: int =
     bare.set_progress_bar_config(disable=True)
     rng = np.random.RandomState(0)
     images = [rng.randint(0, 255, (256, 256, 3)).astype(np.uint8) for _ in range(4)]
-    counter = CallCounter(pipe.anystory.sdxl.reference_net)
+    counter = CallCounter(pipe.anystory.reference_net)
 
     def config(n):
         target, extra = (bare, {}) if n is None else (pipe, {"subjects": [Subject(im) for im in images[:n]]})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import List, Optional, Union
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -68,6 +68,7 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
             for name, latent_dim, cdim, inner in cross_attention_layers
         })
         self.state = AnyStoryState(gumbel_tau=gumbel_tau)
+        self._processors: List[Union[AnyStorySelfAttnProcessor, AnyStoryCrossAttnProcessor]] = []
         self.eval()  # inference (hard routing) unless a trainer calls .train()
 
     def to(self, *args, **kwargs):
@@ -105,17 +106,18 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
         missing = names - {p[: -len(".processor")] for p in processors}
         if missing:
             raise ValueError(f"AnyStory adapter expects cross-attention layers the UNet lacks: {sorted(missing)[:5]}")
+        self._processors = list(processors.values())  # before set_attn_processor, which empties the dict
         unet.set_attn_processor(processors)
 
     def reset_state(self, **values) -> AnyStoryState:
-        """Start a new call: clear everything the previous one left, then set ``values``."""
-        self.state.__init__(gumbel_tau=self.config.gumbel_tau, background_bias=self.config.routing_background_bias)
-        for k, v in values.items():
-            setattr(self.state, k, v)
-        self.state.training = self.training
-        if self.state.forced_maps is not None:
-            forced = self.state.forced_maps
-            self.state.prev_map = forced if forced.ndim == 4 else forced[None]  # forced routing holds from the first layer
+        """Start a new call: a fresh :class:`AnyStoryState` built from ``values`` (its constructor's arguments; a
+        name it lacks is a ``TypeError``), handed to every processor. Nothing of the previous call's state remains
+        (a trainer's backward pass may still re-run layers with that one: it is left as it was)."""
+        values.setdefault("gumbel_tau", self.config.gumbel_tau)
+        values.setdefault("background_bias", self.config.routing_background_bias)
+        self.state = AnyStoryState(training=self.training, **values)
+        for processor in self._processors:
+            processor.state = self.state
         return self.state
 
     def save_anystory(self, directory: str) -> None:

@@ -22,8 +22,8 @@ When routing acts (the guarantees, tested in ``tests/sdxl/test_routing_confineme
 * ``routing_regions`` (``[N, H, W]`` or ``[Bc, N, H, W]``, 1 = allowed) restricts where the router may send
   each subject (its logit is ``-inf`` elsewhere); the carried-over maps above inherit the restriction.
 
-Both processors are plain callables holding a reference to one shared :class:`AnyStoryState`, which the pipeline
-(or a trainer) fills once per call. With no subjects they run diffusers' ``AttnProcessor2_0`` unchanged, which is
+Both processors are plain callables reading one :class:`AnyStoryState`, which the adapter builds for each call
+(from the pipeline's or a trainer's inputs) and hands to all of them. With no subjects they run diffusers' ``AttnProcessor2_0`` unchanged, which is
 why zero subjects reproduce ``StableDiffusionXLPipeline`` exactly.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
 from ..routing import exclusive_labels, sparse_pays
@@ -43,7 +43,10 @@ from .router import RouterLayer, routing_maps
 
 @dataclass
 class AnyStoryState:
-    """Per-call conditioning shared by all processors. Tensors have batch 1 (shared) or the conditional batch."""
+    """One call's conditioning, built once per call (:meth:`AnyStorySDXLAdapter.reset_state`) and handed to every
+    processor. The constructor's arguments are the call's inputs; the fields after them (not constructor
+    arguments) are what the processors write while the UNet runs. Tensors have batch 1 (shared) or the
+    conditional batch."""
 
     num_subjects: int = 0
     reference_features: Dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> [b, N, Lr, C]
@@ -61,13 +64,17 @@ class AnyStoryState:
     routing_regions: Optional[torch.Tensor] = None  # [N, H, W] or [Bc, N, H, W]: where the router may send each subject
     record_maps: bool = False  # accumulate gating maps at latent resolution (for visualisation)
     collect_soft_maps: bool = False  # keep soft maps per layer (for the routing loss)
-    # Filled while running:
-    prev_map: Optional[torch.Tensor] = None  # [Bc, N+1, h, w] latest gating map (kept from one step to the next)
-    soft_maps: Dict[str, torch.Tensor] = field(default_factory=dict)
-    map_sum: Optional[torch.Tensor] = None
-    map_count: int = 0
-    kv_cache: Dict[str, tuple] = field(default_factory=dict)
-    scale_list: Optional[List[float]] = None
+    # Written while the UNet runs:
+    prev_map: Optional[torch.Tensor] = field(default=None, init=False)  # [Bc, N+1, h, w] latest gating map (kept from one step to the next)
+    soft_maps: Dict[str, torch.Tensor] = field(default_factory=dict, init=False)
+    map_sum: Optional[torch.Tensor] = field(default=None, init=False)
+    map_count: int = field(default=0, init=False)
+    kv_cache: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, init=False)
+    scale_list: Optional[List[float]] = field(default=None, init=False)
+
+    def __post_init__(self):
+        if self.forced_maps is not None:  # forced routing holds from the first layer on
+            self.prev_map = self.forced_maps if self.forced_maps.ndim == 4 else self.forced_maps[None]
 
     def reference_scale_list(self) -> List[float]:
         """``reference_scales`` as Python numbers, read once per call (the sparse path branches on them)."""
@@ -127,7 +134,7 @@ class AnyStorySelfAttnProcessor:
     def __init__(self, name: str, state: AnyStoryState):
         self.name, self.state, self.plain = name, state, AttnProcessor2_0()
 
-    def _reference_kv(self, attn) -> tuple:
+    def _reference_kv(self, attn: Attention) -> Tuple[torch.Tensor, torch.Tensor]:
         """Project the cached reference features to keys/values once per call, not once per step."""
         cached = self.state.kv_cache.get(self.name)
         if cached is None:
@@ -136,7 +143,8 @@ class AnyStorySelfAttnProcessor:
             self.state.kv_cache[self.name] = cached
         return cached
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
         st = self.state
         if not st.active or encoder_hidden_states is not None or attention_mask is not None or st.prev_map is None:
             return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)  # no map: no subject
@@ -233,7 +241,7 @@ class AnyStoryCrossAttnProcessor:
     def __init__(self, name: str, state: AnyStoryState, conditioning: CrossAttnConditioning):
         self.name, self.state, self.cond, self.plain = name, state, conditioning, AttnProcessor2_0()
 
-    def _semantic_kv(self, batch: int) -> tuple:
+    def _semantic_kv(self, batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of the semantic tokens for the whole UNet batch, projected once per call."""
         cached = self.state.kv_cache.get(self.name)
         if cached is None:
@@ -264,7 +272,8 @@ class AnyStoryCrossAttnProcessor:
             st.soft_maps[self.name] = soft
         return gate
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
         st = self.state
         if not st.active or encoder_hidden_states is None or attention_mask is not None:
             return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)

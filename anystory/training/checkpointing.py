@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from contextlib import contextmanager, nullcontext
+from typing import Callable
 
 from torch.utils.checkpoint import checkpoint
 
@@ -24,11 +25,13 @@ def _restore(state, values: dict) -> None:
         setattr(state, name, value)
 
 
-def stateful_checkpointing(state):
+def stateful_checkpointing(current_state: Callable[[], object]):
     """A ``gradient_checkpointing_func`` for diffusers' ``enable_gradient_checkpointing`` that re-runs each block
-    from the ``state`` (a dataclass, mutated in place by the processors) it saw in the forward pass."""
+    from the state (a dataclass, mutated in place by the processors) it saw in the forward pass.
+    ``current_state()`` gives the state of the call running now (each call has its own)."""
 
     def run(module, *args):
+        state = current_state()
         entered = _snapshot(state)
 
         @contextmanager
@@ -51,6 +54,7 @@ def enable(pipe) -> None:
     if pipe.anystory is None:
         pipe.unet.enable_gradient_checkpointing()
         return
-    pipe.unet.enable_gradient_checkpointing(stateful_checkpointing(pipe.anystory.state))
-    pipe.anystory.sdxl.reference_net.unet.enable_gradient_checkpointing()
+    adapter = pipe.anystory
+    pipe.unet.enable_gradient_checkpointing(stateful_checkpointing(lambda: adapter.state))
+    adapter.reference_net.unet.enable_gradient_checkpointing()
 

@@ -224,7 +224,7 @@ def test_background_bias_reaches_the_router_and_is_validated(pipe, monkeypatch):
 
 def test_reference_net_runs_once_per_subject_per_call(pipe):
     calls = []
-    handle = pipe.anystory.sdxl.reference_net.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    handle = pipe.anystory.reference_net.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
     try:
         out = pipe(PROMPT, subjects=[Subject(_image(1)), Subject(_image(2))], num_inference_steps=20,
                    guidance_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="np")
@@ -340,3 +340,27 @@ def test_user_callback_runs_beside_routing_maps(pipe):
     out = _run(pipe, [Subject(_image(1))], steps=3, callback_on_step_end=callback, return_routing_maps=True)
     assert [i for i, _ in seen] == [0, 1, 2] and seen[0][1] == (1, 4, 32, 32)
     assert len(out.routing_maps) == 3 and out.routing_maps[0].shape == (1, 2, 32, 32)
+
+
+def test_each_call_hands_the_processors_a_fresh_typed_state(pipe):
+    """reset_state builds a new AnyStoryState from its constructor's arguments (a misspelt name is refused, not
+    silently set) and every processor reads that object; the previous call's state is left as it was."""
+    from anystory.sdxl.attention_processors import AnyStoryState
+
+    adapter = pipe.anystory
+    before = adapter.state
+    before.kv_cache["marker"] = (torch.zeros(1), torch.zeros(1))
+    try:
+        state = adapter.reset_state(num_subjects=1, latent_hw=(4, 4), forced_maps=torch.ones(2, 4, 4))
+        assert isinstance(state, AnyStoryState) and state is not before and state.kv_cache == {}
+        assert "marker" in before.kv_cache
+        assert state.prev_map.shape == (1, 2, 4, 4), "forced routing must hold from the first layer"
+        assert state.background_bias == adapter.config.routing_background_bias
+        processors = list(pipe.unet.attn_processors.values())
+        assert processors and all(p.state is state for p in processors)
+        with pytest.raises(TypeError, match="latent_size"):
+            adapter.reset_state(latent_size=(4, 4))
+        with pytest.raises(TypeError, match="prev_map"):
+            adapter.reset_state(prev_map=torch.ones(1, 2, 4, 4))  # written while running, not an input
+    finally:
+        adapter.reset_state()

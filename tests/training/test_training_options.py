@@ -55,7 +55,7 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path):
     plain = _cfg(tmp_path / "a", stage1={"steps": 2, "batch_size": 2})
     ckpt = _cfg(tmp_path / "b", stage1={"steps": 2, "batch_size": 2}, gradient_checkpointing=True)
     a, b = _stage1(plain), _stage1(ckpt)
-    assert b.unet.is_gradient_checkpointing and b.anystory.sdxl.reference_net.unet.is_gradient_checkpointing
+    assert b.unet.is_gradient_checkpointing and b.anystory.reference_net.unet.is_gradient_checkpointing
     assert not a.unet.is_gradient_checkpointing
     assert _max_diff(a, b) < 1e-6
 
