@@ -10,8 +10,11 @@ uses -100; the difference is below float resolution, and ``-inf`` makes the conf
 routing is computed sparsely on a CPU (``routed_attention_flux``: an image token meets one subject's tokens).
 
 ``confine_subjects`` (our option, off by default; the release does not do it): the text tokens see no subject
-tokens, and subject i's redux tokens see only subject i's tokens. Then a subject routed nowhere cannot reach
-the image at all; in the release's attention it still can, through the shared text tokens.
+tokens, and subject i's redux tokens see only subject i's tokens, whatever the number of subjects and whether
+the router is on. Then a subject routed nowhere cannot reach the image at all (in the release's attention it
+still can, through the shared text tokens), and changes nothing to the last bit: each subject's reference pass
+runs alone, and the attention is computed grouped by the keys each query may meet (``routed_attention_flux``),
+so no other query's arithmetic depends on the extra subject.
 
 The processor's four linear layers are the release's ``to_{q,k}_routing_map_lora_{A,B}`` (the router's own
 low-rank query/key terms); their state-dict keys are ``...attn.processor.<name>`` as in the released file.
@@ -48,19 +51,18 @@ def attention_bias(state, plan, maps, batch: int, dtype, device):
     n, txt, rx, img = state.num_subjects, state.txt_len, state.redux_len, state.img_len
     t0, lq = txt - rx, txt + img
     rf = state.ref_bias.numel() if plan.ref else 0
-    if not rf and maps is None:
+    if not rf and maps is None and not (state.confine and rx):
         return None
     bias = torch.zeros(batch, 1, lq, lq + rf, dtype=dtype, device=device)
     if rf:
         bias[..., lq:] = state.ref_bias.to(device=device, dtype=dtype)
-    if maps is None:
-        return bias
-    off = (maps < 0.5).transpose(1, 2)  # [b, I, N]: image token j is not routed to subject i
-    rows = bias[:, 0, txt:lq]
-    if rx:
-        rows[..., t0:txt].masked_fill_(off.repeat_interleave(rx // n, dim=2), NEG_INF)
-    if rf:
-        rows[..., lq:].masked_fill_(off.repeat_interleave(rf // n, dim=2), NEG_INF)
+    if maps is not None:
+        off = (maps < 0.5).transpose(1, 2)  # [b, I, N]: image token j is not routed to subject i
+        rows = bias[:, 0, txt:lq]
+        if rx:
+            rows[..., t0:txt].masked_fill_(off.repeat_interleave(rx // n, dim=2), NEG_INF)
+        if rf:
+            rows[..., lq:].masked_fill_(off.repeat_interleave(rf // n, dim=2), NEG_INF)
     if state.confine:
         bias[:, 0, :t0, t0:txt] = NEG_INF
         bias[:, 0, :t0, lq:] = NEG_INF
@@ -71,6 +73,14 @@ def attention_bias(state, plan, maps, batch: int, dtype, device):
                 ref_owner = torch.arange(n, device=device).repeat_interleave(rf // n)
                 bias[:, 0, t0:txt, lq:].masked_fill_(redux_owner[:, None] != ref_owner[None, :], NEG_INF)
     return bias
+
+
+def _grouped(state, q: torch.Tensor) -> bool:
+    """The grouped (sparse) attention: on a CPU, where it is the faster form (``sparse_pays``), and under
+    ``confine_subjects`` on every device outside ``torch.compile``, because that option's promise, a subject
+    routed nowhere changes nothing, needs each query to meet exactly the keys of the call without that subject
+    (the masked form sums over the extra ``-inf`` columns in another order)."""
+    return sparse_pays(q) or (state.confine and not torch.compiler.is_compiling())
 
 
 class AnyStoryFluxAttnProcessor(nn.Module):
@@ -133,7 +143,9 @@ class AnyStoryFluxAttnProcessor(nn.Module):
         q, k, v, _ = self._project(attn, hidden, text, rope)
         self.conditioning.store_ref_kv(self.layer_id, k, v)
         n = self.conditioning.num_subjects
-        if n == 1:
+        if n == 1 or self.conditioning.confine:
+            # confine_subjects (not in the release): one batch row per subject on every count, so a subject's
+            # reference keys are computed the same way whatever other subjects the call holds
             return self._finish(attn, _attention(q, k, v), text, q.dtype)
         # the release's layout: one [b, h, N, R, d] call, which SDPA computes on its math path; a batch of N
         # rows would take the fused kernel and round differently in bfloat16
@@ -165,14 +177,18 @@ class AnyStoryFluxAttnProcessor(nn.Module):
             state.record(maps)
 
         labels = None
-        if maps is not None and not state.confine and sparse_pays(q):
-            labels = exclusive_labels(maps)  # hard routing: each image token meets one subject's tokens only
+        if _grouped(state, q):  # hard routing: each image token meets one subject's tokens only
+            if maps is not None:
+                labels = exclusive_labels(maps)
+            elif n == 1 and state.confine:
+                labels = torch.zeros(batch, img, dtype=torch.long, device=q.device)
         ref_k = ref_v = None
         if plan.ref:
             ref_k, ref_v = (x.to(k.dtype) for x in state.ref_kv_for(self.layer_id, batch))
         if labels is not None:
             ref_bias = state.ref_bias.to(device=q.device, dtype=q.dtype) if plan.ref else None
-            out = routed_attention(q, k, v, ref_k, ref_v, ref_bias, labels, state.txt_len, state.redux_len, n)
+            out = routed_attention(q, k, v, ref_k, ref_v, ref_bias, labels, state.txt_len, state.redux_len, n,
+                                   confine=state.confine)
         else:
             keys, values = (k, v) if ref_k is None else (torch.cat([k, ref_k], dim=1), torch.cat([v, ref_v], dim=1))
             out = _attention(q, keys, values, attention_bias(state, plan, maps, batch, q.dtype, q.device))

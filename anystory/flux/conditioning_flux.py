@@ -71,6 +71,8 @@ class AnyStoryFluxState:
         self.ref_kv: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.ref_index: Optional[torch.Tensor] = None
         self.in_ref_pass = False
+        self.ref_group = 0  # subjects in the running reference pass
+        self._ref_parts: Dict[int, list] = {}
         self._forward_reset()
 
     def _forward_reset(self) -> None:
@@ -156,31 +158,42 @@ class AnyStoryFluxState:
                 index.append(len(distinct) - 1)
         u, n = len(distinct), self.num_subjects
         hidden = kwargs["hidden_states"]
-        latents = self.ref_latents.to(device=hidden.device, dtype=hidden.dtype).repeat(u, 1, 1)  # [u*N, R, c]
-        rows = u * n
         text_dim = transformer.config.joint_attention_dim
+        # all subjects in one batch, as the release; under confine_subjects one pass per subject, so a subject's
+        # keys/values carry no float noise from the others' batch
+        groups = [[i] for i in range(n)] if self.confine else [list(range(n))]
+        self._ref_parts = {}
         self.in_ref_pass = True
         try:
-            with adapter_scope(self.ref_layers, REF_ADAPTER):
-                transformer(
-                    hidden_states=latents,
-                    encoder_hidden_states=latents.new_zeros(rows, 0, text_dim),
-                    pooled_projections=torch.stack(distinct).repeat_interleave(n, dim=0),
-                    timestep=latents.new_zeros(rows),
-                    img_ids=self.ref_ids.to(device=hidden.device),
-                    txt_ids=self.ref_ids.new_zeros(0, 3).to(device=hidden.device),
-                    guidance=None if guidance is None else guidance[:1].expand(rows),
-                    return_dict=False,
-                )
+            for group in groups:
+                self.ref_group = len(group)
+                latents = self.ref_latents[group].to(device=hidden.device, dtype=hidden.dtype).repeat(u, 1, 1)
+                rows = u * len(group)  # latents: [u*g, R, c]
+                with adapter_scope(self.ref_layers, REF_ADAPTER):
+                    transformer(
+                        hidden_states=latents,
+                        encoder_hidden_states=latents.new_zeros(rows, 0, text_dim),
+                        pooled_projections=torch.stack(distinct).repeat_interleave(len(group), dim=0),
+                        timestep=latents.new_zeros(rows),
+                        img_ids=self.ref_ids.to(device=hidden.device),
+                        txt_ids=self.ref_ids.new_zeros(0, 3).to(device=hidden.device),
+                        guidance=None if guidance is None else guidance[:1].expand(rows),
+                        return_dict=False,
+                    )
         finally:
             self.in_ref_pass = False
+        self.ref_kv = {layer: (torch.cat([k for k, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1))
+                       for layer, parts in self._ref_parts.items()}
+        self._ref_parts = {}
         self.ref_index = torch.tensor(index, device=hidden.device)
         self.ref_passes += 1
 
     def store_ref_kv(self, layer_id: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        """key/value: ``[u*N, R, h, d]`` from the reference pass -> ``[u, N*R, h, d]``."""
-        n = self.num_subjects
-        self.ref_kv[layer_id] = (key.unflatten(0, (-1, n)).flatten(1, 2), value.unflatten(0, (-1, n)).flatten(1, 2))
+        """key/value: ``[u*g, R, h, d]`` from a reference pass over a group of g subjects -> ``[u, g*R, h, d]``,
+        joined with the other groups' into ``[u, N*R, h, d]`` when the pass ends."""
+        g = self.ref_group
+        self._ref_parts.setdefault(layer_id, []).append(
+            (key.unflatten(0, (-1, g)).flatten(1, 2), value.unflatten(0, (-1, g)).flatten(1, 2)))
         self.ref_kv_writes += 1
 
     def ref_kv_for(self, layer_id: int, batch: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -42,33 +42,48 @@ def _spans(cls: int, n: int, txt: int, redux_len: int, length: int) -> List[Tupl
                                                                  (txt, length)]
 
 
+def _text_labels(txt: int, redux_len: int, n: int, like: torch.Tensor) -> torch.Tensor:
+    """Under ``confine``: class of each text row, ``n`` for the prompt's tokens and its owner for a redux token."""
+    per = redux_len // n if n else 0
+    owner = torch.arange(n, device=like.device).repeat_interleave(per)
+    return torch.cat([torch.full((txt - redux_len,), n, device=like.device, dtype=owner.dtype), owner])
+
+
 def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref_k: Optional[torch.Tensor],
                      ref_v: Optional[torch.Tensor], ref_bias: Optional[torch.Tensor], labels: torch.Tensor,
-                     txt: int, redux_len: int, n: int) -> torch.Tensor:
+                     txt: int, redux_len: int, n: int, confine: bool = False) -> torch.Tensor:
     """Attention of queries ``[text + redux, image]`` under exclusive routing, ``[b, L, h, d]`` in and out.
 
     k, v: the joint keys/values (same layout as q); ref_k, ref_v: ``[b, N*R, h, d]`` or None (reference off);
     ref_bias: ``[N*R]`` additive bias of the reference columns (in q's dtype) or None; labels: ``[b, I]``
     subject of each image token (``n`` = none, e.g. a routing override's background); the redux tokens are the
     last ``redux_len`` text tokens, ``redux_len // n`` per subject.
+
+    ``confine`` (``confine_subjects``): the prompt's rows join the class "none" and subject i's redux rows join
+    class i, so every query meets exactly the keys the masked form leaves it, and a class's call sees the same
+    tensors whatever other subjects the call holds: a subject routed nowhere then changes no other row's
+    arithmetic, to the last bit.
     """
     length, r = q.shape[1], (ref_k.shape[1] // n if ref_k is not None else 0)
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [b, h, s, d]
     rkt, rvt = (None, None) if ref_k is None else (ref_k.transpose(1, 2), ref_v.transpose(1, 2))
     out = torch.empty_like(qt)
+    first = 0 if confine else txt  # the rows that are grouped by class
+    text_labels = _text_labels(txt, redux_len, n, labels) if confine else None
     for row in range(q.shape[0]):
         one = slice(row, row + 1)
         kr, vr = kt[one], vt[one]
-        if rkt is None:
+        row_labels = labels[row] if text_labels is None else torch.cat([text_labels, labels[row].to(text_labels)])
+        if not confine and rkt is None:
             out[one, :, :txt] = F.scaled_dot_product_attention(qt[one, :, :txt], kr, vr)
-        else:
+        elif not confine:
             out[one, :, :txt] = F.scaled_dot_product_attention(
                 qt[one, :, :txt], torch.cat([kr, rkt[one]], dim=2), torch.cat([vr, rvt[one]], dim=2),
                 attn_mask=_bias_row(ref_bias, length, qt))
-        order = torch.argsort(labels[row], stable=True)
-        counts = torch.bincount(labels[row], minlength=n + 1).tolist()
+        order = torch.argsort(row_labels, stable=True)
+        counts = torch.bincount(row_labels, minlength=n + 1).tolist()
         parts = []
-        for cls, q_cls in enumerate(qt[one, :, txt:].index_select(2, order).split(counts, dim=2)):
+        for cls, q_cls in enumerate(qt[one, :, first:].index_select(2, order).split(counts, dim=2)):
             if not counts[cls]:
                 continue
             spans = _spans(cls, n, txt, redux_len, length)
@@ -81,5 +96,5 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref_k: O
             before = sum(b - a for a, b in spans)
             parts.append(F.scaled_dot_product_attention(q_cls, torch.cat(keys, dim=2), torch.cat(values, dim=2),
                                                         attn_mask=_bias_row(columns, before, qt)))
-        out[one, :, txt:].index_copy_(2, order, torch.cat(parts, dim=2))  # a view: writes into ``out``
+        out[one, :, first:].index_copy_(2, order, torch.cat(parts, dim=2))  # a view: writes into ``out``
     return out.transpose(1, 2)

@@ -13,10 +13,10 @@ from helpers.flux_pipe import CALL, PROMPT, gen, make_pipe, subjects
 HEADS, DIM, TXT, IMG, R = 2, 8, 6, 20, 5
 
 
-def dense(q, k, v, ref_k, ref_v, ref_bias, labels, txt, redux_len, n):
+def dense(q, k, v, ref_k, ref_v, ref_bias, labels, txt, redux_len, n, confine=False):
     """The processor's dense form: every key for every query, the routing as an ``-inf`` bias."""
     state = SimpleNamespace(num_subjects=n, txt_len=txt, redux_len=redux_len, img_len=labels.shape[1],
-                            ref_bias=ref_bias, confine=False)
+                            ref_bias=ref_bias, confine=confine)
     maps = F.one_hot(labels, n + 1)[..., :n].transpose(1, 2).to(q.dtype)  # [b, N, I]; class n routes nowhere
     plan = SimpleNamespace(ref=ref_k is not None)
     keys, values = (k, v) if ref_k is None else (torch.cat([k, ref_k], 1), torch.cat([v, ref_v], 1))
@@ -34,7 +34,8 @@ def inputs(n, redux_per, batch, reference=True, seed=0):
 @pytest.mark.parametrize("n,redux_per,batch,reference", [(2, 0, 1, True), (2, 3, 1, True), (3, 2, 2, True),
                                                           (4, 1, 2, True), (2, 3, 1, False)])
 @pytest.mark.parametrize("bias", ["zero", "mask and scales"])
-def test_sparse_equals_dense(n, redux_per, batch, reference, bias):
+@pytest.mark.parametrize("confine", [False, True])
+def test_sparse_equals_dense(n, redux_per, batch, reference, bias, confine):
     """Per-sample labels with a subject routed nowhere and tokens routed to no subject (an override's
     background); reference bias zero (no mask is written) or -100 outside masks, log-scales and a zero scale."""
     q, k, v, ref_k, ref_v, txt = inputs(n, redux_per, batch, reference)
@@ -50,8 +51,8 @@ def test_sparse_equals_dense(n, redux_per, batch, reference, bias):
             ref_bias[:R] += 0.7  # log(reference_scale) of subject 0
             ref_bias[R:2 * R] = float("-inf")  # subject 1 at reference_scale 0
     args = (q, k, v, ref_k, ref_v, ref_bias, labels, txt, n * redux_per, n)
-    expected = dense(*args)
-    got = routed_attention(*args)
+    expected = dense(*args, confine=confine)
+    got = routed_attention(*args, confine=confine)
     assert got.shape == q.shape and torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
@@ -83,9 +84,9 @@ def test_pipeline_routes_sparsely_only_where_routing_acts(monkeypatch):
     pipe = make_pipe()
     calls = []
 
-    def counted(*args):
+    def counted(*args, **kwargs):
         calls.append(args[-1])
-        return routed_attention(*args)
+        return routed_attention(*args, **kwargs)
 
     monkeypatch.setattr(processor_module, "routed_attention", counted)
     sparse = _call(pipe, 2)

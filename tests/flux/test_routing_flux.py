@@ -33,13 +33,58 @@ def _run(pipe, subs, **kw):
 
 
 def test_subject_routed_nowhere_changes_nothing_when_confined(pipe, b_closed):
-    """Nothing of subject 1 reaches the image: its reference image does not change a bit of the output. Against
-    the call without subject 1 the output differs only by float rounding (<= 1e-4, measured 2e-5): that call runs
-    diffusers' attention (one subject: no router) over a shorter key set, the other a masked SDPA call whose
-    extra keys are at -inf, and the kernels sum in another order."""
+    """Nothing of subject 1 reaches the image: its reference image does not change a bit of the output, and the
+    output equals the call without subject 1 (<= 1e-6; measured equal): each subject's reference pass runs on
+    its own, and every query meets exactly the keys it meets in that call (grouped attention)."""
     both = [_run(pipe, [_a(), Subject(*subject_image(seed))], confine_subjects=True) for seed in (1, 5)]
     assert np.array_equal(both[0], both[1])
-    assert np.abs(both[0] - _run(pipe, [_a()], confine_subjects=True)).max() <= 1e-4
+    assert np.abs(both[0] - _run(pipe, [_a()], confine_subjects=True)).max() <= 1e-6
+    assert np.abs(both[0] - _run(pipe, [])).max() > 1e-3  # subject 0 does act, so the equality means something
+
+
+def _first_step_blocks(pipe, subs):
+    """Every block's outputs in the first denoising step: prompt rows and image rows (redux rows differ in
+    number between the calls and are left out)."""
+    t, state, seen = pipe.transformer, pipe.anystory_state, []
+    prompt = CALL["max_sequence_length"]
+
+    def keep(module, args, kwargs, out):
+        if state.step == 0 and not state.in_ref_pass:
+            text, image = out if isinstance(out, tuple) else (out[:, :0], out)
+            seen.append(torch.cat([text[:, :prompt], image], dim=1).clone())
+
+    handles = [b.register_forward_hook(keep, with_kwargs=True)
+               for b in list(t.transformer_blocks) + list(t.single_transformer_blocks)]
+    try:
+        _run(pipe, subs, confine_subjects=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def test_first_step_layers_equal_the_call_without_the_unrouted_subject(pipe, b_closed):
+    """Layers of the first step, not only the final image: each block of step 0 (redux and reference on) gives,
+    on the prompt and image rows, what it gives without subject 1 (<= 1e-6)."""
+    with_b = _first_step_blocks(pipe, [_a(), Subject(*subject_image(1))])
+    without = _first_step_blocks(pipe, [_a()])
+    assert len(with_b) == len(without) == len(pipe.transformer.transformer_blocks) + \
+        len(pipe.transformer.single_transformer_blocks)
+    for a, b in zip(with_b, without):
+        assert (a - b).abs().max() <= 1e-6
+
+
+def test_every_block_decides_its_routing_before_it_attends(pipe, monkeypatch):
+    """No FLUX layer runs before a routing decision: each block computes its own map from the router tokens
+    before its attention reads any subject token, from the first block of the first step on (the reference
+    pass, which precedes it, runs each subject's reference alone)."""
+    events = []
+    decide, attend = processor.routing_map, processor.routed_attention
+    monkeypatch.setattr(processor, "routing_map", lambda *a, **k: events.append("map") or decide(*a, **k))
+    monkeypatch.setattr(processor, "routed_attention", lambda *a, **k: events.append("attend") or attend(*a, **k))
+    _run(pipe, [_a(), Subject(*subject_image(1))], confine_subjects=True)
+    blocks = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
+    assert events == ["map", "attend"] * blocks * CALL["num_inference_steps"]
 
 
 def test_release_attention_keeps_image_tokens_off_an_unrouted_subjects_reference(pipe, b_closed, monkeypatch):
@@ -55,9 +100,9 @@ def test_release_attention_keeps_image_tokens_off_an_unrouted_subjects_reference
             biases.append((bias, state.txt_len, state.redux_len, state.img_len, plan.ref))
         return bias
 
-    def spy_sparse(q, k, v, ref_k, ref_v, ref_bias, row_labels, *args):
+    def spy_sparse(q, k, v, ref_k, ref_v, ref_bias, row_labels, *args, **kwargs):
         labels.append(row_labels.clone())
-        return sparse(q, k, v, ref_k, ref_v, ref_bias, row_labels, *args)
+        return sparse(q, k, v, ref_k, ref_v, ref_bias, row_labels, *args, **kwargs)
 
     monkeypatch.setattr(processor, "attention_bias", spy_dense)
     monkeypatch.setattr(processor, "routed_attention", spy_sparse)
