@@ -4,7 +4,38 @@
 and is shown as is. It subclasses ``ValueError`` so callers that catch ``ValueError`` keep working, while the app
 can report these, and only these, as input errors and let every other exception surface as a bug.
 """
+import math
+from typing import Type, Union
 
 
 class InvalidInputError(ValueError):
     """Bad input from the user (image, mask, subject list, number, script); the message says what to fix."""
+
+
+def check_number(value, what: str, low: float = -math.inf, high: float = math.inf, *, integer: bool = False,
+                 typed: bool = False, error: Type[InvalidInputError] = InvalidInputError) -> Union[int, float]:
+    """``value`` as a finite float (an int when ``integer``) in ``[low, high]``, else ``error`` naming ``what``.
+
+    The one number rule of the pipelines, the app and the storyboard. ``typed``: only int and float values are
+    numbers (a parsed script's ``"7"`` or ``true`` is a mistake to report, where a text field's ``"7"`` is not).
+    """
+    kind = "an integer" if integer else "a number"
+    if typed and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise error(f"{what} must be {kind}, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise error(f"{what} must be {kind}, got {value!r}") from None
+    if not math.isfinite(v):
+        raise error(f"{what} must be finite, got {v}")
+    if not low <= v <= high or (integer and not v.is_integer()):
+        if math.isinf(low) and math.isinf(high):
+            allowed = kind
+        elif math.isinf(high):
+            allowed = f"{kind} >= {low:g}"
+        elif math.isinf(low):
+            allowed = f"{kind} <= {high:g}"
+        else:
+            allowed = f"{kind} between {low:g} and {high:g}"
+        raise error(f"{what} must be {allowed}, got {v:g}")
+    return int(v) if integer else v

@@ -22,6 +22,8 @@ import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 
+from .errors import InvalidInputError
+
 
 @dataclass
 class AnyStoryPipelineOutput(BaseOutput):
@@ -78,6 +80,14 @@ class AnyStoryPipelineMixin:
                 raise ValueError("subjects need the pipeline's image_encoder and feature_extractor")
         return prepared
 
+    @staticmethod
+    def _reference_mask(mask: np.ndarray, size: int) -> torch.Tensor:
+        """A subject's mask at the reference resolution, ``[1, 1, size, size]`` float in [0, 1]: boolean or uint8
+        (0..255, soft values kept) nearest-resized, so no foreground value is invented between pixels."""
+        values = mask.astype(np.uint8) * 255 if mask.dtype == bool else mask
+        resized = PIL.Image.fromarray(values).resize((size, size), resample=PIL.Image.NEAREST)
+        return torch.from_numpy(np.array(resized)).float()[None, None] / 255.0
+
     # ---- routing override (test / debug hook) -------------------------------------------------------------------
     def set_routing_override(self, maps: Optional[torch.Tensor]) -> None:
         """Force the routing of every layer to ``maps`` (``[N+1, H, W]``, channel i < N = subject i, channel N =
@@ -92,7 +102,9 @@ class AnyStoryPipelineMixin:
             return None
         maps = torch.as_tensor(maps)
         if maps.ndim != 3 or maps.shape[0] != n + 1:
-            raise ValueError(f"routing override must be [N+1={n + 1}, H, W], got {tuple(maps.shape)}")
+            raise InvalidInputError(f"routing override must be [N+1={n + 1}, H, W], got {tuple(maps.shape)}")
+        if not torch.isfinite(maps.float()).all():
+            raise InvalidInputError("routing override contains NaN or infinite values")
         return maps
 
     # ---- the call's step callback and output -------------------------------------------------------------------

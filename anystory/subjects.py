@@ -9,7 +9,6 @@ silently stretched mask routes a subject's identity to the wrong pixels.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -17,7 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, check_number
 from .images import ImageLike, read_image, read_mask, to_rgb
 from .regions import check_region
 
@@ -93,18 +92,6 @@ class AlphaOrWholeImageSegmenter(Segmenter):
         return np.ones((image.height, image.width), dtype=bool)
 
 
-def _check_scale(value, what: str) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise InvalidInputError(f"{what} must be a number, got {value!r}") from None
-    if math.isnan(v) or math.isinf(v):
-        raise InvalidInputError(f"{what} must be finite, got {v}")
-    if not 0 <= v <= MAX_SCALE:
-        raise InvalidInputError(f"{what} must be >= 0 and <= {MAX_SCALE:g}, got {v:g}")
-    return v
-
-
 def square_crop_box(mask: np.ndarray, expand: float = 1.04) -> tuple:
     """Square box around the mask's bounding box, enlarged by ``expand`` (may extend past the image)."""
     ys, xs = np.nonzero(mask)
@@ -169,8 +156,8 @@ def prepare_subjects(
     out = []
     for i, s in enumerate(subjects):
         label = f"subject {i}" + (f" ({s.name})" if isinstance(s.name, str) and s.name else "")
-        scale = _check_scale(s.scale, f"{label}: scale")
-        ref_scale = _check_scale(s.reference_scale, f"{label}: reference_scale")
+        scale = check_number(s.scale, f"{label}: scale", 0.0, MAX_SCALE)
+        ref_scale = check_number(s.reference_scale, f"{label}: reference_scale", 0.0, MAX_SCALE)
         raw = read_image(s.image, f"{label} image")
         if s.mask is not None:
             mask = read_mask(s.mask, f"{label} mask")

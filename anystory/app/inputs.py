@@ -15,6 +15,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from .. import errors
 from ..errors import InvalidInputError
 from ..images import read_image, read_mask_image
 from ..regions import Box, check_region, parse_region_text
@@ -260,11 +261,4 @@ def resolve_seed(seed: Any, rng: Optional[random.Random] = None) -> int:
 
 
 def check_number(value: Any, what: str, lo: float, hi: float, integer: bool = False) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{what} must be a number, got {value!r}.") from None
-    if not lo <= v <= hi or (integer and v != int(v)):
-        kind = "an integer" if integer else "a number"
-        raise InputError(f"{what} must be {kind} between {lo:g} and {hi:g}, got {v:g}.")
-    return int(v) if integer else v
+    return errors.check_number(value, what, lo, hi, integer=integer, error=InputError)

@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional
 
 from PIL import Image
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, check_number
 from ..images import read_image, read_mask_image
 from ..regions import check_region
 from ..subjects import Subject
@@ -104,9 +104,7 @@ def _check_keys(d: Any, allowed, where: str) -> dict:
 
 
 def _number(v: Any, where: str, integer: bool = False):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()):
-        raise ScriptError(f"{where} must be {'an integer' if integer else 'a number'}, got {v!r}")
-    return int(v) if integer else float(v)
+    return check_number(v, where, integer=integer, typed=True, error=ScriptError)
 
 
 def script_from_dict(data: Any) -> Script:

@@ -16,17 +16,16 @@ router picks, per block and image token, the one subject whose redux/reference t
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Callable, List, Optional, Sequence, Union
 
-import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
 
+from ..errors import InvalidInputError, check_number
 from ..hub import FLUX_BASE as DEFAULT_FLUX
 from ..hub import FLUX_REDUX as DEFAULT_REDUX
 from ..pipeline_mixin import AnyStoryPipelineMixin, AnyStoryPipelineOutput
@@ -38,6 +37,7 @@ from .attention_processor_flux import AnyStoryFluxAttnProcessor
 from .conditioning_flux import AnyStoryFluxState, step_window
 from .low_vram import quantization_config
 from .redux import AnyStoryReduxEncoder
+from .router_flux import RouterModules
 from .release_inputs import encoder_mask_values, prepare_release_subjects
 from .weights_flux import RELEASE_FILENAME, RELEASE_REPO, block_names, read_released_file, resolve_released_state_dict
 
@@ -49,16 +49,6 @@ REFERENCE_NOISE = ("call", "release")
 
 #: The output class both pipelines return (kept by this name for FLUX callers).
 AnyStoryFluxPipelineOutput = AnyStoryPipelineOutput
-
-
-def _finite(value, what: str, low: float = 0.0, high: float = math.inf) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a number, got {value!r}") from None
-    if not math.isfinite(v) or v < low or v > high:
-        raise ValueError(f"{what} must be in [{low}, {high}], got {value!r}")
-    return v
 
 
 class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
@@ -205,7 +195,7 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
             proc = AnyStoryFluxAttnProcessor(hidden, sd["to_q_routing_map_lora_A.weight"].shape[0], True, layer_id)
             proc.load_state_dict(sd, strict=True)
             proc.to(device=device, dtype=dtype)
-            proc.bind(self._anystory, block, layers_with_adapter(block, ROUTER_ADAPTER))
+            proc.bind(self._anystory, RouterModules.of_block(block, last=layer_id == len(blocks) - 1))
             block.attn.set_processor(proc)
 
         self._anystory.ref_layers = layers_with_adapter(transformer, REF_ADAPTER)
@@ -222,8 +212,6 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
         maps = self._routing_override_for(n)
         if maps is None:
             return None
-        if not torch.isfinite(maps.float()).all():
-            raise ValueError("routing override contains NaN or infinite values")
         small = F.interpolate(maps[None].float(), size=grid, mode="nearest")[0]
         return (small[:n] > 0.5).float().flatten(1).to(device)
 
@@ -248,7 +236,7 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
         release's ``generate()``, ``torch.manual_seed(seed)`` (the global RNGs, as it does) and the global RNG
         of the VAE's device, so a GPU run draws the release's noise."""
         if reference_noise not in REFERENCE_NOISE:
-            raise ValueError(f"reference_noise must be one of {REFERENCE_NOISE}, got {reference_noise!r}")
+            raise InvalidInputError(f"reference_noise must be one of {REFERENCE_NOISE}, got {reference_noise!r}")
         first = generator[0] if isinstance(generator, list) else generator
         sampler = None
         if reference_noise == "call" and first is not None:
@@ -272,8 +260,7 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
 
             # reference: masked, resized, VAE-encoded
             ref_pixels = self.image_processor.preprocess(p.image, height=size, width=size)
-            ref_mask = torch.from_numpy(np.array(mask_image.resize((size, size), resample=PIL.Image.NEAREST)))
-            ref_mask = ref_mask.float()[None, None] / 255.0
+            ref_mask = self._reference_mask(values, size)
             x = (ref_pixels * ref_mask).to(device=device, dtype=self.vae.dtype)
             latents = self.vae.encode(x).latent_dist.sample(generator=sampler)
             latents = (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
@@ -294,7 +281,8 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
         it on for one subject too."""
         n = len(prepared)
         if regions is not None and use_router is False:
-            raise ValueError("subject regions need the router: use_router=False cannot confine a subject to its region")
+            raise InvalidInputError("subject regions need the router: use_router=False cannot confine a subject to "
+                                    "its region")
         enc = self.encode_subjects(prepared, device, generator, reference_noise)
         # one Python-float multiply per subject, as the release does (``tokens * redux_scale``): a scale tensor in
         # bfloat16 would round 0.6 to 0.6015625
@@ -332,24 +320,27 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
         see ``release_inputs``. ``reference_noise``: ``"call"`` or ``"release"`` (the global RNG of the VAE's
         device, seeded as the release seeds it); see :meth:`encode_subjects`. Other arguments are
         ``FluxPipeline``'s."""
+        if kwargs.pop("background", None) is not None:  # the release's router has no background class to route it to
+            raise InvalidInputError("background: the background reference is SDXL-only (the released FLUX router has "
+                                    "no background class to route it to)")
         if reference_noise not in REFERENCE_NOISE:
-            raise ValueError(f"reference_noise must be one of {REFERENCE_NOISE}, got {reference_noise!r}")
+            raise InvalidInputError(f"reference_noise must be one of {REFERENCE_NOISE}, got {reference_noise!r}")
         height, width = height or 512, width or 512  # None: the authors' 512x512
         prepared = self.check_subjects(subjects, subject_preprocessing)
         n = len(prepared)
-        redux_scale = _finite(redux_scale, "redux_scale")
+        redux_scale = check_number(redux_scale, "redux_scale", 0.0)
         if ref_start_at is None:
             ref_start_at = MULTI_SUBJECT_REF_START if n > 1 else 0.0
-        fractions = {name: _finite(value, name, 0.0, 1.0) for name, value in (
+        fractions = {name: check_number(value, name, 0.0, 1.0) for name, value in (
             ("redux_start_at", redux_start_at), ("redux_end_at", redux_end_at), ("ref_start_at", ref_start_at),
             ("ref_end_at", ref_end_at))}
         for a, b in (("redux_start_at", "redux_end_at"), ("ref_start_at", "ref_end_at")):
             if fractions[a] > fractions[b]:
-                raise ValueError(f"{a} ({fractions[a]}) must not exceed {b} ({fractions[b]})")
+                raise InvalidInputError(f"{a} ({fractions[a]}) must not exceed {b} ({fractions[b]})")
         if n and kwargs.get("true_cfg_scale", 1.0) > 1 and (kwargs.get("negative_prompt") is not None
                                                              or kwargs.get("negative_prompt_embeds") is not None):
-            raise ValueError("true CFG (true_cfg_scale > 1 with a negative prompt) is not supported with subjects: "
-                             "FLUX.1-dev is guidance-distilled; use guidance_scale")
+            raise InvalidInputError("true CFG (true_cfg_scale > 1 with a negative prompt) is not supported with "
+                                    "subjects: FLUX.1-dev is guidance-distilled; use guidance_scale")
 
         grid = (int(height) // (self.vae_scale_factor * 2), int(width) // (self.vae_scale_factor * 2))
         regions = None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Callable, List, Optional, Sequence
 
-import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
@@ -17,6 +16,7 @@ from diffusers import StableDiffusionXLPipeline
 
 from .adapter_fit import check_adapter_fits_unet
 from .adapter_sdxl import AnyStorySDXLAdapter
+from ..errors import check_number
 from ..hub import SDXL_IMAGE_ENCODER as DEFAULT_IMAGE_ENCODER  # noqa: F401 (the paper's CLIP, kept by this name)
 from ..pipeline_mixin import AnyStoryPipelineMixin, AnyStoryPipelineOutput  # noqa: F401 (exported here)
 from ..regions import routing_regions
@@ -97,10 +97,9 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
         """Pixel tensors for ``encode_subjects``: VAE input, mask, and CLIP input (plus a blank image last)."""
         size = self.anystory.config.reference_size
         images = [p.image.resize((size, size), PIL.Image.BICUBIC) for p in prepared]
-        masks = [PIL.Image.fromarray(p.mask.astype(np.uint8) * 255).resize((size, size), PIL.Image.NEAREST) for p in prepared]
         blank = PIL.Image.new("RGB", (size, size), (255, 255, 255))
         pixels = self.image_processor.preprocess(images, height=size, width=size).to(device, dtype)
-        mask = torch.from_numpy(np.stack([np.asarray(m) > 127 for m in masks])).to(device, dtype)[:, None]
+        mask = torch.cat([self._reference_mask(p.mask, size) for p in prepared]).to(device, dtype)
         clip = self.feature_extractor(images=images + [blank], return_tensors="pt").pixel_values.to(device, dtype)
         return {"pixels": pixels[None], "masks": mask[None], "clip_pixels": clip[None]}
 
@@ -153,9 +152,7 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
         value stored with the weights, 0 is the paper's plain argmax, larger values give subjects more room."""
         prepared = self.check_subjects(subjects)
         if routing_background_bias is not None:
-            routing_background_bias = float(routing_background_bias)
-            if not np.isfinite(routing_background_bias):
-                raise ValueError(f"routing_background_bias must be a finite number, got {routing_background_bias}")
+            routing_background_bias = check_number(routing_background_bias, "routing_background_bias")
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         regions = routing_regions(prepared, height, width)  # a region mask of another size fails before encoding

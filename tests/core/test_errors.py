@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from anystory.app.inputs import InputError
-from anystory.errors import InvalidInputError
+from anystory.errors import InvalidInputError, check_number
 from anystory.images import read_image, read_mask
 from anystory.app.storyboard import ScriptError, script_from_dict
 from anystory.subjects import Segmenter, Subject, prepare_subjects
@@ -44,3 +44,39 @@ def test_a_programming_error_is_not_reported_as_bad_input():
     with pytest.raises(ValueError, match="returned a mask of shape") as caught:
         prepare_subjects([RED], segmenter=Broken())
     assert not isinstance(caught.value, InvalidInputError)
+
+
+@pytest.mark.parametrize("value, kwargs, match", [
+    ("strong", dict(), "x must be a number, got 'strong'"),
+    (None, dict(integer=True), "x must be an integer, got None"),
+    (float("nan"), dict(), "x must be finite, got nan"),
+    (float("inf"), dict(low=0.0), "x must be finite, got inf"),
+    (11, dict(low=0.0, high=10.0), "x must be a number between 0 and 10, got 11"),
+    (-0.5, dict(low=0.0), "x must be a number >= 0, got -0.5"),
+    (2.5, dict(integer=True, low=1, high=100), "x must be an integer between 1 and 100, got 2.5"),
+    ("7", dict(typed=True), "x must be a number, got '7'"),
+    (True, dict(typed=True, integer=True), "x must be an integer, got True"),
+])
+def test_check_number_refuses_by_name(value, kwargs, match):
+    with pytest.raises(InvalidInputError) as caught:
+        check_number(value, "x", **kwargs)
+    assert str(caught.value) == match
+
+
+def test_check_number_accepts_and_converts():
+    assert check_number("7", "x", integer=True) == 7 and isinstance(check_number(7.0, "x", integer=True), int)
+    assert check_number(0.25, "x", 0.0, 1.0) == 0.25 and isinstance(check_number(1, "x"), float)
+    with pytest.raises(ScriptError):  # the caller's own error type, still an InvalidInputError
+        check_number("seven", "settings.seed", integer=True, typed=True, error=ScriptError)
+
+
+def test_every_number_rule_is_the_one_check():
+    """The subjects, the app's fields, the storyboard and the FLUX call give check_number's messages."""
+    from anystory.app.inputs import check_number as app_check
+
+    with pytest.raises(InputError, match="^Steps must be an integer between 1 and 100, got 0$"):
+        app_check(0, "Steps", 1, 100, integer=True)
+    with pytest.raises(InvalidInputError, match="subject 0: reference_scale must be finite, got nan"):
+        prepare_subjects([Subject(RED, reference_scale=float("nan"))])
+    with pytest.raises(ScriptError, match="settings.guidance must be finite"):
+        script_from_dict({"settings": {"guidance": float("inf")}, "shots": []})
