@@ -2,13 +2,13 @@
 is missing and what to do. Hub ids come from :mod:`anystory.hub`."""
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import torch
 
 from .hub import FLUX_ANYSTORY_REPO, FLUX_BASE, FLUX_REDUX, SDXL_BASE, SDXL_IMAGE_ENCODER
 from .sdxl.pipeline_sdxl import AnyStorySDXLPipeline
+from .weights import anystory_files
 
 
 class ModelUnavailableError(RuntimeError):
@@ -52,9 +52,11 @@ def load_sdxl_anystory(anystory_weights: str, base_model: Optional[str] = None,
 
     Weights that do not fit the base UNet are refused here, naming the first mismatching tensor
     (``anystory.sdxl.adapter_fit``)."""
-    if not os.path.exists(anystory_weights):  # before the base model's minutes of loading
-        raise ModelUnavailableError(f"AnyStory weights not found at '{anystory_weights}' (a folder with "
-                                    "anystory.safetensors and anystory_config.json)")
+    try:
+        anystory_files(anystory_weights)  # before the base model's minutes of loading
+    except FileNotFoundError as e:
+        reason = str(e).removeprefix("AnyStory weights: ")
+        raise ModelUnavailableError(f"AnyStory weights not found at '{anystory_weights}': {reason}") from None
     dtype = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
     pipe = load_sdxl_base(base_model, image_encoder, dtype)
     pipe.load_anystory_weights(anystory_weights)

@@ -56,6 +56,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..hub import FLUX_ANYSTORY_FILE as RELEASE_FILENAME
 from ..hub import FLUX_ANYSTORY_REPO as RELEASE_REPO
+from ..weights import load_pickled_tensors
 
 GROUPS = ("ref", "redux", "router")
 
@@ -349,4 +350,4 @@ def read_released_file(source: str, filename: str = RELEASE_FILENAME, **hub_kwar
             raise FileNotFoundError(
                 f"AnyStory FLUX weights: '{source}' is not a file or folder, and downloading {filename} from the hub "
                 f"repo '{source}' failed ({type(e).__name__}: {e}). Pass the local path of {filename}.") from e
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_pickled_tensors(path)

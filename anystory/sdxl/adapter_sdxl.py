@@ -14,15 +14,14 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
-from safetensors.torch import load_file, save_file
 
 from .attention_processors import AnyStoryCrossAttnProcessor, AnyStorySelfAttnProcessor, AnyStoryState, CrossAttnConditioning
 from .qformer import QFormer
 from .reference_net import ReferenceNet
 from ..subjects import MAX_SUBJECTS
-
-WEIGHTS_NAME = "anystory.safetensors"
-CONFIG_NAME = "anystory_config.json"
+from ..weights import ANYSTORY_CONFIG as CONFIG_NAME
+from ..weights import ANYSTORY_WEIGHTS as WEIGHTS_NAME
+from ..weights import anystory_files, check_state_dict, load_tensors, save_tensors
 
 
 def _key(layer_name: str) -> str:
@@ -122,23 +121,14 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
 
     def save_anystory(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        save_tensors(self.state_dict(), os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(directory, CONFIG_NAME), "w") as f:
             json.dump({k: v for k, v in self.config.items() if not k.startswith("_")}, f, indent=1)
 
     @classmethod
     def load_anystory(cls, path: str, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
         """Build from ``anystory_config.json`` and load ``anystory.safetensors`` strictly (errors name the keys)."""
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"AnyStory weights: {path} not found (a folder with {WEIGHTS_NAME} and "
-                                    f"{CONFIG_NAME}, or the weights file beside its config)")
-        directory = path if os.path.isdir(path) else os.path.dirname(path)
-        weights = path if os.path.isfile(path) else os.path.join(directory, WEIGHTS_NAME)
-        config_file = os.path.join(directory, CONFIG_NAME)
-        for f in (weights, config_file):
-            if not os.path.isfile(f):
-                raise FileNotFoundError(f"AnyStory weights: {f} not found")
+        weights, config_file = anystory_files(path)
         try:
             with open(config_file) as f:
                 config = json.load(f)
@@ -146,25 +136,9 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"AnyStory weights: {config_file} is not a valid AnyStory config "
                              f"({type(e).__name__}: {e})") from None
-        try:
-            state = load_file(weights)
-        except Exception as e:  # safetensors raises its own error type for truncated or foreign files
-            raise ValueError(f"AnyStory weights: cannot read {weights} (truncated or not a safetensors file: "
-                             f"{type(e).__name__}: {e})") from None
-        adapter.load_weights_strict(state)
+        adapter.load_weights_strict(load_tensors(weights, "AnyStory weights"))
         return adapter.to(device=device, dtype=dtype)
 
     def load_weights_strict(self, state: dict) -> None:
-        expected = self.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-        if missing or unexpected or wrong:
-            def show(keys):
-                return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "") if keys else "none"
-            raise ValueError(
-                "AnyStory weights do not match this model: "
-                f"missing keys: {show(missing)}; unexpected keys: {show(unexpected)}; "
-                f"shape mismatches: {show([f'{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}' for k in wrong])}"
-            )
+        check_state_dict(self.state_dict(), state, "AnyStory weights")
         self.load_state_dict(state)

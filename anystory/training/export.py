@@ -12,28 +12,12 @@ import os
 import shutil
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from ..sdxl.pipeline_sdxl import AnyStorySDXLPipeline
+from ..weights import cast_floats
 
 SIZE_LIMIT_MB = 25.0
 COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler",
               "image_encoder", "feature_extractor")
-
-
-def cast_safetensors(directory: str, dtype: torch.dtype) -> None:
-    """Rewrite every ``*.safetensors`` under ``directory`` with float tensors in ``dtype`` (metadata kept)."""
-    for root, _, files in os.walk(directory):
-        for name in files:
-            if not name.endswith(".safetensors"):
-                continue
-            path = os.path.join(root, name)
-            with safe_open(path, "pt") as f:
-                meta = f.metadata()
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-            save_file(tensors, path, metadata=meta)
 
 
 def folder_size_mb(directory: str) -> float:
@@ -59,7 +43,7 @@ def export_miniature(cfg: dict, pipe: AnyStorySDXLPipeline, summary: dict, log=p
     shutil.rmtree(tmp, ignore_errors=True)
     save_base_pipeline(pipe, tmp)
     pipe.save_anystory_weights(tmp)
-    cast_safetensors(tmp, getattr(torch, cfg["model"]["save_dtype"]))
+    cast_floats(tmp, getattr(torch, cfg["model"]["save_dtype"]))
     for name, data in keep.items():
         with open(os.path.join(tmp, name), "wb") as f:
             f.write(data)
