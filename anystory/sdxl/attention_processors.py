@@ -194,9 +194,9 @@ def _routed_reference_attention(query, key, value, ref_k, ref_v, labels, scales:
 
     Equal to :func:`_dense_reference_attention` for exclusive maps, but each query meets at most one subject's
     Lr extra keys instead of all N x Lr, and no bias is written unless a scale differs from 1 (one broadcast row
-    adding ``log(scale_i)``): at SDXL's 64x64 level with two subjects this is about 1.2x a plain self-attention
-    instead of 1.65x. ``labels`` is ``[R, L]`` with R = 1 (one map for the batch) or the conditional batch (the
-    unconditional half reuses its sample's row); positions are grouped by class with one sort per row.
+    adding ``log(scale_i)``); README, Benchmarks, has what that saves per layer. ``labels`` is ``[R, L]`` with
+    R = 1 (one map for the batch) or the conditional batch (the unconditional half reuses its sample's row);
+    positions are grouped by class with one sort per row.
     """
     length, n, rows = query.shape[2], len(scales), labels.shape[0]
     lr = ref_k.shape[2] // n
@@ -290,7 +290,7 @@ class AnyStoryCrossAttnProcessor:
         gate = self._route(cond_half, hw)  # [Bc, N+1, L]
         sem_k, sem_v = self._semantic_kv(batch)  # [B or 1, N, T, inner]
         weight = _to_batch(gate[:, :n], batch).to(q.dtype) * st.scales.to(q.dtype).view(1, n, 1)  # [B, N, L]
-        for i in range(n):  # a 4-D SDPA call per subject: one 5-D broadcast call runs about 3x slower on a CPU
+        for i in range(n):  # a 4-D SDPA call per subject: one 5-D broadcast call is slower on a CPU (README, Benchmarks)
             sem = F.scaled_dot_product_attention(q, _heads(_to_batch(sem_k[:, i], batch), attn.heads),
                                                  _heads(_to_batch(sem_v[:, i], batch), attn.heads))
             out = out + weight[:, i, :, None] * sem.transpose(1, 2).reshape(batch, length, -1)

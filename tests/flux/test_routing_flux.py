@@ -34,7 +34,7 @@ def _run(pipe, subs, **kw):
 
 def test_subject_routed_nowhere_changes_nothing_when_confined(pipe, b_closed):
     """Nothing of subject 1 reaches the image: its reference image does not change a bit of the output, and the
-    output equals the call without subject 1 (<= 1e-6; measured equal): each subject's reference pass runs on
+    output equals the call without subject 1 (<= 1e-6): each subject's reference pass runs on
     its own, and every query meets exactly the keys it meets in that call (grouped attention)."""
     both = [_run(pipe, [_a(), Subject(*subject_image(seed))], confine_subjects=True) for seed in (1, 5)]
     assert np.array_equal(both[0], both[1])
