@@ -1,7 +1,9 @@
 """Command line: ``python -m anystory.generate --prompt "..." --subject a.png [--mask a_mask.png] --out out.png``.
 
 Without ``--anystory-weights`` it runs the shipped miniature (offline, CPU). Repeat ``--subject`` for several
-subjects; ``--mask`` values pair with subjects in order (use ``-`` for "no mask").
+subjects; ``--mask`` values pair with subjects in order (use ``-`` for "no mask"), and so do ``--region`` values:
+where in the output the subject may go, a box ``x0,y0,x1,y1`` in fractions of the output size or a mask file of
+the output's size (``-`` for "anywhere").
 
 ``--flux`` runs FLUX.1-dev with the authors' released AnyStory weights (``--flux-weights``: a local
 ``anystory_flux.bin``, default the hub's); ``--vram auto|16|24|40`` picks quantization and offload for the GPU
@@ -17,7 +19,9 @@ import sys
 import torch
 from PIL import Image
 
+from .errors import InvalidInputError, check_number
 from .hub import FLUX_ANYSTORY_REPO
+from .regions import parse_region_text
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -30,6 +34,9 @@ def parse_args(argv=None):
     p.add_argument("--negative-prompt", default=None, help="what it should not show")
     p.add_argument("--subject", action="append", default=[], help="reference image of a subject (repeatable)")
     p.add_argument("--mask", action="append", default=[], help="mask for the subject at the same position, or -")
+    p.add_argument("--region", action="append", default=[],
+                   help="layout for the subject at the same position: x0,y0,x1,y1 (fractions of the output), a mask "
+                        "file of the output's size, or - (anywhere)")
     p.add_argument("--scale", type=float, default=1.0, help="semantic condition strength (eta)")
     p.add_argument("--reference-scale", type=float, default=1.0, help="ReferenceNet condition strength")
     p.add_argument("--anystory-weights", default=os.environ.get("ANYSTORY_SDXL_WEIGHTS"),
@@ -74,41 +81,59 @@ def load_flux(args):
     return pipe
 
 
+def _paired(values: list, count: int) -> list:
+    """Per-subject values given in subject order, ``-`` or absent meaning none."""
+    return [None if v == "-" else v for v in values] + [None] * (count - len(values))
+
+
+def _region(text, index: int):
+    """``--region``: a box of four numbers, else a mask file (checked as ``Subject(region=...)`` checks it)."""
+    if text is None or not re.fullmatch(r"[\s\d.,;eE+-]+", text):
+        return text
+    return parse_region_text(text, f"subject {index}")
+
+
+def _as_flags(error: Exception) -> str:
+    """The library counts subjects from 0; name the flag as typed."""
+    return re.sub(r"^subject (\d+)", lambda m: f"--subject #{int(m.group(1)) + 1}", str(error))
+
+
 def check_inputs(args) -> list:
     """Every input checked before a model loads (that takes seconds to minutes); returns the subjects.
 
-    Raises ``ValueError`` naming the problem: a missing or unreadable file, a mask of the wrong size, an empty
-    prompt, a bad number, an output path that cannot be written.
+    Raises ``InvalidInputError`` naming the problem: a missing or unreadable file, a mask of the wrong size, a
+    bad region, an empty prompt, a bad number, an output path that cannot be written.
     """
     from .subjects import MAX_SUBJECTS, Subject, prepare_subjects
 
     if not args.prompt.strip():
-        raise ValueError("--prompt is empty: describe the scene")
-    if len(args.mask) > len(args.subject):
-        raise ValueError(f"{len(args.mask)} masks for {len(args.subject)} subjects")
+        raise InvalidInputError("--prompt is empty: describe the scene")
+    for flag, values in (("masks", args.mask), ("regions", args.region)):
+        if len(values) > len(args.subject):
+            raise InvalidInputError(f"{len(values)} {flag} for {len(args.subject)} subjects")
     for flag in ("steps", "height", "width"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ValueError(f"--{flag} must be a positive integer, got {value}")
-    if args.guidance is not None and not args.guidance >= 0:
-        raise ValueError(f"--guidance must be >= 0, got {args.guidance}")
+        if getattr(args, flag) is not None:
+            check_number(getattr(args, flag), f"--{flag}", 1, integer=True)
+    if args.guidance is not None:
+        check_number(args.guidance, "--guidance", 0)
     ext = os.path.splitext(args.out)[1].lower()
     if ext not in Image.registered_extensions():
-        raise ValueError(f"--out {args.out}: unknown image extension '{ext or 'none'}'; use .png, .jpg or .webp")
-    masks = [None if m == "-" else m for m in args.mask] + [None] * (len(args.subject) - len(args.mask))
-    subjects = [Subject(s, mask=m, scale=args.scale, reference_scale=args.reference_scale)
-                for s, m in zip(args.subject, masks)]
-    try:  # files, masks, sizes and scales, with no model
+        raise InvalidInputError(f"--out {args.out}: unknown image extension '{ext or 'none'}'; use .png, .jpg or .webp")
+    masks = _paired(args.mask, len(args.subject))
+    try:  # files, masks, regions, sizes and scales, with no model
+        regions = [_region(r, i) for i, r in enumerate(_paired(args.region, len(args.subject)))]
+        subjects = [Subject(s, mask=m, scale=args.scale, reference_scale=args.reference_scale, region=r)
+                    for s, m, r in zip(args.subject, masks, regions)]
         prepare_subjects(subjects, MAX_SUBJECTS)
-    except ValueError as e:  # the library counts from 0; name the flag as typed
-        raise ValueError(re.sub(r"^subject (\d+)", lambda m: f"--subject #{int(m.group(1)) + 1}", str(e))) from None
+    except InvalidInputError as e:
+        raise InvalidInputError(_as_flags(e)) from None
     out_dir = os.path.dirname(os.path.abspath(args.out))
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"--out {args.out}: cannot create {out_dir} ({e.strerror})") from None
+        raise InvalidInputError(f"--out {args.out}: cannot create {out_dir} ({e.strerror})") from None
     if not os.access(out_dir, os.W_OK):
-        raise ValueError(f"--out {args.out}: {out_dir} is not writable")
+        raise InvalidInputError(f"--out {args.out}: {out_dir} is not writable")
     return subjects
 
 
@@ -116,7 +141,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         subjects = check_inputs(args)
-    except ValueError as e:
+    except InvalidInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from .loading import ModelUnavailableError, load_default_pipeline, load_sdxl_anystory
@@ -144,8 +169,8 @@ def main(argv=None) -> int:
         out = pipe(args.prompt, subjects=subjects, negative_prompt=args.negative_prompt, height=args.height,
                    width=args.width, generator=torch.Generator("cpu").manual_seed(args.seed),
                    return_routing_maps=args.save_routing, **call)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except ValueError as e:  # what only the call can check (a region mask against the output size, diffusers' sizes)
+        print(f"error: {_as_flags(e)}", file=sys.stderr)
         return 2
     out.images[0].save(args.out)
     print(f"saved {args.out}")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from anystory import generate, loading
@@ -37,7 +38,8 @@ def no_model(monkeypatch):
     (["--subject", "missing.png"], "--subject #1 image: file not found: missing.png"),
     (["--subject", STAR, "--subject", "gone.jpg"], "--subject #2 image: file not found"),
     (["--subject", STAR, "--mask", "-", "--mask", "x.png"], "2 masks for 1 subjects"),
-    (["--subject", STAR, "--steps", "0"], "--steps must be a positive integer"),
+    (["--subject", STAR, "--steps", "0"], "--steps must be an integer >= 1, got 0"),
+    (["--subject", STAR, "--guidance", "nan"], "--guidance must be finite"),
     (["--subject", STAR, "--scale", "nan"], "scale"),
     (["--subject", STAR, "--out", "result.txt"], "unknown image extension '.txt'"),
 ])
@@ -55,6 +57,41 @@ def test_mask_of_another_size_is_named(no_model, capsys, tmp_path):
     assert generate.main(["--prompt", "a star", "--subject", STAR, "--mask", str(mask),
                           "--out", str(tmp_path / "o.png")]) == 2
     assert "does not match image size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("regions, message", [
+    (["0,0,0.5"], "--subject #1: region box must be four numbers"),
+    (["0, 0, 640, 480"], "--subject #1: region box (0.0, 0.0, 640.0, 480.0) looks like pixels"),
+    (["0.5,0,0.5,1"], "is empty; it needs x0 < x1"),
+    (["-", "nowhere.png"], "--subject #2 region: file not found: nowhere.png"),
+    (["-", "-", "-"], "3 regions for 2 subjects"),
+])
+def test_bad_regions_fail_before_any_model_loads(no_model, capsys, tmp_path, regions, message):
+    argv = ["--prompt", "a star", "--subject", STAR, "--subject", STAR, "--out", str(tmp_path / "o.png")]
+    for r in regions:
+        argv += ["--region", r]
+    assert generate.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_regions_pair_with_subjects_by_the_subject_rule(tmp_path):
+    """A box of fractions, a mask file (read as Subject(region=...) reads it) and ``-`` (anywhere), in order."""
+    mask = Image.new("L", (64, 32), 0)
+    mask.paste(255, (0, 0, 32, 32))  # the left half of a 64x32 output
+    mask.save(tmp_path / "left.png")
+    args = generate.parse_args(["--prompt", "p", "--subject", STAR, "--subject", STAR, "--subject", STAR,
+                                "--region", "0, 0, 0.5, 1", "--region", str(tmp_path / "left.png"),
+                                "--out", str(tmp_path / "o.png")])
+    subjects = generate.check_inputs(args)
+    assert [s.region if not isinstance(s.region, str) else "file" for s in subjects] == [(0.0, 0.0, 0.5, 1.0),
+                                                                                         "file", None]
+    from anystory.regions import routing_regions
+    from anystory.subjects import prepare_subjects
+
+    regions = routing_regions(prepare_subjects(subjects), 32, 64)
+    assert regions.shape == (3, 32, 64)
+    assert torch.equal(regions[0], regions[1]) and regions[0][:, :32].all() and not regions[0][:, 32:].any()
+    assert regions[2].all()
 
 
 def test_import_notice_filter_drops_only_its_text():
