@@ -16,7 +16,8 @@ neither ("two objects on sand"), so identity can only come from the reference im
 3. Attribute leakage: in the object drawn for subject B (see ``match_objects``), the fraction of pixels whose nearest world colour is
    subject A's colour (and vice versa), with routing on vs off. "Off" forces every subject's map to 1
    everywhere (``set_routing_override`` with all-ones maps): each subject's conditions reach every position.
-   "Plain argmax" is routing on without the background logit adjustment (``routing_background_bias=0``).
+   Routing on uses the model's inference rule (the miniature's: the background logit adjustment and one region
+   per subject, ``router.py``); "plain argmax" is the paper's rule, a per-layer argmax with neither.
    "Second pass" generates again with every layer of every step routed by the last-step map of routing on (its
    own decision, held for the whole call; twice the cost). "Oracle" forces every layer's routing to the objects that routing on drew (their masks, background
    elsewhere): what is left is leakage that no routing decision can remove.
@@ -221,12 +222,16 @@ def _generate(pipe, prompt, refs, mode: str, size: int, steps: int, guidance: fl
     if mode == "off":
         override = torch.ones(len(refs) + 1, latent, latent)
     pipe.set_routing_override(override)
+    single_region = pipe.anystory.config.routing_single_region
+    if mode == "plain":
+        pipe.anystory.register_to_config(routing_single_region=False)
     try:
         return pipe(prompt, subjects=refs if mode != "none" else [], num_inference_steps=steps,
                     guidance_scale=guidance, generator=torch.Generator().manual_seed(seed), output_type="np",
                     routing_background_bias=0.0 if mode == "plain" else None, **kwargs)
     finally:
         pipe.set_routing_override(None)
+        pipe.anystory.register_to_config(routing_single_region=single_region)
 
 
 def scene_boxes(world: SyntheticWorld, k: int, subjects, bg: str) -> list:
@@ -408,6 +413,8 @@ def summarise(results: dict, seconds: list, pairs: int) -> dict:
             summary[f"leakage_ratio_off_over_{mode}"] = bootstrap(units, lambda u, mode=mode: _ratio(u, "off", mode))
     summary["seconds_per_image"] = statistics.median(seconds) if seconds else float("nan")
     summary["pairs"] = pairs
+    summary["per_pair"] = {mode: [{"leakage": r["leakage"], "colour": (r["fidelity"] or {}).get("colour")}
+                                  for r in results[mode]] for mode in results}  # for subsets, e.g. unseen pairs
     return summary
 
 
@@ -462,6 +469,7 @@ def main(argv=None) -> int:
         report["layout"] = layout_study(pipe, world, classifier, held_out_pairs(world, args.layout), args.steps,
                                         args.guidance, args.out)
     report["routing_background_bias"] = pipe.anystory.config.routing_background_bias
+    report["routing_single_region"] = pipe.anystory.config.routing_single_region
     report["seconds_total"] = round(time.time() - t0, 1)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -481,7 +489,8 @@ def ci(b: Optional[dict], fmt: str = "{:.3f}") -> str:
 
 def markdown_table(r: dict) -> str:
     g, modes = r.get("generation"), r["modes"]
-    lines = [f"Background logit adjustment of this model: {r['routing_background_bias']:.3f}. "
+    lines = [f"Background logit adjustment of this model: {r['routing_background_bias']:.3f}; one region per "
+             f"subject: {'on' if r.get('routing_single_region') else 'off'}. "
              "Every figure: value [bootstrap 95% interval].", ""]
     tf = r.get("teacher_forced_miou")
     if tf:

@@ -56,6 +56,7 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
         max_subjects: int = MAX_SUBJECTS,
         gumbel_tau: float = 1.0,
         routing_background_bias: float = 0.0,
+        routing_single_region: bool = False,
     ):
         super().__init__()
         cross_dim = unet_config["cross_attention_dim"]
@@ -114,6 +115,7 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
         (a trainer's backward pass may still re-run layers with that one: it is left as it was)."""
         values.setdefault("gumbel_tau", self.config.gumbel_tau)
         values.setdefault("background_bias", self.config.routing_background_bias)
+        values.setdefault("single_region", self.config.routing_single_region)
         self.state = AnyStoryState(training=self.training, **values)
         for processor in self._processors:
             processor.state = self.state

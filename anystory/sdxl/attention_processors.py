@@ -60,6 +60,7 @@ class AnyStoryState:
     training: bool = False
     gumbel_tau: float = 1.0
     background_bias: float = 0.0  # inference routing's background logit adjustment (see router.py)
+    single_region: bool = False  # inference routing keeps each subject's largest region per layer (router.py)
     forced_maps: Optional[torch.Tensor] = None  # [N+1, H, W] (test/debug hook) or [Bc, N+1, H, W] (teacher routing) one-hot maps for every layer
     routing_regions: Optional[torch.Tensor] = None  # [N, H, W] or [Bc, N, H, W]: where the router may send each subject
     record_maps: bool = False  # accumulate gating maps at latent resolution (for visualisation)
@@ -267,7 +268,8 @@ class AnyStoryCrossAttnProcessor:
             regions = st.routing_regions if st.routing_regions.ndim == 4 else st.routing_regions[None]
             closed = _resize_map(regions.float(), hw).flatten(2) < 0.5  # [1 or Bc, N, L]
             logits = torch.cat([logits[:, :-1].masked_fill(closed, float("-inf")), logits[:, -1:]], dim=1)
-        gate, soft = routing_maps(logits, st.training, st.gumbel_tau, st.background_bias)
+        gate, soft = routing_maps(logits, st.training, st.gumbel_tau, st.background_bias,
+                                  hw if st.single_region else None)
         if st.collect_soft_maps:
             st.soft_maps[self.name] = soft
         return gate

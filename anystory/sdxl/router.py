@@ -24,9 +24,19 @@ acts until the image has already formed without it. Subtracting ``background_bia
 p_subject) from the background logit before the argmax (post-hoc logit adjustment, Menon et al., ICLR 2021)
 turns the decision into a likelihood ratio; late in sampling, where the router is confident, it changes little.
 Stage 2 measures the two priors on its training data and stores the value with the weights.
+
+One region per subject (inference only, ``single_region``; off = the paper's rule). An object forms where the
+sampler puts a blob, wherever the router sends a subject; a subject whose map falls on two blobs paints its
+colour into both, and the object drawn for the other subject then carries it (the miniature's attribute
+leakage: README, "Routing study"). :func:`largest_regions` keeps each subject's largest 8-connected region of
+the positions it wins at a layer and gives its other positions to the background. A subject keeps at least one
+position wherever it wins one, so the rule stays removal-invariant: a subject routed nowhere wins nowhere in the
+argmax, and every other subject's winning set, hence its regions, is what it would be without it.
 The gating that uses these maps lives in ``attention_processors.py``.
 """
 from __future__ import annotations
+
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -62,9 +72,33 @@ class RouterLayer(nn.Module):
         return torch.einsum("bkd,bld->bkl", t, x) * self.scale
 
 
-def routing_maps(logits: torch.Tensor, training: bool, tau: float = 1.0, background_bias: float = 0.0):
+def largest_regions(labels: torch.Tensor, hw: Tuple[int, int], classes: int) -> torch.Tensor:
+    """``labels`` ``[B, L]`` (class per position, ``classes - 1`` the background) with every subject cut down to its
+    largest 8-connected region on the ``hw`` grid; the rest goes to the background. Of equal regions the one whose
+    last position (row-major) comes first is kept. Per sample, so a batch gives what single calls give."""
+    batch, n = labels.shape[0], classes - 1
+    grid = labels.view(batch, 1, *hw) == torch.arange(n, device=labels.device).view(1, n, 1, 1)  # [B, N, h, w]
+    ids = torch.arange(1, grid[0, 0].numel() + 1, device=labels.device, dtype=torch.float32).view(1, 1, *hw)
+    region = torch.where(grid, ids, 0.0)
+    while True:  # every position takes the highest id of its region: flood fill by 3x3 max-pooling
+        spread = torch.where(grid, F.max_pool2d(region, 3, stride=1, padding=1), 0.0)
+        if torch.equal(spread, region):
+            break
+        region = spread
+    region = region.long().flatten(2)  # [B, N, L]: 0 where the subject does not win
+    sizes = torch.zeros(batch, n, region.shape[-1] + 1, dtype=torch.long, device=labels.device)
+    sizes.scatter_add_(2, region, torch.ones_like(region))
+    sizes[..., 0] = 0
+    keep = region == sizes.argmax(-1, keepdim=True)  # [B, N, L]; argmax: the first of equal sizes
+    kept = (grid.flatten(2) & keep).any(1)
+    return torch.where(kept, labels, n)
+
+
+def routing_maps(logits: torch.Tensor, training: bool, tau: float = 1.0, background_bias: float = 0.0,
+                 single_region_hw: Optional[Tuple[int, int]] = None):
     """(gating map, soft map) from router logits ``[B, K, L]`` (class ``K-1`` the background); the gating map is
-    one-hot over ``K`` in the forward pass. ``background_bias`` applies to the inference decision only."""
+    one-hot over ``K`` in the forward pass. ``background_bias`` and ``single_region_hw`` (the layer's grid, for
+    :func:`largest_regions`; None = off) apply to the inference decision only."""
     soft = logits.float().softmax(dim=1)
     if training:
         hard = F.gumbel_softmax(logits.float(), tau=tau, hard=True, dim=1)
@@ -72,5 +106,8 @@ def routing_maps(logits: torch.Tensor, training: bool, tau: float = 1.0, backgro
         adjusted = logits.float()
         if background_bias:
             adjusted = torch.cat([adjusted[:, :-1], adjusted[:, -1:] - background_bias], dim=1)
-        hard = F.one_hot(route_decision(adjusted), logits.shape[1]).movedim(-1, 1).float()
+        labels = route_decision(adjusted)
+        if single_region_hw is not None:
+            labels = largest_regions(labels, single_region_hw, logits.shape[1])
+        hard = F.one_hot(labels, logits.shape[1]).movedim(-1, 1).float()
     return hard.to(logits.dtype), soft

@@ -3,7 +3,9 @@
 Trained: every cross-attention layer's router and the routing QFormer (the per-subject routing tokens).
 Loss: diffusion loss (its gradient reaches the router through the straight-through Gumbel-softmax gates) plus
 ``routing_weight * mean ||M - M_gt||^2`` on the soft maps (paper: 0.1). Logged: both losses and router mIoU.
-Afterwards the class priors of the training targets set the inference logit adjustment (``router.py``).
+Afterwards the class priors of the training targets set the inference logit adjustment (``router.py``):
+``logit_adjustment_tau * log(p_background / p_subject)`` (Menon et al.'s tau; default 1), and ``single_region``
+(default off) stores the one-region-per-subject inference rule with the weights.
 
     python -m anystory.training.stage2 --config configs/miniature.yaml
 """
@@ -78,12 +80,15 @@ def train_stage2(cfg: dict, pipe, log=print) -> dict:
         log(f"[stage2] held-out routing loss {after['routing']:.4f}, mIoU {after['miou']:.3f}"
             + (f" (before: {before['routing']:.4f}, {before['miou']:.3f})" if before else ""))
     priors = routing_priors(cfg)
-    bias = math.log(priors["background"] / priors["subject"])
-    pipe.anystory.register_to_config(routing_background_bias=bias)
+    tau = float(scfg.get("logit_adjustment_tau", 1.0))
+    bias = tau * math.log(priors["background"] / priors["subject"])
+    single_region = bool(scfg.get("single_region", False))
+    pipe.anystory.register_to_config(routing_background_bias=bias, routing_single_region=single_region)
     log(f"[stage2] class priors: background {priors['background']:.3f}, one subject {priors['subject']:.3f} "
-        f"-> inference background logit adjustment {bias:.3f}")
+        f"-> inference background logit adjustment {tau:g} x log ratio = {bias:.3f}; one region per subject: "
+        f"{'on' if single_region else 'off'}")
     return {"heldout_before": before, "heldout_after": after, "seconds": loop.seconds, "routing_priors": priors,
-            "routing_background_bias": bias}
+            "routing_background_bias": bias, "logit_adjustment_tau": tau, "routing_single_region": single_region}
 
 
 if __name__ == "__main__":

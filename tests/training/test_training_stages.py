@@ -134,8 +134,9 @@ def test_command_builds_a_miniature_that_loads_and_generates(tmp_path):
     torch.set_num_threads(1)
     out = tmp_path / "export"
     code = run_stages(["--config", SMOKE, "--set", f"work_dir={tmp_path / 'run'}", "--set", f"export_dir={out}",
-                       "--set", "log_every=1000"] + [f"--set={s}.steps=1" for s in ("vae", "clip", "base", "stage1", "stage2")],
-                      log=lambda *_: None)
+                       "--set", "log_every=1000", "--set", "stage2.logit_adjustment_tau=1.5",
+                       "--set", "stage2.single_region=true"]
+                      + [f"--set={s}.steps=1" for s in ("vae", "clip", "base", "stage1", "stage2")], log=lambda *_: None)
     assert code == 0
     for name in ("model_index.json", "anystory.safetensors", "anystory_config.json", "unet", "vae", "image_encoder"):
         assert (out / name).exists(), name
@@ -151,9 +152,11 @@ def test_command_builds_a_miniature_that_loads_and_generates(tmp_path):
     assert {"vae", "clip", "base", "stage1", "stage2", "export"} <= set(summary)
     priors = summary["stage2"]["routing_priors"]  # the inference logit adjustment is measured, and ships
     assert 0 < priors["subject"] < priors["background"] < 1
-    bias = json.loads((out / "anystory_config.json").read_text())["routing_background_bias"]
-    assert bias == pytest.approx(np.log(priors["background"] / priors["subject"]))
+    config = json.loads((out / "anystory_config.json").read_text())
+    bias = config["routing_background_bias"]
+    assert bias == pytest.approx(1.5 * np.log(priors["background"] / priors["subject"]))  # tau x log prior ratio
     assert pipe.anystory.config.routing_background_bias == pytest.approx(bias)
+    assert config["routing_single_region"] is True and pipe.anystory.state.single_region is True
     # a second run finds every stage finished and only re-exports
     assert run_stages(["--config", SMOKE, "--set", f"work_dir={tmp_path / 'run'}", "--set", f"export_dir={out}"]
                       + [f"--set={s}.steps=1" for s in ("vae", "clip", "base", "stage1", "stage2")],
