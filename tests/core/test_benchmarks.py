@@ -79,9 +79,11 @@ def test_interleaved_rounds_and_nested_forwards():
             flag["inner"] = False
 
     hook = outer.register_forward_pre_hook(nested)
-    outer(torch.zeros(1, 2))
-    hook.remove()
-    timer.remove()
+    try:
+        outer(torch.zeros(1, 2))
+    finally:
+        hook.remove()
+        timer.remove()
     assert len(timer.times) == 1
 
 

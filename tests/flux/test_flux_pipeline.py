@@ -46,24 +46,26 @@ def test_reference_keys_values_computed_once_per_subject_per_call(pipe, monkeypa
                       pipe.anystory_state.in_ref_pass))
 
     handle = pipe.transformer.register_forward_pre_hook(count, with_kwargs=True)
-    reads = []
-    original = pipe.anystory_state.ref_kv_for
-    monkeypatch.setattr(pipe.anystory_state, "ref_kv_for",
-                        lambda layer, batch: reads.append(layer) or original(layer, batch))
-    steps, passes = CALL["num_inference_steps"], pipe.anystory_state.ref_passes
-    for n, images_per_prompt in ((2, 1), (3, 2)):
-        calls.clear(), reads.clear()
-        before = pipe.anystory_state.ref_kv_writes
-        pipe(PROMPT, subjects=subjects(n), num_images_per_prompt=images_per_prompt, generator=gen(), **CALL)
-        reference = [c for c in calls if c[2]]
-        denoise = [c for c in calls if not c[2]]
-        # one reference pass, one batch row per subject (not per image), no text tokens
-        assert reference == [(n, 0, True)]
-        assert len(denoise) == steps and all(c[0] == images_per_prompt for c in denoise)
-        assert pipe.anystory_state.ref_kv_writes - before == N_LAYERS
-        # every later step reads the cache: each layer, each step with the reference on
-        assert sorted(reads) == sorted(list(range(N_LAYERS)) * steps)
-    handle.remove()
+    try:
+        reads = []
+        original = pipe.anystory_state.ref_kv_for
+        monkeypatch.setattr(pipe.anystory_state, "ref_kv_for",
+                            lambda layer, batch: reads.append(layer) or original(layer, batch))
+        steps, passes = CALL["num_inference_steps"], pipe.anystory_state.ref_passes
+        for n, images_per_prompt in ((2, 1), (3, 2)):
+            calls.clear(), reads.clear()
+            before = pipe.anystory_state.ref_kv_writes
+            pipe(PROMPT, subjects=subjects(n), num_images_per_prompt=images_per_prompt, generator=gen(), **CALL)
+            reference = [c for c in calls if c[2]]
+            denoise = [c for c in calls if not c[2]]
+            # one reference pass, one batch row per subject (not per image), no text tokens
+            assert reference == [(n, 0, True)]
+            assert len(denoise) == steps and all(c[0] == images_per_prompt for c in denoise)
+            assert pipe.anystory_state.ref_kv_writes - before == N_LAYERS
+            # every later step reads the cache: each layer, each step with the reference on
+            assert sorted(reads) == sorted(list(range(N_LAYERS)) * steps)
+    finally:
+        handle.remove()
     assert pipe.anystory_state.ref_passes - passes == 2  # one per call
     assert pipe.anystory_state.ref_kv == {}  # freed after the call
 
