@@ -1,8 +1,9 @@
 """Where a routed FLUX step's extra time goes, per layer type (``python -m benchmarks.flux_step_layers``).
 
 Times each block of a FLUX.1-dev transformer at its real widths (24 heads of 128, T5 length 512, 512 px: 1024
-image and 1024 reference tokens per subject, rank-128 LoRAs; 1 double + 1 single block, so it fits a CPU) in
-one run, the modes alternating within every round:
+image and 1024 reference tokens per subject, rank-128 LoRAs; 1 double + 2 single blocks, so it fits a CPU, of
+which the double and the first single block are timed: the transformer's last block updates no router token, and
+57 blocks hold only one last one) in one run, the modes alternating within every round:
 
 - ``bare``: no subjects (diffusers' processor);
 - ``reference only``: N subjects' cached reference keys seen by every image token (the router off);
@@ -31,6 +32,7 @@ from diffusers import FluxTransformer2DModel
 from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
 
 import anystory.flux.attention_processor_flux as processor_module
+from anystory.flux.conditioning_flux import FluxConditioning
 from anystory.flux.pipeline_flux import AnyStoryFluxPipeline
 from anystory.flux.tiny_flux import SIGLIP_HIDDEN, random_released_state_dict, tiny_flux_components
 
@@ -41,7 +43,7 @@ TEXT_LEN, REDUX_TOKENS, ROUTER_TOKENS = 512, 81, 9
 FULL_DEPTH = (FLUX_TRANSFORMER["num_layers"], FLUX_TRANSFORMER["num_single_layers"])
 
 
-def real_width_transformer_pipeline(double: int = 1, single: int = 1, config: dict | None = None):
+def real_width_transformer_pipeline(double: int = 1, single: int = 2, config: dict | None = None):
     """AnyStory FLUX with a transformer of FLUX.1-dev's widths (or ``config``) and random released weights;
     the other components are the tiny ones (nothing here runs them)."""
     torch.manual_seed(0)
@@ -54,7 +56,7 @@ def real_width_transformer_pipeline(double: int = 1, single: int = 1, config: di
     return pipe
 
 
-def conditioning(pipe, n: int, grid: int, ref_grid: int, mode: str) -> dict:
+def conditioning(pipe, n: int, grid: int, ref_grid: int, mode: str) -> FluxConditioning:
     """Random state fields of the real shapes (a step's cost depends on shapes, not values)."""
     cfg = pipe.transformer.config
     ref_ids = pipe._prepare_latent_image_ids(1, ref_grid, ref_grid, "cpu", torch.float32)
@@ -64,7 +66,7 @@ def conditioning(pipe, n: int, grid: int, ref_grid: int, mode: str) -> dict:
         owner = torch.arange(grid * grid) * n // (grid * grid)  # the image split in n bands, one per subject
         forced = torch.nn.functional.one_hot(owner, n).T.float()
     on = (0, 1 << 20)
-    return dict(num_subjects=n, redux_tokens=torch.randn(1, n * REDUX_TOKENS, cfg.joint_attention_dim),
+    return FluxConditioning(num_subjects=n, redux_tokens=torch.randn(1, n * REDUX_TOKENS, cfg.joint_attention_dim),
                 router_tokens=torch.randn(1, n * ROUTER_TOKENS, cfg.joint_attention_dim),
                 ref_latents=torch.randn(n, ref_grid * ref_grid, cfg.in_channels), ref_ids=ref_ids,
                 ref_bias=torch.zeros(n * ref_grid * ref_grid), redux_window=on if mode == "routed, redux step" else (0, 0),
@@ -113,7 +115,7 @@ def run(subjects: int = 2, repeats: int = 5, grid: int = 32, ref_grid: int = 32,
     inputs = {}
     for mode in modes:  # the reference pass runs once per mode (once per call in a pipeline), its cache is kept
         if mode != "bare":
-            state.start(**conditioning(pipe, subjects, grid, ref_grid, mode))
+            state.start(conditioning(pipe, subjects, grid, ref_grid, mode))
         with attention_form(mode):
             inputs[mode] = capture_blocks(t, state, call, blocks)
         state.clear()

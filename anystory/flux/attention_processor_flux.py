@@ -21,16 +21,17 @@ low-rank query/key terms); their state-dict keys are ``...attn.processor.<name>`
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple, Union
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 
 from ..routing import exclusive_labels, sparse_pays
-from .adapter_scope import ROUTER_ADAPTER, adapter_scope
 from .routed_attention_flux import routed_attention
-from .router_flux import router_post_attention, router_pre_attention, routing_map
+from .router_flux import RouterModules, router_post_attention, router_pre_attention, routing_map
 
 NEG_INF = float("-inf")
 
@@ -39,7 +40,7 @@ def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.unflatten(-1, (-1, head_dim))
 
 
-def _attention(q, k, v, bias=None):
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``[b, s, h, d]`` in and out."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias)
     return out.transpose(1, 2)
@@ -83,7 +84,15 @@ def _grouped(state, q: torch.Tensor) -> bool:
     return sparse_pays(q) or (state.confine and not torch.compiler.is_compiling())
 
 
+Rope = Tuple[torch.Tensor, torch.Tensor]
+Output = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+
+
 class AnyStoryFluxAttnProcessor(nn.Module):
+    """One block's attention. It reads the call's :class:`~anystory.flux.conditioning_flux.AnyStoryFluxState`
+    and, for the router tokens, the block's :class:`~anystory.flux.router_flux.RouterModules`; both are handed
+    to it by :meth:`bind` when the weights load."""
+
     def __init__(self, hidden_size: int, rank: int = 128, bias: bool = True, layer_id: int = 0):
         super().__init__()
         self.to_q_routing_map_lora_A = nn.Linear(hidden_size, rank, bias=False)
@@ -93,13 +102,16 @@ class AnyStoryFluxAttnProcessor(nn.Module):
         self.layer_id = layer_id
         self.conditioning = None  # AnyStoryFluxState, shared by all processors of the transformer
         self.stock = FluxAttnProcessor()
-        self._block = ()  # (owning block,), kept out of the module tree
-        self._router_layers: list = []
+        self._router: Tuple[RouterModules, ...] = ()  # kept out of the module tree (they are the block's)
 
-    def bind(self, conditioning, block, router_layers) -> None:
-        self.conditioning, self._block, self._router_layers = conditioning, (block,), list(router_layers)
+    def bind(self, conditioning, router: RouterModules) -> None:
+        self.conditioning, self._router = conditioning, (router,)
 
-    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+    def forward(self, attn: FluxAttention, hidden_states: torch.Tensor,
+                encoder_hidden_states: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                image_rotary_emb: Optional[Rope] = None) -> Output:
+        """diffusers' ``FluxAttnProcessor`` interface: a double block passes the image and text streams and gets
+        ``(image, text)`` back; a single block passes the joint sequence and gets it back."""
         state = self.conditioning
         if state is None or not state.active:
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
@@ -112,7 +124,8 @@ class AnyStoryFluxAttnProcessor(nn.Module):
 
     # ---- shared pieces -----------------------------------------------------------------------------------------
     @staticmethod
-    def _project(attn, hidden, text, rope):
+    def _project(attn: FluxAttention, hidden: torch.Tensor, text: Optional[torch.Tensor], rope: Optional[Rope]
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Joint [text, image] queries/keys/values per head, normalised and rotated, plus ``to_k(hidden)``."""
         d = attn.head_dim
         key_proj = attn.to_k(hidden)
@@ -129,7 +142,7 @@ class AnyStoryFluxAttnProcessor(nn.Module):
         return q, k, v, key_proj
 
     @staticmethod
-    def _finish(attn, out, text, dtype):
+    def _finish(attn: FluxAttention, out: torch.Tensor, text: Optional[torch.Tensor], dtype: torch.dtype) -> Output:
         out = out.flatten(2, 3).to(dtype)
         if text is None:
             return out
@@ -138,7 +151,8 @@ class AnyStoryFluxAttnProcessor(nn.Module):
         return image_out, attn.to_add_out(text_out.contiguous())
 
     # ---- modes -------------------------------------------------------------------------------------------------
-    def _reference(self, attn, hidden, text, rope):
+    def _reference(self, attn: FluxAttention, hidden: torch.Tensor, text: Optional[torch.Tensor],
+                   rope: Optional[Rope]) -> Output:
         """Reference pass: one subject per batch row, no text; keep this layer's keys/values."""
         q, k, v, _ = self._project(attn, hidden, text, rope)
         self.conditioning.store_ref_kv(self.layer_id, k, v)
@@ -153,8 +167,9 @@ class AnyStoryFluxAttnProcessor(nn.Module):
         out = F.scaled_dot_product_attention(q5, k5, v5).permute(0, 2, 3, 1, 4).flatten(0, 1)
         return self._finish(attn, out, text, q.dtype)
 
-    def _conditioned(self, attn, hidden, text, rope, plan):
-        state, block = self.conditioning, self._block[0]
+    def _conditioned(self, attn: FluxAttention, hidden: torch.Tensor, text: Optional[torch.Tensor], rope: Rope,
+                     plan) -> Output:
+        state = self.conditioning
         double = text is not None
         batch, img, n = hidden.shape[0], state.img_len, state.num_subjects
         q, k, v, key_proj = self._project(attn, hidden, text, rope)
@@ -164,16 +179,17 @@ class AnyStoryFluxAttnProcessor(nn.Module):
             if state.forced_maps is not None:
                 maps = state.forced_maps.to(device=q.device, dtype=q.dtype).expand(batch, -1, -1)
             else:
+                parts = self._router[0]
                 router_hidden = state.router_input(hidden.dtype)
-                with adapter_scope(self._router_layers, ROUTER_ADAPTER):
-                    r_norm, r_qkv, mods, mlp = router_pre_attention(block, attn, router_hidden, state.temb, double)
+                pre = router_pre_attention(parts, attn, router_hidden, state.modulation[self.layer_id])
                 image_norm = hidden if double else hidden[:, -img:]
                 image_rope = (rope[0][-img:], rope[1][-img:])
-                maps = routing_map(attn, r_norm, image_norm, key_proj[:, -img:], image_rope,
+                maps = routing_map(attn, pre.norm, pre.query_base, image_norm, key_proj[:, -img:], image_rope,
                                    (self.to_q_routing_map_lora_A, self.to_q_routing_map_lora_B),
                                    (self.to_k_routing_map_lora_A, self.to_k_routing_map_lora_B), n, double,
                                    **({} if state.closed_regions is None else {"closed": state.closed_regions}))
-                router = (router_hidden, r_qkv, mods, mlp)
+                if parts.updates:
+                    router = (parts, router_hidden, pre)
             state.record(maps)
 
         labels = None
@@ -188,15 +204,14 @@ class AnyStoryFluxAttnProcessor(nn.Module):
         if labels is not None:
             ref_bias = state.ref_bias.to(device=q.device, dtype=q.dtype) if plan.ref else None
             out = routed_attention(q, k, v, ref_k, ref_v, ref_bias, labels, state.txt_len, state.redux_len, n,
-                                   confine=state.confine)
+                                   state.confine)
         else:
             keys, values = (k, v) if ref_k is None else (torch.cat([k, ref_k], dim=1), torch.cat([v, ref_v], dim=1))
             out = _attention(q, keys, values, attention_bias(state, plan, maps, batch, q.dtype, q.device))
 
-        if router is not None:
-            router_hidden, (rq, rk, rv), mods, mlp = router
+        if router is not None:  # the router tokens' own attention and update (not in the last block)
+            parts, router_hidden, pre = router
+            rq, rk, rv = pre.qkv
             r_out = _attention(rq, torch.cat([k[:, -img:], rk], dim=1), torch.cat([v[:, -img:], rv], dim=1))
-            with adapter_scope(self._router_layers, ROUTER_ADAPTER):
-                state.router_hidden = router_post_attention(block, attn, router_hidden, r_out.to(rq.dtype), mods,
-                                                            mlp, double)
+            state.router_hidden = router_post_attention(parts, attn, router_hidden, r_out.to(rq.dtype), pre)
         return self._finish(attn, out, text, q.dtype)

@@ -6,14 +6,17 @@ router whenever either is on and there are >= 2 subjects). When redux is on it a
 tokens to the text tokens (position ids 0, like text). When the reference is first needed it runs the
 reference pass: the same transformer, once, over every subject's reference latents (one batch row per
 subject, so each subject attends only to itself), at timestep 0 with the ``anystory_ref`` adapter active and
-no text; the processors keep each layer's reference keys/values, which every later step reuses. A pre-hook on
-each block records ``temb`` for the router tokens.
+no text; the processors keep each layer's reference keys/values, which every later step reuses. In a routed
+step a hook on each block's modulation linear (the context side's) keeps its input and output, which the router
+tokens reuse (``router_flux``).
 
 Nothing here changes the transformer's code; with no subjects the hooks return at once and the processors
 defer to diffusers' ``FluxAttnProcessor``.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -39,8 +42,30 @@ def step_window(num_steps: int, start_at: float, end_at: float) -> Tuple[int, in
     return int(num_steps * start_at + 0.5), int(num_steps * end_at + 0.5)
 
 
+@dataclass(frozen=True)
+class FluxConditioning:
+    """One call's subjects as the hooks and processors use them (``AnyStoryFluxPipeline.conditioning_inputs``
+    builds it, :meth:`AnyStoryFluxState.start` hands it to them)."""
+
+    num_subjects: int
+    redux_tokens: torch.Tensor  # [1, N*t, C] already scaled
+    router_tokens: torch.Tensor  # [1, N*r, C]
+    ref_latents: torch.Tensor  # [N, R, c] packed latents
+    ref_ids: torch.Tensor  # [R, 3]
+    ref_bias: torch.Tensor  # [N*R] additive logit bias of the reference columns
+    redux_window: Tuple[int, int] = (0, 0)  # steps [start, end) with the redux tokens
+    ref_window: Tuple[int, int] = (0, 0)  # steps [start, end) with the reference
+    use_router: bool = False
+    forced_maps: Optional[torch.Tensor] = None  # [N, I] 0/1 at the image-token grid (a routing override)
+    closed_regions: Optional[torch.Tensor] = None  # [1, N, I] bool: where a subject's region forbids it
+    confine: bool = False  # confine_subjects
+    record_maps: bool = False
+
+
 class AnyStoryFluxState:
-    """What the hooks and attention processors share during one pipeline call."""
+    """What the hooks and attention processors share during one pipeline call: the call's
+    :class:`FluxConditioning` (its fields readable here by name) and what the forwards write (the step's plan,
+    token counts, cached reference keys/values, the router tokens, recorded maps)."""
 
     def __init__(self):
         self.transformer = None
@@ -54,6 +79,7 @@ class AnyStoryFluxState:
     # ---- per call ----------------------------------------------------------------------------------------------
     def clear(self) -> None:
         self.active = False
+        self.conditioning: Optional[FluxConditioning] = None
         self.num_subjects = 0
         self.redux_tokens: Optional[torch.Tensor] = None  # [1, N*t, C] already scaled
         self.router_tokens: Optional[torch.Tensor] = None  # [1, N*r, C]
@@ -79,16 +105,15 @@ class AnyStoryFluxState:
         self.plan: Optional[StepPlan] = None
         self.batch = 0
         self.txt_len = self.redux_len = self.img_len = 0
-        self.temb = None
+        self.modulation: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (silu(temb), its linear's output)
         self.router_hidden = None
         self.layer_maps: List[torch.Tensor] = []
 
-    def start(self, **fields) -> None:
+    def start(self, conditioning: FluxConditioning) -> None:
         self.clear()
-        for k, v in fields.items():
-            if not hasattr(self, k):
-                raise AttributeError(k)
-            setattr(self, k, v)
+        self.conditioning = conditioning
+        for f in dataclasses.fields(conditioning):
+            setattr(self, f.name, getattr(conditioning, f.name))
         self.active = True
 
     def plan_for(self, step: int) -> StepPlan:
@@ -103,17 +128,19 @@ class AnyStoryFluxState:
         self.transformer = transformer
         self._signature = inspect.signature(type(transformer).forward)
         self._handles.append(transformer.register_forward_pre_hook(self._on_transformer, with_kwargs=True))
-        for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
-            self._handles.append(block.register_forward_pre_hook(self._on_block, with_kwargs=True))
+        for layer_id, block in enumerate(list(transformer.transformer_blocks) +
+                                         list(transformer.single_transformer_blocks)):
+            linear = block.norm1_context.linear if hasattr(block, "norm1_context") else block.norm.linear
+            self._handles.append(linear.register_forward_hook(functools.partial(self._on_modulation, layer_id)))
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
 
-    def _on_block(self, module, args, kwargs):
-        if self.active and not self.in_ref_pass:
-            self.temb = kwargs["temb"] if "temb" in kwargs else args[2]
+    def _on_modulation(self, layer_id: int, module, args, output) -> None:
+        if self.active and not self.in_ref_pass and self.plan is not None and self.plan.route:
+            self.modulation[layer_id] = (args[0], output)
 
     def _on_transformer(self, module, args, kwargs):
         if not self.active or self.in_ref_pass:

@@ -34,7 +34,7 @@ from ..subjects import MAX_SUBJECTS, PreparedSubject, Segmenter, Subject
 from .adapter_scope import ANYSTORY_ADAPTERS, REF_ADAPTER, ROUTER_ADAPTER, deactivate_anystory_adapters, \
     layers_with_adapter
 from .attention_processor_flux import AnyStoryFluxAttnProcessor
-from .conditioning_flux import AnyStoryFluxState, step_window
+from .conditioning_flux import AnyStoryFluxState, FluxConditioning, step_window
 from .low_vram import quantization_config
 from .redux import AnyStoryReduxEncoder
 from .router_flux import RouterModules
@@ -275,8 +275,9 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
                             redux_scale: float = 0.6, redux_start_at: float = 0.1, redux_end_at: float = 0.3,
                             ref_start_at: float = 0.0, ref_end_at: float = 1.0, use_router: Optional[bool] = None,
                             confine_subjects: bool = False, record_maps: bool = False,
-                            reference_noise: str = "call", regions: Optional[torch.Tensor] = None) -> dict:
-        """Encode the subjects and lay out one call's conditioning (the fields of ``AnyStoryFluxState.start``).
+                            reference_noise: str = "call", regions: Optional[torch.Tensor] = None
+                            ) -> FluxConditioning:
+        """Encode the subjects and lay out one call's conditioning (``AnyStoryFluxState.start`` takes it).
         ``regions``: ``[N, H, W]`` from :func:`anystory.regions.routing_regions`; they need the router, so they turn
         it on for one subject too."""
         n = len(prepared)
@@ -291,7 +292,7 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
         log_scale = torch.where(ref_scale > 0, ref_scale.clamp(min=1e-30).log(),
                                 torch.full_like(ref_scale, float("-inf")))
         ref_bias = torch.where(enc["ref_mask"], 0.0, -100.0) + log_scale[:, None]
-        return dict(
+        return FluxConditioning(
             num_subjects=n, redux_tokens=redux.flatten(0, 1)[None], router_tokens=enc["router"].flatten(0, 1)[None],
             ref_latents=enc["ref_latents"], ref_ids=enc["ref_ids"], ref_bias=ref_bias.flatten(),
             redux_window=step_window(steps, redux_start_at, redux_end_at),
@@ -365,7 +366,7 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
         try:
             if n:
                 steps = len(kwargs["sigmas"]) if kwargs.get("sigmas") is not None else num_inference_steps
-                state.start(**self.conditioning_inputs(
+                state.start(self.conditioning_inputs(
                     prepared, self._execution_device, generator, steps=steps, grid=grid, redux_scale=redux_scale,
                     use_router=use_router, confine_subjects=confine_subjects, record_maps=return_routing_maps,
                     reference_noise=reference_noise, regions=regions, **fractions))

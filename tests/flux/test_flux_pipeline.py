@@ -207,21 +207,21 @@ def test_bad_call_arguments(pipe):
 def test_subject_encoding_follows_the_release(pipe):
     two = [Subject(*subject_image(0), scale=0.5, reference_scale=0.0), Subject(*subject_image(1))]
     cond = pipe.conditioning_inputs(pipe.check_subjects(two), "cpu", gen(), steps=25, grid=(8, 8))
-    assert cond["redux_tokens"].shape == (1, 2 * 81, 32)  # 27x27 SigLIP patches pooled to 9x9 per subject
-    assert cond["router_tokens"].shape == (1, 2 * 9, 32)  # ... and to 3x3 for the router
-    assert cond["ref_latents"].shape == (2, 64, 16)  # 32 px reference -> 16x16 latents -> 8x8 packed tokens
-    ids = cond["ref_ids"]
+    assert cond.redux_tokens.shape == (1, 2 * 81, 32)  # 27x27 SigLIP patches pooled to 9x9 per subject
+    assert cond.router_tokens.shape == (1, 2 * 9, 32)  # ... and to 3x3 for the router
+    assert cond.ref_latents.shape == (2, 64, 16)  # 32 px reference -> 16x16 latents -> 8x8 packed tokens
+    ids = cond.ref_ids
     assert torch.equal(ids[:, 1], torch.arange(8).repeat_interleave(8).float())
     assert torch.equal(ids[:, 2], (torch.arange(8) - 8).repeat(8).float())  # shifted left by the reference width
-    assert cond["redux_window"] == (3, 8) and cond["ref_window"] == (0, 25)  # the release's rounding of 0.1, 0.3
-    bias = cond["ref_bias"].view(2, 64)
+    assert cond.redux_window == (3, 8) and cond.ref_window == (0, 25)  # the release's rounding of 0.1, 0.3
+    bias = cond.ref_bias.view(2, 64)
     assert torch.all(bias[0] == float("-inf"))  # reference_scale 0: subject 0's reference is off
     assert set(bias[1].unique().tolist()) == {0.0, -100.0}  # -100 on reference tokens outside the mask
-    tokens = cond["redux_tokens"].view(2, 81, 32)
+    tokens = cond.redux_tokens.view(2, 81, 32)
     assert (tokens[1].abs().sum(-1) == 0).any() and (tokens[1].abs().sum(-1) > 0).any()  # masked-out windows
     full = pipe.conditioning_inputs(pipe.check_subjects([Subject(*subject_image(0))]), "cpu", gen(), steps=25,
                                     grid=(8, 8))
-    torch.testing.assert_close(tokens[0], full["redux_tokens"][0] * 0.5)  # Subject.scale multiplies redux x 0.6
+    torch.testing.assert_close(tokens[0], full.redux_tokens[0] * 0.5)  # Subject.scale multiplies redux x 0.6
 
 
 def test_gated_redux_pooling():

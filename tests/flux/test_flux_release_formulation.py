@@ -202,7 +202,7 @@ def ours_and_release(pipe, n, step, dtype=torch.float32, use_router=None, flips=
                 img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)
     with torch.no_grad():
         plain = t(**call)[0]
-        state.start(**cond)
+        state.start(cond)
         state.step = step
         plan = state.plan_for(step)
         assert plan.ref and plan.redux == (step == 0) and plan.route == (n > 1 and use_router is not False)
@@ -212,8 +212,8 @@ def ours_and_release(pipe, n, step, dtype=torch.float32, use_router=None, flips=
         release_maps = []
         expected = release_forward(
             t, hidden, text, pooled, timestep, guidance, txt_ids, img_ids, redux if plan.redux else None,
-            cond["ref_latents"].flatten(0, 1)[None], cond["ref_ids"].repeat(n, 1), cond["ref_bias"],
-            cond["router_tokens"] if plan.route else None, n, maps_out=release_maps)
+            cond.ref_latents.flatten(0, 1)[None], cond.ref_ids.repeat(n, 1), cond.ref_bias,
+            cond.router_tokens if plan.route else None, n, maps_out=release_maps)
     if flips is not None and plan.route:
         differ = sum(int((a.argmax(1) != b.argmax(1)).sum()) for a, b in zip(our_maps, release_maps))
         flips.append((differ, sum(m[:, 0].numel() for m in release_maps)))
