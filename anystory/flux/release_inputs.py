@@ -24,6 +24,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from ..errors import InvalidInputError
 from ..images import has_alpha, read_image, read_mask_image, to_rgb
 from ..subjects import AlphaOrWholeImageSegmenter, PreparedSubject, Segmenter, as_subject_list, prepare_subjects
 
@@ -95,7 +96,7 @@ def prepare_release_subjects(subjects, max_subjects: int, segmenter: Optional[Se
                              preprocessing: str = "app") -> List[ReleaseSubject]:
     """Validate as every pipeline does (:func:`prepare_subjects`), then prepare as the release does."""
     if preprocessing not in PREPROCESSING:
-        raise ValueError(f"subject_preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")
+        raise InvalidInputError(f"subject_preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")
     remembering = _Remembering(segmenter or AlphaOrWholeImageSegmenter())
     checked = prepare_subjects(subjects, max_subjects, remembering)
     segmented = iter(remembering.masks)
@@ -116,8 +117,8 @@ def prepare_release_subjects(subjects, max_subjects: int, segmenter: Optional[Se
             continue
         binary = values > RELEASE_MASK_THRESHOLD
         if not binary.any():
-            raise ValueError(f"{label}: no mask value above {RELEASE_MASK_THRESHOLD} (the authors' threshold, of "
-                             f"255; the largest here is {int(values.max())}): the mask marks no subject.")
+            raise InvalidInputError(f"{label}: no mask value above {RELEASE_MASK_THRESHOLD} (the authors' threshold, "
+                                    f"of 255; the largest here is {int(values.max())}): the mask marks no subject.")
         image, mask = release_matting(raw, binary)
         out.append(ReleaseSubject(image, mask > 0, p.name, p.scale, p.reference_scale, p.mask_source,
                                   region=p.region, mask_values=mask))

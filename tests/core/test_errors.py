@@ -80,3 +80,25 @@ def test_every_number_rule_is_the_one_check():
         prepare_subjects([Subject(RED, reference_scale=float("nan"))])
     with pytest.raises(ScriptError, match="settings.guidance must be finite"):
         script_from_dict({"settings": {"guidance": float("inf")}, "shots": []})
+
+
+def test_the_pipelines_input_checks_are_invalid_input_errors():
+    """What the pipelines refuse of a call's arguments is the user's to fix (the app shows it as such)."""
+    import torch
+
+    from anystory.flux.release_inputs import prepare_release_subjects
+    from anystory.pipeline_mixin import AnyStoryPipelineMixin
+
+    with pytest.raises(InvalidInputError, match="subject_preprocessing must be one of"):
+        prepare_release_subjects([RED], 4, None, "weird")
+    soft = np.zeros((16, 16), np.uint8)
+    soft[4:12, 4:12] = 150  # a subject marked, but nowhere above the release's threshold of 200
+    with pytest.raises(InvalidInputError, match="no mask value above 200"):
+        prepare_release_subjects([Subject(RED, mask=soft)], 4, None)
+    pipe = AnyStoryPipelineMixin()
+    pipe.set_routing_override(torch.full((2, 4, 4), float("nan")))
+    with pytest.raises(InvalidInputError, match="NaN or infinite"):
+        pipe._routing_override_for(1)
+    pipe.set_routing_override(torch.ones(3, 4, 4))
+    with pytest.raises(InvalidInputError, match=r"must be \[N\+1=2, H, W\]"):
+        pipe._routing_override_for(1)
