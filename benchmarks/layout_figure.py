@@ -2,8 +2,10 @@
 
     python -m benchmarks.layout_figure [--pairs 3] [--out runs/layout_figure.png]
 
-Columns: the two reference subjects, their regions (the held-out scene's boxes, in the subjects' map colours),
-the output and last-step routing map without regions, then the same with ``Subject(region=...)``. One seed per row.
+Columns: the two reference subjects, the background reference, their regions (the held-out scene's boxes, in the
+subjects' map colours), the output and last-step routing map without regions, the same with ``Subject(region=...)``,
+then with the regions and ``background=`` the background reference (prompt "two objects", which names no backdrop;
+the reference is a backdrop of another kind than the row's, so what the scene shows comes from it). One seed per row.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from anystory import Subject
-from anystory.data.synthetic import SyntheticWorld, WorldConfig
+from anystory.data.synthetic import BACKGROUNDS, SyntheticWorld, WorldConfig
 from anystory.loading import load_miniature
 from anystory.subjects import prepare_subjects
 from anystory.app.visualize import routing_colormap, side_by_side, subject_colors
@@ -38,9 +40,13 @@ def figure_row(pipe, world, k, subjects, bg, steps: int) -> Image.Image:
     colors = subject_colors(len(subjects))
     refs = [world.reference(s, k, slot).image for slot, s in enumerate(subjects)]
     panels = [prepare_subjects([Subject(r)])[0].image.resize((CELL, CELL)) for r in refs]
+    kinds = list(BACKGROUNDS)
+    backdrop = world.background_reference(kinds[(kinds.index(bg) + 3) % len(kinds)], k)
+    panels.append(backdrop.resize((CELL, CELL), Image.NEAREST))
     panels.append(regions_panel(boxes, colors))
-    for regions in ([None] * len(subjects), boxes):
-        out = pipe(f"two objects on {bg}", subjects=[Subject(r, region=b) for r, b in zip(refs, regions)],
+    for regions, background in (([None] * len(subjects), None), (boxes, None), (boxes, backdrop)):
+        prompt = "two objects" if background is not None else f"two objects on {bg}"
+        out = pipe(prompt, subjects=[Subject(r, region=b) for r, b in zip(refs, regions)], background=background,
                    num_inference_steps=steps, generator=torch.Generator().manual_seed(k), return_routing_maps=True)
         panels.append(out.images[0].resize((CELL, CELL), Image.NEAREST))
         panels.append(routing_colormap(out.routing_maps[-1][0], (CELL, CELL), colors))

@@ -44,6 +44,8 @@ BACKGROUNDS: Dict[str, Tuple[int, int, int]] = {
 }
 COUNT_WORDS = {1: "an object", 2: "two objects", 3: "three objects", 4: "four objects"}
 SUPERSAMPLE = 4
+#: Random stream of background references (subject references use streams 1..4, one per slot).
+BACKGROUND_STREAM = 16
 
 
 @dataclass(frozen=True)
@@ -261,14 +263,16 @@ class Sample:
     references: List[Reference]
 
 
-def caption_for(identities: Sequence[Identity], background_name: str) -> str:
+def caption_for(identities: Sequence[Identity], background_name: Optional[str]) -> str:
+    """"a red striped star and a blue moon on sand"; ``background_name=None`` leaves the background unnamed (what
+    the background-reference stage trains on: there the scene's background comes from its reference image)."""
     names = [f"{'an' if i.name[0] in 'aeiou' else 'a'} {i.name}" for i in identities]
     subjects = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-    return f"{subjects} on {background_name}"
+    return subjects if background_name is None else f"{subjects} on {background_name}"
 
 
-def generic_caption_for(count: int, background_name: str) -> str:
-    return f"{COUNT_WORDS[count]} on {background_name}"
+def generic_caption_for(count: int, background_name: Optional[str]) -> str:
+    return COUNT_WORDS[count] if background_name is None else f"{COUNT_WORDS[count]} on {background_name}"
 
 
 @dataclass
@@ -370,6 +374,14 @@ class SyntheticWorld:
         rgba = np.concatenate([np.clip(np.round(canvas), 0, 255).astype(np.uint8),
                                (mask * 255).astype(np.uint8)[..., None]], axis=2)
         return Reference(identity, Image.fromarray(rgba, "RGBA"))
+
+    def background_reference(self, name: str, index: int) -> Image.Image:
+        """Another view of backdrop ``name`` with no objects (RGB, ``reference_size``): its own light direction,
+        pattern phase and noise, so only what the kind of backdrop shares (colour and texture) carries over to
+        a scene of that kind. The background-reference stage's reference and the background study's."""
+        size = self.config.reference_size
+        image = background(name, (size, size), self.rng(index, stream=BACKGROUND_STREAM))
+        return Image.fromarray(np.clip(np.round(image), 0, 255).astype(np.uint8), "RGB")
 
     def sample(self, index: int, count: Optional[int] = None) -> Sample:
         """Stage-1/2 training sample: the scene and a fresh reference view of each of its subjects."""

@@ -15,6 +15,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
+from .background import BackgroundConditioning, reference_dims
 from .attention_processors import AnyStoryCrossAttnProcessor, AnyStorySelfAttnProcessor, AnyStoryState, CrossAttnConditioning
 from .qformer import QFormer
 from .reference_net import ReferenceNet
@@ -57,6 +58,7 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
         gumbel_tau: float = 1.0,
         routing_background_bias: float = 0.0,
         routing_single_region: bool = False,
+        background_rank: int = 0,
     ):
         super().__init__()
         cross_dim = unet_config["cross_attention_dim"]
@@ -67,6 +69,7 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
             _key(name): CrossAttnConditioning(latent_dim, cdim, inner, routing_dim, router_dim)
             for name, latent_dim, cdim, inner in cross_attention_layers
         })
+        self.background = self._background_module(background_rank) if background_rank else None
         self.state = AnyStoryState(gumbel_tau=gumbel_tau)
         self._processors: List[Union[AnyStorySelfAttnProcessor, AnyStoryCrossAttnProcessor]] = []
         self.eval()  # inference (hard routing) unless a trainer calls .train()
@@ -90,6 +93,19 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
                 cond.to_k_sem.weight.copy_(modules[name].to_k.weight)
                 cond.to_v_sem.weight.copy_(modules[name].to_v.weight)
         return adapter.to(device=unet.device)
+
+    def _background_module(self, rank: int) -> BackgroundConditioning:
+        return BackgroundConditioning(reference_dims(self.reference_net), self.config.num_semantic_tokens,
+                                      self.config.unet_config["cross_attention_dim"], rank)
+
+    def add_background(self, rank: int = 4) -> BackgroundConditioning:
+        """Fresh (zero, i.e. subject-like) background-reference parameters: the background stage's start."""
+        if rank < 1:
+            raise ValueError(f"background rank must be >= 1, got {rank}")
+        weight = next(self.reference_net.parameters())
+        self.background = self._background_module(rank).to(device=weight.device, dtype=weight.dtype)
+        self.register_to_config(background_rank=rank)
+        return self.background
 
     def attach(self, unet: UNet2DConditionModel) -> None:
         """Install AnyStory's processors on every attention layer of the denoising UNet."""

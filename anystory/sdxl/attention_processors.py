@@ -9,7 +9,8 @@
 * ``AnyStoryCrossAttnProcessor`` (every ``attn2``): text cross-attention plus *decoupled* cross-attention to
   each subject's semantic tokens (IP-Adapter style, new key/value projections), one SDPA call per subject. The
   layer's router predicts the map over N subjects + background; subject i's output is multiplied by
-  ``scale_i * map_i``. The background gets no subject condition.
+  ``scale_i * map_i``. The background gets no subject condition; with a background reference (``background.py``)
+  it is one more conditioned class after the subjects, acting where the map says background, in both processors.
 
 When routing acts (the guarantees, tested in ``tests/sdxl/test_routing_confinement.py``):
 
@@ -49,6 +50,7 @@ class AnyStoryState:
     conditional batch."""
 
     num_subjects: int = 0
+    background: bool = False  # a background reference follows the subjects in the conditions (class N of the map)
     reference_features: Dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> [b, N, Lr, C]
     semantic_tokens: Optional[torch.Tensor] = None  # [b, N, T, D]
     semantic_uncond_tokens: Optional[torch.Tensor] = None  # [b, N, T, D]: background tokens for the CFG half
@@ -84,8 +86,13 @@ class AnyStoryState:
         return self.scale_list
 
     @property
+    def conditioned(self) -> int:
+        """Classes of the map that carry conditions: the subjects, then the background when it has a reference."""
+        return self.num_subjects + int(self.background)
+
+    @property
     def active(self) -> bool:
-        return self.num_subjects > 0
+        return self.conditioned > 0
 
     def layer_hw(self, tokens: int) -> Tuple[int, int]:
         """Spatial size of a layer holding ``tokens`` positions: the latent halved level by level as the UNet's
@@ -158,7 +165,7 @@ class AnyStorySelfAttnProcessor:
         ref_v = _heads(_to_batch(ref_v.flatten(1, 2), batch), attn.heads)
 
         prev = _resize_map(st.prev_map, st.layer_hw(length)).flatten(2)  # [Bc, N+1, L]
-        gate = prev[:, : st.num_subjects].detach().to(query.dtype)  # subject i's reference acts where gate_i > 0
+        gate = prev[:, : st.conditioned].detach().to(query.dtype)  # subject i's reference acts where gate_i > 0
         labels = exclusive_labels(gate) if sparse_pays(query) else None
         if labels is None:
             out = _dense_reference_attention(query, key, value, ref_k, ref_v, gate, st.reference_scales)
@@ -280,7 +287,7 @@ class AnyStoryCrossAttnProcessor:
         if not st.active or encoder_hidden_states is None or attention_mask is not None:
             return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         batch, length, _ = hidden_states.shape
-        n = st.num_subjects
+        n = st.conditioned
         hw = st.layer_hw(length)
         query = attn.to_q(hidden_states)
         q = _heads(query, attn.heads)

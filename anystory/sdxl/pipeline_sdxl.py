@@ -16,6 +16,7 @@ from diffusers import StableDiffusionXLPipeline
 
 from .adapter_fit import check_adapter_fits_unet
 from .adapter_sdxl import AnyStorySDXLAdapter
+from .background import background_tensors, check_background, encode_background, with_background
 from ..errors import check_number
 from ..hub import SDXL_IMAGE_ENCODER as DEFAULT_IMAGE_ENCODER  # noqa: F401 (the paper's CLIP, kept by this name)
 from ..pipeline_mixin import AnyStoryPipelineMixin, AnyStoryPipelineOutput  # noqa: F401 (exported here)
@@ -140,7 +141,7 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
 
     # ---- call --------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, prompt=None, subjects: Optional[Sequence[Subject]] = None, *, height: Optional[int] = None,
+    def __call__(self, prompt=None, subjects: Optional[Sequence[Subject]] = None, *, background=None, height: Optional[int] = None,
                  width: Optional[int] = None, num_inference_steps: int = 30, guidance_scale: float = 5.0,
                  negative_prompt=None, num_images_per_prompt: int = 1, generator=None, latents=None,
                  output_type: str = "pil", return_dict: bool = True, callback_on_step_end: Optional[Callable] = None,
@@ -149,8 +150,11 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
         """Generate. ``subjects``: up to ``max_subjects`` :class:`Subject`. Every other argument is
         ``StableDiffusionXLPipeline``'s. ``return_routing_maps`` adds per-step routing maps to the output.
         ``routing_background_bias``: the router's background logit adjustment (``router.py``); ``None`` uses the
-        value stored with the weights, 0 is the paper's plain argmax, larger values give subjects more room."""
+        value stored with the weights, 0 is the paper's plain argmax, larger values give subjects more room.
+        ``background``: an image of the scene's backdrop, applied where the router puts background
+        (``background.py``; needs weights trained with it)."""
         prepared = self.check_subjects(subjects)
+        background = check_background(self, background)
         if routing_background_bias is not None:
             routing_background_bias = check_number(routing_background_bias, "routing_background_bias")
         height = height or self.default_sample_size * self.vae_scale_factor
@@ -168,13 +172,17 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
                                                          collect_maps, needed=return_routing_maps)
 
         try:
-            if prepared:
+            if prepared or background is not None:
                 device, dtype = self._execution_device, self.unet.dtype
-                encoded = self.encode_subjects(**self.subject_tensors(prepared, device, dtype))
+                encoded = self.encode_subjects(**self.subject_tensors(prepared, device, dtype)) if prepared else None
+                if background is not None:
+                    encoded = with_background(encoded, encode_background(
+                        self, **background_tensors(self, background, device, dtype)))
+                extra = [1.0] if background is not None else []
                 self.anystory.reset_state(
-                    **encoded,
-                    scales=torch.tensor([p.scale for p in prepared], device=device),
-                    reference_scales=torch.tensor([p.reference_scale for p in prepared], device=device),
+                    **encoded, background=background is not None,
+                    scales=torch.tensor([p.scale for p in prepared] + extra, device=device),
+                    reference_scales=torch.tensor([p.reference_scale for p in prepared] + extra, device=device),
                     cfg=guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None,
                     latent_hw=(height // self.vae_scale_factor, width // self.vae_scale_factor),
                     forced_maps=self._forced_maps(len(prepared), device),

@@ -7,7 +7,7 @@ from typing import Any, Dict
 
 import yaml
 
-STAGES = ("vae", "clip", "base", "stage1", "stage2", "export")
+STAGES = ("vae", "clip", "base", "stage1", "stage2", "background", "export")
 
 DEFAULTS: Dict[str, Any] = {
     "seed": 0,
@@ -37,6 +37,10 @@ DEFAULTS: Dict[str, Any] = {
                "generic_caption": 0.6, "drop_semantic": 0.1, "snr_gamma": 5.0, "ema": 0.0, "gradient_accumulation": 1},
     "stage2": {"steps": 300, "batch_size": 12, "lr": 1e-3, "subjects": [0.2, 0.4, 0.4], "routing_weight": 0.1,
                "generic_caption": 0.6, "drop_text": 0.0, "snr_gamma": 5.0, "ema": 0.0, "gradient_accumulation": 1},
+    # the background reference (anystory/sdxl/background.py): steps 0 = not trained, the weights ship without it
+    "background": {"steps": 0, "batch_size": 12, "lr": 2e-3, "rank": 4, "subjects": [0.3, 0.4, 0.3],
+                   "generic_caption": 0.5, "drop_text": 0.1, "drop_semantic": 0.1, "snr_gamma": 5.0, "ema": 0.0,
+                   "gradient_accumulation": 1},
     "log_every": 10,
     "save_every": 100,
 }
@@ -64,7 +68,7 @@ def load_config(path: str, overrides: Dict[str, Any] | None = None) -> dict:
     if unknown:
         raise ValueError(f"training config {path}: unknown keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     cfg = _merge(_merge(DEFAULTS, data), overrides or {})
-    for stage in ("stage1", "stage2"):
+    for stage in ("stage1", "stage2", "background"):
         probs = cfg[stage]["subjects"]
         if not probs or any(p < 0 for p in probs) or sum(probs) <= 0 or len(probs) > 4:
             raise ValueError(f"{stage}.subjects must be 1-4 non-negative weights for 1, 2, ... subjects, got {probs}")

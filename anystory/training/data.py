@@ -21,7 +21,7 @@ from ..data.synthetic import Sample, SyntheticWorld, WorldConfig
 from ..subjects import Subject, prepare_subjects
 
 #: Each stage draws from its own stream of world indices, far apart.
-STREAM = {"vae": 0, "clip": 1, "base": 2, "stage1": 3, "stage2": 4, "heldout": 9}
+STREAM = {"vae": 0, "clip": 1, "base": 2, "stage1": 3, "stage2": 4, "background": 5, "heldout": 9}
 
 
 def world_for(cfg: dict, split: str = "train") -> SyntheticWorld:
@@ -68,8 +68,12 @@ class SyntheticSource:
     def __init__(self, world: SyntheticWorld):
         self.world = world
 
+    @staticmethod
+    def index(stage: str, position: int) -> int:
+        return STREAM[stage] * 10_000_000 + position
+
     def sample(self, stage: str, position: int, count: int) -> Sample:
-        return self.world.sample(STREAM[stage] * 10_000_000 + position, count=count)
+        return self.world.sample(self.index(stage, position), count=count)
 
     def record(self, stage: str, position: int, count: int) -> Record:
         return record_from_sample(self.sample(stage, position, count))
@@ -108,7 +112,11 @@ def subject_batch(pipe, source, stage: str, step: int, batch: int, count: int, d
                   dtype=torch.float32, rows: Optional[slice] = None) -> SubjectBatch:
     """Rows ``rows`` (default: all) of step ``step``'s global batch of ``batch`` samples with ``count`` subjects."""
     positions = range(step * batch, (step + 1) * batch)[rows or slice(None)]
-    samples = [source.record(stage, p, count) for p in positions]
+    return records_batch(pipe, [source.record(stage, p, count) for p in positions], device, dtype)
+
+
+def records_batch(pipe, samples: Sequence[Record], device, dtype=torch.float32) -> SubjectBatch:
+    """The batch of these records: their references through inference's preparation, and routing targets."""
     parts = []
     for s in samples:
         prepared = prepare_subjects(s.references, pipe.max_subjects, pipe.segmenter)

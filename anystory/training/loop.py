@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import stage_dir
 
-STAGE_IDS = {"vae": 1, "clip": 2, "base": 3, "stage1": 4, "stage2": 5}
+STAGE_IDS = {"vae": 1, "clip": 2, "base": 3, "stage1": 4, "stage2": 5, "background": 6}
 
 
 def make_accelerator(cfg: dict, stage: Optional[str] = None) -> Accelerator:

@@ -7,6 +7,7 @@ Stages (each also runs alone: ``python -m anystory.training.<stage> --config ...
     base    its text-to-image UNet + text encoders (stage 0)  (miniature only)
     stage1  AnyStory's subject encoder on paired data
     stage2  AnyStory's router, encoder frozen, routing loss
+    background  the background reference, all else frozen (synthetic world; skipped when its steps are 0)
     export  the diffusers-format folder (``export_dir``)
 
 With ``base_model`` set in the config (an SDXL folder or hub id) the miniature stages are skipped and stages 1-2
@@ -109,8 +110,11 @@ def load_stage_input(cfg: dict, stage: str):
         pipe = _load_external_base(cfg)
     else:
         pipe = _load_pipeline(_pipeline_dir(cfg, "base"), "base")
-    if stage in ("stage2", "export"):
-        weights = _anystory_dir(cfg, "stage1" if stage == "stage2" else "stage2")
+    if stage in ("stage2", "background", "export"):
+        previous = {"stage2": "stage1", "background": "stage2"}.get(stage)
+        if previous is None:  # export: the background stage's weights when it ran, else stage 2's
+            previous = "background" if os.path.isdir(_anystory_dir(cfg, "background")) else "stage2"
+        weights = _anystory_dir(cfg, previous)
         if not os.path.isdir(weights):
             raise FileNotFoundError(f"{stage} needs {weights}: run the previous stage first")
         pipe.load_anystory_weights(weights)
@@ -157,6 +161,9 @@ def run_stages(argv=None, only=None, log=print) -> int:
     summary["config"] = args.config
     pipe = None
     for stage in [s for s in STAGES if s in stages]:
+        if stage == "background" and not int(cfg["background"]["steps"]):
+            log("[background] steps: 0; not trained (the weights ship without a background reference)")
+            continue
         if stage != "export" and _done(cfg, stage):
             log(f"[{stage}] already finished in {stage_dir(cfg, stage)}; skipped")
             pipe = None
@@ -185,7 +192,8 @@ def run_stages(argv=None, only=None, log=print) -> int:
 
 # stage -> (module of this package, its training function); imported when the stage runs
 STAGE_FUNCTIONS = {"vae": ("vae", "train_vae"), "clip": ("clip", "train_clip"), "base": ("base", "train_base"),
-                   "stage1": ("stage1", "train_stage1"), "stage2": ("stage2", "train_stage2")}
+                   "stage1": ("stage1", "train_stage1"), "stage2": ("stage2", "train_stage2"),
+                   "background": ("background", "train_background")}
 
 
 def _run(stage: str, cfg: dict, pipe, summary: dict, log, main: bool = True) -> dict:

@@ -1,0 +1,140 @@
+"""Background reference: the scene's backdrop taken from an image, acting only where the router puts background.
+
+The router has always had a background class (the last, N); it carried no condition. ``background=image``
+gives it one. The image is encoded like a subject (the same VAE + ReferenceNet pass, with an all-foreground
+mask, and the same CLIP + semantic QFormer) and appended after the subjects as one more conditioned class, so
+the processors apply it exactly where the router's map says background: its ReferenceNet keys in reference
+self-attention, its semantic tokens in the decoupled cross-attention. Its *routing* token stays the blank
+image's, as without a background reference, so the reference itself never moves where subjects go.
+
+What is trained for it (keys ``background.*``; the background stage trains only these, everything else frozen,
+so subject fidelity and routing are the shipped model's): a type embedding added to the background's semantic
+tokens, and a rank-``r`` correction of its ReferenceNet features in every self-attention layer. Both start at
+zero: untrained, the background is encoded exactly as a subject would be.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InvalidInputError
+from ..images import read_rgb
+
+
+NOT_TRAINED = ("these AnyStory weights have no background reference (it is trained by the 'background' stage: "
+               "python -m anystory.training --config <config> --stages background)")
+
+
+def _key(layer_name: str) -> str:
+    return layer_name.replace(".", "_")
+
+
+class BackgroundConditioning(nn.Module):
+    """The background's own parameters: a semantic type embedding and low-rank ReferenceNet feature corrections."""
+
+    def __init__(self, reference_dims: Dict[str, int], num_tokens: int, token_dim: int, rank: int = 4):
+        super().__init__()
+        self.token_embedding = nn.Parameter(torch.zeros(num_tokens, token_dim))
+        self.reference_down = nn.ModuleDict({_key(n): nn.Linear(d, rank, bias=False) for n, d in reference_dims.items()})
+        self.reference_up = nn.ModuleDict({_key(n): nn.Linear(rank, d, bias=False) for n, d in reference_dims.items()})
+        for up in self.reference_up.values():
+            nn.init.zeros_(up.weight)
+
+    def tokens(self, semantic: torch.Tensor) -> torch.Tensor:
+        """``[b, T, D]`` semantic tokens of the background image -> the background's tokens."""
+        return semantic + self.token_embedding.to(semantic.dtype)
+
+    def features(self, reference: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """{self-attention layer: ``[b, Lr, C]``} ReferenceNet features -> the background's."""
+        out = {}
+        for name, f in reference.items():
+            key = _key(name)
+            out[name] = f + self.reference_up[key](self.reference_down[key](f)) if key in self.reference_up else f
+        return out
+
+
+def reference_dims(reference_net) -> Dict[str, int]:
+    """Width of the features the ReferenceNet gives each self-attention layer."""
+    modules = dict(reference_net.unet.named_modules())
+    return {name: modules[name].to_q.in_features for name in reference_net.layer_names}
+
+
+def check_background(pipe, value) -> Optional[PIL.Image.Image]:
+    """The pipeline's ``background=`` argument, checked before anything is encoded: ``None``, or the image ready
+    to encode. Refused by name: weights without a trained background reference, or an unreadable image."""
+    if value is None:
+        return None
+    if pipe.anystory is None:
+        raise InvalidInputError("background: a background reference needs AnyStory weights; call "
+                                f"{pipe._anystory_load_hint} first")
+    if pipe.anystory.background is None:
+        raise InvalidInputError(f"background: {NOT_TRAINED}")
+    return read_background(value, pipe.anystory.config.reference_size)
+
+
+def read_background(value, size: int) -> PIL.Image.Image:
+    """The user's background image (any form the image rule reads), centre-cropped square, at ``size``."""
+    image = read_rgb(value, "background")
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side)).resize((size, size), PIL.Image.BICUBIC)
+
+
+def background_tensors(pipe, image: PIL.Image.Image, device, dtype) -> dict:
+    """``pixels [1, 3, R, R]`` (VAE input) and ``clip_pixels [1, 2, ...]`` (the background, then a blank image)."""
+    size = pipe.anystory.config.reference_size
+    blank = PIL.Image.new("RGB", (size, size), (255, 255, 255))
+    pixels = pipe.image_processor.preprocess([image], height=size, width=size).to(device, dtype)
+    clip = pipe.feature_extractor(images=[image, blank], return_tensors="pt").pixel_values.to(device, dtype)
+    return {"pixels": pixels, "clip_pixels": clip[None]}
+
+
+def encode_background(pipe, pixels: torch.Tensor, clip_pixels: torch.Tensor) -> dict:
+    """Encode ``[b, 3, R, R]`` background images (CLIP input ``[b, 2, ...]``, the blank image second) as a subject
+    is encoded, with the background's own parameters applied. Differentiable (the background stage trains it)."""
+    adapter = pipe.anystory
+    if adapter.background is None:
+        raise InvalidInputError(f"background: {NOT_TRAINED}")
+    upcast = pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast
+    if upcast:
+        pipe.vae.to(dtype=torch.float32)
+    try:
+        latent = pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.mode()
+    finally:
+        if upcast:
+            pipe.vae.to(dtype=torch.float16)
+    shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
+    latent = ((latent - shift) * pipe.vae.config.scaling_factor).to(pipe.unet.dtype)
+    everywhere = torch.ones_like(latent[:, :1])
+    features = adapter.background.features(adapter.reference_net(latent, everywhere, adapter.config.reference_size))
+    hidden = [pipe.image_encoder(clip_pixels[:, i].to(pipe.image_encoder.dtype),
+                                 output_hidden_states=True).hidden_states[-2].to(pipe.unet.dtype) for i in range(2)]
+    return {"reference_features": features,
+            "semantic_tokens": adapter.background.tokens(adapter.semantic_qformer(hidden[0])),
+            "semantic_uncond_tokens": adapter.semantic_qformer(hidden[1]),
+            "routing_token": adapter.routing_qformer(hidden[1])[:, 0]}
+
+
+def with_background(encoded: Optional[dict], background: dict) -> dict:
+    """The subjects' encoding (``pipeline.encode_subjects``; ``None`` for no subjects) with the background appended
+    as the last conditioned class. Routing tokens are the subjects' plus the blank image's, as without it."""
+    if encoded is None:
+        return {"num_subjects": 0,
+                "reference_features": {k: f[:, None] for k, f in background["reference_features"].items()},
+                "semantic_tokens": background["semantic_tokens"][:, None],
+                "semantic_uncond_tokens": background["semantic_uncond_tokens"][:, None],
+                "routing_tokens": background["routing_token"][:, None]}
+    out = dict(encoded)
+    out["reference_features"] = {k: torch.cat([f, _batch_like(background["reference_features"][k], f)[:, None]], 1)
+                                 for k, f in encoded["reference_features"].items()}
+    for name in ("semantic_tokens", "semantic_uncond_tokens"):
+        out[name] = torch.cat([encoded[name], _batch_like(background[name], encoded[name])[:, None]], 1)
+    return out
+
+
+def _batch_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t if t.shape[0] == like.shape[0] else t.expand(like.shape[0], *t.shape[1:])

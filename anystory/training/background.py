@@ -1,0 +1,139 @@
+"""Background stage: train the background reference (``anystory/sdxl/background.py``), everything else frozen.
+
+Each sample is a scene of the synthetic world whose caption does *not* name its backdrop ("a red star and a
+blue moon", "two objects"), its subjects' references, and a background reference: another view of the same kind
+of backdrop with no objects (``SyntheticWorld.background_reference``). So the backdrop can only come from the
+reference. Routing is the ground truth (teacher routing, as in stage 1): the background's conditions act on the
+scene's background pixels, where the router sends them at inference. Loss: the diffusion loss. Only the
+``background.*`` parameters train, so the subjects' encoders and the router stay exactly the shipped model's
+(subject fidelity and routing cannot change), and the stage's weights merge into a shipped file by adding keys.
+
+    python -m anystory.training.background --config configs/miniature.yaml
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from ..data.formats import Record
+from ..data.synthetic import caption_for, generic_caption_for
+from ..sdxl.background import background_tensors, encode_background, with_background
+from .data import SyntheticSource, choose_captions, images_to_tensor, records_batch, source_for, subject_count
+from .diffusion import diffusion_loss, encode_images, noisy_latents, text_conditioning, training_scheduler
+from .loop import StageLoop, make_accelerator
+from .stage1 import freeze_all, prepare_training
+from .subject_step import one_hot_targets
+
+
+def background_parameters(adapter) -> dict:
+    return {f"anystory.{n}": p for n, p in adapter.named_parameters() if n.startswith("background.")}
+
+
+def background_step(cfg: dict, pipe, source: SyntheticSource, scheduler, step: int, batch: int,
+                    generator: torch.Generator, data_stage: str = "background", count: Optional[int] = None,
+                    use_background: bool = True) -> Dict[str, torch.Tensor]:
+    """Diffusion loss of step ``step``'s batch, with (or, for comparison, without) the background reference."""
+    scfg = cfg["background"]
+    rng = np.random.default_rng([int(cfg["seed"]), 8, step])
+    count = count or subject_count(rng, scfg["subjects"])
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    records, backgrounds = [], []
+    for p in range(step * batch, (step + 1) * batch):
+        index = source.index(data_stage, p)
+        sample = source.world.sample(index, count=count)
+        scene = sample.scene
+        records.append(Record(str(index), scene.image, scene.masks, caption_for(scene.identities, None),
+                              generic_caption_for(count, None), [r.image for r in sample.references]))
+        backgrounds.append(source.world.background_reference(scene.background, index))
+    data = records_batch(pipe, records, device, dtype)
+    latents = encode_images(pipe, images_to_tensor([r.image for r in records]).to(device))
+    captions, dropped = choose_captions(records, rng.random(batch), float(scfg["generic_caption"]),
+                                        float(scfg["drop_text"]))
+    h, w = records[0].image.shape[:2]
+    with torch.no_grad():
+        embeds, added = text_conditioning(pipe, captions, dropped, h, w)
+    encoded = pipe.encode_subjects(**data.tensors)
+    conditioned = count
+    if use_background:
+        parts = [background_tensors(pipe, image, device, dtype) for image in backgrounds]
+        encoded = with_background(encoded, encode_background(
+            pipe, torch.cat([p["pixels"] for p in parts]), torch.cat([p["clip_pixels"] for p in parts])))
+        conditioned += 1
+    drop_sem = float(scfg.get("drop_semantic", 0.0))
+    if drop_sem > 0:  # the unconditional half of CFG at inference: blank-image semantic tokens, references kept
+        drop = torch.from_numpy(rng.random(batch) < drop_sem).to(device)[:, None, None, None]
+        encoded["semantic_tokens"] = torch.where(drop, encoded["semantic_uncond_tokens"], encoded["semantic_tokens"])
+    lat_hw = tuple(latents.shape[-2:])
+    adapter = pipe.anystory
+    adapter.reset_state(**encoded, background=use_background,
+                        scales=torch.ones(conditioned, device=device),
+                        reference_scales=torch.ones(conditioned, device=device), latent_hw=lat_hw,
+                        forced_maps=one_hot_targets(data.targets, lat_hw).to(latents.dtype))
+    try:
+        noisy, noise, t = noisy_latents(scheduler, latents, generator, total=batch)
+        pred = pipe.unet(noisy, t, embeds, added_cond_kwargs=added).sample
+        loss = diffusion_loss(scheduler, pred, noise, t, float(scfg["snr_gamma"]))
+        return {"diffusion": loss, "loss": loss}
+    finally:
+        adapter.reset_state()
+
+
+@torch.no_grad()
+def evaluate_background(cfg: dict, pipe, batches: int = 3) -> dict:
+    """Held-out diffusion loss with and without the background reference (same scenes, noise and timesteps)."""
+    source = source_for(cfg, "background", "heldout")
+    scheduler = training_scheduler(pipe)
+    out = {}
+    for use in (True, False):
+        losses = []
+        for k in range(batches):
+            gen = torch.Generator().manual_seed(1000 + k)
+            losses.append(float(background_step(cfg, pipe, source, scheduler, k, 8, gen, data_stage="heldout",
+                                                count=1 + k % 3, use_background=use)["diffusion"]))
+        out["with_background" if use else "without_background"] = float(np.mean(losses))
+    return out
+
+
+def train_background(cfg: dict, pipe, log=print) -> dict:
+    scfg = cfg["background"]
+    if pipe.anystory is None:
+        raise ValueError("the background stage needs the stage-2 AnyStory weights loaded (run stage2 first)")
+    source = source_for(cfg, "background")
+    if not isinstance(source, SyntheticSource):
+        raise ValueError("the background stage trains on the synthetic world only (data.background is not read): "
+                         "a lab's dataset has no background references")
+    acc = make_accelerator(cfg, "background")
+    if acc.num_processes > 1:
+        raise ValueError("the background stage runs on one process")
+    prepare_training(cfg, pipe, acc)
+    if pipe.anystory.background is None:
+        pipe.anystory.add_background(int(scfg["rank"]))
+    freeze_all(pipe)
+    params = background_parameters(pipe.anystory)
+    for p in params.values():
+        p.requires_grad_(True)
+    pipe.anystory.eval()  # routing is forced (teacher) anyway; nothing else in the adapter trains
+    scheduler = training_scheduler(pipe)
+    loop = StageLoop(cfg, "background", params, acc, log)
+    loop.resume()
+    before = evaluate_background(cfg, pipe) if loop.step == 0 else None
+    while loop.running():
+        out = background_step(cfg, pipe, source, scheduler, loop.step, loop.batch_size, loop.generator())
+        loop.update(out["loss"], diffusion=out["diffusion"].detach())
+    if not loop.done:
+        loop.use_ema()
+        loop.finish()
+    freeze_all(pipe)
+    after = evaluate_background(cfg, pipe)
+    log(f"[background] held-out diffusion loss with the background reference {after['with_background']:.4f}, "
+        f"without {after['without_background']:.4f}"
+        + (f" (before training, with: {before['with_background']:.4f})" if before else ""))
+    return {"heldout_before": before, "heldout_after": after, "seconds": loop.seconds}
+
+
+if __name__ == "__main__":
+    from anystory.training.runner import run_stages
+
+    raise SystemExit(run_stages(only=("background",)))

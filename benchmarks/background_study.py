@@ -1,0 +1,166 @@
+"""Background study on the miniature: does ``background=image`` carry a reference backdrop into the scene, and do
+the subjects stay as they were?
+
+    python -m benchmarks.background_study [--pairs 40] [--steps 20]
+
+Held-out pairs of the routing study (two of the 16 named identities, a held-out seed of the world). The prompt
+is "two objects": it names neither the subjects nor the backdrop, so the backdrop can only come from the
+background reference, ``SyntheticWorld.background_reference(kind, k)`` (a view of the pair's backdrop kind never
+seen in training). Per generated image:
+
+* background match: the share of backdrop pixels (the unsaturated ones, the object finder's rule) whose nearest
+  world backdrop colour is the reference's (:func:`background_match`); the same on the held-out scene itself
+  (the world's own rendering: the ceiling of this measure);
+* subject fidelity (the identity classifier; best of the 16 named identities, and colour) and attribute leakage
+  (the other subject's colour in a subject's object), as in the routing study.
+
+Modes: no background reference; the reference with the background parameters at zero (the background encoded
+exactly as a subject is: no training); the trained background reference; and, for comparison, no reference but
+a prompt that names the backdrop ("two objects on sand"). Every figure with a bootstrap 95% interval over pairs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from anystory import Subject
+from anystory.data.identity_classifier import IdentityClassifier
+from anystory.data.object_finder import foreground_mask
+from anystory.data.synthetic import BACKGROUNDS, SyntheticWorld, WorldConfig
+from benchmarks.routing_study import (STUDY_SEED, _to_uint8, bootstrap, ci, fidelity, held_out_pairs, leakage,
+                                      match_objects, mean_of)
+
+MODES = ("none", "untrained", "trained", "text")
+LABELS = {"none": "no background reference", "untrained": "reference, untrained (subject encoding)",
+          "trained": "reference, trained", "text": "no reference, backdrop named in the prompt"}
+
+
+def background_match(image: np.ndarray, name: str) -> Optional[float]:
+    """Share of the backdrop pixels of ``image`` (uint8 ``[H, W, 3]``) whose nearest world backdrop colour is
+    backdrop ``name``'s; backdrop pixels are the unsaturated ones. ``None`` when there are none."""
+    names = list(BACKGROUNDS)
+    pixels = np.asarray(image)[~foreground_mask(image)].astype(np.float32)
+    if not len(pixels):
+        return None
+    base = np.asarray([BACKGROUNDS[n] for n in names], np.float32)
+    nearest = ((pixels[:, None] - base[None]) ** 2).sum(-1).argmin(1)
+    return float((nearest == names.index(name)).mean())
+
+
+def untrained_copy(pipe):
+    """The pipeline's background parameters zeroed (the background encoded exactly as a subject); a restore hook."""
+    saved = {k: v.detach().clone() for k, v in pipe.anystory.background.state_dict().items()}
+    with torch.no_grad():
+        for p in pipe.anystory.background.parameters():
+            p.zero_()
+    return lambda: pipe.anystory.background.load_state_dict(saved)
+
+
+def generate(pipe, prompt: str, refs, background, steps: int, guidance: float, seed: int) -> np.ndarray:
+    out = pipe(prompt, subjects=refs, background=background, num_inference_steps=steps, guidance_scale=guidance,
+               generator=torch.Generator().manual_seed(seed), output_type="np")
+    return _to_uint8(out.images[0])
+
+
+def run(pipe, world, classifier, pairs, steps: int, guidance: float, modes, out_dir: Optional[str]) -> dict:
+    rows = []
+    for k, subjects, bg in pairs:
+        refs = [Subject(world.reference(s, k, slot).image) for slot, s in enumerate(subjects)]
+        reference = world.background_reference(bg, k)
+        row = {"scene": background_match(world.scene(k, identities=subjects, background_name=bg).image, bg)}
+        images = []
+        for mode in modes:
+            prompt = f"two objects on {bg}" if mode == "text" else "two objects"
+            restore = untrained_copy(pipe) if mode == "untrained" else None
+            try:
+                image = generate(pipe, prompt, refs, reference if mode in ("untrained", "trained") else None,
+                                 steps, guidance, seed=k)
+            finally:
+                if restore:
+                    restore()
+            masks = match_objects(image, subjects, classifier)
+            fid = fidelity(image, masks, subjects, classifier)
+            row[mode] = {"match": background_match(image, bg), "leakage": leakage(image, masks, subjects),
+                         "named": fid["named"], "colour": fid["colour"]}
+            images.append(image)
+        rows.append(row)
+        if out_dir and k < 12:
+            from PIL import Image
+
+            size = world.config.image_size
+            strip = [np.asarray(r.image.convert("RGBA").resize((size, size))) for r in refs]
+            strip = [s[..., :3] * (s[..., 3:] > 0) + 255 * (s[..., 3:] == 0) for s in strip]
+            strip.append(np.asarray(reference.resize((size, size))))
+            Image.fromarray(np.concatenate([s.astype(np.uint8) for s in strip] + images, 1)).save(
+                os.path.join(out_dir, f"pair_{k:02d}.png"))
+    summary = {"pairs": len(rows), "scene_match": bootstrap(rows, lambda u: mean_of([r["scene"] for r in u]))}
+    for mode in modes:
+        summary[mode] = {
+            "match": bootstrap(rows, lambda u, m=mode: mean_of([r[m]["match"] for r in u])),
+            "leakage": bootstrap(rows, lambda u, m=mode: mean_of([r[m]["leakage"] for r in u])),
+            "named": bootstrap(rows, lambda u, m=mode: mean_of([v for r in u for v in r[m]["named"]])),
+            "colour": bootstrap(rows, lambda u, m=mode: mean_of([v for r in u for v in r[m]["colour"]])),
+        }
+    return summary
+
+
+def markdown_table(r: dict, modes) -> str:
+    lines = [f"**Background reference** ({r['pairs']} held-out pairs, prompt \"two objects\"; value [bootstrap 95%]). "
+             f"Held-out scenes themselves: background match {ci(r['scene_match'])}.", "",
+             "| measurement | " + " | ".join(LABELS[m] for m in modes) + " |", "|---" * (len(modes) + 1) + "|"]
+    for key, name in (("match", "background match (reference backdrop's colour; chance about 1/6)"),
+                      ("named", "fidelity: best of 16 named identities"), ("colour", "fidelity: colour"),
+                      ("leakage", "attribute leakage")):
+        lines.append(f"| {name} | " + " | ".join(ci(r[m][key]) for m in modes) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.background_study", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="miniature folder (default: assets/miniature)")
+    p.add_argument("--pairs", type=int, default=40)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="runs/background_study")
+    args = p.parse_args(argv)
+    modes = [m for m in MODES if m in args.modes.split(",")]
+    torch.set_num_threads(args.threads)
+    from diffusers.utils import logging as dlog
+
+    dlog.disable_progress_bar()
+    from anystory.sdxl.miniature import MINIATURE_DIR, load_miniature
+
+    model = args.model or MINIATURE_DIR
+    pipe = load_miniature(path=model)
+    pipe.set_progress_bar_config(disable=True)
+    if pipe.anystory.background is None:
+        p.error(f"{model} has no background reference weights (train the 'background' stage)")
+    classifier = IdentityClassifier.load(os.path.join(model, "identity_classifier.safetensors"))
+    size = pipe.default_sample_size * pipe.vae_scale_factor
+    world = SyntheticWorld(STUDY_SEED, WorldConfig(image_size=size, reference_size=pipe.anystory.config.reference_size))
+    os.makedirs(args.out, exist_ok=True)
+    started = time.time()
+    report = run(pipe, world, classifier, held_out_pairs(world, args.pairs), args.steps, args.guidance, modes, args.out)
+    report.update(model=model, modes=modes, seconds_total=round(time.time() - started, 1),
+                  command="python -m benchmarks.background_study " + " ".join(sys.argv[1:] if argv is None else argv))
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    table = markdown_table(report, modes)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
