@@ -14,6 +14,7 @@ import tempfile
 import gradio as gr
 
 from anystory.app import generate_tab, storyboard_run, storyboard_tab
+from anystory.app.gallery import captioned, frame_items, routing_items
 from anystory.app.environment import probe_environment
 from anystory.app.generation import GenerationError
 from anystory.app.inputs import MAX_UPLOAD_MB, MAX_SEED, SubjectSlot
@@ -24,7 +25,7 @@ from anystory.matting import BIREFNET_ID, LazyBiRefNetSegmenter
 from anystory.app.region_canvas import drawn_region_text, region_canvas
 from anystory.app.storyboard import import_script
 from anystory.app.upload_image import UploadImage, editor_background
-from anystory.app.visualize import PALETTE, display_copy
+from anystory.app.visualize import PALETTE
 from anystory.errors import InvalidInputError
 
 try:  # Hugging Face Spaces (ZeroGPU): ask for a GPU only while generating
@@ -99,15 +100,6 @@ EXAMPLES = [
 ]
 
 
-def _shown(images, labels=None):
-    """Gallery items: small images enlarged with nearest-neighbour, captioned with their real size."""
-    items = []
-    for k, image in enumerate(images):
-        big, size = display_copy(image)
-        items.append((big, f"{labels[k]} - {size}" if labels else size))
-    return items
-
-
 def _canvas_region(value):
     """A drawing fills the Region field in; an empty canvas leaves what the user typed."""
     text = drawn_region_text(value)
@@ -176,8 +168,10 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                                                         info="A box in fractions of the output, e.g. 0, 0, 0.5, 1 = "
                                                              "the left half. Drawing fills it in; typed text wins.",
                                                         elem_id=f"subject-{i + 1}-region")
-                            canvas.change(_canvas_region, canvas, region, trigger_mode="always_last",
-                                          show_progress="hidden")
+                            # input: the user's strokes (a canvas with a value from the start sends no change
+                            # for them); a canvas remade for a new output size leaves the field alone
+                            canvas.input(_canvas_region, canvas, region, trigger_mode="always_last",
+                                         show_progress="hidden")
                             canvases.append(canvas)
                             mask_note = gr.Markdown(elem_id=f"subject-{i + 1}-mask-note")
                             # open: an editor that receives its image while folded away never reports its strokes
@@ -293,14 +287,8 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                     yield told + ['<div class="anystory-progress" data-stage="stopped">Stopped: nothing was '
                                   "generated; earlier results are kept.</div>"]
                     return
-                shown = []
-                for b, image in enumerate(result.images):
-                    shown += _shown([result.overlays[b]] if result.overlays else [], ["all subjects"])
-                    if result.subject_overlays:
-                        shown += _shown(result.subject_overlays[b], [f"only {n}" for n in result.names])
-                    shown += _shown([result.route_maps[b]] if result.route_maps else [], ["map"])
-                yield (_shown(result.images), result.info + "  \n" + result.routing_note, shown, result.legend,
-                       result.files, segmenter.status, gr.skip())
+                yield (captioned(result.images), result.info + "  \n" + result.routing_note, routing_items(result),
+                       result.legend, result.files, segmenter.status, gr.skip())
 
             run_btn.click(on_generate, [count, prompt, negative, seed, steps, guidance, width, height, num_images]
                           + slot_inputs, [gallery, info, routing, legend, files, matting_status, run_progress],
@@ -408,10 +396,9 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                 def new_frames():
                     nonlocal legend_text
                     while len(shown) < len(made):
-                        frame = made[len(shown)]
-                        shown.extend(_shown([frame.output.images[0]], [frame.caption]))
-                        overlays = frame.output.overlays
-                        routes.extend(_shown(overlays, [f"shot {frame.index + 1}"] * len(overlays)))
+                        image, overlays = frame_items(made[len(shown)])
+                        shown.extend(image)
+                        routes.extend(overlays)
                         legend_text = storyboard_run.story_legend(script)
                     return f"{len(shown)} of {len(script.shots)} frames, seed {made[-1].seed}." if made else gr.skip()
 

@@ -1,8 +1,9 @@
 """What the demo accepts from a user, checked before any model runs, with messages that say what to change.
 
 Everything here is plain Python (no Gradio) so the bad-input tests call exactly what the app calls. Limits are
-module constants so a Space can tune them in one place; :class:`InputError` is the one error type the UI turns
-into a message (it is a ``ValueError``, like :func:`anystory.subjects.prepare_subjects`' errors).
+module constants so a Space can tune them in one place. :class:`InputError` is an
+:class:`~anystory.errors.InvalidInputError`, the one kind of error the UI shows as the user's to fix; only those
+are relabelled here (any other exception is a bug and passes unchanged).
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def load_image_file(value: Any, what: str, kind: str = "image") -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InputError(f"{what}: the image is too large to decode safely.") from None
-    except ValueError as e:
+    except InvalidInputError as e:
         message = str(e)
         if isinstance(source, str):  # the user knows the upload by its name, not by the server's temp path
             message = message.replace(source, os.path.basename(source))
@@ -207,7 +208,7 @@ def collect_subjects(slots: Sequence[SubjectSlot], max_subjects: int, segmenter:
                           scale=slot.scale, reference_scale=slot.reference_scale, region=region)
         try:  # the shared checks (mask size and content, scales), relabelled with the UI's 1-based numbering
             prepare_subjects([Subject(image, mask, "", subject.scale, subject.reference_scale)], max_subjects)
-        except ValueError as e:
+        except InvalidInputError as e:
             raise InputError(re.sub(r"^subject 0", label, str(e))) from None
         subjects.append(subject)
         sources.append(f"{label}: {source}")

@@ -292,7 +292,7 @@ def _image_of(value: Any, attr: str = "reference") -> Optional[Image.Image]:
         return None
     try:
         return read_mask_image(value, attr) if attr == "mask" else read_image(value, attr)
-    except ValueError as e:
+    except InvalidInputError as e:
         raise ScriptError(str(e)) from None
 
 

@@ -354,15 +354,16 @@ def test_a_box_drawn_on_the_region_canvas_fills_the_region_field(page):
     sync_api.expect(page.locator("#subject-1-region-canvas button[aria-label=Brush]")).to_have_class(
         re.compile("highlight"), timeout=10_000)
     page.wait_for_timeout(500)
-    box = canvas.bounding_box()
-    x0, y0 = box["x"] + 0.1 * box["width"], box["y"] + 0.2 * box["height"]
-    page.mouse.move(x0, y0)
+    box = canvas.bounding_box()  # the editor's area: the canvas image sits in its middle, at the display's scale
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x - 40, y - 20)
     page.mouse.down()
-    for k in range(1, 21):  # a diagonal stroke over the left half
-        page.mouse.move(x0 + k * 0.02 * box["width"], y0 + k * 0.03 * box["height"])
+    for k in range(1, 21):  # a diagonal stroke through the middle, 80 x 40 screen pixels
+        page.mouse.move(x - 40 + 4 * k, y - 20 + 2 * k)
     page.mouse.up()
     field = page.locator("#subject-1-region textarea, #subject-1-region input").first
     sync_api.expect(field).to_have_value(re.compile(r"^[\d.]+, [\d.]+, [\d.]+, [\d.]+$"), timeout=30_000)
     x_0, y_0, x_1, y_1 = (float(v) for v in field.input_value().split(","))
-    assert 0.03 < x_0 < 0.2 and 0.1 < y_0 < 0.3 and 0.4 < x_1 < 0.6 and 0.7 < y_1 < 0.9, field.input_value()
+    assert x_0 < 0.5 < x_1 and y_0 < 0.5 < y_1, field.input_value()  # the box around the stroke
+    assert 0.1 < x_1 - x_0 < 0.9 and 0.05 < y_1 - y_0 < 0.6 and x_1 - x_0 > y_1 - y_0, field.input_value()
     page.screenshot(path=os.path.join(OUT, "app_browser_region.png"), full_page=False)

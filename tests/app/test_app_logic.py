@@ -7,6 +7,7 @@ from PIL import Image
 from anystory.app import inputs
 from anystory.app.inputs import InputError, SubjectSlot, check_prompt, collect_subjects, load_image_file, resolve_seed
 from anystory.app.environment import FLUX_MIN_GIB, Environment, WeightsStatus, hub_file_status, probe_environment
+from anystory.app.gallery import routing_items
 from anystory.app.generate_tab import run_generation
 from anystory.app.generation import GenerationError, is_out_of_memory
 from anystory.app.models import Defaults, ModelHandle, NoModelError, load_model, plan_models
@@ -115,11 +116,6 @@ def test_probe_reads_configuration_and_the_offline_hub(monkeypatch):
 
 # ---- generation with a tiny real pipeline -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def handle():
-    return load_model(Environment(), "tiny")
-
-
-@pytest.fixture(scope="module")
 def seg():
     return LazyBiRefNetSegmenter()
 
@@ -142,6 +138,9 @@ def test_generation_gives_images_overlays_and_downloads(handle, seg, tmp_path):
     assert "star" in r.legend and "cat" in r.legend
     assert "automatic (alpha)" in r.info and "automatic (whole-image)" in r.info
     assert len(r.files) == 4 and all(p.endswith(".png") and (tmp_path / p.split("/")[-1]).exists() for p in r.files)
+    items = routing_items(r)  # per image: all subjects, each subject alone, the map
+    assert [label.split(" - ")[0] for _, label in items] == ["all subjects", "only star", "only cat", "map"] * 2
+    assert all(image.size[0] >= 384 for image, _ in items)  # enlarged for the page
 
 
 def test_random_seed_is_shown_and_reproduces(handle, seg):

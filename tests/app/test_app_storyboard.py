@@ -9,8 +9,6 @@ import pytest
 from PIL import Image
 
 from anystory.app.inputs import InputError
-from anystory.app.environment import Environment
-from anystory.app.models import load_model
 from anystory.app.storyboard import (ScriptError, dump_script, export_bundle, import_bundle, import_script, parse_script,
                                      plan_shots, shot_cast, shot_prompt)
 from anystory.app.storyboard_run import story_colors, storyboard_frames
@@ -139,11 +137,6 @@ def test_ui_round_trip_and_export(tmp_path):
 
 
 # ---- frames with the tiny pipeline ------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def handle():
-    return load_model(Environment(), "tiny")
-
-
 def record_calls(monkeypatch, pipe) -> list:
     """Wrap the real pipeline's __call__ to record which subject images each frame was made with."""
     calls, original = [], type(pipe).__call__

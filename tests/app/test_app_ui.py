@@ -1,7 +1,6 @@
 """app.py's wiring without a browser: the UI builds around a loaded model, the CLI fails clearly."""
 import importlib
 import os
-import os
 import sys
 
 import pytest
@@ -9,15 +8,17 @@ import torch
 from PIL import Image
 
 import app
-from anystory.app.environment import Environment
-from anystory.app.models import load_model
+from anystory.errors import InvalidInputError
 from anystory.matting import LazyBiRefNetSegmenter
 
 
 @pytest.fixture(scope="module")
-def demo():
-    handle = load_model(Environment(), "tiny")
+def demo(handle):
     return app.build_demo(handle, LazyBiRefNetSegmenter()), handle
+
+
+STAR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "assets", "examples",
+                    "red_striped_star.png")
 
 
 def test_ui_has_a_slot_per_subject_and_the_outputs(demo):
@@ -132,3 +133,64 @@ def test_app_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         app.parse_args(["--help"])
     assert "(default: ZhengPeng7/BiRefNet)" in " ".join(capsys.readouterr().out.split())
+
+
+def _handler(blocks, name):
+    return next(f.fn for f in blocks.fns.values() if getattr(f.fn, "__name__", "") == name)
+
+
+@pytest.mark.parametrize("raised, title, words", [
+    (KeyError("latents"), "Internal error", "This is a bug in AnyStory, not a problem with your input (KeyError"),
+    (ValueError("operands could not be broadcast"), "Internal error", "a bug in AnyStory"),
+    (InvalidInputError("subject 1: mask is empty"), "Cannot generate", "subject 1: mask is empty"),
+])
+def test_generate_tells_a_bug_from_bad_input_and_keeps_the_outputs(demo, monkeypatch, raised, title, words):
+    """Only input errors are the user's; anything else is reported as a bug (and logged). Either way every output
+    is skipped, so the earlier results stay on the page."""
+    import gradio as gr
+
+    blocks, handle = demo
+    told = []
+    monkeypatch.setattr(app.gr, "Warning", lambda message, title=None, duration=None: told.append((title, message)))
+
+    def fails(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(app.generate_tab, "run_generation", fails)
+    slot = [STAR, None, None, "star", 1.0, 1.0, "", None]
+    out = list(_handler(blocks, "on_generate")(1, "a star", "", 1, 2, 3.0, 64, 64, 1, *(slot * handle.max_subjects)))
+    assert out[-1][:6] == [gr.skip()] * 6 and "earlier results are kept" in out[-1][6]
+    assert len(told) == 1 and told[0][0] == title and words in told[0][1]
+
+
+def test_storyboard_tells_a_bug_from_bad_input(demo, monkeypatch):
+    import gradio as gr
+
+    blocks, handle = demo
+    told = []
+    monkeypatch.setattr(app.gr, "Warning", lambda message, title=None, duration=None: told.append((title, message)))
+
+    def fails(*args, **kwargs):
+        raise AttributeError("'NoneType' object has no attribute 'images'")
+        yield  # a generator, as the real one
+
+    monkeypatch.setattr(app.storyboard_run, "storyboard_frames", fails)
+    chars = ["star", "a red star", STAR] + ["", "", None] * 5
+    out = list(_handler(blocks, "on_storyboard")("t", [["{star} on sand", "", ""]], 1, 2, *chars))
+    assert out[-1][:4] == [gr.skip()] * 4
+    assert told == [("Internal error", told[0][1])] and "AttributeError" in told[0][1]
+
+
+def test_each_slot_has_a_region_canvas_of_the_output_shape_beside_its_region_field(demo):
+    from anystory.app.region_canvas import canvas_size
+
+    blocks, handle = demo
+    size = handle.defaults.size
+    editors = {b.elem_id: b for b in blocks.blocks.values() if getattr(b, "elem_id", None)}
+    for i in range(1, handle.max_subjects + 1):
+        canvas, field = editors[f"subject-{i}-region-canvas"], editors[f"subject-{i}-region"]
+        assert type(canvas).__name__ == "ImageEditor" and type(field).__name__ == "Textbox"
+        assert canvas.value["background"] is not None and canvas.value["layers"] == []
+    reshape = _handler(blocks, "_reshape")
+    wide = reshape(2 * size, size, *[None] * handle.max_subjects)
+    assert len(wide) == handle.max_subjects and all(v["background"].size == canvas_size(2, 1) for v in wide)
