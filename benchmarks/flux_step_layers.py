@@ -28,6 +28,7 @@ from unittest import mock
 
 import pandas as pd
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from diffusers import FluxTransformer2DModel
 from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
 
@@ -41,6 +42,7 @@ from .flux import FLUX_TRANSFORMER, RELEASE_RANK
 MODES = ("bare", "reference only", "routed, fixed maps", "routed", "routed, dense", "routed, redux step")
 TEXT_LEN, REDUX_TOKENS, ROUTER_TOKENS = 512, 81, 9
 FULL_DEPTH = (FLUX_TRANSFORMER["num_layers"], FLUX_TRANSFORMER["num_single_layers"])
+aten = torch.ops.aten
 
 
 def real_width_transformer_pipeline(double: int = 1, single: int = 2, config: dict | None = None):
@@ -95,14 +97,37 @@ def capture_blocks(t, state, call: dict, blocks: dict) -> dict:
     return seen
 
 
-def run(subjects: int = 2, repeats: int = 5, grid: int = 32, ref_grid: int = 32, pipe=None,
-        text_len: int = TEXT_LEN, modes=MODES) -> pd.DataFrame:
-    """``grid`` / ``ref_grid``: image / reference tokens per side (32: 512 px on FLUX.1-dev).
+class WorkCounter(TorchDispatchMode):
+    """Counts what a forward computes, whatever the machine's load: attention FLOPs (SDPA), matrix-product FLOPs,
+    and the weight bytes read by matrix products of at most ``SMALL_ROWS`` rows (the router tokens' products,
+    whose cost on a CPU is reading the weights, not the arithmetic)."""
 
-    Each block is re-run on its captured inputs (a few seconds per timing, so the modes alternate quickly), after
-    one warm-up round; per mode and block the minimum over ``repeats`` rounds (on a shared machine other processes
-    only ever add time)."""
-    pipe = pipe or real_width_transformer_pipeline()
+    SMALL_ROWS = 64
+
+    def __init__(self):
+        super().__init__()
+        self.attention = self.matmul = self.small_weight_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        packet = func.overloadpacket
+        if packet in (aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention,
+                      aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_attention_math):
+            q, k = args[0], args[1]
+            self.attention += 4 * q.shape[:-2].numel() * q.shape[-2] * k.shape[-2] * q.shape[-1]
+        elif packet in (aten.mm, aten.addmm):
+            a, w = (args[1], args[2]) if packet is aten.addmm else (args[0], args[1])
+            self.matmul += 2 * a.shape[0] * a.shape[1] * w.shape[1]
+            if a.shape[0] <= self.SMALL_ROWS:
+                self.small_weight_bytes += w.numel() * w.element_size()
+        elif packet is aten.bmm:
+            a, b = args[0], args[1]
+            self.matmul += 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+        return func(*args, **kwargs)
+
+
+def _captured(pipe, subjects: int, grid: int, ref_grid: int, text_len: int, modes):
+    """Per mode and block type, the block's inputs and the shared state as it entered it (one forward per mode)."""
     t, state = pipe.transformer, pipe.anystory_state
     g = torch.Generator().manual_seed(0)
     call = dict(hidden_states=torch.randn(1, grid * grid, t.config.in_channels, generator=g),
@@ -119,6 +144,45 @@ def run(subjects: int = 2, repeats: int = 5, grid: int = 32, ref_grid: int = 32,
         with attention_form(mode):
             inputs[mode] = capture_blocks(t, state, call, blocks)
         state.clear()
+    return blocks, inputs
+
+
+def count(subjects: int = 2, grid: int = 32, ref_grid: int = 32, pipe=None, text_len: int = TEXT_LEN,
+          modes=MODES) -> pd.DataFrame:
+    """Per block type and mode, what one forward of the block computes (:class:`WorkCounter`), and its ratio to
+    ``bare``: a breakdown that the machine's load does not move (times do)."""
+    pipe = pipe or real_width_transformer_pipeline()
+    state = pipe.anystory_state
+    blocks, inputs = _captured(pipe, subjects, grid, ref_grid, text_len, modes)
+    rows = []
+    try:
+        for kind, block in blocks.items():
+            for mode in modes:
+                args, kwargs, snapshot = inputs[mode][kind]
+                vars(state).update(snapshot)
+                with torch.no_grad(), attention_form(mode), WorkCounter() as work:
+                    block(*args, **kwargs)
+                rows.append({"block": kind, "mode": mode, "attention_gflop": work.attention / 1e9,
+                             "matmul_gflop": work.matmul / 1e9, "small_matmul_weights_mb": work.small_weight_bytes / 2**20})
+    finally:
+        state.clear()
+    table = pd.DataFrame(rows)
+    bare = table[table["mode"] == "bare"].set_index("block")
+    for column in ("attention_gflop", "matmul_gflop"):
+        table[column.replace("_gflop", "_ratio")] = table[column] / table["block"].map(bare[column])
+    return table
+
+
+def run(subjects: int = 2, repeats: int = 5, grid: int = 32, ref_grid: int = 32, pipe=None,
+        text_len: int = TEXT_LEN, modes=MODES) -> pd.DataFrame:
+    """``grid`` / ``ref_grid``: image / reference tokens per side (32: 512 px on FLUX.1-dev).
+
+    Each block is re-run on its captured inputs (a few seconds per timing, so the modes alternate quickly), after
+    one warm-up round; per mode and block the minimum over ``repeats`` rounds (on a shared machine other processes
+    only ever add time)."""
+    pipe = pipe or real_width_transformer_pipeline()
+    state = pipe.anystory_state
+    blocks, inputs = _captured(pipe, subjects, grid, ref_grid, text_len, modes)
     times = {(mode, kind): [] for mode in modes for kind in blocks}
     try:
         for r in range(repeats + 1):  # round 0 warms up
@@ -165,11 +229,15 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--subjects", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--count", action="store_true",
+                   help="count each block's work per mode (attention and matrix-product FLOPs, weights read by the "
+                        "router's few-row products) instead of timing it: independent of the machine's load")
     args = p.parse_args(argv)
-    table = run(args.subjects, args.repeats)
+    table = count(args.subjects) if args.count else run(args.subjects, args.repeats)
     with pd.option_context("display.width", 200, "display.float_format", "{:.3f}".format):
         print(table.to_string(index=False))
-    print("\n".join(summary(table)))
+    if not args.count:
+        print("\n".join(summary(table)))
     return 0
 
 

@@ -122,6 +122,40 @@ def test_subject_routed_nowhere_cannot_change_the_output_when_confined(pipe):
         pipe.set_routing_override(None)
 
 
+def test_router_tokens_reuse_the_blocks_work(pipe):
+    """In a routed step each block's modulation linear runs once (the block's own call; the router adds its LoRA
+    delta to that output instead of running the linear again), no processor holds its block, and the last
+    block spends nothing on router tokens that nothing reads after it (its MLP runs for the block alone)."""
+    t, state = pipe.transformer, pipe.anystory_state
+    blocks = list(t.transformer_blocks) + list(t.single_transformer_blocks)
+    runs = {}
+
+    def counter(name):
+        def count(module, args, out):
+            if not state.in_ref_pass:
+                runs[name] = runs.get(name, 0) + 1
+        return count
+
+    watched = {f"modulation {i}": (b.norm1_context.linear if hasattr(b, "norm1_context") else b.norm.linear)
+               for i, b in enumerate(blocks)}
+    watched["last mlp"] = blocks[-1].proj_mlp
+    watched["first mlp"] = blocks[0].ff_context
+    handles = [m.register_forward_hook(counter(name)) for name, m in watched.items()]
+    try:
+        pipe(PROMPT, subjects=subjects(2), generator=gen(), ref_start_at=0.0, **CALL)
+    finally:
+        for h in handles:
+            h.remove()
+    steps = CALL["num_inference_steps"]
+    assert {name: runs[name] for name in watched if name.startswith("modulation")} == \
+        {name: steps for name in watched if name.startswith("modulation")}
+    assert runs["last mlp"] == steps  # the block's tokens only
+    assert runs["first mlp"] == 2 * steps  # the text stream's, and the router tokens' update
+    for block in blocks:
+        held = [x for v in vars(block.attn.processor).values() for x in (v if isinstance(v, tuple) else (v,))]
+        assert not any(x is block for x in held)
+
+
 def test_routing_masks_confine_image_tokens_to_their_subject():
     """The attention bias the processors use: image token j sees subject i's redux/reference tokens iff routed."""
     class S:
