@@ -1,4 +1,6 @@
 """Shared pieces of the routing tests (no tests here): the tiny SDXL AnyStory pipeline and reference images."""
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -6,9 +8,10 @@ from anystory import AnyStorySDXLPipeline
 from anystory.sdxl.tiny_sdxl import TINY_ANYSTORY_CONFIG, tiny_sdxl_components
 
 
-def tiny_pipe() -> AnyStorySDXLPipeline:
-    """Tiny SDXL components with freshly initialised (untrained) AnyStory modules, seeded."""
-    p = AnyStorySDXLPipeline(**tiny_sdxl_components(seed=0))
+def tiny_pipe(components: Optional[dict] = None) -> AnyStorySDXLPipeline:
+    """Tiny SDXL components (``components``, else fresh ones of seed 0) with freshly initialised (untrained)
+    AnyStory modules, seeded."""
+    p = AnyStorySDXLPipeline(**(components or tiny_sdxl_components(seed=0)))
     p.set_progress_bar_config(disable=True)
     torch.manual_seed(0)
     p.init_anystory(**TINY_ANYSTORY_CONFIG)

@@ -7,15 +7,10 @@ import torch
 from anystory import Subject
 from anystory.sdxl.attention_processors import AnyStoryCrossAttnProcessor, AnyStorySelfAttnProcessor
 from anystory.sdxl.router import RouterLayer
-from helpers.routing import noise_image, tiny_pipe
+from helpers.routing import noise_image
 
 PROMPT = "a red striped star and a blue dotted moon on sand"
 FIRST_SELF_ATTENTION = "down_blocks.1.attentions.0.transformer_blocks.0.attn1"  # runs before any router
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipe()
 
 
 def _run(pipe, subjects, steps=2, **kw):

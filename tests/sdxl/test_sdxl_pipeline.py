@@ -8,23 +8,8 @@ from PIL import Image
 from anystory import AnyStorySDXLPipeline, Subject
 from anystory.sdxl.adapter_sdxl import AnyStorySDXLAdapter
 from anystory.sdxl.attention_processors import AnyStoryCrossAttnProcessor
-from anystory.sdxl.tiny_sdxl import TINY_ANYSTORY_CONFIG, tiny_sdxl_components
 
 PROMPT = "a red striped star and a blue dotted moon on sand"
-
-
-@pytest.fixture(scope="module")
-def components():
-    return tiny_sdxl_components(seed=0)
-
-
-@pytest.fixture(scope="module")
-def pipe(components):
-    p = AnyStorySDXLPipeline(**components)
-    p.set_progress_bar_config(disable=True)
-    torch.manual_seed(0)
-    p.init_anystory(**TINY_ANYSTORY_CONFIG)
-    return p
 
 
 def _image(seed, size=(48, 40)):
@@ -206,9 +191,9 @@ def test_background_bias_reaches_the_router_and_is_validated(pipe, monkeypatch):
 
     original = processors.routing_maps
 
-    def spy(logits, training, tau=1.0, background_bias=0.0):
+    def spy(logits, training, tau=1.0, background_bias=0.0, *rest, **options):
         seen.append(background_bias)
-        return original(logits, training, tau, background_bias)
+        return original(logits, training, tau, background_bias, *rest, **options)
 
     monkeypatch.setattr(processors, "routing_maps", spy)
     subjects = [Subject(_image(1)), Subject(_image(2))]
@@ -272,7 +257,7 @@ def test_bad_input_errors(pipe):
         ([Subject(good, mask=np.zeros(good.shape[:2], bool))], "empty"),
         ([Subject(good)] * 5, "Too many subjects"),
         ([Subject(good, scale=float("nan"))], "finite"),
-        ([Subject(good, reference_scale=-1)], ">= 0"),
+        ([Subject(good, reference_scale=-1)], "reference_scale must be a number between 0 and 10"),
         ([Subject("/nonexistent/file.png")], "not found"),
     ]
     for subjects, message in cases:
