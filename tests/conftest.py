@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared bui
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-DREAMBENCH = os.path.join(os.path.dirname(ROOT), "shared", "data", "dreambench")
+from helpers import DREAMBENCH  # noqa: E402
 
 
 @pytest.fixture

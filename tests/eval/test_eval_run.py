@@ -13,6 +13,7 @@ import pytest
 
 from helpers import eval_data as support
 from eval.loaders import load_benchmark
+from helpers import DREAMBENCH
 from eval.run import RunConfig, RunError, compare_runs, run_eval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -21,8 +22,6 @@ EMBEDDING_REF_COLUMNS = ["clip_i_ref", "dino_ref"]
 
 @pytest.fixture(scope="module")
 def dreambench_run(tmp_path_factory):
-    from conftest import DREAMBENCH
-
     if not os.path.isdir(DREAMBENCH):
         pytest.skip(f"DreamBench data not found at {DREAMBENCH}")
     tmp = tmp_path_factory.mktemp("eval_run")
