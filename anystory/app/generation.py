@@ -181,6 +181,6 @@ def _subject_picture(subject: Subject) -> tuple:
         return None, None
     try:
         mask = read_mask(subject.mask) if subject.mask is not None else AlphaOrWholeImageSegmenter()(subject.image)
-    except ValueError:
+    except InvalidInputError:  # only its colour and thumbnail are lost
         mask = None
     return subject.image, mask

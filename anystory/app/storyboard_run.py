@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterator, List, Optional
 
+from ..errors import InvalidInputError
 from ..subjects import AlphaOrWholeImageSegmenter, Subject
 from .generation import CheckedRequest, Progress, Request, check_request, generate
 from .inputs import InputError, SubjectSlot, collect_subjects, load_image_file, resolve_seed
@@ -37,7 +38,7 @@ def _reference_picture(reference: Any) -> tuple:
     try:
         image = load_image_file(reference, "reference")
         return image, AlphaOrWholeImageSegmenter()(image)
-    except Exception:  # a bad reference is reported where it is used; here it only loses its colour choice
+    except InvalidInputError:  # a bad reference is reported where it is used; here it only loses its colour choice
         return None, None
 
 
