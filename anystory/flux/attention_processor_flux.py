@@ -100,19 +100,19 @@ class AnyStoryFluxAttnProcessor(nn.Module):
         self.to_k_routing_map_lora_A = nn.Linear(hidden_size, rank, bias=False)
         self.to_k_routing_map_lora_B = nn.Linear(rank, hidden_size, bias=bias)
         self.layer_id = layer_id
-        self.conditioning = None  # AnyStoryFluxState, shared by all processors of the transformer
+        self.state = None  # AnyStoryFluxState, shared by all processors of the transformer
         self.stock = FluxAttnProcessor()
         self._router: Tuple[RouterModules, ...] = ()  # kept out of the module tree (they are the block's)
 
-    def bind(self, conditioning, router: RouterModules) -> None:
-        self.conditioning, self._router = conditioning, (router,)
+    def bind(self, state, router: RouterModules) -> None:
+        self.state, self._router = state, (router,)
 
     def forward(self, attn: FluxAttention, hidden_states: torch.Tensor,
                 encoder_hidden_states: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 image_rotary_emb: Optional[Rope] = None) -> Output:
         """diffusers' ``FluxAttnProcessor`` interface: a double block passes the image and text streams and gets
         ``(image, text)`` back; a single block passes the joint sequence and gets it back."""
-        state = self.conditioning
+        state = self.state
         if state is None or not state.active:
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         if state.in_ref_pass:
@@ -155,9 +155,9 @@ class AnyStoryFluxAttnProcessor(nn.Module):
                    rope: Optional[Rope]) -> Output:
         """Reference pass: one subject per batch row, no text; keep this layer's keys/values."""
         q, k, v, _ = self._project(attn, hidden, text, rope)
-        self.conditioning.store_ref_kv(self.layer_id, k, v)
-        n = self.conditioning.num_subjects
-        if n == 1 or self.conditioning.confine:
+        self.state.store_ref_kv(self.layer_id, k, v)
+        n = self.state.num_subjects
+        if n == 1 or self.state.confine:
             # confine_subjects (not in the release): one batch row per subject on every count, so a subject's
             # reference keys are computed the same way whatever other subjects the call holds
             return self._finish(attn, _attention(q, k, v), text, q.dtype)
@@ -169,7 +169,7 @@ class AnyStoryFluxAttnProcessor(nn.Module):
 
     def _conditioned(self, attn: FluxAttention, hidden: torch.Tensor, text: Optional[torch.Tensor], rope: Rope,
                      plan) -> Output:
-        state = self.conditioning
+        state = self.state
         double = text is not None
         batch, img, n = hidden.shape[0], state.img_len, state.num_subjects
         q, k, v, key_proj = self._project(attn, hidden, text, rope)
