@@ -23,7 +23,8 @@ subjects cover a small part of the training images the background wins *every* p
 acts until the image has already formed without it. Subtracting ``background_bias`` = log(p_background /
 p_subject) from the background logit before the argmax (post-hoc logit adjustment, Menon et al., ICLR 2021)
 turns the decision into a likelihood ratio; late in sampling, where the router is confident, it changes little.
-Stage 2 measures the two priors on its training data and stores the value with the weights.
+Stage 2 measures the two priors on its training data and stores the value, times Menon et al.'s tau
+(``stage2.logit_adjustment_tau``), with the weights.
 
 One region per subject (inference only, ``single_region``; off = the paper's rule). An object forms where the
 sampler puts a blob, wherever the router sends a subject; a subject whose map falls on two blobs paints its
@@ -32,6 +33,8 @@ leakage: README, "Routing study"). :func:`largest_regions` keeps each subject's 
 the positions it wins at a layer and gives its other positions to the background. A subject keeps at least one
 position wherever it wins one, so the rule stays removal-invariant: a subject routed nowhere wins nowhere in the
 argmax, and every other subject's winning set, hence its regions, is what it would be without it.
+Its flood fill reads one flag back to the host per iteration: nothing on a CPU, a sync per iteration on an
+accelerator (not measured there).
 The gating that uses these maps lives in ``attention_processors.py``.
 """
 from __future__ import annotations
