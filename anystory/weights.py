@@ -41,6 +41,12 @@ def load_tensors(path: str, what: str = "weights") -> Dict[str, torch.Tensor]:
                          f"{type(e).__name__}: {e})") from None
 
 
+def read_metadata(path: str) -> Dict[str, str]:
+    """The string metadata stored in a safetensors file's header (empty when none)."""
+    with safe_open(path, "pt") as f:
+        return f.metadata() or {}
+
+
 def load_pickled_tensors(path: str) -> dict:
     """A file someone else wrote with ``torch.save``, read without running its code (``weights_only=True``)."""
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -53,10 +59,9 @@ def cast_floats(directory: str, dtype: torch.dtype) -> None:
             if not name.endswith(".safetensors"):
                 continue
             path = os.path.join(root, name)
-            with safe_open(path, "pt") as f:
-                meta = f.metadata()
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            save_tensors({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}, path, meta)
+            tensors = load_tensors(path)
+            save_tensors({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}, path,
+                         read_metadata(path) or None)
 
 
 def anystory_files(path: str) -> Tuple[str, str]:

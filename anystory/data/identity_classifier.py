@@ -26,9 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..weights import load_tensors, read_metadata, save_tensors
 from .synthetic import COLOURS, SHAPES, TEXTURES, Identity, SyntheticWorld
 
 CROP_SIZE = 32
@@ -98,19 +98,16 @@ class IdentityClassifier(nn.Module):
     def save(self, path: str, metrics: Optional[dict] = None) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         meta = {"width": str(self.width), "metrics": json.dumps(metrics or {})}
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path, metadata=meta)
+        save_tensors(self.state_dict(), path, metadata=meta)
 
     @classmethod
     def load(cls, path: str) -> "IdentityClassifier":
         if not os.path.isfile(path):
             raise FileNotFoundError(f"identity classifier weights not found at {path}; train them with "
                                     "`python -m anystory.data.identity_classifier --out <path>`")
-        from safetensors import safe_open
-
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
+        meta = read_metadata(path)
         model = cls(width=int(meta.get("width", 16)))
-        model.load_state_dict(load_file(path))
+        model.load_state_dict(load_tensors(path, "identity classifier"))
         model.metrics = json.loads(meta.get("metrics", "{}"))
         return model.eval()
 

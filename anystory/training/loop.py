@@ -23,8 +23,8 @@ from typing import Callable, Dict, Optional
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from safetensors.torch import load_file, save_file
 
+from ..weights import load_tensors, save_tensors
 from .config import stage_dir
 
 STAGE_IDS = {"vae": 1, "clip": 2, "base": 3, "stage1": 4, "stage2": 5, "background": 6}
@@ -123,7 +123,7 @@ class StageLoop:
             return False
         with open(state_file) as f:
             state = json.load(f)
-        weights = load_file(os.path.join(self.ckpt, "trainable.safetensors"))
+        weights = load_tensors(os.path.join(self.ckpt, "trainable.safetensors"), "checkpoint")
         missing = sorted(set(self.params) - set(weights))
         if missing:
             raise ValueError(f"stage {self.stage}: checkpoint {self.ckpt} lacks {missing[:5]} (config changed?)")
@@ -133,14 +133,14 @@ class StageLoop:
             for n, p in self.params.items():
                 if not self.sharded:
                     p.copy_(weights[n])
-        moments = {} if self.sharded else load_file(os.path.join(self.ckpt, "optimizer.safetensors"))
+        moments = {} if self.sharded else load_tensors(os.path.join(self.ckpt, "optimizer.safetensors"), "checkpoint")
         opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
         for n, p in self.params.items():
             if f"{n}::exp_avg" in moments:
                 opt.state[p] = {"step": moments[f"{n}::step"], "exp_avg": moments[f"{n}::exp_avg"].to(p.device),
                                 "exp_avg_sq": moments[f"{n}::exp_avg_sq"].to(p.device)}
         if self.ema is not None:
-            ema = load_file(os.path.join(self.ckpt, "ema.safetensors"))
+            ema = load_tensors(os.path.join(self.ckpt, "ema.safetensors"), "checkpoint")
             self.ema = {n: ema[n].to(self.params[n].device) for n in self.params}
         self.step, self.done = int(state["step"]), bool(state.get("done", False))
         self.seconds_before = float(state.get("seconds", 0.0))
@@ -174,7 +174,7 @@ class StageLoop:
         os.makedirs(self.ckpt, exist_ok=True)
         os.makedirs(tmp, exist_ok=True)
         weights = weights or {n: p.detach() for n, p in self.params.items()}
-        save_file({n: t.contiguous().cpu() for n, t in weights.items()}, os.path.join(tmp, "trainable.safetensors"))
+        save_tensors(weights, os.path.join(tmp, "trainable.safetensors"))
         opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
         moments = {}
         for n, p in self.params.items():
@@ -183,9 +183,9 @@ class StageLoop:
                 moments[f"{n}::step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(()).cpu()
                 moments[f"{n}::exp_avg"] = st["exp_avg"].contiguous().cpu()
                 moments[f"{n}::exp_avg_sq"] = st["exp_avg_sq"].contiguous().cpu()
-        save_file(moments, os.path.join(tmp, "optimizer.safetensors"))
+        save_tensors(moments, os.path.join(tmp, "optimizer.safetensors"))
         if self.ema is not None:
-            save_file({n: t.contiguous().cpu() for n, t in self.ema.items()}, os.path.join(tmp, "ema.safetensors"))
+            save_tensors(self.ema, os.path.join(tmp, "ema.safetensors"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"step": self.step, "done": self.done, "seconds": round(self.seconds, 1)}, f)
         # replace the previous checkpoint only once the new one is complete: a kill mid-save loses nothing
