@@ -3,6 +3,7 @@
 ``InvalidInputError`` is what a user can fix (a file, a mask, a number, a script); its message names the problem
 and is shown as is. It subclasses ``ValueError`` so callers that catch ``ValueError`` keep working, while the app
 can report these, and only these, as input errors and let every other exception surface as a bug.
+:func:`check_number` is the one rule for a number a user gives, wherever it enters (so its messages agree).
 """
 import math
 from typing import Type, Union
