@@ -229,13 +229,14 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--subjects", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--modes", default=",".join(MODES),
-                   help="comma-separated modes to run (bare, 'routed, fixed maps' and routed are the summary's)")
+    p.add_argument("--modes", default=";".join(MODES),
+                   help="modes to run, separated by ';' (their names hold commas); the summary needs bare, "
+                        "'routed, fixed maps' and routed")
     p.add_argument("--count", action="store_true",
                    help="count each block's work per mode (attention and matrix-product FLOPs, weights read by the "
                         "router's few-row products) instead of timing it: independent of the machine's load")
     args = p.parse_args(argv)
-    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    modes = tuple(m.strip() for m in args.modes.split(";") if m.strip())
     unknown = [m for m in modes if m not in MODES]
     if unknown or "bare" not in modes:
         p.error(f"--modes: bare and some of {MODES}, got {args.modes!r}")
