@@ -18,7 +18,6 @@ from typing import Dict, Optional
 
 import PIL.Image
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidInputError
@@ -95,28 +94,18 @@ def background_tensors(pipe, image: PIL.Image.Image, device, dtype) -> dict:
 
 def encode_background(pipe, pixels: torch.Tensor, clip_pixels: torch.Tensor) -> dict:
     """Encode ``[b, 3, R, R]`` background images (CLIP input ``[b, 2, ...]``, the blank image second) as a subject
-    is encoded, with the background's own parameters applied. Differentiable (the background stage trains it)."""
+    is encoded (``pipeline.encode_subjects``, with an all-foreground mask), then apply the background's own
+    parameters. Differentiable (the background stage trains it)."""
     adapter = pipe.anystory
     if adapter.background is None:
         raise InvalidInputError(f"background: {NOT_TRAINED}")
-    upcast = pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast
-    if upcast:
-        pipe.vae.to(dtype=torch.float32)
-    try:
-        latent = pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.mode()
-    finally:
-        if upcast:
-            pipe.vae.to(dtype=torch.float16)
-    shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
-    latent = ((latent - shift) * pipe.vae.config.scaling_factor).to(pipe.unet.dtype)
-    everywhere = torch.ones_like(latent[:, :1])
-    features = adapter.background.features(adapter.reference_net(latent, everywhere, adapter.config.reference_size))
-    hidden = [pipe.image_encoder(clip_pixels[:, i].to(pipe.image_encoder.dtype),
-                                 output_hidden_states=True).hidden_states[-2].to(pipe.unet.dtype) for i in range(2)]
-    return {"reference_features": features,
-            "semantic_tokens": adapter.background.tokens(adapter.semantic_qformer(hidden[0])),
-            "semantic_uncond_tokens": adapter.semantic_qformer(hidden[1]),
-            "routing_token": adapter.routing_qformer(hidden[1])[:, 0]}
+    everywhere = torch.ones_like(pixels[:, None, :1])
+    encoded = pipe.encode_subjects(pixels[:, None], everywhere, clip_pixels)
+    features = {k: f[:, 0] for k, f in encoded["reference_features"].items()}
+    return {"reference_features": adapter.background.features(features),
+            "semantic_tokens": adapter.background.tokens(encoded["semantic_tokens"][:, 0]),
+            "semantic_uncond_tokens": encoded["semantic_uncond_tokens"][:, 0],
+            "routing_token": encoded["routing_tokens"][:, 1]}
 
 
 def with_background(encoded: Optional[dict], background: dict) -> dict:
