@@ -14,10 +14,9 @@ import json
 import os
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..sdxl.adapter_sdxl import CONFIG_NAME, WEIGHTS_NAME
+from ..weights import load_tensors, read_metadata, save_tensors
 from .config import load_config, stage_dir
 
 PREFIX = "background."
@@ -26,23 +25,18 @@ PREFIX = "background."
 def merge_background(source: str, target: str, dtype: torch.dtype = torch.float16) -> list:
     """Add ``source``'s ``background.*`` tensors (cast to ``dtype``) and its ``background_rank`` to the AnyStory
     weights in folder ``target``; returns the keys written. Every other tensor of ``target`` is kept."""
-    with safe_open(os.path.join(source, WEIGHTS_NAME), "pt") as f:
-        ours = {k: f.get_tensor(k).to(dtype) for k in f.keys() if k.startswith(PREFIX)}
+    ours = {k: t.to(dtype) for k, t in load_tensors(os.path.join(source, WEIGHTS_NAME)).items() if k.startswith(PREFIX)}
     with open(os.path.join(source, CONFIG_NAME)) as f:
         rank = json.load(f).get("background_rank", 0)
     if not ours or not rank:
         raise ValueError(f"{source} holds no background reference weights (run the background stage first)")
     path = os.path.join(target, WEIGHTS_NAME)
-    with safe_open(path, "pt") as f:
-        metadata = f.metadata()
-        kept = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(PREFIX)}
-    tmp = path + ".tmp"
-    save_file({**kept, **ours}, tmp, metadata=metadata)
+    kept = {k: t for k, t in load_tensors(path).items() if not k.startswith(PREFIX)}
     config_path = os.path.join(target, CONFIG_NAME)
     with open(config_path) as f:
         config = json.load(f)
     config["background_rank"] = rank
-    os.replace(tmp, path)
+    save_tensors({**kept, **ours}, path, metadata=read_metadata(path))
     with open(config_path, "w") as f:
         json.dump(config, f, indent=1)
     return sorted(ours)
