@@ -59,6 +59,7 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
         routing_background_bias: float = 0.0,
         routing_single_region: bool = False,
         background_rank: int = 0,
+        background_gate: bool = False,
     ):
         super().__init__()
         cross_dim = unet_config["cross_attention_dim"]
@@ -95,16 +96,19 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
         return adapter.to(device=unet.device)
 
     def _background_module(self, rank: int) -> BackgroundConditioning:
-        return BackgroundConditioning(reference_dims(self.reference_net), self.config.num_semantic_tokens,
-                                      self.config.unet_config["cross_attention_dim"], rank)
+        dims = reference_dims(self.reference_net)
+        gated = list(dims) + [name for name, *_ in self.config.cross_attention_layers] if self.config.background_gate else []
+        return BackgroundConditioning(dims, self.config.num_semantic_tokens,
+                                      self.config.unet_config["cross_attention_dim"], rank, gated)
 
-    def add_background(self, rank: int = 4) -> BackgroundConditioning:
-        """Fresh (zero, i.e. subject-like) background-reference parameters: the background stage's start."""
+    def add_background(self, rank: int = 4, gate: bool = False) -> BackgroundConditioning:
+        """Fresh (zero, i.e. subject-like) background-reference parameters: the background stage's start; ``gate``
+        adds a learned log-scale per attention layer (``background.py``)."""
         if rank < 1:
             raise ValueError(f"background rank must be >= 1, got {rank}")
         weight = next(self.reference_net.parameters())
+        self.register_to_config(background_rank=rank, background_gate=bool(gate))
         self.background = self._background_module(rank).to(device=weight.device, dtype=weight.dtype)
-        self.register_to_config(background_rank=rank)
         return self.background
 
     def attach(self, unet: UNet2DConditionModel) -> None:

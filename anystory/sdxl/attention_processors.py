@@ -57,6 +57,7 @@ class AnyStoryState:
     routing_tokens: Optional[torch.Tensor] = None  # [b, N+1, Dr]; the last one is the background
     scales: Optional[torch.Tensor] = None  # [N] semantic strengths (eta)
     reference_scales: Optional[torch.Tensor] = None  # [N]
+    background_log_scales: Dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> the background's learned log-scale (background.py)
     cfg: bool = False  # batch = [uncond, cond] halves
     latent_hw: Tuple[int, int] = (0, 0)
     training: bool = False
@@ -167,10 +168,11 @@ class AnyStorySelfAttnProcessor:
         prev = _resize_map(st.prev_map, st.layer_hw(length)).flatten(2)  # [Bc, N+1, L]
         gate = prev[:, : st.conditioned].detach().to(query.dtype)  # subject i's reference acts where gate_i > 0
         labels = exclusive_labels(gate) if sparse_pays(query) else None
+        last = st.background_log_scales.get(self.name) if st.background else None  # a tensor: it trains
         if labels is None:
-            out = _dense_reference_attention(query, key, value, ref_k, ref_v, gate, st.reference_scales)
+            out = _dense_reference_attention(query, key, value, ref_k, ref_v, gate, st.reference_scales, last)
         else:
-            out = _routed_reference_attention(query, key, value, ref_k, ref_v, labels, st.reference_scale_list())
+            out = _routed_reference_attention(query, key, value, ref_k, ref_v, labels, st.reference_scale_list(), last)
         out = out.transpose(1, 2).reshape(batch, length, -1).to(hidden_states.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
@@ -178,8 +180,9 @@ class AnyStorySelfAttnProcessor:
         return out / attn.rescale_output_factor
 
 
-def _dense_reference_attention(query, key, value, ref_k, ref_v, gate, reference_scales) -> torch.Tensor:
-    """All subjects' reference keys appended to every query, gated by the additive bias ``log(gate_i * scale_i)``.
+def _dense_reference_attention(query, key, value, ref_k, ref_v, gate, reference_scales, last_log_scale=None):
+    """All subjects' reference keys appended to every query, gated by the additive bias ``log(gate_i * scale_i)``
+    (plus ``last_log_scale`` for the last class, added so that its gradient stays finite where the gate is 0).
 
     One SDPA call with static shapes (the path ``torch.compile`` traces), at the cost of attending to
     N x Lr extra keys everywhere and writing an ``[L, L + N*Lr]`` bias. ``query`` etc. are ``[B, h, L|Lr*N, d]``.
@@ -189,14 +192,18 @@ def _dense_reference_attention(query, key, value, ref_k, ref_v, gate, reference_
     weight = reference_scales.to(query.dtype).view(1, n, 1)  # [1, N, 1]
     if gate is not None:
         weight = (gate if gate.shape[0] == 1 else _to_batch(gate, batch)) * weight  # [1 or B, N, L]
-    bias_subject = torch.log(weight).transpose(-1, -2).repeat_interleave(lr, dim=-1)  # [1 or B, L or 1, N*Lr]
+    log_weight = torch.log(weight)
+    if last_log_scale is not None:
+        log_weight = log_weight + F.pad(last_log_scale.to(query.dtype).view(1, 1, 1), (0, 0, n - 1, 0))
+    bias_subject = log_weight.transpose(-1, -2).repeat_interleave(lr, dim=-1)  # [1 or B, L or 1, N*Lr]
     rows, positions = bias_subject.shape[:2]
     bias = torch.cat([bias_subject.new_zeros(1, 1, 1).expand(rows, positions, length), bias_subject], dim=-1)
     return F.scaled_dot_product_attention(query, torch.cat([key, ref_k], dim=2), torch.cat([value, ref_v], dim=2),
                                           attn_mask=bias.unsqueeze(1))
 
 
-def _routed_reference_attention(query, key, value, ref_k, ref_v, labels, scales: List[float]) -> torch.Tensor:
+def _routed_reference_attention(query, key, value, ref_k, ref_v, labels, scales: List[float],
+                                last_log_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Hard routing, computed sparsely: the queries routed to subject i attend to the image keys plus subject i's
     reference keys only, the others to the image keys alone.
 
@@ -204,7 +211,8 @@ def _routed_reference_attention(query, key, value, ref_k, ref_v, labels, scales:
     Lr extra keys instead of all N x Lr, and no bias is written unless a scale differs from 1 (one broadcast row
     adding ``log(scale_i)``); README, Benchmarks, has what that saves per layer. ``labels`` is ``[R, L]`` with
     R = 1 (one map for the batch) or the conditional batch (the unconditional half reuses its sample's row);
-    positions are grouped by class with one sort per row.
+    positions are grouped by class with one sort per row. ``last_log_scale`` (a tensor, so it trains) is added to
+    the last class's reference logits.
     """
     length, n, rows = query.shape[2], len(scales), labels.shape[0]
     lr = ref_k.shape[2] // n
@@ -224,7 +232,10 @@ def _routed_reference_attention(query, key, value, ref_k, ref_v, labels, scales:
             span = slice(cls * lr, (cls + 1) * lr)
             keys = torch.cat([k, ref_k[samples, :, span]], dim=2)
             bias = None
-            if scales[cls] != 1:
+            if cls == n - 1 and last_log_scale is not None:
+                extra = (math.log(scales[cls]) + last_log_scale).to(keys.dtype).expand(1, 1, 1, lr)
+                bias = torch.cat([keys.new_zeros(1, 1, 1, length), extra], dim=-1)
+            elif scales[cls] != 1:
                 bias = keys.new_zeros(1, 1, 1, length + lr)
                 bias[..., length:] = math.log(scales[cls])
             parts.append(F.scaled_dot_product_attention(q_cls, keys, torch.cat([v, ref_v[samples, :, span]], dim=2),
@@ -298,7 +309,11 @@ class AnyStoryCrossAttnProcessor:
         cond_half = hidden_states[batch // 2:] if st.cfg else hidden_states
         gate = self._route(cond_half, hw)  # [Bc, N+1, L]
         sem_k, sem_v = self._semantic_kv(batch)  # [B or 1, N, T, inner]
-        weight = _to_batch(gate[:, :n], batch).to(q.dtype) * st.scales.to(q.dtype).view(1, n, 1)  # [B, N, L]
+        scales = st.scales.to(q.dtype)
+        last = st.background_log_scales.get(self.name) if st.background else None
+        if last is not None:  # the background's learned scale (a tensor: it trains)
+            scales = torch.cat([scales[:-1], scales[-1:] * last.to(q.dtype).exp()])
+        weight = _to_batch(gate[:, :n], batch).to(q.dtype) * scales.view(1, n, 1)  # [B, N, L]
         for i in range(n):  # a 4-D SDPA call per subject: one 5-D broadcast call is slower on a CPU (README, Benchmarks)
             sem = F.scaled_dot_product_attention(q, _heads(_to_batch(sem_k[:, i], batch), attn.heads),
                                                  _heads(_to_batch(sem_v[:, i], batch), attn.heads))

@@ -10,11 +10,15 @@ image's, as without a background reference, so the reference itself never moves 
 What is trained for it (keys ``background.*``; the background stage trains only these, everything else frozen,
 so subject fidelity and routing are the shipped model's): a type embedding added to the background's semantic
 tokens, and a rank-``r`` correction of its ReferenceNet features in every self-attention layer. Both start at
-zero: untrained, the background is encoded exactly as a subject would be.
+zero: untrained, the background is encoded exactly as a subject would be. Optionally (``gate``) a learned
+log-scale per attention layer: added to the logits of the background's reference keys (self-attention) and
+scaling its semantic cross-attention (``exp``), so training can turn down the reference attention (which, as a
+subject's, copies texture speckle) and turn up the semantic tokens (which carry the backdrop's colour). They
+start at zero, i.e. the plain scale 1.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import PIL.Image
 import torch
@@ -23,6 +27,8 @@ from torch import nn
 from ..errors import InvalidInputError
 from ..images import read_rgb
 
+
+GATE_GAIN = 10.0  # log-scale = GATE_GAIN * parameter: Adam moves a scalar by about lr per step, whatever its gradient
 
 NOT_TRAINED = ("these AnyStory weights have no background reference (it is trained by the 'background' stage: "
                "python -m anystory.training --config <config> --stages background)")
@@ -33,15 +39,23 @@ def _key(layer_name: str) -> str:
 
 
 class BackgroundConditioning(nn.Module):
-    """The background's own parameters: a semantic type embedding and low-rank ReferenceNet feature corrections."""
+    """The background's own parameters: a semantic type embedding, low-rank ReferenceNet feature corrections, and
+    (``gated_layers``: attention layer names) a log-scale per layer."""
 
-    def __init__(self, reference_dims: Dict[str, int], num_tokens: int, token_dim: int, rank: int = 4):
+    def __init__(self, reference_dims: Dict[str, int], num_tokens: int, token_dim: int, rank: int = 4,
+                 gated_layers: Sequence[str] = ()):
         super().__init__()
         self.token_embedding = nn.Parameter(torch.zeros(num_tokens, token_dim))
         self.reference_down = nn.ModuleDict({_key(n): nn.Linear(d, rank, bias=False) for n, d in reference_dims.items()})
         self.reference_up = nn.ModuleDict({_key(n): nn.Linear(rank, d, bias=False) for n, d in reference_dims.items()})
         for up in self.reference_up.values():
             nn.init.zeros_(up.weight)
+        self.gated_layers = list(gated_layers)
+        self.gate = nn.ParameterDict({_key(n): nn.Parameter(torch.zeros(())) for n in self.gated_layers})
+
+    def log_scales(self) -> Dict[str, torch.Tensor]:
+        """{attention layer: its log-scale for the background's conditions} (empty without gates)."""
+        return {n: GATE_GAIN * self.gate[_key(n)] for n in self.gated_layers}
 
     def tokens(self, semantic: torch.Tensor) -> torch.Tensor:
         """``[b, T, D]`` semantic tokens of the background image -> the background's tokens."""
@@ -105,19 +119,22 @@ def encode_background(pipe, pixels: torch.Tensor, clip_pixels: torch.Tensor) -> 
     return {"reference_features": adapter.background.features(features),
             "semantic_tokens": adapter.background.tokens(encoded["semantic_tokens"][:, 0]),
             "semantic_uncond_tokens": encoded["semantic_uncond_tokens"][:, 0],
-            "routing_token": encoded["routing_tokens"][:, 1]}
+            "routing_token": encoded["routing_tokens"][:, 1],
+            "log_scales": adapter.background.log_scales()}
 
 
 def with_background(encoded: Optional[dict], background: dict) -> dict:
     """The subjects' encoding (``pipeline.encode_subjects``; ``None`` for no subjects) with the background appended
-    as the last conditioned class. Routing tokens are the subjects' plus the blank image's, as without it."""
+    as the last conditioned class, with its per-layer log-scales. Routing tokens are the subjects' plus the blank
+    image's, as without it."""
     if encoded is None:
         return {"num_subjects": 0,
                 "reference_features": {k: f[:, None] for k, f in background["reference_features"].items()},
                 "semantic_tokens": background["semantic_tokens"][:, None],
                 "semantic_uncond_tokens": background["semantic_uncond_tokens"][:, None],
-                "routing_tokens": background["routing_token"][:, None]}
-    out = dict(encoded)
+                "routing_tokens": background["routing_token"][:, None],
+                "background_log_scales": background["log_scales"]}
+    out = dict(encoded, background_log_scales=background["log_scales"])
     out["reference_features"] = {k: torch.cat([f, _batch_like(background["reference_features"][k], f)[:, None]], 1)
                                  for k, f in encoded["reference_features"].items()}
     for name in ("semantic_tokens", "semantic_uncond_tokens"):

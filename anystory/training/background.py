@@ -4,7 +4,8 @@ Each sample is a scene of the synthetic world whose caption does *not* name its 
 blue moon", "two objects"), its subjects' references, and a background reference: another view of the same kind
 of backdrop with no objects (``SyntheticWorld.background_reference``). So the backdrop can only come from the
 reference. Routing is the ground truth (teacher routing, as in stage 1): the background's conditions act on the
-scene's background pixels, where the router sends them at inference. Loss: the diffusion loss. Only the
+scene's background pixels, where the router sends them at inference. Loss: the diffusion loss, its backdrop
+positions weighted ``background_loss_weight`` times the objects' (the backdrop is what the reference is for). Only the
 ``background.*`` parameters train, so the subjects' encoders and the router stay exactly the shipped model's
 (subject fidelity and routing cannot change), and the stage's weights merge into a shipped file by adding keys.
 
@@ -74,10 +75,21 @@ def background_step(cfg: dict, pipe, source: SyntheticSource, scheduler, step: i
     try:
         noisy, noise, t = noisy_latents(scheduler, latents, generator, total=batch)
         pred = pipe.unet(noisy, t, embeds, added_cond_kwargs=added).sample
-        loss = diffusion_loss(scheduler, pred, noise, t, float(scfg["snr_gamma"]))
+        loss = diffusion_loss(scheduler, pred, noise, t, float(scfg["snr_gamma"]),
+                              backdrop_weight(data.targets, lat_hw, float(scfg.get("background_loss_weight", 1.0))))
         return {"diffusion": loss, "loss": loss}
     finally:
         adapter.reset_state()
+
+
+def backdrop_weight(targets: torch.Tensor, hw, weight: float) -> Optional[torch.Tensor]:
+    """``[B, 1, h, w]`` loss weights from the ground truth ``[B, N+1, H, W]``: ``weight`` on the backdrop, 1 on
+    objects, normalised to mean 1 per sample; ``None`` for weight 1."""
+    if weight == 1:
+        return None
+    backdrop = one_hot_targets(targets, hw)[:, -1:]
+    w = 1 + (weight - 1) * backdrop
+    return w / w.mean(dim=(2, 3), keepdim=True)
 
 
 @torch.no_grad()
@@ -109,7 +121,7 @@ def train_background(cfg: dict, pipe, log=print) -> dict:
         raise ValueError("the background stage runs on one process")
     prepare_training(cfg, pipe, acc)
     if pipe.anystory.background is None:
-        pipe.anystory.add_background(int(scfg["rank"]))
+        pipe.anystory.add_background(int(scfg["rank"]), bool(scfg.get("gate", False)))
     freeze_all(pipe)
     params = background_parameters(pipe.anystory)
     for p in params.values():

@@ -52,9 +52,11 @@ def noisy_latents(scheduler: DDPMScheduler, latents: torch.Tensor, generator: to
 
 
 def diffusion_loss(scheduler: DDPMScheduler, pred: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                   snr_gamma: float = 0.0) -> torch.Tensor:
-    """MSE to the noise; with ``snr_gamma`` > 0, Min-SNR weighting (Hang et al. 2023), which trains faster."""
-    per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+                   snr_gamma: float = 0.0, pixel_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MSE to the noise; with ``snr_gamma`` > 0, Min-SNR weighting (Hang et al. 2023), which trains faster;
+    ``pixel_weight`` (``[B, 1, h, w]``, mean 1 per sample) weights latent positions."""
+    error = F.mse_loss(pred.float(), noise.float(), reduction="none")
+    per_sample = (error if pixel_weight is None else error * pixel_weight.float()).mean(dim=(1, 2, 3))
     if snr_gamma and snr_gamma > 0:
         alpha_bar = scheduler.alphas_cumprod.to(t.device)[t]
         snr = alpha_bar / (1 - alpha_bar)

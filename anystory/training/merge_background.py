@@ -23,11 +23,12 @@ PREFIX = "background."
 
 
 def merge_background(source: str, target: str, dtype: torch.dtype = torch.float16) -> list:
-    """Add ``source``'s ``background.*`` tensors (cast to ``dtype``) and its ``background_rank`` to the AnyStory
-    weights in folder ``target``; returns the keys written. Every other tensor of ``target`` is kept."""
+    """Add ``source``'s ``background.*`` tensors (cast to ``dtype``), ``background_rank`` and ``background_gate`` to
+    the AnyStory weights in folder ``target``; returns the keys written. Every other tensor of ``target`` is kept."""
     ours = {k: t.to(dtype) for k, t in load_tensors(os.path.join(source, WEIGHTS_NAME)).items() if k.startswith(PREFIX)}
     with open(os.path.join(source, CONFIG_NAME)) as f:
-        rank = json.load(f).get("background_rank", 0)
+        source_config = json.load(f)
+    rank = source_config.get("background_rank", 0)
     if not ours or not rank:
         raise ValueError(f"{source} holds no background reference weights (run the background stage first)")
     path = os.path.join(target, WEIGHTS_NAME)
@@ -36,6 +37,7 @@ def merge_background(source: str, target: str, dtype: torch.dtype = torch.float1
     with open(config_path) as f:
         config = json.load(f)
     config["background_rank"] = rank
+    config["background_gate"] = bool(source_config.get("background_gate", False))
     save_tensors({**kept, **ours}, path, metadata=read_metadata(path))
     with open(config_path, "w") as f:
         json.dump(config, f, indent=1)

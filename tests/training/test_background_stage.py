@@ -89,9 +89,10 @@ def test_merge_adds_background_tensors_and_keeps_every_other(tmp_path):
     from helpers.routing import tiny_pipe
 
     trained, shipped = tiny_pipe(), tiny_pipe()
-    trained.anystory.add_background(2)
+    trained.anystory.add_background(2, gate=True)
     with torch.no_grad():
         trained.anystory.background.token_embedding.fill_(0.5)
+        next(iter(trained.anystory.background.gate.values())).fill_(-0.25)
         next(shipped.anystory.layer_conditioning.parameters()).add_(1.0)  # e.g. a router retrained since
     trained.save_anystory_weights(str(tmp_path / "stage"))
     shipped.save_anystory_weights(str(tmp_path / "ship"))
@@ -103,6 +104,7 @@ def test_merge_adds_background_tensors_and_keeps_every_other(tmp_path):
     assert all(torch.equal(after[k], before[k]) for k in before)
     loaded = tiny_pipe().load_anystory_weights(str(tmp_path / "ship"))
     assert loaded.background is not None and float(loaded.background.token_embedding[0, 0]) == 0.5
+    assert loaded.config.background_gate and float(next(iter(loaded.background.gate.values()))) == -0.25
     tiny_pipe().save_anystory_weights(str(tmp_path / "plain"))
     with pytest.raises(ValueError, match="no background reference weights"):
         merge_background(str(tmp_path / "plain"), str(tmp_path / "ship"))

@@ -1,0 +1,114 @@
+"""The background reference's learned gate (``background_gate``): a log-scale per attention layer that acts as the
+background's reference and semantic scales would, on the sparse and the dense reference attention alike, and
+that trains (its gradient reaches every layer's gate through both paths)."""
+import math
+
+import pytest
+import torch
+
+import anystory.sdxl.attention_processors as processors
+from anystory.sdxl.background import GATE_GAIN, background_tensors, encode_background, read_background, with_background
+from anystory.subjects import prepare_subjects
+from anystory import Subject
+from anystory.training.background import backdrop_weight
+from helpers.routing import noise_image, tiny_pipe
+
+LAT_HW = (8, 8)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = tiny_pipe()
+    torch.manual_seed(3)
+    p.anystory.add_background(2, gate=True)
+    with torch.no_grad():
+        for name, param in p.anystory.background.named_parameters():
+            if not name.startswith("gate."):
+                param.normal_(0, 0.05)
+    return p
+
+
+def _maps() -> torch.Tensor:
+    maps = torch.zeros(2, *LAT_HW)
+    maps[0, :, :4], maps[1, :, 4:] = 1, 1  # subject on the left, background on the right
+    return maps
+
+
+def _unet_out(pipe, encoded, scale: float = 1.0) -> torch.Tensor:
+    """One UNet pass with one subject and the background (forced maps); the background's scales are ``scale``."""
+    pipe.anystory.reset_state(**encoded, background=True, scales=torch.tensor([1.0, scale]),
+                              reference_scales=torch.tensor([1.0, scale]), latent_hw=LAT_HW, forced_maps=_maps())
+    try:
+        latents = torch.randn(1, pipe.unet.config.in_channels, *LAT_HW, generator=torch.Generator().manual_seed(0))
+        embeds, _, pooled, _ = pipe.encode_prompt("a star", device="cpu", do_classifier_free_guidance=False)
+        time_ids = torch.tensor([[64, 64, 0, 0, 64, 64]], dtype=embeds.dtype)
+        return pipe.unet(latents, torch.tensor([500]), embeds,
+                         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    finally:
+        pipe.anystory.reset_state()
+
+
+def _encoded(pipe):
+    size = pipe.anystory.config.reference_size
+    subjects = pipe.encode_subjects(**pipe.subject_tensors(prepare_subjects([Subject(noise_image(1))]), "cpu",
+                                                           torch.float32))
+    background = encode_background(pipe, **background_tensors(pipe, read_background(noise_image(7), size), "cpu",
+                                                              torch.float32))
+    return with_background(subjects, background)
+
+
+def _set_gates(pipe, log_scale: float) -> None:
+    with torch.no_grad():
+        for g in pipe.anystory.background.gate.values():
+            g.fill_(log_scale / GATE_GAIN)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_gate_acts_as_the_background_scales(pipe, monkeypatch, sparse):
+    """Every layer's gate at log-scale s equals gates at 0 with the background's scales exp(s); s = 0 is scale 1."""
+    monkeypatch.setattr(processors, "sparse_pays", lambda q: sparse)
+    gates = pipe.anystory.background.log_scales()
+    assert len(gates) == len(pipe.anystory.config.cross_attention_layers) + len(pipe.anystory.reference_net.layer_names)
+    with torch.no_grad():
+        _set_gates(pipe, 0.0)
+        plain = _unet_out(pipe, _encoded(pipe))
+        _set_gates(pipe, -1.5)
+        gated = _unet_out(pipe, _encoded(pipe))
+        _set_gates(pipe, 0.0)
+        scaled = _unet_out(pipe, _encoded(pipe), scale=math.exp(-1.5))
+    assert (gated - plain).abs().max() > 1e-4, "the gate changes nothing"
+    assert torch.allclose(gated, scaled, atol=1e-5), (gated - scaled).abs().max()
+
+
+def test_gate_trains_on_both_paths(pipe, monkeypatch):
+    """The gate is a tensor in the processors (not a Python number), so every layer's gate gets a gradient, and the
+    sparse and dense reference attention give the same one."""
+    grads = []
+    for sparse in (True, False):
+        monkeypatch.setattr(processors, "sparse_pays", lambda q, s=sparse: s)
+        _set_gates(pipe, 0.3)
+        pipe.anystory.background.zero_grad()
+        _unet_out(pipe, _encoded(pipe)).square().mean().backward()
+        grads.append({k: g.grad.clone() for k, g in pipe.anystory.background.gate.items()})
+    pipe.anystory.background.zero_grad()
+    _set_gates(pipe, 0.0)
+    sparse, dense = grads
+    assert set(sparse) == set(dense) and all(bool(g != 0) for g in sparse.values())
+    assert all(torch.allclose(sparse[k], dense[k], rtol=1e-3, atol=1e-7) for k in sparse)
+
+
+def test_weights_without_gate_have_no_gate_parameters():
+    p = tiny_pipe()
+    p.anystory.add_background(2)
+    assert not p.anystory.config.background_gate and p.anystory.background.log_scales() == {}
+    assert not any(k.startswith("background.gate") for k in p.anystory.state_dict())
+
+
+def test_backdrop_weight():
+    targets = torch.zeros(2, 3, 16, 16)
+    targets[:, 0, :8], targets[:, 2, 8:] = 1, 1  # object on top, backdrop below
+    assert backdrop_weight(targets, (8, 8), 1.0) is None
+    w = backdrop_weight(targets, (8, 8), 3.0)
+    assert w.shape == (2, 1, 8, 8)
+    assert torch.allclose(w.mean(dim=(2, 3)), torch.ones(2, 1))
+    assert torch.allclose(w[:, :, 4:], 3 * w[:, :, :4])
