@@ -5,7 +5,8 @@ Loss: diffusion loss (its gradient reaches the router through the straight-throu
 ``routing_weight * mean ||M - M_gt||^2`` on the soft maps (paper: 0.1). Logged: both losses and router mIoU.
 Afterwards the class priors of the training targets set the inference logit adjustment (``router.py``):
 ``logit_adjustment_tau * log(p_background / p_subject)`` (Menon et al.'s tau; default 1), and ``single_region``
-(default off) stores the one-region-per-subject inference rule with the weights.
+(default off) stores the one-region-per-subject inference rule with the weights. With ``trajectory`` set, the
+routers are then trained on the model's own sampling trajectories (``trajectory.py``).
 
     python -m anystory.training.stage2 --config configs/miniature.yaml
 """
@@ -87,8 +88,13 @@ def train_stage2(cfg: dict, pipe, log=print) -> dict:
     log(f"[stage2] class priors: background {priors['background']:.3f}, one subject {priors['subject']:.3f} "
         f"-> inference background logit adjustment {tau:g} x log ratio = {bias:.3f}; one region per subject: "
         f"{'on' if single_region else 'off'}")
-    return {"heldout_before": before, "heldout_after": after, "seconds": loop.seconds, "routing_priors": priors,
-            "routing_background_bias": bias, "logit_adjustment_tau": tau, "routing_single_region": single_region}
+    out = {"heldout_before": before, "heldout_after": after, "seconds": loop.seconds, "routing_priors": priors,
+           "routing_background_bias": bias, "logit_adjustment_tau": tau, "routing_single_region": single_region}
+    if scfg.get("trajectory"):  # the routers again, on the model's own sampling trajectories (trajectory.py)
+        from .trajectory import train_trajectory
+
+        out["trajectory"] = train_trajectory(cfg, pipe, log)
+    return out
 
 
 if __name__ == "__main__":

@@ -1,0 +1,102 @@
+"""The trajectory part of stage 2: every router's input is recorded at every sampling step, and training on the
+recordings moves the routers (only them) toward the objects finally drawn."""
+import numpy as np
+import pytest
+import torch
+
+from anystory.data.synthetic import SyntheticWorld, WorldConfig
+from anystory.training import trajectory
+from helpers.routing import tiny_pipe
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.set_num_threads(1)
+    return tiny_pipe()
+
+
+@pytest.fixture(scope="module")
+def world(pipe):
+    size = pipe.default_sample_size * pipe.vae_scale_factor
+    return SyntheticWorld(0, WorldConfig(image_size=size, reference_size=pipe.anystory.config.reference_size))
+
+
+def _halves(image, subjects, classifier):
+    """Stand-in for the chroma + classifier matching: subject i drew the i-th vertical half of the image."""
+    h, w = image.shape[:2]
+    masks = [np.zeros((h, w), bool) for _ in subjects]
+    masks[0][:, : w // 2] = True
+    masks[1][:, w // 2:] = True
+    return masks
+
+
+@pytest.fixture(scope="module")
+def recorded(pipe, world):
+    patch = pytest.MonkeyPatch()
+    calls = []
+
+    def drawn(image, subjects, classifier):
+        calls.append(len(calls))
+        return [None, None] if len(calls) == 2 else _halves(image, subjects, classifier)  # the 2nd: nothing found
+
+    patch.setattr(trajectory, "drawn_objects", drawn)
+    try:
+        data = trajectory.record_trajectories(pipe, None, world, [5, 6, 7], steps=STEPS, guidance=2.0, log=None)
+    finally:
+        patch.undo()
+    return data
+
+
+def test_every_step_of_every_router_is_recorded_and_failed_samples_are_dropped(pipe, recorded):
+    assert len(recorded) == 2  # sample 6 drew nothing for its subjects
+    layers = trajectory.router_layers(pipe.anystory)
+    for t in recorded:
+        assert set(t.latents) == set(layers)
+        for name, latent in t.latents.items():
+            assert latent.shape[0] == STEPS and latent.dtype == torch.float16  # the conditional half only
+            assert latent.shape[-1] == layers[name].latent_norm.normalized_shape[0]
+        assert t.tokens.shape == (3, pipe.anystory.config.routing_dim)
+        assert torch.allclose(t.target.sum(0), torch.ones(()))
+        assert t.target[0, :, 0].all() and t.target[1, :, -1].all()
+    assert all(not m._forward_hooks for m in layers.values())  # the recording hooks are gone
+
+
+def test_recorded_inputs_are_what_the_routers_saw(pipe, world, recorded):
+    """Replay sample 5 with a hook of the test's own: the conditional half each router got at every step."""
+    from anystory import Subject
+
+    seen = {}
+    layers = trajectory.router_layers(pipe.anystory)
+    handles = [m.register_forward_hook(lambda mod, args, out, n=n: seen.setdefault(n, []).append(args[0][-1].clone()))
+               for n, m in layers.items()]
+    sample = world.sample(5, count=2)
+    try:
+        pipe(sample.scene.generic_caption, subjects=[Subject(r.image) for r in sample.references],
+             num_inference_steps=STEPS, guidance_scale=2.0, generator=torch.Generator().manual_seed(5), output_type="np")
+    finally:
+        for h in handles:
+            h.remove()
+    for name, inputs in seen.items():
+        assert torch.allclose(recorded[0].latents[name].float(), torch.stack(inputs), atol=2e-3, rtol=1e-3)
+
+
+def test_training_moves_only_the_routers_toward_the_drawn_objects(pipe, recorded):
+    adapter = pipe.anystory
+    before = {k: v.clone() for k, v in adapter.state_dict().items()}
+    steps = torch.zeros(len(recorded), dtype=torch.long)
+    with torch.no_grad():
+        loss_before = float(trajectory.trajectory_loss(adapter, recorded, steps))
+    agree_before = trajectory.decision_agreement(adapter, recorded, 0, 0.0)
+    result = trajectory.train_routers(adapter, recorded, 60, 1e-2, 2, 0, log=None, heldout=recorded)
+    with torch.no_grad():
+        loss_after = float(trajectory.trajectory_loss(adapter, recorded, steps))
+    after = adapter.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(".router." in k for k in changed)
+    assert set(trajectory.router_parameters(adapter)) >= {f"anystory.{k}" for k in changed}
+    assert loss_after < 0.8 * loss_before
+    assert result["heldout_step0_agreement_after"] > agree_before
+    assert not any(p.requires_grad for p in adapter.parameters())
+    adapter.load_state_dict(before)
