@@ -31,7 +31,8 @@ from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAt
 
 from ..routing import exclusive_labels, sparse_pays
 from .routed_attention_flux import routed_attention
-from .router_flux import RouterModules, router_post_attention, router_pre_attention, routing_map
+from .router_flux import (RouterModules, RowRider, router_norm, router_post_attention, router_pre_attention,
+                          router_update, routing_map)
 
 NEG_INF = float("-inf")
 
@@ -107,6 +108,46 @@ class AnyStoryFluxAttnProcessor(nn.Module):
     def bind(self, state, router: RouterModules) -> None:
         self.state, self._router = state, (router,)
 
+    # ---- the router tokens' rows riding the block's own products (``router_flux.RowRider``) --------------------
+    def riders(self) -> list:
+        """The block's products the router rows ride: ``ff_context`` (double block); ``proj_mlp`` and
+        ``proj_out`` (single block). None in the transformer's last block, which updates no router token."""
+        if not self._router or not self._router[0].updates:
+            return []
+        parts = self._router[0]
+        if parts.double:
+            return [RowRider(parts.mlp, self._update_rows, self._router_done)]
+        return [RowRider(parts.mlp, self._early_norm, self._mlp_done),
+                RowRider(parts.out, self._update_rows, self._router_done)]
+
+    def _rides(self) -> bool:
+        """The rows ride in a step the router decides, outside ``confine_subjects`` (whose promise, a subject
+        routed nowhere changes no bit, needs the block's products the same for any subject count)."""
+        state = self.state
+        return bool(state is not None and state.active and not state.in_ref_pass and state.plan is not None
+                    and state.plan.route and state.forced_maps is None and not state.confine and self._router
+                    and self._router[0].updates)
+
+    def _early_norm(self) -> Optional[torch.Tensor]:
+        """Single block, before ``proj_mlp``: the router tokens' norm, computed here so they ride that product."""
+        if not self._rides():
+            return None
+        state = self.state
+        hidden = state.router_input(state.modulation[self.layer_id][1].dtype)
+        norm, mods = router_norm(self._router[0], hidden, state.modulation[self.layer_id])
+        state.rides[self.layer_id] = {"early": (hidden, norm, mods)}
+        return norm
+
+    def _mlp_done(self, rows: torch.Tensor) -> None:
+        self.state.rides[self.layer_id]["mlp"] = rows
+
+    def _update_rows(self) -> Optional[torch.Tensor]:
+        ride = self.state.rides.get(self.layer_id) if self.state is not None else None
+        return None if ride is None or "update" not in ride else ride["update"].rows
+
+    def _router_done(self, product: torch.Tensor) -> None:
+        self.state.router_hidden = self.state.rides.pop(self.layer_id)["update"].finish(product)
+
     def forward(self, attn: FluxAttention, hidden_states: torch.Tensor,
                 encoder_hidden_states: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 image_rotary_emb: Optional[Rope] = None) -> Output:
@@ -124,22 +165,35 @@ class AnyStoryFluxAttnProcessor(nn.Module):
 
     # ---- shared pieces -----------------------------------------------------------------------------------------
     @staticmethod
-    def _project(attn: FluxAttention, hidden: torch.Tensor, text: Optional[torch.Tensor], rope: Optional[Rope]
-                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Joint [text, image] queries/keys/values per head, normalised and rotated, plus ``to_k(hidden)``."""
+    def _project(attn: FluxAttention, hidden: torch.Tensor, text: Optional[torch.Tensor], rope: Optional[Rope],
+                 extra: Optional[torch.Tensor] = None):
+        """Joint [text, image] queries/keys/values per head, normalised and rotated, plus ``to_k(hidden)``; and
+        when ``extra`` (``[b, m, C]``, the router tokens) is given, its rows' plain query/key/value products,
+        computed in the same products as the text side (double block) or the joint sequence (single block)."""
         d = attn.head_dim
-        key_proj = attn.to_k(hidden)
-        q = attn.norm_q(_heads(attn.to_q(hidden), d))
+
+        def products(x, layers, rows):
+            """``layer(x)`` per layer; with ``rows``, one product over ``[x, rows]`` each, split after."""
+            if rows is None:
+                return [layer(x) for layer in layers], None
+            joined, m = torch.cat([x, rows], dim=1), rows.shape[1]
+            outs = [layer(joined) for layer in layers]
+            return [o[:, :-m] for o in outs], tuple(o[:, -m:] for o in outs)
+
+        (q, key_proj, v), extra_out = products(hidden, (attn.to_q, attn.to_k, attn.to_v),
+                                               extra if text is None else None)
+        q = attn.norm_q(_heads(q, d))
         k = attn.norm_k(_heads(key_proj, d))
-        v = _heads(attn.to_v(hidden), d)
+        v = _heads(v, d)
         if text is not None:
-            q = torch.cat([attn.norm_added_q(_heads(attn.add_q_proj(text), d)), q], dim=1)
-            k = torch.cat([attn.norm_added_k(_heads(attn.add_k_proj(text), d)), k], dim=1)
-            v = torch.cat([_heads(attn.add_v_proj(text), d), v], dim=1)
+            (tq, tk, tv), extra_out = products(text, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), extra)
+            q = torch.cat([attn.norm_added_q(_heads(tq, d)), q], dim=1)
+            k = torch.cat([attn.norm_added_k(_heads(tk, d)), k], dim=1)
+            v = torch.cat([_heads(tv, d), v], dim=1)
         if rope is not None:
             q = apply_rotary_emb(q, rope, sequence_dim=1)
             k = apply_rotary_emb(k, rope, sequence_dim=1)
-        return q, k, v, key_proj
+        return q, k, v, key_proj, extra_out
 
     @staticmethod
     def _finish(attn: FluxAttention, out: torch.Tensor, text: Optional[torch.Tensor], dtype: torch.dtype) -> Output:
@@ -154,7 +208,7 @@ class AnyStoryFluxAttnProcessor(nn.Module):
     def _reference(self, attn: FluxAttention, hidden: torch.Tensor, text: Optional[torch.Tensor],
                    rope: Optional[Rope]) -> Output:
         """Reference pass: one subject per batch row, no text; keep this layer's keys/values."""
-        q, k, v, _ = self._project(attn, hidden, text, rope)
+        q, k, v, _, _ = self._project(attn, hidden, text, rope)
         self.state.store_ref_kv(self.layer_id, k, v)
         n = self.state.num_subjects
         if n == 1 or self.state.confine:
@@ -172,16 +226,26 @@ class AnyStoryFluxAttnProcessor(nn.Module):
         state = self.state
         double = text is not None
         batch, img, n = hidden.shape[0], state.img_len, state.num_subjects
-        q, k, v, key_proj = self._project(attn, hidden, text, rope)
+        parts = norm = None
+        if plan.route and state.forced_maps is None:  # the router decides: its tokens' norm comes first
+            parts = self._router[0]
+            early = state.rides.get(self.layer_id, {}).get("early")
+            if early is not None:  # a single block's proj_mlp took the router rows already (``riders``)
+                router_hidden, norm, mods = early
+            else:
+                router_hidden = state.router_input(hidden.dtype)
+                norm, mods = router_norm(parts, router_hidden, state.modulation[self.layer_id])
+        # the router tokens' base projections ride in the block's own products; not under confine_subjects, whose
+        # promise (a subject routed nowhere changes no bit) needs the block's products the same for any count
+        q, k, v, key_proj, router_base = self._project(attn, hidden, text, rope,
+                                                       None if norm is None or state.confine else norm)
 
         maps, router = None, None
         if plan.route:
             if state.forced_maps is not None:
                 maps = state.forced_maps.to(device=q.device, dtype=q.dtype).expand(batch, -1, -1)
             else:
-                parts = self._router[0]
-                router_hidden = state.router_input(hidden.dtype)
-                pre = router_pre_attention(parts, attn, router_hidden, state.modulation[self.layer_id])
+                pre = router_pre_attention(parts, attn, norm, mods, router_base)
                 image_norm = hidden if double else hidden[:, -img:]
                 image_rope = (rope[0][-img:], rope[1][-img:])
                 maps = routing_map(attn, pre.norm, pre.query_base, image_norm, key_proj[:, -img:], image_rope,
@@ -213,5 +277,10 @@ class AnyStoryFluxAttnProcessor(nn.Module):
             parts, router_hidden, pre = router
             rq, rk, rv = pre.qkv
             r_out = _attention(rq, torch.cat([k[:, -img:], rk], dim=1), torch.cat([v[:, -img:], rv], dim=1))
-            state.router_hidden = router_post_attention(parts, attn, router_hidden, r_out.to(rq.dtype), pre)
+            r_out = r_out.to(rq.dtype)
+            if self._rides():  # finished when its rows come out of the block's ff_context / proj_out
+                mlp = state.rides.get(self.layer_id, {}).get("mlp")
+                state.rides[self.layer_id] = {"update": router_update(parts, attn, router_hidden, r_out, pre, mlp)}
+            else:
+                state.router_hidden = router_post_attention(parts, attn, router_hidden, r_out, pre)
         return self._finish(attn, out, text, q.dtype)

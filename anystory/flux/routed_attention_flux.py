@@ -3,13 +3,22 @@
 With the router's hard maps an image token may attend to the redux and reference tokens of one subject only.
 The dense form (``attention_bias``) still multiplies every image query against every subject's tokens and
 masks all but one subject with ``-inf``: at 512 px and 2 subjects a block's attention then spans 1536 x 3584
-query-key pairs against the bare model's 1536 x 1536. Here the image queries are grouped by subject and
-group i attends to ``[text, subject i's redux, image, subject i's reference]``; the text (and redux) rows
-attend to every key, as in the release. No ``[Lq, Lk]`` bias is written: at most one broadcast row carries the
-reference columns' bias (-100 outside a subject's mask, ``log(reference_scale)``), and none when it is zero.
+query-key pairs against the bare model's 1536 x 1536. Here each query meets only the keys it may see, and no
+``[Lq, Lk]`` bias over the reference columns is written.
 
-The result equals the dense form up to float summation order (float32: ``tests/flux/test_flux_routed_attention.py``),
-not to the last bit, so the processor takes it only where routing acts (>= 2 subjects with the router, or a
+Default (the release's semantics): every query attends to the joint ``[text, image]`` keys in one call (the bare
+model's call; in a redux step the image rows' other subjects' redux columns are masked), then, per subject i,
+the text rows and the image rows routed to i attend to subject i's reference keys in a second call; the two are
+joined exactly through each row's log-sum-exp (:func:`merge`). Splitting by key set rather than by query keeps
+every call's query count large (SDPA's CPU kernel is least efficient on a few hundred rows) and copies no keys.
+
+``confine`` (``confine_subjects``): the queries are grouped by class instead (the prompt's rows and unrouted
+image tokens: class "none"; subject i's redux rows and image tokens: class i), and each class attends to its keys
+in one call, so a class's call sees the same tensors whatever other subjects the call holds: a subject routed
+nowhere then changes no other row's arithmetic, to the last bit.
+
+Both equal the dense form up to float summation order (float32: ``tests/flux/test_flux_routed_attention.py``),
+not to the last bit, so the processor takes them only where routing acts (>= 2 subjects with the router, or a
 routing override), never for one subject or with the router off, where bfloat16 stays the release's bit for bit.
 As on SDXL (:func:`anystory.routing.sparse_pays`), only on a CPU outside ``torch.compile``: the group sizes are read
 on the host once per block.
@@ -49,6 +58,89 @@ def _text_labels(txt: int, redux_len: int, n: int, like: torch.Tensor) -> torch.
     return torch.cat([torch.full((txt - redux_len,), n, device=like.device, dtype=owner.dtype), owner])
 
 
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SDPA (``[b, h, s, d]`` in and out) and each query row's log-sum-exp of its scores (``[b, h, s]``, float32),
+    from SDPA's own CPU kernel, which computes it anyway; the math form elsewhere."""
+    if q.device.type == "cpu" and _FLASH_CPU is not None:
+        return _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if bias is not None:
+        scores = scores + bias.float()
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype), lse
+
+
+def merge(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: torch.Tensor
+          ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The attention over the union of two disjoint key sets, from the attention over each: a key's softmax
+    weight over the union is its weight in its own set times ``exp(lse_set - lse_union)``. Float32 out."""
+    share = torch.sigmoid(lse - part_lse).unsqueeze(-1)  # the first set's share of each row's softmax mass
+    return torch.lerp(part.float(), out.float(), share), torch.logaddexp(lse, part_lse)
+
+
+def _redux_mask(labels: torch.Tensor, txt: int, redux_len: int, n: int, like: torch.Tensor) -> torch.Tensor:
+    """``[1, 1, L, L]`` bias of the joint keys for one sample: an image token of class c sees no redux token of
+    another subject (class ``n``: none); the text rows see every key."""
+    per, t0, length = redux_len // n, txt - redux_len, txt + labels.shape[0]
+    owner = torch.arange(n, device=like.device).repeat_interleave(per)
+    bias = like.new_zeros(1, 1, length, length)
+    bias[0, 0, txt:, t0:txt].masked_fill_(labels[:, None] != owner[None, :], float("-inf"))
+    return bias
+
+
+def _merged(qt, kt, vt, rkt, rvt, ref_bias, labels, txt: int, redux_len: int, n: int) -> torch.Tensor:
+    """The default form for one sample (``[1, h, s, d]`` tensors; labels ``[I]``): joint keys for every query,
+    then subject i's reference for the text rows and the image rows routed to i, merged by log-sum-exp."""
+    bias = _redux_mask(labels, txt, redux_len, n, qt) if redux_len else None
+    out, lse = attention_with_lse(qt, kt, vt, bias)
+    if rkt is None:
+        return out
+    r = rkt.shape[2] // n
+    out = out.float()
+    text_rows = torch.arange(txt, device=qt.device)
+    for i in range(n):
+        columns = None if ref_bias is None else ref_bias[i * r:(i + 1) * r]
+        if columns is not None and bool((columns == float("-inf")).all()):
+            continue  # reference_scale 0: subject i's reference takes no softmax mass
+        rows = torch.cat([text_rows, txt + (labels == i).nonzero()[:, 0]])
+        part, part_lse = attention_with_lse(qt.index_select(2, rows), rkt[:, :, i * r:(i + 1) * r],
+                                            rvt[:, :, i * r:(i + 1) * r], _bias_row(columns, 0, qt))
+        joined, joined_lse = merge(out.index_select(2, rows), lse.index_select(2, rows), part, part_lse)
+        out.index_copy_(2, rows, joined)
+        lse.index_copy_(2, rows, joined_lse)
+    return out.to(qt.dtype)
+
+
+def _grouped_by_class(qt, kt, vt, rkt, rvt, ref_bias, labels, txt: int, redux_len: int, n: int) -> torch.Tensor:
+    """The ``confine`` form for one sample: every query grouped by class, one call per class over its keys."""
+    length, r = qt.shape[2], (rkt.shape[2] // n if rkt is not None else 0)
+    out = torch.empty_like(qt)
+    text_labels = _text_labels(txt, redux_len, n, labels)
+    row_labels = torch.cat([text_labels, labels.to(text_labels.dtype)])
+    order = torch.argsort(row_labels, stable=True)
+    counts = torch.bincount(row_labels, minlength=n + 1).tolist()
+    parts = []
+    for cls, q_cls in enumerate(qt.index_select(2, order).split(counts, dim=2)):
+        if not counts[cls]:
+            continue
+        spans = _spans(cls, n, txt, redux_len, length)
+        keys, values = [kt[:, :, a:b] for a, b in spans], [vt[:, :, a:b] for a, b in spans]
+        columns = None
+        if rkt is not None and cls < n:
+            keys.append(rkt[:, :, cls * r:(cls + 1) * r])
+            values.append(rvt[:, :, cls * r:(cls + 1) * r])
+            columns = None if ref_bias is None else ref_bias[cls * r:(cls + 1) * r]
+        before = sum(b - a for a, b in spans)
+        parts.append(F.scaled_dot_product_attention(q_cls, torch.cat(keys, dim=2), torch.cat(values, dim=2),
+                                                    attn_mask=_bias_row(columns, before, qt)))
+    out.index_copy_(2, order, torch.cat(parts, dim=2))
+    return out
+
+
 def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref_k: Optional[torch.Tensor],
                      ref_v: Optional[torch.Tensor], ref_bias: Optional[torch.Tensor], labels: torch.Tensor,
                      txt: int, redux_len: int, n: int, confine: bool = False) -> torch.Tensor:
@@ -57,44 +149,14 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref_k: O
     k, v: the joint keys/values (same layout as q); ref_k, ref_v: ``[b, N*R, h, d]`` or None (reference off);
     ref_bias: ``[N*R]`` additive bias of the reference columns (in q's dtype) or None; labels: ``[b, I]``
     subject of each image token (``n`` = none, e.g. a routing override's background); the redux tokens are the
-    last ``redux_len`` text tokens, ``redux_len // n`` per subject.
-
-    ``confine`` (``confine_subjects``): the prompt's rows join the class "none" and subject i's redux rows join
-    class i, so every query meets exactly the keys the masked form leaves it, and a class's call sees the same
-    tensors whatever other subjects the call holds: a subject routed nowhere then changes no other row's
-    arithmetic, to the last bit.
+    last ``redux_len`` text tokens, ``redux_len // n`` per subject. ``confine``: ``confine_subjects``'s form.
     """
-    length, r = q.shape[1], (ref_k.shape[1] // n if ref_k is not None else 0)
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [b, h, s, d]
     rkt, rvt = (None, None) if ref_k is None else (ref_k.transpose(1, 2), ref_v.transpose(1, 2))
-    out = torch.empty_like(qt)
-    first = 0 if confine else txt  # the rows that are grouped by class
-    text_labels = _text_labels(txt, redux_len, n, labels) if confine else None
+    form = _grouped_by_class if confine else _merged
+    rows = []
     for row in range(q.shape[0]):
         one = slice(row, row + 1)
-        kr, vr = kt[one], vt[one]
-        row_labels = labels[row] if text_labels is None else torch.cat([text_labels, labels[row].to(text_labels)])
-        if not confine and rkt is None:
-            out[one, :, :txt] = F.scaled_dot_product_attention(qt[one, :, :txt], kr, vr)
-        elif not confine:
-            out[one, :, :txt] = F.scaled_dot_product_attention(
-                qt[one, :, :txt], torch.cat([kr, rkt[one]], dim=2), torch.cat([vr, rvt[one]], dim=2),
-                attn_mask=_bias_row(ref_bias, length, qt))
-        order = torch.argsort(row_labels, stable=True)
-        counts = torch.bincount(row_labels, minlength=n + 1).tolist()
-        parts = []
-        for cls, q_cls in enumerate(qt[one, :, first:].index_select(2, order).split(counts, dim=2)):
-            if not counts[cls]:
-                continue
-            spans = _spans(cls, n, txt, redux_len, length)
-            keys, values = [kr[:, :, a:b] for a, b in spans], [vr[:, :, a:b] for a, b in spans]
-            columns = None
-            if rkt is not None and cls < n:
-                keys.append(rkt[one, :, cls * r:(cls + 1) * r])
-                values.append(rvt[one, :, cls * r:(cls + 1) * r])
-                columns = None if ref_bias is None else ref_bias[cls * r:(cls + 1) * r]
-            before = sum(b - a for a, b in spans)
-            parts.append(F.scaled_dot_product_attention(q_cls, torch.cat(keys, dim=2), torch.cat(values, dim=2),
-                                                        attn_mask=_bias_row(columns, before, qt)))
-        out[one, :, first:].index_copy_(2, order, torch.cat(parts, dim=2))  # a view: writes into ``out``
-    return out.transpose(1, 2)
+        rows.append(form(qt[one], kt[one], vt[one], None if rkt is None else rkt[one],
+                         None if rvt is None else rvt[one], ref_bias, labels[row], txt, redux_len, n))
+    return torch.cat(rows).transpose(1, 2)

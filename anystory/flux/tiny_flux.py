@@ -22,12 +22,12 @@ SIGLIP_HIDDEN = 16
 TEXT_DIM = 32
 
 
-def tiny_flux_components(seed: int = 0) -> dict:
-    """Keyword arguments for ``FluxPipeline`` (and ``AnyStoryFluxPipeline``, plus SigLIP): 1 double + 1 single
-    block, 2 heads of 16, T5/CLIP width 32, a 2-level VAE (factor 2), SigLIP 54 px / patch 2 (27x27 patches)."""
+def tiny_flux_components(seed: int = 0, single_blocks: int = 1) -> dict:
+    """Keyword arguments for ``FluxPipeline`` (and ``AnyStoryFluxPipeline``, plus SigLIP): 1 double +
+    ``single_blocks`` single blocks (2 puts a single block before the last one, as in FLUX.1-dev), 2 heads of 16, T5/CLIP width 32, a 2-level VAE (factor 2), SigLIP 54 px / patch 2 (27x27 patches)."""
     vocab_size = len(clip_vocab_and_merges()[0])
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=single_blocks,
                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=TEXT_DIM,
                                          pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
     torch.manual_seed(seed + 1)
@@ -101,12 +101,12 @@ def random_released_state_dict(transformer, redux_dim: int = SIGLIP_HIDDEN, rank
     return {"ref": lora(REF_TOP, REF_DOUBLE, REF_SINGLE), "redux": embedder(""), "router": router}
 
 
-def tiny_anystory_flux_pipeline(seed: int = 0, load: bool = True):
+def tiny_anystory_flux_pipeline(seed: int = 0, load: bool = True, single_blocks: int = 1):
     """An ``AnyStoryFluxPipeline`` on :func:`tiny_flux_components`, with random weights in the released layout
     (untrained: its images mean nothing; it runs every code path of the real checkpoint in seconds on CPU)."""
     from .pipeline_flux import AnyStoryFluxPipeline
 
-    pipe = AnyStoryFluxPipeline(**tiny_flux_components(seed), reference_size=TINY_REFERENCE_SIZE)
+    pipe = AnyStoryFluxPipeline(**tiny_flux_components(seed, single_blocks), reference_size=TINY_REFERENCE_SIZE)
     if load:
         pipe.load_anystory_weights(random_released_state_dict(pipe.transformer, seed=seed),
                                    redux_base=tiny_redux_base())

@@ -182,6 +182,11 @@ def pipe():
 
 
 @pytest.fixture(scope="module")
+def pipe_two_single():
+    return make_pipe(single_blocks=2)
+
+
+@pytest.fixture(scope="module")
 def pipe_bf16():
     return make_pipe().to(torch.bfloat16)
 
@@ -225,6 +230,15 @@ def ours_and_release(pipe, n, step, dtype=torch.float32, use_router=None, flips=
 def test_transformer_pass_matches_the_release_formulation(pipe, n, step):
     """Steps: 0 = redux + reference (+ router for n > 1); >= 1 = reference (+ router) only (4-step schedule)."""
     ours, expected = ours_and_release(pipe, n, step)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,step", [(2, 0), (2, 2), (3, 1)])
+def test_single_blocks_update_the_router_tokens_as_the_release(pipe_two_single, n, step):
+    """A single block before the last one updates the router tokens (FLUX.1-dev has 37 of them; the tiny pipeline
+    above has none): its router rows ride the block's ``proj_mlp`` / ``proj_out``, and the next block routes by
+    the result, as the release computes it."""
+    ours, expected = ours_and_release(pipe_two_single, n, step)
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
 
 

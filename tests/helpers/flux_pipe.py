@@ -10,8 +10,8 @@ CALL = dict(height=32, width=32, num_inference_steps=3, max_sequence_length=16, 
 PROMPT = "a photo of two friends in a park"
 
 
-def make_pipe(seed: int = 0, load: bool = True):
-    pipe = tiny_anystory_flux_pipeline(seed, load)
+def make_pipe(seed: int = 0, load: bool = True, single_blocks: int = 1):
+    pipe = tiny_anystory_flux_pipeline(seed, load, single_blocks)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
