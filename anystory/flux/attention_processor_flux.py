@@ -31,8 +31,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAt
 
 from ..routing import exclusive_labels, sparse_pays
 from .routed_attention_flux import routed_attention
-from .router_flux import (RouterModules, RowRider, router_norm, router_post_attention, router_pre_attention,
-                          router_update, routing_map)
+from .router_flux import RouterModules, router_norm, router_post_attention, router_pre_attention, routing_map
 
 NEG_INF = float("-inf")
 
@@ -107,46 +106,6 @@ class AnyStoryFluxAttnProcessor(nn.Module):
 
     def bind(self, state, router: RouterModules) -> None:
         self.state, self._router = state, (router,)
-
-    # ---- the router tokens' rows riding the block's own products (``router_flux.RowRider``) --------------------
-    def riders(self) -> list:
-        """The block's products the router rows ride: ``ff_context`` (double block); ``proj_mlp`` and
-        ``proj_out`` (single block). None in the transformer's last block, which updates no router token."""
-        if not self._router or not self._router[0].updates:
-            return []
-        parts = self._router[0]
-        if parts.double:
-            return [RowRider(parts.mlp, self._update_rows, self._router_done)]
-        return [RowRider(parts.mlp, self._early_norm, self._mlp_done),
-                RowRider(parts.out, self._update_rows, self._router_done)]
-
-    def _rides(self) -> bool:
-        """The rows ride in a step the router decides, outside ``confine_subjects`` (whose promise, a subject
-        routed nowhere changes no bit, needs the block's products the same for any subject count)."""
-        state = self.state
-        return bool(state is not None and state.active and not state.in_ref_pass and state.plan is not None
-                    and state.plan.route and state.forced_maps is None and not state.confine and self._router
-                    and self._router[0].updates)
-
-    def _early_norm(self) -> Optional[torch.Tensor]:
-        """Single block, before ``proj_mlp``: the router tokens' norm, computed here so they ride that product."""
-        if not self._rides():
-            return None
-        state = self.state
-        hidden = state.router_input(state.modulation[self.layer_id][1].dtype)
-        norm, mods = router_norm(self._router[0], hidden, state.modulation[self.layer_id])
-        state.rides[self.layer_id] = {"early": (hidden, norm, mods)}
-        return norm
-
-    def _mlp_done(self, rows: torch.Tensor) -> None:
-        self.state.rides[self.layer_id]["mlp"] = rows
-
-    def _update_rows(self) -> Optional[torch.Tensor]:
-        ride = self.state.rides.get(self.layer_id) if self.state is not None else None
-        return None if ride is None or "update" not in ride else ride["update"].rows
-
-    def _router_done(self, product: torch.Tensor) -> None:
-        self.state.router_hidden = self.state.rides.pop(self.layer_id)["update"].finish(product)
 
     def forward(self, attn: FluxAttention, hidden_states: torch.Tensor,
                 encoder_hidden_states: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
@@ -229,12 +188,8 @@ class AnyStoryFluxAttnProcessor(nn.Module):
         parts = norm = None
         if plan.route and state.forced_maps is None:  # the router decides: its tokens' norm comes first
             parts = self._router[0]
-            early = state.rides.get(self.layer_id, {}).get("early")
-            if early is not None:  # a single block's proj_mlp took the router rows already (``riders``)
-                router_hidden, norm, mods = early
-            else:
-                router_hidden = state.router_input(hidden.dtype)
-                norm, mods = router_norm(parts, router_hidden, state.modulation[self.layer_id])
+            router_hidden = state.router_input(hidden.dtype)
+            norm, mods = router_norm(parts, router_hidden, state.modulation[self.layer_id])
         # the router tokens' base projections ride in the block's own products; not under confine_subjects, whose
         # promise (a subject routed nowhere changes no bit) needs the block's products the same for any count
         q, k, v, key_proj, router_base = self._project(attn, hidden, text, rope,
@@ -277,10 +232,5 @@ class AnyStoryFluxAttnProcessor(nn.Module):
             parts, router_hidden, pre = router
             rq, rk, rv = pre.qkv
             r_out = _attention(rq, torch.cat([k[:, -img:], rk], dim=1), torch.cat([v[:, -img:], rv], dim=1))
-            r_out = r_out.to(rq.dtype)
-            if self._rides():  # finished when its rows come out of the block's ff_context / proj_out
-                mlp = state.rides.get(self.layer_id, {}).get("mlp")
-                state.rides[self.layer_id] = {"update": router_update(parts, attn, router_hidden, r_out, pre, mlp)}
-            else:
-                state.router_hidden = router_post_attention(parts, attn, router_hidden, r_out, pre)
+            state.router_hidden = router_post_attention(parts, attn, router_hidden, r_out.to(rq.dtype), pre)
         return self._finish(attn, out, text, q.dtype)

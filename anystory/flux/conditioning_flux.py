@@ -8,7 +8,7 @@ reference pass: the same transformer, once, over every subject's reference laten
 subject, so each subject attends only to itself), at timestep 0 with the ``anystory_ref`` adapter active and
 no text; the processors keep each layer's reference keys/values, which every later step reuses. In a routed
 step a hook on each block's modulation linear (the context side's) keeps its input and output, which the router
-tokens reuse, and the router rows ride the block's MLP products (``router_flux.RowRider``, hooks held here).
+tokens reuse (``router_flux``).
 
 Nothing here changes the transformer's code; with no subjects the hooks return at once and the processors
 defer to diffusers' ``FluxAttnProcessor``.
@@ -107,7 +107,6 @@ class AnyStoryFluxState:
         self.txt_len = self.redux_len = self.img_len = 0
         self.modulation: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (silu(temb), its linear's output)
         self.router_hidden = None
-        self.rides: Dict[int, dict] = {}  # layer -> what its processor hands to the router rows riding its products
         self.layer_maps: List[torch.Tensor] = []
 
     def start(self, conditioning: FluxConditioning) -> None:
@@ -133,9 +132,6 @@ class AnyStoryFluxState:
                                          list(transformer.single_transformer_blocks)):
             linear = block.norm1_context.linear if hasattr(block, "norm1_context") else block.norm.linear
             self._handles.append(linear.register_forward_hook(functools.partial(self._on_modulation, layer_id)))
-            riders = getattr(block.attn.processor, "riders", None)  # the router rows riding the block's products
-            for rider in riders() if riders is not None else ():
-                self._handles += rider.handles
 
     def detach(self) -> None:
         for h in self._handles:

@@ -10,11 +10,10 @@ then decides which image tokens may attend to subject i's redux and reference to
 
 The router stream shares the block's weights, so it reuses what the block computes anyway: the modulation
 linear's output (the same ``temb`` goes in; the router adds only its LoRA delta, ``(W + BA)x = Wx + BAx``) and
-the base query/key/value products, whose rows the processor appends to the block's own (a product of 18 rows
-reads the whole weight matrix, so on a CPU it costs about what 18 more rows of a large product cost: nothing);
-the base query serves both the routing logits (base + the processor's terms) and the router's own attention
-(base + its LoRA delta). The transformer's last block updates no router token, since nothing reads them after
-it, and projects only their query.
+the base query/key/value products, whose rows the processor appends to the block's own (outside
+``confine_subjects``); the base query serves both the routing logits (base + the processor's terms) and the
+router's own attention (base + its LoRA delta). The transformer's last block updates no router token, since
+nothing reads them after it, and projects only their query.
 
 The router tokens sit at position 0 of FLUX's RoPE, whose rotation is the identity, so no rotary embedding is
 applied to them. Their attention reads the image keys/values of the same block plus their own.
@@ -155,75 +154,18 @@ def router_pre_attention(parts: RouterModules, attn, norm: torch.Tensor, mods: T
     return RouterPre(norm, base[0], qkv, mods)
 
 
-@dataclass
-class RouterUpdate:
-    """The router tokens' update after attention, up to its one large product: ``rows`` go through the block's
-    ``ff_context`` (double block) or ``proj_out`` (single block), router LoRA on, and the tokens become
-    ``hidden + gate * product(rows)``."""
-
-    rows: torch.Tensor
-    hidden: torch.Tensor
-    gate: torch.Tensor
-
-    def finish(self, product: torch.Tensor) -> torch.Tensor:
-        return self.hidden + self.gate.unsqueeze(1) * product
-
-
-def router_update(parts: RouterModules, attn, router_hidden: torch.Tensor, attn_out: torch.Tensor, pre: RouterPre,
-                  mlp_pre: Optional[torch.Tensor] = None) -> RouterUpdate:
-    """The router tokens after their attention (``[b, N*k*k, h, d]`` in), up to the block's last product.
-    mlp_pre (single block): their ``proj_mlp`` output, router LoRA on, when the block's own product computed it."""
-    attn_out = attn_out.flatten(2)
-    if parts.double:
-        gate_msa, shift_mlp, scale_mlp, gate_mlp = pre.mods
-        out = lora_delta(attn.to_add_out, ROUTER_ADAPTER, attn_out, attn.to_add_out(attn_out))
-        hidden = router_hidden + gate_msa.unsqueeze(1) * out
-        return RouterUpdate(parts.mlp_norm(hidden) * (1 + scale_mlp[:, None]) + shift_mlp[:, None], hidden, gate_mlp)
-    (gate,) = pre.mods
-    if mlp_pre is None:
-        mlp_pre = lora_delta(parts.mlp, ROUTER_ADAPTER, pre.norm, parts.mlp(pre.norm))
-    return RouterUpdate(torch.cat([attn_out, parts.mlp_act(mlp_pre)], dim=2), router_hidden, gate)
-
-
 def router_post_attention(parts: RouterModules, attn, router_hidden: torch.Tensor, attn_out: torch.Tensor,
                           pre: RouterPre) -> torch.Tensor:
-    """The router tokens' residual updates after attention, every product computed apart from the block's."""
-    update = router_update(parts, attn, router_hidden, attn_out, pre)
+    """Residual updates of the router tokens after attention (``[b, N*k*k, h, d]`` attention output in). Their
+    MLP products stay apart from the block's: appending their rows to the block's ``ff_context`` / ``proj_mlp`` /
+    ``proj_out`` products (hooks) measured no faster on a CPU (README, Benchmarks)."""
+    attn_out = attn_out.flatten(2)
     with adapter_scope(parts.lora_layers, ROUTER_ADAPTER):
-        return update.finish(parts.mlp(update.rows) if parts.double else parts.out(update.rows))
-
-
-class RowRider:
-    """Few router rows riding one of the block's own products (``ff_context``, ``proj_mlp``, ``proj_out``).
-
-    Before the block calls ``module``, ``source()`` gives the rows to carry (or None: the hooks do nothing); they
-    are appended to its input, every router-LoRA layer in ``module`` adds its LoRA term on those rows only, and
-    the rows are taken off the output again and handed to ``taken``. The block's rows see the product they
-    always see. Why: a product of 18 rows reads the whole weight matrix (memory-bound on a CPU), while 18 more
-    rows in the block's product of 512-1536 rows cost next to nothing. ``handles`` remove the hooks."""
-
-    def __init__(self, module: nn.Module, source, taken):
-        self.source, self.taken, self.rows = source, taken, 0
-        self.handles = [module.register_forward_pre_hook(self._append)]
-        self.handles += [layer.register_forward_hook(self._router_lora)
-                         for layer in layers_with_adapter(module, ROUTER_ADAPTER)]
-        self.handles.append(module.register_forward_hook(self._take))
-
-    def _append(self, module, args):
-        rows = self.source()
-        if rows is None:
-            return None
-        self.rows = rows.shape[1]
-        return (torch.cat([args[0], rows.to(args[0].dtype)], dim=1), *args[1:])
-
-    def _router_lora(self, layer, args, out):
-        if self.rows:
-            m = self.rows
-            out[:, -m:] = lora_delta(layer, ROUTER_ADAPTER, args[0][:, -m:], out[:, -m:])
-
-    def _take(self, module, args, out):
-        if not self.rows:
-            return None
-        m, self.rows = self.rows, 0
-        self.taken(out[:, -m:])
-        return out[:, :-m]
+        if parts.double:
+            gate_msa, shift_mlp, scale_mlp, gate_mlp = pre.mods
+            router_hidden = router_hidden + gate_msa.unsqueeze(1) * attn.to_add_out(attn_out)
+            normed = parts.mlp_norm(router_hidden) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+            return router_hidden + gate_mlp.unsqueeze(1) * parts.mlp(normed)
+        (gate,) = pre.mods
+        mlp = parts.mlp_act(parts.mlp(pre.norm))
+        return router_hidden + gate.unsqueeze(1) * parts.out(torch.cat([attn_out, mlp], dim=2))
