@@ -100,8 +100,9 @@ def interleaved(configs, module: torch.nn.Module, device: str, repeats: int, pas
     Each config is warmed up once, then ``repeats`` rounds run every config once: a drift in the speed of a shared
     machine then hits all of them alike, which keeps their ratios honest. Round r starts at config r (the order
     rotates), so no config always runs right after the same neighbour. ``passes()`` is a running count of
-    reference-encoder passes (subject rows). One row per config: median step time over all its steps, passes per
-    call, peak memory; and per ``per_call`` entry (``{column: ForwardTimer}``, once-per-call work such as encoders,
+    reference-encoder passes (subject rows). One row per config: median and fastest step time over all its steps
+    (on a shared machine other processes only ever add time, so the fastest step is the least disturbed one),
+    passes per call, peak memory; and per ``per_call`` entry (``{column: ForwardTimer}``, once-per-call work such as encoders,
     timed apart from the steps) the milliseconds per call its forwards took.
     """
     for _, _, call in configs:
@@ -128,9 +129,11 @@ def interleaved(configs, module: torch.nn.Module, device: str, repeats: int, pas
     finally:
         timer.remove()
     rows = [{"config": label, "subjects": n, "step_ms": 1000 * median(times[label]),
+             "step_min_ms": 1000 * min(times[label], default=float("nan")),
              "reference_passes_per_call": counted[label] / repeats, "peak_mb": peaks[label], "memory": kind,
              **{column: 1000 * total / repeats for column, total in once[label].items()}}
             for label, n, _ in configs]
     for row in rows:
         row["step_ratio"] = row["step_ms"] / rows[0]["step_ms"]
+        row["step_min_ratio"] = row["step_min_ms"] / rows[0]["step_min_ms"]
     return rows

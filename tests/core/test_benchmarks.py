@@ -15,7 +15,8 @@ def _check(rows, backbone):
     assert [r["config"] for r in rows] == CONFIGS
     assert all(r["backbone"] == backbone for r in rows)
     assert [r["reference_passes_per_call"] for r in rows] == [0, 0, 1, 2, 4]
-    assert rows[0]["step_ratio"] == 1.0
+    assert rows[0]["step_ratio"] == rows[0]["step_min_ratio"] == 1.0
+    assert all(0 < r["step_min_ms"] <= r["step_ms"] for r in rows)
     assert all(r["step_ms"] > 0 and r["peak_mb"] > 0 for r in rows)
 
 
