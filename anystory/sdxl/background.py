@@ -14,7 +14,9 @@ zero: untrained, the background is encoded exactly as a subject would be. Option
 log-scale per attention layer: added to the logits of the background's reference keys (self-attention) and
 scaling its semantic cross-attention (``exp``), so training can turn down the reference attention (which, as a
 subject's, copies texture speckle) and turn up the semantic tokens (which carry the backdrop's colour). They
-start at zero, i.e. the plain scale 1.
+start at zero, i.e. the plain scale 1. Optionally (``token_rank``) a low-rank correction of the semantic tokens
+themselves: the type embedding is the same for every backdrop, so it cannot say which one; the correction can
+bring what the image encoder saw of the backdrop into the tokens' text-like space. It starts at zero too.
 """
 from __future__ import annotations
 
@@ -39,13 +41,18 @@ def _key(layer_name: str) -> str:
 
 
 class BackgroundConditioning(nn.Module):
-    """The background's own parameters: a semantic type embedding, low-rank ReferenceNet feature corrections, and
-    (``gated_layers``: attention layer names) a log-scale per layer."""
+    """The background's own parameters: a semantic type embedding, low-rank ReferenceNet feature corrections,
+    (``gated_layers``: attention layer names) a log-scale per layer, and (``token_rank``) a low-rank token
+    correction."""
 
     def __init__(self, reference_dims: Dict[str, int], num_tokens: int, token_dim: int, rank: int = 4,
-                 gated_layers: Sequence[str] = ()):
+                 gated_layers: Sequence[str] = (), token_rank: int = 0):
         super().__init__()
         self.token_embedding = nn.Parameter(torch.zeros(num_tokens, token_dim))
+        self.token_down = nn.Linear(token_dim, token_rank, bias=False) if token_rank else None
+        self.token_up = nn.Linear(token_rank, token_dim, bias=False) if token_rank else None
+        if self.token_up is not None:
+            nn.init.zeros_(self.token_up.weight)
         self.reference_down = nn.ModuleDict({_key(n): nn.Linear(d, rank, bias=False) for n, d in reference_dims.items()})
         self.reference_up = nn.ModuleDict({_key(n): nn.Linear(rank, d, bias=False) for n, d in reference_dims.items()})
         for up in self.reference_up.values():
@@ -59,7 +66,8 @@ class BackgroundConditioning(nn.Module):
 
     def tokens(self, semantic: torch.Tensor) -> torch.Tensor:
         """``[b, T, D]`` semantic tokens of the background image -> the background's tokens."""
-        return semantic + self.token_embedding.to(semantic.dtype)
+        out = semantic + self.token_embedding.to(semantic.dtype)
+        return out if self.token_up is None else out + self.token_up(self.token_down(semantic))
 
     def features(self, reference: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """{self-attention layer: ``[b, Lr, C]``} ReferenceNet features -> the background's."""

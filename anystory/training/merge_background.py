@@ -23,7 +23,7 @@ PREFIX = "background."
 
 
 def merge_background(source: str, target: str, dtype: torch.dtype = torch.float16) -> list:
-    """Add ``source``'s ``background.*`` tensors (cast to ``dtype``), ``background_rank`` and ``background_gate`` to
+    """Add ``source``'s ``background.*`` tensors (cast to ``dtype``) and its ``background_*`` config values to
     the AnyStory weights in folder ``target``; returns the keys written. Every other tensor of ``target`` is kept."""
     ours = {k: t.to(dtype) for k, t in load_tensors(os.path.join(source, WEIGHTS_NAME)).items() if k.startswith(PREFIX)}
     with open(os.path.join(source, CONFIG_NAME)) as f:
@@ -38,6 +38,7 @@ def merge_background(source: str, target: str, dtype: torch.dtype = torch.float1
         config = json.load(f)
     config["background_rank"] = rank
     config["background_gate"] = bool(source_config.get("background_gate", False))
+    config["background_token_rank"] = int(source_config.get("background_token_rank", 0))
     save_tensors({**kept, **ours}, path, metadata=read_metadata(path))
     with open(config_path, "w") as f:
         json.dump(config, f, indent=1)

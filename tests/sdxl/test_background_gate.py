@@ -1,6 +1,7 @@
 """The background reference's learned gate (``background_gate``): a log-scale per attention layer that acts as the
 background's reference and semantic scales would, on the sparse and the dense reference attention alike, and
-that trains (its gradient reaches every layer's gate through both paths)."""
+that trains (its gradient reaches every layer's gate through both paths); and the optional low-rank correction of
+the background's semantic tokens (``background_token_rank``)."""
 import math
 
 import pytest
@@ -112,3 +113,18 @@ def test_backdrop_weight():
     assert w.shape == (2, 1, 8, 8)
     assert torch.allclose(w.mean(dim=(2, 3)), torch.ones(2, 1))
     assert torch.allclose(w[:, :, 4:], 3 * w[:, :, :4])
+
+
+def test_token_correction_starts_at_zero_and_depends_on_the_image():
+    p = tiny_pipe()
+    p.anystory.add_background(2, token_rank=3)
+    assert p.anystory.config.background_token_rank == 3
+    background = p.anystory.background
+    semantic = torch.randn(2, 4, background.token_embedding.shape[1])
+    assert torch.equal(background.tokens(semantic), semantic)  # untrained: the subject encoding
+    with torch.no_grad():
+        background.token_up.weight.normal_()
+    delta = background.tokens(semantic) - semantic
+    assert not torch.allclose(delta[0], delta[1]), "the correction must depend on the image, unlike the type embedding"
+    with pytest.raises(ValueError, match="token rank"):
+        p.anystory.add_background(2, token_rank=-1)

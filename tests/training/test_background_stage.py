@@ -89,7 +89,7 @@ def test_merge_adds_background_tensors_and_keeps_every_other(tmp_path):
     from helpers.routing import tiny_pipe
 
     trained, shipped = tiny_pipe(), tiny_pipe()
-    trained.anystory.add_background(2, gate=True)
+    trained.anystory.add_background(2, gate=True, token_rank=2)
     with torch.no_grad():
         trained.anystory.background.token_embedding.fill_(0.5)
         next(iter(trained.anystory.background.gate.values())).fill_(-0.25)
@@ -105,6 +105,7 @@ def test_merge_adds_background_tensors_and_keeps_every_other(tmp_path):
     loaded = tiny_pipe().load_anystory_weights(str(tmp_path / "ship"))
     assert loaded.background is not None and float(loaded.background.token_embedding[0, 0]) == 0.5
     assert loaded.config.background_gate and float(next(iter(loaded.background.gate.values()))) == -0.25
+    assert loaded.config.background_token_rank == 2 and loaded.background.token_up is not None
     tiny_pipe().save_anystory_weights(str(tmp_path / "plain"))
     with pytest.raises(ValueError, match="no background reference weights"):
         merge_background(str(tmp_path / "plain"), str(tmp_path / "ship"))
