@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import anystory.flux.attention_processor_flux as processor_module
 from anystory.flux.attention_processor_flux import _attention, attention_bias
+import anystory.flux.routed_attention_flux as routed_module
 from anystory.flux.routed_attention_flux import routed_attention
 from helpers.flux_pipe import CALL, PROMPT, gen, make_pipe, subjects
 
@@ -101,3 +102,26 @@ def test_pipeline_routes_sparsely_only_where_routing_acts(monkeypatch):
     assert calls == []
     assert abs(sparse - _call(pipe, 0)).max() > 1e-3  # the subjects matter, so the comparison means something
     assert abs(sparse - dense_images).max() <= 1e-5
+
+
+@pytest.mark.parametrize("kernel", ["cpu flash", "math"])
+def test_attention_over_two_key_sets_joins_exactly(monkeypatch, kernel):
+    """What the default sparse form rests on: attention over disjoint key sets, each with its rows' log-sum-exp,
+    joins into the attention over their union (a set with an -inf / -100 bias column included); also on the
+    math form other devices take."""
+    if kernel == "math":
+        monkeypatch.setattr(routed_module, "_FLASH_CPU", None)  # as where the CPU kernel is absent
+    g = torch.Generator().manual_seed(3)
+    q, k1, v1 = (torch.randn(2, HEADS, 7, DIM, generator=g) for _ in range(3))
+    k2, v2 = (torch.randn(2, HEADS, 5, DIM, generator=g) for _ in range(2))
+    bias = torch.zeros(1, 1, 1, 5)
+    bias[..., 1], bias[..., 3] = -100.0, float("-inf")
+    whole = F.scaled_dot_product_attention(q, torch.cat([k1, k2], 2), torch.cat([v1, v2], 2),
+                                           attn_mask=torch.cat([torch.zeros(1, 1, 1, 7), bias], -1))
+    out, lse = routed_module.attention_with_lse(q, k1, v1)
+    part, part_lse = routed_module.attention_with_lse(q, k2, v2, bias)
+    assert lse.shape == (2, HEADS, 7) and lse.dtype == torch.float32
+    joined, joined_lse = routed_module.merge(out, lse, part, part_lse)
+    torch.testing.assert_close(joined, whole, rtol=1e-5, atol=1e-6)
+    scores = torch.cat([q @ k1.transpose(-1, -2), q @ k2.transpose(-1, -2)], -1) * DIM ** -0.5
+    torch.testing.assert_close(joined_lse, (scores + torch.cat([torch.zeros(1, 1, 1, 7), bias], -1)).logsumexp(-1))
