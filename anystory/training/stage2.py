@@ -94,6 +94,12 @@ def train_stage2(cfg: dict, pipe, log=print) -> dict:
         from .trajectory import train_trajectory
 
         out["trajectory"] = train_trajectory(cfg, pipe, log)
+        tau = scfg["trajectory"].get("logit_adjustment_tau")
+        if tau is not None:  # the retrained routers learn the drawn objects' prior: their own adjustment
+            out["trajectory"]["routing_background_bias"] = float(tau) * math.log(priors["background"] / priors["subject"])
+            pipe.anystory.register_to_config(routing_background_bias=out["trajectory"]["routing_background_bias"])
+            log(f"[stage2] after the trajectory part: background logit adjustment {tau:g} x log ratio = "
+                f"{out['trajectory']['routing_background_bias']:.3f}")
     return out
 
 

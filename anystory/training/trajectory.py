@@ -15,6 +15,7 @@ study measures the result in sampling.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -225,6 +226,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--first-index", type=int, default=100_000, help="first training-world (seed 0) scene sampled")
     p.add_argument("--cache", default=None, help="keep / reuse the recorded trajectories here (torch file)")
+    p.add_argument("--background-bias", type=float, default=None,
+                   help="also store this inference background logit adjustment in <model>/anystory_config.json")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -248,6 +251,13 @@ def main(argv=None) -> int:
         if ".router." in k:
             tensors[k] = v.to(tensors[k].dtype)
     save_tensors(tensors, path, metadata=read_metadata(path))
+    if args.background_bias is not None:
+        config_path = os.path.join(args.model, "anystory_config.json")
+        with open(config_path) as f:
+            config = json.load(f)
+        config["routing_background_bias"] = args.background_bias
+        with open(config_path, "w") as f:
+            json.dump(config, f, indent=1)
     return 0
 
 

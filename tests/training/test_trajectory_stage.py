@@ -100,3 +100,20 @@ def test_training_moves_only_the_routers_toward_the_drawn_objects(pipe, recorded
     assert result["heldout_step0_agreement_after"] > agree_before
     assert not any(p.requires_grad for p in adapter.parameters())
     adapter.load_state_dict(before)
+
+
+def test_retrain_routers_reads_a_cache_and_refuses_an_empty_one(pipe, world, recorded, tmp_path):
+    cache = tmp_path / "trajectories.pt"
+    torch.save([vars(t) for t in recorded], cache)
+    before = {k: v.clone() for k, v in pipe.anystory.state_dict().items()}
+    settings = {"samples": 5, "iterations": 3, "lr": 1e-2, "batch_size": 2}
+    try:
+        out = trajectory.retrain_routers(pipe, None, world, settings, log=lambda *_: None, cache=str(cache))
+        assert out["trajectories"] == 2 and out["iterations"] == 3
+        changed = [k for k, v in pipe.anystory.state_dict().items() if not torch.equal(v, before[k])]
+        assert changed and all(".router." in k for k in changed)
+        torch.save([], cache)
+        with pytest.raises(RuntimeError, match="no trajectory kept"):
+            trajectory.retrain_routers(pipe, None, world, settings, log=lambda *_: None, cache=str(cache))
+    finally:
+        pipe.anystory.load_state_dict(before)
