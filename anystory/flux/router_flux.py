@@ -13,7 +13,7 @@ linear's output (the same ``temb`` goes in; the router adds only its LoRA delta,
 the base query/key/value products, whose rows the processor appends to the block's own (outside
 ``confine_subjects``); the base query serves both the routing logits (base + the processor's terms) and the
 router's own attention (base + its LoRA delta). The transformer's last block updates no router token, since
-nothing reads them after it, and projects only their query.
+nothing reads them after it: it uses only their query (and projects only that one when their rows do not ride).
 
 The router tokens sit at position 0 of FLUX's RoPE, whose rotation is the identity, so no rotary embedding is
 applied to them. Their attention reads the image keys/values of the same block plus their own.
