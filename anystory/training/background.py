@@ -5,7 +5,9 @@ blue moon", "two objects"), its subjects' references, and a background reference
 of backdrop with no objects (``SyntheticWorld.background_reference``). So the backdrop can only come from the
 reference. Routing is the ground truth (teacher routing, as in stage 1): the background's conditions act on the
 scene's background pixels, where the router sends them at inference. Loss: the diffusion loss, its backdrop
-positions weighted ``background_loss_weight`` times the objects' (the backdrop is what the reference is for). Only the
+positions weighted ``background_loss_weight`` times the objects' (the backdrop is what the reference is for), plus,
+with ``x0_colour_weight`` > 0, a loss on the backdrop colour of the predicted clean image (:func:`x0_colour_loss`:
+the diffusion loss barely rewards getting the backdrop's colour right, which is what the reference should give). Only the
 ``background.*`` parameters train, so the subjects' encoders and the router stay exactly the shipped model's
 (subject fidelity and routing cannot change), and the stage's weights merge into a shipped file by adding keys.
 
@@ -17,6 +19,7 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..data.formats import Record
 from ..data.synthetic import caption_for, generic_caption_for
@@ -49,7 +52,8 @@ def background_step(cfg: dict, pipe, source: SyntheticSource, scheduler, step: i
                               generic_caption_for(count, None), [r.image for r in sample.references]))
         backgrounds.append(source.world.background_reference(scene.background, index))
     data = records_batch(pipe, records, device, dtype)
-    latents = encode_images(pipe, images_to_tensor([r.image for r in records]).to(device))
+    pixels = images_to_tensor([r.image for r in records]).to(device)
+    latents = encode_images(pipe, pixels)
     captions, dropped = choose_captions(records, rng.random(batch), float(scfg["generic_caption"]),
                                         float(scfg["drop_text"]))
     h, w = records[0].image.shape[:2]
@@ -77,7 +81,13 @@ def background_step(cfg: dict, pipe, source: SyntheticSource, scheduler, step: i
         pred = pipe.unet(noisy, t, embeds, added_cond_kwargs=added).sample
         loss = diffusion_loss(scheduler, pred, noise, t, float(scfg["snr_gamma"]),
                               backdrop_weight(data.targets, lat_hw, float(scfg.get("background_loss_weight", 1.0))))
-        return {"diffusion": loss, "loss": loss}
+        out = {"diffusion": loss, "loss": loss}
+        colour_weight = float(scfg.get("x0_colour_weight", 0.0))
+        if colour_weight > 0:
+            out["x0_colour"] = x0_colour_loss(pipe, scheduler, noisy, pred, t, pixels, data.targets[:, -1:],
+                                              int(scfg.get("x0_max_t", scheduler.config.num_train_timesteps)))
+            out["loss"] = loss + colour_weight * out["x0_colour"]
+        return out
     finally:
         adapter.reset_state()
 
@@ -90,6 +100,39 @@ def backdrop_weight(targets: torch.Tensor, hw, weight: float) -> Optional[torch.
     backdrop = one_hot_targets(targets, hw)[:, -1:]
     w = 1 + (weight - 1) * backdrop
     return w / w.mean(dim=(2, 3), keepdim=True)
+
+
+def predicted_clean(scheduler, noisy: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The clean latents the noise prediction implies at timestep ``t`` (epsilon prediction, DDPM's formula)."""
+    alpha_bar = scheduler.alphas_cumprod.to(noisy.device)[t].float().view(-1, 1, 1, 1)
+    return (noisy.float() - (1 - alpha_bar).sqrt() * pred.float()) / alpha_bar.sqrt()
+
+
+def backdrop_colour(pixels: torch.Tensor, backdrop: torch.Tensor) -> torch.Tensor:
+    """``[B, 3]`` mean colour of ``pixels`` ``[B, 3, H, W]`` over the ``backdrop`` mask ``[B, 1, H, W]``."""
+    backdrop = backdrop.to(pixels.dtype)
+    return (pixels * backdrop).sum(dim=(2, 3)) / backdrop.sum(dim=(2, 3)).clamp_min(1)
+
+
+def x0_colour_loss(pipe, scheduler, noisy: torch.Tensor, pred: torch.Tensor, t: torch.Tensor,
+                   pixels: torch.Tensor, backdrop: torch.Tensor, max_t: int) -> torch.Tensor:
+    """L1 between the mean backdrop colour of the decoded predicted clean image and the target scene's (``pixels``
+    in [-1, 1], ``backdrop`` the ground-truth mask at image resolution), averaged over the batch; samples at
+    timesteps ``>= max_t`` count 0 (there the predicted image is mostly noise amplified by 1/sqrt(alpha_bar)).
+    A mean colour, not per-pixel: the reference is another view of the backdrop (its own light and pattern),
+    so only its colour is the target's; and it is the colour the background study's match measures."""
+    keep = t < max_t
+    if not bool(keep.any()):
+        return pred.sum() * 0
+    vae = pipe.vae
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    clean = predicted_clean(scheduler, noisy[keep], pred[keep], t[keep])
+    decoded = vae.decode((clean / vae.config.scaling_factor + shift).to(vae.dtype)).sample.float()
+    mask = backdrop[keep].float()
+    if mask.shape[-2:] != decoded.shape[-2:]:
+        mask = F.interpolate(mask, size=decoded.shape[-2:], mode="nearest")
+    error = (backdrop_colour(decoded, mask) - backdrop_colour(pixels[keep].float(), mask)).abs().mean(dim=1)
+    return error.sum() / len(t)
 
 
 @torch.no_grad()
@@ -133,7 +176,7 @@ def train_background(cfg: dict, pipe, log=print) -> dict:
     before = evaluate_background(cfg, pipe) if loop.step == 0 else None
     while loop.running():
         out = background_step(cfg, pipe, source, scheduler, loop.step, loop.batch_size, loop.generator())
-        loop.update(out["loss"], diffusion=out["diffusion"].detach())
+        loop.update(out["loss"], **{k: v.detach() for k, v in out.items() if k != "loss"})
     if not loop.done:
         loop.use_ema()
         loop.finish()
