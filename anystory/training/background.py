@@ -37,8 +37,9 @@ def background_parameters(adapter) -> dict:
 
 def background_step(cfg: dict, pipe, source: SyntheticSource, scheduler, step: int, batch: int,
                     generator: torch.Generator, data_stage: str = "background", count: Optional[int] = None,
-                    use_background: bool = True) -> Dict[str, torch.Tensor]:
-    """Diffusion loss of step ``step``'s batch, with (or, for comparison, without) the background reference."""
+                    use_background: bool = True, measure_colour: bool = False) -> Dict[str, torch.Tensor]:
+    """Losses of step ``step``'s batch, with (or, for comparison, without) the background reference; the backdrop
+    colour loss is computed when it is weighted or ``measure_colour``, and added to ``loss`` when weighted."""
     scfg = cfg["background"]
     rng = np.random.default_rng([int(cfg["seed"]), 8, step])
     count = count or subject_count(rng, scfg["subjects"])
@@ -83,9 +84,10 @@ def background_step(cfg: dict, pipe, source: SyntheticSource, scheduler, step: i
                               backdrop_weight(data.targets, lat_hw, float(scfg.get("background_loss_weight", 1.0))))
         out = {"diffusion": loss, "loss": loss}
         colour_weight = float(scfg.get("x0_colour_weight", 0.0))
-        if colour_weight > 0:
+        if colour_weight > 0 or measure_colour:
             out["x0_colour"] = x0_colour_loss(pipe, scheduler, noisy, pred, t, pixels, data.targets[:, -1:],
                                               int(scfg.get("x0_max_t", scheduler.config.num_train_timesteps)))
+        if colour_weight > 0:
             out["loss"] = loss + colour_weight * out["x0_colour"]
         return out
     finally:
@@ -137,17 +139,21 @@ def x0_colour_loss(pipe, scheduler, noisy: torch.Tensor, pred: torch.Tensor, t: 
 
 @torch.no_grad()
 def evaluate_background(cfg: dict, pipe, batches: int = 3) -> dict:
-    """Held-out diffusion loss with and without the background reference (same scenes, noise and timesteps)."""
+    """Held-out diffusion loss, and backdrop colour error of the predicted clean image (:func:`x0_colour_loss`),
+    with and without the background reference (same scenes, noise and timesteps)."""
     source = source_for(cfg, "background", "heldout")
     scheduler = training_scheduler(pipe)
     out = {}
     for use in (True, False):
-        losses = []
+        losses, colours = [], []
         for k in range(batches):
             gen = torch.Generator().manual_seed(1000 + k)
-            losses.append(float(background_step(cfg, pipe, source, scheduler, k, 8, gen, data_stage="heldout",
-                                                count=1 + k % 3, use_background=use)["diffusion"]))
+            step = background_step(cfg, pipe, source, scheduler, k, 8, gen, data_stage="heldout", count=1 + k % 3,
+                                   use_background=use, measure_colour=True)
+            losses.append(float(step["diffusion"]))
+            colours.append(float(step["x0_colour"]))
         out["with_background" if use else "without_background"] = float(np.mean(losses))
+        out["colour_with_background" if use else "colour_without_background"] = float(np.mean(colours))
     return out
 
 
@@ -184,7 +190,10 @@ def train_background(cfg: dict, pipe, log=print) -> dict:
     after = evaluate_background(cfg, pipe)
     log(f"[background] held-out diffusion loss with the background reference {after['with_background']:.4f}, "
         f"without {after['without_background']:.4f}"
-        + (f" (before training, with: {before['with_background']:.4f})" if before else ""))
+        + (f" (before training, with: {before['with_background']:.4f})" if before else "")
+        + f"; backdrop colour error of the predicted image with {after['colour_with_background']:.4f}, "
+          f"without {after['colour_without_background']:.4f}"
+        + (f" (before training, with: {before['colour_with_background']:.4f})" if before else ""))
     return {"heldout_before": before, "heldout_after": after, "seconds": loop.seconds}
 
 

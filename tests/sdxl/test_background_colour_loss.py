@@ -106,3 +106,11 @@ def test_the_loss_trains_the_background_and_the_option_at_zero_changes_nothing(p
     finally:
         for p in params.values():
             p.requires_grad_(False)
+
+
+def test_held_out_evaluation_reports_the_colour_error_with_and_without_the_reference(pipe, tmp_path):
+    from anystory.training.background import evaluate_background
+
+    held = evaluate_background(_cfg(tmp_path), pipe, batches=1)
+    assert held["colour_with_background"] > 0 and held["colour_without_background"] > 0
+    assert held["colour_with_background"] != held["colour_without_background"]  # the reference enters it
