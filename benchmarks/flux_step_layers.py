@@ -17,6 +17,8 @@ From the minima it prints per layer type the ratio to ``bare`` and the split of 
 attention (``routed, fixed maps`` - ``bare``) and router (``routed`` - ``routed, fixed maps``), and the ratio of a
 whole step at FLUX.1-dev's 19 double + 38 single blocks (the blocks only, not the embedders around them).
 The reference pass runs once per call and is not timed here (``benchmarks.run`` reports it apart).
+``--in-mask f``: the share of each subject's reference tokens inside its mask (1: an unmasked image; the demo's
+segmented examples: 0.42-0.62); the routed attention leaves the others out.
 """
 from __future__ import annotations
 
@@ -58,8 +60,9 @@ def real_width_transformer_pipeline(double: int = 1, single: int = 2, config: di
     return pipe
 
 
-def conditioning(pipe, n: int, grid: int, ref_grid: int, mode: str) -> FluxConditioning:
-    """Random state fields of the real shapes (a step's cost depends on shapes, not values)."""
+def conditioning(pipe, n: int, grid: int, ref_grid: int, mode: str, in_mask: float = 1.0) -> FluxConditioning:
+    """Random state fields of the real shapes (a step's cost depends on shapes, not values); ``in_mask`` of each
+    subject's reference tokens inside its mask."""
     cfg = pipe.transformer.config
     ref_ids = pipe._prepare_latent_image_ids(1, ref_grid, ref_grid, "cpu", torch.float32)
     ref_ids[:, 2] -= ref_grid
@@ -68,10 +71,13 @@ def conditioning(pipe, n: int, grid: int, ref_grid: int, mode: str) -> FluxCondi
         owner = torch.arange(grid * grid) * n // (grid * grid)  # the image split in n bands, one per subject
         forced = torch.nn.functional.one_hot(owner, n).T.float()
     on = (0, 1 << 20)
+    tokens = ref_grid * ref_grid
+    inside = torch.zeros(n, tokens, dtype=torch.bool)
+    inside[:, torch.randperm(tokens, generator=torch.Generator().manual_seed(0))[:round(in_mask * tokens)]] = True
     return FluxConditioning(num_subjects=n, redux_tokens=torch.randn(1, n * REDUX_TOKENS, cfg.joint_attention_dim),
                 router_tokens=torch.randn(1, n * ROUTER_TOKENS, cfg.joint_attention_dim),
                 ref_latents=torch.randn(n, ref_grid * ref_grid, cfg.in_channels), ref_ids=ref_ids,
-                ref_bias=torch.zeros(n * ref_grid * ref_grid), redux_window=on if mode == "routed, redux step" else (0, 0),
+                ref_bias=torch.where(inside, 0.0, -100.0).flatten(), ref_mask=inside.flatten(), redux_window=on if mode == "routed, redux step" else (0, 0),
                 ref_window=on, use_router=mode != "reference only", forced_maps=forced)
 
 
@@ -126,7 +132,7 @@ class WorkCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def _captured(pipe, subjects: int, grid: int, ref_grid: int, text_len: int, modes):
+def _captured(pipe, subjects: int, grid: int, ref_grid: int, text_len: int, modes, in_mask: float = 1.0):
     """Per mode and block type, the block's inputs and the shared state as it entered it (one forward per mode)."""
     t, state = pipe.transformer, pipe.anystory_state
     g = torch.Generator().manual_seed(0)
@@ -140,7 +146,7 @@ def _captured(pipe, subjects: int, grid: int, ref_grid: int, text_len: int, mode
     inputs = {}
     for mode in modes:  # the reference pass runs once per mode (once per call in a pipeline), its cache is kept
         if mode != "bare":
-            state.start(conditioning(pipe, subjects, grid, ref_grid, mode))
+            state.start(conditioning(pipe, subjects, grid, ref_grid, mode, in_mask))
         with attention_form(mode):
             inputs[mode] = capture_blocks(t, state, call, blocks)
         state.clear()
@@ -148,12 +154,12 @@ def _captured(pipe, subjects: int, grid: int, ref_grid: int, text_len: int, mode
 
 
 def count(subjects: int = 2, grid: int = 32, ref_grid: int = 32, pipe=None, text_len: int = TEXT_LEN,
-          modes=MODES) -> pd.DataFrame:
+          modes=MODES, in_mask: float = 1.0) -> pd.DataFrame:
     """Per block type and mode, what one forward of the block computes (:class:`WorkCounter`), and its ratio to
     ``bare``: a breakdown that the machine's load does not move (times do)."""
     pipe = pipe or real_width_transformer_pipeline()
     state = pipe.anystory_state
-    blocks, inputs = _captured(pipe, subjects, grid, ref_grid, text_len, modes)
+    blocks, inputs = _captured(pipe, subjects, grid, ref_grid, text_len, modes, in_mask)
     rows = []
     try:
         for kind, block in blocks.items():
@@ -174,7 +180,7 @@ def count(subjects: int = 2, grid: int = 32, ref_grid: int = 32, pipe=None, text
 
 
 def run(subjects: int = 2, repeats: int = 5, grid: int = 32, ref_grid: int = 32, pipe=None,
-        text_len: int = TEXT_LEN, modes=MODES) -> pd.DataFrame:
+        text_len: int = TEXT_LEN, modes=MODES, in_mask: float = 1.0) -> pd.DataFrame:
     """``grid`` / ``ref_grid``: image / reference tokens per side (32: 512 px on FLUX.1-dev).
 
     Each block is re-run on its captured inputs (a few seconds per timing, so the modes alternate quickly), after
@@ -182,7 +188,7 @@ def run(subjects: int = 2, repeats: int = 5, grid: int = 32, ref_grid: int = 32,
     only ever add time)."""
     pipe = pipe or real_width_transformer_pipeline()
     state = pipe.anystory_state
-    blocks, inputs = _captured(pipe, subjects, grid, ref_grid, text_len, modes)
+    blocks, inputs = _captured(pipe, subjects, grid, ref_grid, text_len, modes, in_mask)
     times = {(mode, kind): [] for mode in modes for kind in blocks}
     try:
         for r in range(repeats + 1):  # round 0 warms up
@@ -235,12 +241,17 @@ def main(argv=None) -> int:
     p.add_argument("--count", action="store_true",
                    help="count each block's work per mode (attention and matrix-product FLOPs, weights read by the "
                         "router's few-row products) instead of timing it: independent of the machine's load")
+    p.add_argument("--in-mask", type=float, default=1.0,
+                   help="share of each subject's reference tokens inside its mask, in (0, 1] (default 1: unmasked)")
     args = p.parse_args(argv)
+    if not 0 < args.in_mask <= 1:
+        p.error(f"--in-mask must be in (0, 1], got {args.in_mask}")
     modes = tuple(m.strip() for m in args.modes.split(";") if m.strip())
     unknown = [m for m in modes if m not in MODES]
     if unknown or "bare" not in modes:
         p.error(f"--modes: bare and some of {MODES}, got {args.modes!r}")
-    table = count(args.subjects, modes=modes) if args.count else run(args.subjects, args.repeats, modes=modes)
+    table = (count(args.subjects, modes=modes, in_mask=args.in_mask) if args.count
+             else run(args.subjects, args.repeats, modes=modes, in_mask=args.in_mask))
     with pd.option_context("display.width", 200, "display.float_format", "{:.3f}".format):
         print(table.to_string(index=False))
     if not args.count and {"routed, fixed maps", "routed"} <= set(modes):

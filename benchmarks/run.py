@@ -40,6 +40,9 @@ def main(argv=None) -> int:
     p.add_argument("--height", type=int, default=None, help="override the image size (square)")
     p.add_argument("--subjects", default=",".join(map(str, SUBJECTS)),
                    help="comma-separated subject counts timed against the bare pipeline (default %(default)s)")
+    p.add_argument("--references", default="segmented", choices=["segmented", "whole"],
+                   help="FLUX subjects: the demo's segmented examples (only in-mask reference tokens are attended) "
+                        "or random images without a mask (every reference token; the most attention a call carries)")
     p.add_argument("--skip-eval", action="store_true", help="skip eval-metric throughput")
     p.add_argument("--out", default="runs/benchmarks")
     args = p.parse_args(argv)
@@ -64,8 +67,9 @@ def main(argv=None) -> int:
             from .sdxl import run
         else:
             from .flux import run
+        extra = {"references": args.references} if backbone == "flux" else {}
         rows += run(args.shape, args.device, steps=steps, repeats=repeats, dtype=dtype, height=args.height,
-                    subjects=subjects)
+                    subjects=subjects, **extra)
     table = pd.DataFrame(rows)
     table["device"] = device_name(args.device)
     table["goal_step_ratio_at_2"] = table["backbone"].map(GOALS)

@@ -223,7 +223,7 @@ class AnyStoryFluxAttnProcessor(nn.Module):
         if labels is not None:
             ref_bias = state.ref_bias.to(device=q.device, dtype=q.dtype) if plan.ref else None
             out = routed_attention(q, k, v, ref_k, ref_v, ref_bias, labels, state.txt_len, state.redux_len, n,
-                                   state.confine)
+                                   state.confine, state.ref_kept if plan.ref else None)
         else:
             keys, values = (k, v) if ref_k is None else (torch.cat([k, ref_k], dim=1), torch.cat([v, ref_v], dim=1))
             out = _attention(q, keys, values, attention_bias(state, plan, maps, batch, q.dtype, q.device))

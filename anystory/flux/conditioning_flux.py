@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .adapter_scope import REF_ADAPTER, ROUTER_ADAPTER, adapter_scope
+from .routed_attention_flux import kept_columns
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class FluxConditioning:
     ref_latents: torch.Tensor  # [N, R, c] packed latents
     ref_ids: torch.Tensor  # [R, 3]
     ref_bias: torch.Tensor  # [N*R] additive logit bias of the reference columns
+    ref_mask: Optional[torch.Tensor] = None  # [N*R] bool: the reference token is inside its subject's mask
     redux_window: Tuple[int, int] = (0, 0)  # steps [start, end) with the redux tokens
     ref_window: Tuple[int, int] = (0, 0)  # steps [start, end) with the reference
     use_router: bool = False
@@ -86,6 +88,8 @@ class AnyStoryFluxState:
         self.ref_latents: Optional[torch.Tensor] = None  # [N, R, c] packed latents
         self.ref_ids: Optional[torch.Tensor] = None  # [R, 3]
         self.ref_bias: Optional[torch.Tensor] = None  # [N*R] additive logit bias of the reference columns
+        self.ref_mask: Optional[torch.Tensor] = None  # [N*R] bool: inside the subject's mask
+        self.ref_kept = None  # per subject, its in-mask reference columns (``routed_attention_flux.kept_columns``)
         self.redux_window = (0, 0)
         self.ref_window = (0, 0)
         self.use_router = False
@@ -114,6 +118,8 @@ class AnyStoryFluxState:
         self.conditioning = conditioning
         for f in dataclasses.fields(conditioning):
             setattr(self, f.name, getattr(conditioning, f.name))
+        if self.ref_mask is not None:
+            self.ref_kept = kept_columns(self.ref_mask, self.num_subjects)
         self.active = True
 
     def plan_for(self, step: int) -> StepPlan:

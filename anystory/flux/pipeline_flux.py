@@ -295,6 +295,7 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
         return FluxConditioning(
             num_subjects=n, redux_tokens=redux.flatten(0, 1)[None], router_tokens=enc["router"].flatten(0, 1)[None],
             ref_latents=enc["ref_latents"], ref_ids=enc["ref_ids"], ref_bias=ref_bias.flatten(),
+            ref_mask=enc["ref_mask"].flatten(),
             redux_window=step_window(steps, redux_start_at, redux_end_at),
             ref_window=step_window(steps, ref_start_at, ref_end_at),
             use_router=(n > 1 or regions is not None) if use_router is None else bool(use_router),

@@ -17,6 +17,11 @@ image tokens: class "none"; subject i's redux rows and image tokens: class i), a
 in one call, so a class's call sees the same tensors whatever other subjects the call holds: a subject routed
 nowhere then changes no other row's arithmetic, to the last bit.
 
+Both leave out the reference columns outside each subject's mask (the release's ``ref_mask``, biased by -100 in
+the dense form): such a column's softmax weight is ``e^-100`` times what it would be unmasked, below float32's
+resolution unless its logit exceeded the row's largest by more than 80, and these columns are most of a segmented
+reference (60% of the reference tokens of the authors' 12 example masks; README, Benchmarks).
+
 Both equal the dense form up to float summation order (float32: ``tests/flux/test_flux_routed_attention.py``),
 not to the last bit, so the processor takes them only where routing acts (>= 2 subjects with the router, or a
 routing override), never for one subject or with the router off, where bfloat16 stays the release's bit for bit.
@@ -25,7 +30,7 @@ on the host once per block.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +61,12 @@ def _text_labels(txt: int, redux_len: int, n: int, like: torch.Tensor) -> torch.
     per = redux_len // n if n else 0
     owner = torch.arange(n, device=like.device).repeat_interleave(per)
     return torch.cat([torch.full((txt - redux_len,), n, device=like.device, dtype=owner.dtype), owner])
+
+
+def kept_columns(ref_mask: torch.Tensor, n: int) -> Tuple[Optional[torch.Tensor], ...]:
+    """Per subject, the indices of its reference tokens inside its mask (``ref_mask``: ``[N*R]`` bool), ``None``
+    where that is all of them (nothing to leave out). Computed once per call."""
+    return tuple(None if bool(m.all()) else m.nonzero()[:, 0] for m in ref_mask.view(n, -1))
 
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -92,7 +103,23 @@ def _redux_mask(labels: torch.Tensor, txt: int, redux_len: int, n: int, like: to
     return bias
 
 
-def _merged(qt, kt, vt, rkt, rvt, ref_bias, labels, txt: int, redux_len: int, n: int) -> torch.Tensor:
+def _subject_reference(rkt, rvt, ref_bias, kept, i: int, r: int):
+    """Subject i's reference keys, values and bias columns (``None`` when its bias is all zero), only the
+    columns inside its mask; ``None`` when it takes no softmax mass (empty mask or ``reference_scale`` 0)."""
+    keys, values = rkt[:, :, i * r:(i + 1) * r], rvt[:, :, i * r:(i + 1) * r]
+    columns = None if ref_bias is None else ref_bias[i * r:(i + 1) * r]
+    index = None if kept is None else kept[i]
+    if index is not None:
+        if not index.numel():
+            return None
+        keys, values = keys.index_select(2, index), values.index_select(2, index)
+        columns = None if columns is None else columns.index_select(0, index)
+    if columns is not None and bool((columns == float("-inf")).all()):
+        return None  # reference_scale 0
+    return keys, values, columns
+
+
+def _merged(qt, kt, vt, rkt, rvt, ref_bias, labels, txt: int, redux_len: int, n: int, kept=None) -> torch.Tensor:
     """The default form for one sample (``[1, h, s, d]`` tensors; labels ``[I]``): joint keys for every query,
     then subject i's reference for the text rows and the image rows routed to i, merged by log-sum-exp."""
     bias = _redux_mask(labels, txt, redux_len, n, qt) if redux_len else None
@@ -103,19 +130,20 @@ def _merged(qt, kt, vt, rkt, rvt, ref_bias, labels, txt: int, redux_len: int, n:
     out = out.float()
     text_rows = torch.arange(txt, device=qt.device)
     for i in range(n):
-        columns = None if ref_bias is None else ref_bias[i * r:(i + 1) * r]
-        if columns is not None and bool((columns == float("-inf")).all()):
-            continue  # reference_scale 0: subject i's reference takes no softmax mass
+        reference = _subject_reference(rkt, rvt, ref_bias, kept, i, r)
+        if reference is None:
+            continue
+        keys, values, columns = reference
         rows = torch.cat([text_rows, txt + (labels == i).nonzero()[:, 0]])
-        part, part_lse = attention_with_lse(qt.index_select(2, rows), rkt[:, :, i * r:(i + 1) * r],
-                                            rvt[:, :, i * r:(i + 1) * r], _bias_row(columns, 0, qt))
+        part, part_lse = attention_with_lse(qt.index_select(2, rows), keys, values, _bias_row(columns, 0, qt))
         joined, joined_lse = merge(out.index_select(2, rows), lse.index_select(2, rows), part, part_lse)
         out.index_copy_(2, rows, joined)
         lse.index_copy_(2, rows, joined_lse)
     return out.to(qt.dtype)
 
 
-def _grouped_by_class(qt, kt, vt, rkt, rvt, ref_bias, labels, txt: int, redux_len: int, n: int) -> torch.Tensor:
+def _grouped_by_class(qt, kt, vt, rkt, rvt, ref_bias, labels, txt: int, redux_len: int, n: int, kept=None
+                      ) -> torch.Tensor:
     """The ``confine`` form for one sample: every query grouped by class, one call per class over its keys."""
     length, r = qt.shape[2], (rkt.shape[2] // n if rkt is not None else 0)
     out = torch.empty_like(qt)
@@ -130,10 +158,11 @@ def _grouped_by_class(qt, kt, vt, rkt, rvt, ref_bias, labels, txt: int, redux_le
         spans = _spans(cls, n, txt, redux_len, length)
         keys, values = [kt[:, :, a:b] for a, b in spans], [vt[:, :, a:b] for a, b in spans]
         columns = None
-        if rkt is not None and cls < n:
-            keys.append(rkt[:, :, cls * r:(cls + 1) * r])
-            values.append(rvt[:, :, cls * r:(cls + 1) * r])
-            columns = None if ref_bias is None else ref_bias[cls * r:(cls + 1) * r]
+        reference = _subject_reference(rkt, rvt, ref_bias, kept, cls, r) if rkt is not None and cls < n else None
+        if reference is not None:
+            keys.append(reference[0])
+            values.append(reference[1])
+            columns = reference[2]
         before = sum(b - a for a, b in spans)
         parts.append(F.scaled_dot_product_attention(q_cls, torch.cat(keys, dim=2), torch.cat(values, dim=2),
                                                     attn_mask=_bias_row(columns, before, qt)))
@@ -143,13 +172,16 @@ def _grouped_by_class(qt, kt, vt, rkt, rvt, ref_bias, labels, txt: int, redux_le
 
 def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref_k: Optional[torch.Tensor],
                      ref_v: Optional[torch.Tensor], ref_bias: Optional[torch.Tensor], labels: torch.Tensor,
-                     txt: int, redux_len: int, n: int, confine: bool = False) -> torch.Tensor:
+                     txt: int, redux_len: int, n: int, confine: bool = False,
+                     kept: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
     """Attention of queries ``[text + redux, image]`` under exclusive routing, ``[b, L, h, d]`` in and out.
 
     k, v: the joint keys/values (same layout as q); ref_k, ref_v: ``[b, N*R, h, d]`` or None (reference off);
     ref_bias: ``[N*R]`` additive bias of the reference columns (in q's dtype) or None; labels: ``[b, I]``
     subject of each image token (``n`` = none, e.g. a routing override's background); the redux tokens are the
     last ``redux_len`` text tokens, ``redux_len // n`` per subject. ``confine``: ``confine_subjects``'s form.
+    kept: per subject, the indices of its reference columns inside its mask (``None``: all of them;
+    :func:`kept_columns`); the others are left out.
     """
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [b, h, s, d]
     rkt, rvt = (None, None) if ref_k is None else (ref_k.transpose(1, 2), ref_v.transpose(1, 2))
@@ -158,5 +190,5 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref_k: O
     for row in range(q.shape[0]):
         one = slice(row, row + 1)
         rows.append(form(qt[one], kt[one], vt[one], None if rkt is None else rkt[one],
-                         None if rvt is None else rvt[one], ref_bias, labels[row], txt, redux_len, n))
+                         None if rvt is None else rvt[one], ref_bias, labels[row], txt, redux_len, n, kept))
     return torch.cat(rows).transpose(1, 2)

@@ -26,16 +26,31 @@ def test_sdxl_tiny_pipeline_benchmark():
     _check(run("tiny", "cpu", steps=1, repeats=1, height=64), "sdxl")
 
 
-def test_flux_tiny_pipeline_benchmark():
+@pytest.mark.parametrize("references", ["segmented", "whole"])
+def test_flux_tiny_pipeline_benchmark(references):
     """Besides the steps, the once-per-call work is timed apart: with subjects, the reference pass and every
-    subject encoder ran; the bare pipeline and 0 subjects ran none of them."""
+    subject encoder ran; the bare pipeline and 0 subjects ran none of them. Each row says which share of its
+    reference tokens was inside the masks: part of them for the segmented examples, all for unmasked images."""
     from benchmarks.flux import run
 
-    rows = run("tiny", "cpu", steps=2, repeats=1)
+    rows = run("tiny", "cpu", steps=2, repeats=1, references=references)
     _check(rows, "flux")
     once = ["reference_pass_ms", "siglip_ms", "redux_ms", "router_tokens_ms", "vae_encode_ms"]
     for row in rows:
         assert all((row[c] > 0) == (row["subjects"] > 0) for c in once), row
+        assert row["references"] == references
+        share = row["reference_tokens_in_mask"]
+        if not row["subjects"]:
+            assert math.isnan(share)
+        else:
+            assert (0.3 < share < 0.9) if references == "segmented" else share == 1.0, row
+
+
+def test_flux_benchmark_refuses_unknown_references():
+    from benchmarks.flux import run
+
+    with pytest.raises(ValueError, match="references must be one of"):
+        run("tiny", "cpu", references="masked")
 
 
 def test_unet_step_benchmark_on_a_small_unet():

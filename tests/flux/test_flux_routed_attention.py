@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import anystory.flux.attention_processor_flux as processor_module
 from anystory.flux.attention_processor_flux import _attention, attention_bias
 import anystory.flux.routed_attention_flux as routed_module
-from anystory.flux.routed_attention_flux import routed_attention
+from anystory.flux.routed_attention_flux import kept_columns, routed_attention
 from helpers.flux_pipe import CALL, PROMPT, gen, make_pipe, subjects
 
 HEADS, DIM, TXT, IMG, R = 2, 8, 6, 20, 5
@@ -34,28 +34,54 @@ def inputs(n, redux_per, batch, reference=True, seed=0):
 
 @pytest.mark.parametrize("n,redux_per,batch,reference", [(2, 0, 1, True), (2, 3, 1, True), (3, 2, 2, True),
                                                           (4, 1, 2, True), (2, 3, 1, False)])
-@pytest.mark.parametrize("bias", ["zero", "mask and scales"])
+@pytest.mark.parametrize("bias", ["zero", "mask and scales", "mask and scales, masked columns left out"])
 @pytest.mark.parametrize("confine", [False, True])
 def test_sparse_equals_dense(n, redux_per, batch, reference, bias, confine):
     """Per-sample labels with a subject routed nowhere and tokens routed to no subject (an override's
-    background); reference bias zero (no mask is written) or -100 outside masks, log-scales and a zero scale."""
+    background); reference bias zero (no mask is written) or -100 outside masks (with 3+ subjects one mask is
+    empty), log-scales and a zero scale; the sparse forms given the in-mask columns leave the others out."""
     q, k, v, ref_k, ref_v, txt = inputs(n, redux_per, batch, reference)
     g = torch.Generator().manual_seed(1)
     labels = torch.randint(0, n, (batch, IMG), generator=g)
     labels[0, :3] = n  # no subject
     labels[0][labels[0] == 1] = 0  # subject 1 routed nowhere in sample 0
-    ref_bias = None
+    ref_bias = kept = None
     if reference:
         ref_bias = torch.zeros(n * R)
         if bias != "zero":
-            ref_bias[torch.rand(n * R, generator=g) < 0.4] = -100.0
+            inside = torch.rand(n * R, generator=g) >= 0.4
+            inside[2 * R:3 * R] = False  # subject 2 (if any): an empty mask
+            ref_bias[~inside] = -100.0
             ref_bias[:R] += 0.7  # log(reference_scale) of subject 0
             ref_bias[R:2 * R] = float("-inf")  # subject 1 at reference_scale 0
+            if bias.endswith("left out"):
+                kept = kept_columns(inside, n)
+                assert any(index is not None for index in kept)
     args = (q, k, v, ref_k, ref_v, ref_bias, labels, txt, n * redux_per, n)
     expected = dense(*args, confine=confine)
-    got = routed_attention(*args, confine=confine)
+    got = routed_attention(*args, confine=confine, kept=kept)
     assert got.shape == q.shape and torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_reference_columns_are_left_out():
+    """Given the in-mask columns, a subject's masked-out reference keys take no part: changing them changes
+    nothing (without the list they still take their e^-100 share, as in the release)."""
+    n = 2
+    q, k, v, ref_k, ref_v, txt = inputs(n, 0, 1)
+    labels = (torch.arange(IMG) % 2)[None]
+    inside = torch.ones(n * R, dtype=torch.bool)
+    inside[[1, 3, R + 2]] = False
+    kept = kept_columns(inside, n)
+    assert [index.tolist() for index in kept] == [[0, 2, 4], [0, 1, 3, 4]]
+    assert kept_columns(torch.ones(n * R, dtype=torch.bool), n) == (None, None)
+    ref_bias = torch.where(inside, 0.0, -100.0)
+    before = routed_attention(q, k, v, ref_k, ref_v, ref_bias, labels, txt, 0, n, kept=kept)
+    ref_k2, ref_v2 = ref_k.clone(), ref_v.clone()
+    ref_k2[:, ~inside] = 50.0 * q[:, :n * R][:, ~inside]  # masked keys that would now win every softmax
+    ref_v2[:, ~inside] = 1e3
+    assert torch.equal(routed_attention(q, k, v, ref_k2, ref_v2, ref_bias, labels, txt, 0, n, kept=kept), before)
+    assert not torch.allclose(routed_attention(q, k, v, ref_k2, ref_v2, ref_bias, labels, txt, 0, n), before)
 
 
 def test_an_image_token_meets_only_its_own_subjects_tokens():
@@ -80,19 +106,21 @@ def _call(pipe, n, **kwargs):
 
 
 def test_pipeline_routes_sparsely_only_where_routing_acts(monkeypatch):
-    """2 subjects with the router: the sparse form runs in every block of every routed step and the images equal
-    the dense form's (float32 rounding); 1 subject and the router off never take it (bfloat16 stays exact)."""
+    """2 subjects with the router: the sparse form runs in every block of every routed step, leaving out the
+    reference columns outside the subjects' masks, and the images equal the dense form's (float32 rounding);
+    1 subject and the router off never take it (bfloat16 stays exact)."""
     pipe = make_pipe()
     calls = []
 
     def counted(*args, **kwargs):
-        calls.append(args[-1])
+        calls.append(args[11])  # the in-mask columns per subject
         return routed_attention(*args, **kwargs)
 
     monkeypatch.setattr(processor_module, "routed_attention", counted)
     sparse = _call(pipe, 2)
     blocks = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
     assert len(calls) == blocks * CALL["num_inference_steps"]
+    assert all(kept is not None and all(index is not None for index in kept) for kept in calls)
     calls.clear()
     _call(pipe, 1)
     _call(pipe, 2, use_router=False)

@@ -40,3 +40,17 @@ def test_router_adds_only_its_tokens_work(table):
         assert routed["small_matmul_weights_mb"] > fixed["small_matmul_weights_mb"]
         assert fixed["matmul_ratio"] == pytest.approx(1.0)
         assert 1.0 < routed["matmul_ratio"] < 1.0 + 4 * (N * 9) / (TEXT + GRID * GRID)
+
+
+def test_masked_reference_columns_cost_no_attention():
+    """With half of each subject's reference tokens outside its mask, the routed attention counts only the
+    in-mask ones; the dense form (the release's arithmetic) still multiplies every column."""
+    img, ref, heads, dim = GRID * GRID, REF_GRID * REF_GRID, 2, 16
+    masked = count(subjects=N, grid=GRID, ref_grid=REF_GRID, pipe=tiny_anystory_flux_pipeline(), text_len=TEXT,
+                   modes=("bare", "routed, fixed maps", "routed, dense"), in_mask=0.5)
+    length, kept = TEXT + img, ref // 2
+    for block in ("double", "single"):
+        routed = TEXT * (length + N * kept) + img * (length + kept)
+        assert _row(masked, block, "routed, fixed maps")["attention_gflop"] * 1e9 == routed * 4 * heads * dim
+        dense = length * (length + N * ref)
+        assert _row(masked, block, "routed, dense")["attention_gflop"] * 1e9 >= dense * 4 * heads * dim
