@@ -17,6 +17,10 @@ seen in training). Per generated image:
 Modes: no background reference; the reference with the background parameters at zero (the background encoded
 exactly as a subject is: no training); the trained background reference; and, for comparison, no reference but
 a prompt that names the backdrop ("two objects on sand"). Every figure with a bootstrap 95% interval over pairs.
+
+``--colour-timesteps 50,300,850,990`` adds, per timestep, the held-out backdrop colour error of the predicted clean
+image with and without the reference (the background stage's evaluation, :func:`evaluate_background`, at that
+timestep): where in the noise schedule the reference informs the backdrop's colour. ``--pairs 0`` runs only that.
 """
 from __future__ import annotations
 
@@ -122,6 +126,26 @@ def markdown_table(r: dict, modes) -> str:
     return "\n".join(lines) + "\n"
 
 
+def colour_by_timestep(pipe, timesteps, config: str) -> dict:
+    """``{t: evaluate_background(...)}`` at each fixed timestep ``t`` (24 held-out scenes of ``config``'s world)."""
+    from anystory.training.background import evaluate_background
+    from anystory.training.config import load_config
+
+    cfg = load_config(config)
+    with torch.no_grad():
+        return {t: evaluate_background(cfg, pipe, t_range=(t, t + 1)) for t in timesteps}
+
+
+def colour_table(by_t: dict) -> str:
+    lines = ["**Backdrop colour error of the predicted clean image** (L1 of the backdrop's mean colour, [-1, 1] units; "
+             "24 held-out scenes, same noise with and without the reference)", "",
+             "| timestep | with the reference | without | held-out diffusion loss with / without |", "|---|---|---|---|"]
+    for t, r in by_t.items():
+        lines.append(f"| {t} | {r['colour_with_background']:.3f} | {r['colour_without_background']:.3f} | "
+                     f"{r['with_background']:.4f} / {r['without_background']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.background_study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,6 +156,9 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/background_study")
+    p.add_argument("--colour-timesteps", default="", help="comma-separated timesteps for the colour-error table")
+    p.add_argument("--config", default="configs/miniature.yaml", help="training config whose held-out world "
+                   "the colour-error table uses")
     args = p.parse_args(argv)
     modes = [m for m in MODES if m in args.modes.split(",")]
     torch.set_num_threads(args.threads)
@@ -150,12 +177,20 @@ def main(argv=None) -> int:
     world = SyntheticWorld(STUDY_SEED, WorldConfig(image_size=size, reference_size=pipe.anystory.config.reference_size))
     os.makedirs(args.out, exist_ok=True)
     started = time.time()
-    report = run(pipe, world, classifier, held_out_pairs(world, args.pairs), args.steps, args.guidance, modes, args.out)
+    report, table = {}, ""
+    if args.pairs > 0:
+        report = run(pipe, world, classifier, held_out_pairs(world, args.pairs), args.steps, args.guidance, modes,
+                     args.out)
+        table = markdown_table(report, modes)
+    timesteps = [int(t) for t in args.colour_timesteps.split(",") if t.strip()]
+    if timesteps:
+        by_t = colour_by_timestep(pipe, timesteps, args.config)
+        report["colour_by_timestep"] = {str(t): r for t, r in by_t.items()}
+        table += ("\n" if table else "") + colour_table(by_t)
     report.update(model=model, modes=modes, seconds_total=round(time.time() - started, 1),
                   command="python -m benchmarks.background_study " + " ".join(sys.argv[1:] if argv is None else argv))
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(report, f, indent=1)
-    table = markdown_table(report, modes)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table)
     print(table)

@@ -37,9 +37,11 @@ def background_parameters(adapter) -> dict:
 
 def background_step(cfg: dict, pipe, source: SyntheticSource, scheduler, step: int, batch: int,
                     generator: torch.Generator, data_stage: str = "background", count: Optional[int] = None,
-                    use_background: bool = True, measure_colour: bool = False) -> Dict[str, torch.Tensor]:
+                    use_background: bool = True, measure_colour: bool = False,
+                    t_range: Optional[tuple] = None) -> Dict[str, torch.Tensor]:
     """Losses of step ``step``'s batch, with (or, for comparison, without) the background reference; the backdrop
-    colour loss is computed when it is weighted or ``measure_colour``, and added to ``loss`` when weighted."""
+    colour loss is computed when it is weighted or ``measure_colour``, and added to ``loss`` when weighted;
+    timesteps uniform in ``t_range`` (default: all)."""
     scfg = cfg["background"]
     rng = np.random.default_rng([int(cfg["seed"]), 8, step])
     count = count or subject_count(rng, scfg["subjects"])
@@ -78,7 +80,7 @@ def background_step(cfg: dict, pipe, source: SyntheticSource, scheduler, step: i
                         reference_scales=torch.ones(conditioned, device=device), latent_hw=lat_hw,
                         forced_maps=one_hot_targets(data.targets, lat_hw).to(latents.dtype))
     try:
-        noisy, noise, t = noisy_latents(scheduler, latents, generator, total=batch)
+        noisy, noise, t = noisy_latents(scheduler, latents, generator, t_range=t_range, total=batch)
         pred = pipe.unet(noisy, t, embeds, added_cond_kwargs=added).sample
         loss = diffusion_loss(scheduler, pred, noise, t, float(scfg["snr_gamma"]),
                               backdrop_weight(data.targets, lat_hw, float(scfg.get("background_loss_weight", 1.0))))
@@ -138,9 +140,9 @@ def x0_colour_loss(pipe, scheduler, noisy: torch.Tensor, pred: torch.Tensor, t: 
 
 
 @torch.no_grad()
-def evaluate_background(cfg: dict, pipe, batches: int = 3) -> dict:
+def evaluate_background(cfg: dict, pipe, batches: int = 3, t_range: Optional[tuple] = None) -> dict:
     """Held-out diffusion loss, and backdrop colour error of the predicted clean image (:func:`x0_colour_loss`),
-    with and without the background reference (same scenes, noise and timesteps)."""
+    with and without the background reference (same scenes, noise and timesteps; timesteps within ``t_range``)."""
     source = source_for(cfg, "background", "heldout")
     scheduler = training_scheduler(pipe)
     out = {}
@@ -149,7 +151,7 @@ def evaluate_background(cfg: dict, pipe, batches: int = 3) -> dict:
         for k in range(batches):
             gen = torch.Generator().manual_seed(1000 + k)
             step = background_step(cfg, pipe, source, scheduler, k, 8, gen, data_stage="heldout", count=1 + k % 3,
-                                   use_background=use, measure_colour=True)
+                                   use_background=use, measure_colour=True, t_range=t_range)
             losses.append(float(step["diffusion"]))
             colours.append(float(step["x0_colour"]))
         out["with_background" if use else "without_background"] = float(np.mean(losses))

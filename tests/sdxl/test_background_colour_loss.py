@@ -114,3 +114,14 @@ def test_held_out_evaluation_reports_the_colour_error_with_and_without_the_refer
     held = evaluate_background(_cfg(tmp_path), pipe, batches=1)
     assert held["colour_with_background"] > 0 and held["colour_without_background"] > 0
     assert held["colour_with_background"] != held["colour_without_background"]  # the reference enters it
+
+
+def test_colour_by_timestep_evaluates_at_each_given_timestep(pipe):
+    from benchmarks.background_study import colour_by_timestep, colour_table
+
+    by_t = colour_by_timestep(pipe, [0, 999], SMOKE)
+    assert list(by_t) == [0, 999]
+    # at t=0 the noisy input is the scene itself; at t=999 the prediction must invent the backdrop
+    assert by_t[0]["colour_without_background"] < by_t[999]["colour_without_background"]
+    assert by_t[0] != by_t[999]
+    assert "| 999 |" in colour_table(by_t)
