@@ -16,8 +16,9 @@ neither ("two objects on sand"), so identity can only come from the reference im
 3. Attribute leakage: in the object drawn for subject B (see ``drawn_objects``), the fraction of pixels whose nearest world colour is
    subject A's colour (and vice versa), with routing on vs off. "Off" forces every subject's map to 1
    everywhere (``set_routing_override`` with all-ones maps): each subject's conditions reach every position.
-   Routing on uses the model's inference rule (the miniature's: the background logit adjustment and one region
-   per subject, ``router.py``); "plain argmax" is the paper's rule, a per-layer argmax with neither.
+   Routing on uses the model's inference rule (the miniature's: the background logit adjustment, one region
+   per subject and the trajectory router, ``router.py``); "plain argmax" is the paper's rule, a per-layer argmax
+   of the stage-2 router with none of them.
    "Second pass" generates again with every layer of every step routed by the last-step map of routing on (its
    own decision, held for the whole call; twice the cost). "Oracle" forces every layer's routing to the objects that routing on drew (their masks, background
    elsewhere): what is left is leakage that no routing decision can remove.
@@ -205,15 +206,17 @@ def _generate(pipe, prompt, refs, mode: str, size: int, steps: int, guidance: fl
         override = torch.ones(len(refs) + 1, latent, latent)
     pipe.set_routing_override(override)
     single_region = pipe.anystory.config.routing_single_region
+    trajectory_weight = pipe.anystory.config.routing_trajectory_weight
     if mode == "plain":
-        pipe.anystory.register_to_config(routing_single_region=False)
+        pipe.anystory.register_to_config(routing_single_region=False, routing_trajectory_weight=0.0)
     try:
         return pipe(prompt, subjects=refs if mode != "none" else [], num_inference_steps=steps,
                     guidance_scale=guidance, generator=torch.Generator().manual_seed(seed), output_type="np",
                     routing_background_bias=0.0 if mode == "plain" else None, **kwargs)
     finally:
         pipe.set_routing_override(None)
-        pipe.anystory.register_to_config(routing_single_region=single_region)
+        pipe.anystory.register_to_config(routing_single_region=single_region,
+                                         routing_trajectory_weight=trajectory_weight)
 
 
 def scene_boxes(world: SyntheticWorld, k: int, subjects, bg: str) -> list:
@@ -455,6 +458,8 @@ def main(argv=None) -> int:
                                         args.guidance, args.out)
     report["routing_background_bias"] = pipe.anystory.config.routing_background_bias
     report["routing_single_region"] = pipe.anystory.config.routing_single_region
+    report["routing_trajectory_weight"] = pipe.anystory.config.routing_trajectory_weight
+    report["routing_trajectory_background_bias"] = pipe.anystory.config.routing_trajectory_background_bias
     report["seconds_total"] = round(time.time() - t0, 1)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -474,9 +479,11 @@ def ci(b: Optional[dict], fmt: str = "{:.3f}") -> str:
 
 def markdown_table(r: dict) -> str:
     g, modes = r.get("generation"), r["modes"]
+    weight = r.get("routing_trajectory_weight") or 0.0
     lines = [f"Background logit adjustment of this model: {r['routing_background_bias']:.3f}; one region per "
-             f"subject: {'on' if r.get('routing_single_region') else 'off'}. "
-             "Every figure: value [bootstrap 95% interval].", ""]
+             f"subject: {'on' if r.get('routing_single_region') else 'off'}; trajectory router: "
+             + (f"weight {weight:g}, its adjustment {r['routing_trajectory_background_bias']:.3f}. " if weight else "none. ")
+             + "Every figure: value [bootstrap 95% interval].", ""]
     tf = r.get("teacher_forced_miou")
     if tf:
         lines += [f"Router mIoU, teacher-forced ({tf['scenes']} held-out scenes): mean over t {ci(tf['mean'])}; "

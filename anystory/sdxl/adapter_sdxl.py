@@ -6,6 +6,7 @@ them. Our weights are written as ``anystory.safetensors`` with ``anystory_config
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from typing import List, Optional, Union
@@ -58,6 +59,8 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
         gumbel_tau: float = 1.0,
         routing_background_bias: float = 0.0,
         routing_single_region: bool = False,
+        routing_trajectory_weight: float = 0.0,
+        routing_trajectory_background_bias: float = 0.0,
         background_rank: int = 0,
         background_gate: bool = False,
         background_token_rank: int = 0,
@@ -68,7 +71,8 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
         self.semantic_qformer = QFormer(image_embed_dim, cross_dim, num_semantic_tokens, qformer_dim, qformer_depth, qformer_heads)
         self.routing_qformer = QFormer(image_embed_dim, routing_dim, 1, qformer_dim, qformer_depth, qformer_heads)
         self.layer_conditioning = torch.nn.ModuleDict({
-            _key(name): CrossAttnConditioning(latent_dim, cdim, inner, routing_dim, router_dim)
+            _key(name): CrossAttnConditioning(latent_dim, cdim, inner, routing_dim, router_dim,
+                                              trajectory_router=routing_trajectory_weight > 0)
             for name, latent_dim, cdim, inner in cross_attention_layers
         })
         self.background = self._background_module(background_rank) if background_rank else None
@@ -113,6 +117,17 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
         self.background = self._background_module(rank).to(device=weight.device, dtype=weight.dtype)
         return self.background
 
+    def add_trajectory_routers(self, weight: float, background_bias: float) -> dict:
+        """A second router per layer, starting as a copy of the stage-2 one, for the inference decision
+        (``router.py``, "Trajectory router"); returns its tensors by name (what ``trajectory.py`` trains)."""
+        if weight <= 0:
+            raise ValueError(f"the trajectory router's weight must be > 0, got {weight}")
+        self.register_to_config(routing_trajectory_weight=float(weight),
+                                routing_trajectory_background_bias=float(background_bias))
+        for cond in self.layer_conditioning.values():
+            cond.trajectory_router = copy.deepcopy(cond.router)
+        return {n: p for n, p in self.named_parameters() if ".trajectory_router." in n}
+
     def attach(self, unet: UNet2DConditionModel) -> None:
         """Install AnyStory's processors on every attention layer of the denoising UNet."""
         names = {name for name, *_ in self.config.cross_attention_layers}
@@ -138,6 +153,8 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
         values.setdefault("gumbel_tau", self.config.gumbel_tau)
         values.setdefault("background_bias", self.config.routing_background_bias)
         values.setdefault("single_region", self.config.routing_single_region)
+        values.setdefault("trajectory_weight", self.config.routing_trajectory_weight)
+        values.setdefault("trajectory_background_bias", self.config.routing_trajectory_background_bias)
         self.state = AnyStoryState(training=self.training, **values)
         for processor in self._processors:
             processor.state = self.state

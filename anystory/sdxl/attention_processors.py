@@ -64,6 +64,8 @@ class AnyStoryState:
     gumbel_tau: float = 1.0
     background_bias: float = 0.0  # inference routing's background logit adjustment (see router.py)
     single_region: bool = False  # inference routing keeps each subject's largest region per layer (router.py)
+    trajectory_weight: float = 0.0  # inference routing adds the trajectory router's logits with this weight (router.py)
+    trajectory_background_bias: float = 0.0  # the trajectory router's own background logit adjustment
     forced_maps: Optional[torch.Tensor] = None  # [N+1, H, W] (test/debug hook) or [Bc, N+1, H, W] (teacher routing) one-hot maps for every layer
     routing_regions: Optional[torch.Tensor] = None  # [N, H, W] or [Bc, N, H, W]: where the router may send each subject
     record_maps: bool = False  # accumulate gating maps at latent resolution (for visualisation)
@@ -244,14 +246,22 @@ def _routed_reference_attention(query, key, value, ref_k, ref_v, labels, scales:
     return out
 
 
+def _closed_off(logits: torch.Tensor, closed: torch.Tensor) -> torch.Tensor:
+    """Router logits ``[Bc, N+1, L]`` with each subject's ``-inf`` where ``closed`` ``[1 or Bc, N, L]``."""
+    return torch.cat([logits[:, :-1].masked_fill(closed, float("-inf")), logits[:, -1:]], dim=1)
+
+
 class CrossAttnConditioning(nn.Module):
     """Parameters AnyStory adds to one cross-attention layer: semantic key/value projections and its router."""
 
-    def __init__(self, latent_dim: int, cross_dim: int, inner_dim: int, routing_dim: int, router_dim: int):
+    def __init__(self, latent_dim: int, cross_dim: int, inner_dim: int, routing_dim: int, router_dim: int,
+                 trajectory_router: bool = False):
         super().__init__()
         self.to_k_sem = nn.Linear(cross_dim, inner_dim, bias=False)
         self.to_v_sem = nn.Linear(cross_dim, inner_dim, bias=False)
         self.router = RouterLayer(latent_dim, routing_dim, router_dim)
+        if trajectory_router:  # a second router for the inference decision only (router.py, "Trajectory router")
+            self.trajectory_router = RouterLayer(latent_dim, routing_dim, router_dim)
 
 
 class AnyStoryCrossAttnProcessor:
@@ -282,12 +292,16 @@ class AnyStoryCrossAttnProcessor:
             return forced.expand(hidden_states.shape[0], -1, -1)
         tokens = _to_batch(st.routing_tokens, hidden_states.shape[0])
         logits = self.cond.router(hidden_states, tokens)
+        second = getattr(self.cond, "trajectory_router", None)
+        second = second(hidden_states, tokens) if second is not None and st.trajectory_weight and not st.training else None
         if st.routing_regions is not None:
             regions = st.routing_regions if st.routing_regions.ndim == 4 else st.routing_regions[None]
             closed = _resize_map(regions.float(), hw).flatten(2) < 0.5  # [1 or Bc, N, L]
-            logits = torch.cat([logits[:, :-1].masked_fill(closed, float("-inf")), logits[:, -1:]], dim=1)
+            logits = _closed_off(logits, closed)
+            second = None if second is None else _closed_off(second, closed)
         gate, soft = routing_maps(logits, st.training, st.gumbel_tau, st.background_bias,
-                                  hw if st.single_region else None)
+                                  hw if st.single_region else None, second, st.trajectory_weight,
+                                  st.trajectory_background_bias)
         if st.collect_soft_maps:
             st.soft_maps[self.name] = soft
         return gate

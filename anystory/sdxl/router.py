@@ -35,6 +35,16 @@ position wherever it wins one, so the rule stays removal-invariant: a subject ro
 argmax, and every other subject's winning set, hence its regions, is what it would be without it.
 Its flood fill reads one flag back to the host per iteration: nothing on a CPU, a sync per iteration on an
 accelerator (not measured there).
+
+Trajectory router (inference only, optional; ``routing_trajectory_weight`` > 0 in the config). A second set of
+routers, trained on the model's own sampling trajectories toward the objects it finally drew
+(``anystory/training/trajectory.py``), sees early where each blob will form, which stage 2's routers (trained on
+noised training images) cannot; alone, it sends each subject to less of its own object in the first steps, where
+colour is set (README, "Routing study"). The decision combines the two as a product of experts: each class's
+background-adjusted logits of both routers are added, the trajectory router's weighted by
+``trajectory_weight``, and the usual rule (argmax, one region) runs on the sum. Each class's sum still depends
+on its own tokens and the latent only, so the rule stays removal-invariant and batch-independent. Without the
+second set the decision is the one above, bit for bit.
 The gating that uses these maps lives in ``attention_processors.py``.
 """
 from __future__ import annotations
@@ -97,18 +107,29 @@ def largest_regions(labels: torch.Tensor, hw: Tuple[int, int], classes: int) -> 
     return torch.where(kept, labels, n)
 
 
+def _adjusted(logits: torch.Tensor, background_bias: float) -> torch.Tensor:
+    """Float32 logits with ``background_bias`` subtracted from the background's (the last class)."""
+    logits = logits.float()
+    if background_bias:
+        logits = torch.cat([logits[:, :-1], logits[:, -1:] - background_bias], dim=1)
+    return logits
+
+
 def routing_maps(logits: torch.Tensor, training: bool, tau: float = 1.0, background_bias: float = 0.0,
-                 single_region_hw: Optional[Tuple[int, int]] = None):
+                 single_region_hw: Optional[Tuple[int, int]] = None,
+                 trajectory_logits: Optional[torch.Tensor] = None, trajectory_weight: float = 0.0,
+                 trajectory_background_bias: float = 0.0):
     """(gating map, soft map) from router logits ``[B, K, L]`` (class ``K-1`` the background); the gating map is
-    one-hot over ``K`` in the forward pass. ``background_bias`` and ``single_region_hw`` (the layer's grid, for
-    :func:`largest_regions`; None = off) apply to the inference decision only."""
+    one-hot over ``K`` in the forward pass. ``background_bias``, ``single_region_hw`` (the layer's grid, for
+    :func:`largest_regions`; None = off) and the trajectory router's logits (added with ``trajectory_weight``
+    after their own ``trajectory_background_bias``) apply to the inference decision only."""
     soft = logits.float().softmax(dim=1)
     if training:
         hard = F.gumbel_softmax(logits.float(), tau=tau, hard=True, dim=1)
     else:
-        adjusted = logits.float()
-        if background_bias:
-            adjusted = torch.cat([adjusted[:, :-1], adjusted[:, -1:] - background_bias], dim=1)
+        adjusted = _adjusted(logits, background_bias)
+        if trajectory_logits is not None:
+            adjusted = adjusted + trajectory_weight * _adjusted(trajectory_logits, trajectory_background_bias)
         labels = route_decision(adjusted)
         if single_region_hw is not None:
             labels = largest_regions(labels, single_region_hw, logits.shape[1])

@@ -49,6 +49,9 @@ def train_stage2(cfg: dict, pipe, log=print) -> dict:
     scfg = cfg["stage2"]
     if pipe.anystory is None:
         raise ValueError("stage 2 needs the stage-1 AnyStory weights loaded (run stage1 first)")
+    trajectory = scfg.get("trajectory") or {}
+    if trajectory.get("combine_weight") and trajectory.get("logit_adjustment_tau") is None:
+        raise ValueError("stage2.trajectory.combine_weight needs logit_adjustment_tau (the trajectory routers' own)")
     acc = make_accelerator(cfg, "stage2")
     prepare_training(cfg, pipe, acc)
     freeze_all(pipe)
@@ -93,13 +96,17 @@ def train_stage2(cfg: dict, pipe, log=print) -> dict:
     if scfg.get("trajectory"):  # the routers again, on the model's own sampling trajectories (trajectory.py)
         from .trajectory import train_trajectory
 
-        out["trajectory"] = train_trajectory(cfg, pipe, log)
         tau = scfg["trajectory"].get("logit_adjustment_tau")
-        if tau is not None:  # the retrained routers learn the drawn objects' prior: their own adjustment
-            out["trajectory"]["routing_background_bias"] = float(tau) * math.log(priors["background"] / priors["subject"])
-            pipe.anystory.register_to_config(routing_background_bias=out["trajectory"]["routing_background_bias"])
-            log(f"[stage2] after the trajectory part: background logit adjustment {tau:g} x log ratio = "
-                f"{out['trajectory']['routing_background_bias']:.3f}")
+        # the retrained routers learn the drawn objects' prior: their own adjustment
+        own = None if tau is None else float(tau) * math.log(priors["background"] / priors["subject"])
+        combine = scfg["trajectory"].get("combine_weight")
+        out["trajectory"] = train_trajectory(cfg, pipe, log, own if combine else None)
+        if own is not None and not combine:  # the retrained routers replace stage 2's, with their adjustment
+            out["trajectory"]["routing_background_bias"] = own
+            pipe.anystory.register_to_config(routing_background_bias=own)
+        if own is not None:
+            log(f"[stage2] after the trajectory part: {'trajectory routers' if combine else 'background'} logit "
+                f"adjustment {tau:g} x log ratio = {own:.3f}" + (f", added with weight {combine:g}" if combine else ""))
     return out
 
 

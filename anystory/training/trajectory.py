@@ -11,6 +11,11 @@ classifier, :func:`drawn_objects`) become the targets of *every* step. Training 
 recorded inputs (cross-entropy against the drawn objects' area fractions at each layer's resolution): cheap, as
 the UNet does not run. The recorded inputs come from the old routers' earlier layers (off-policy); the routing
 study measures the result in sampling.
+
+With ``combine_weight`` set, the stage-2 routers are kept and a copy of them (the *trajectory routers*) is trained
+instead; inference adds both routers' adjusted logits (``anystory/sdxl/router.py``, "Trajectory router"). Alone,
+the retrained routers confine better early but send each subject to less of its own object (README, "Routing
+study").
 """
 from __future__ import annotations
 
@@ -61,13 +66,14 @@ class Trajectory:
     target: torch.Tensor
 
 
-def router_layers(adapter) -> Dict[str, torch.nn.Module]:
-    return {n[: -len(".router")]: m for n, m in adapter.named_modules() if n.endswith(".router")}
+def router_layers(adapter, kind: str = "router") -> Dict[str, torch.nn.Module]:
+    """Each layer's router (``kind="trajectory_router"``: its trajectory router), by the layer's module name."""
+    return {n[: -len(kind) - 1]: m for n, m in adapter.named_modules() if n.endswith("." + kind)}
 
 
-def router_parameters(adapter) -> dict:
+def router_parameters(adapter, kind: str = "router") -> dict:
     """The routers' tensors (what this stage trains; the routing QFormer and everything else stay frozen)."""
-    return {f"anystory.{n}": p for n, p in adapter.named_parameters() if ".router." in n}
+    return {f"anystory.{n}": p for n, p in adapter.named_parameters() if f".{kind}." in n}
 
 
 @torch.no_grad()
@@ -115,13 +121,13 @@ def record_trajectories(pipe, classifier: IdentityClassifier, world: SyntheticWo
     return out
 
 
-def trajectory_loss(adapter, batch: List[Trajectory], steps: torch.Tensor) -> torch.Tensor:
+def trajectory_loss(adapter, batch: List[Trajectory], steps: torch.Tensor, kind: str = "router") -> torch.Tensor:
     """Mean over layers of the cross-entropy between each router's logits at the recorded step and the drawn
     objects' area fractions at the layer's resolution."""
     tokens = torch.stack([t.tokens for t in batch])
     targets = torch.stack([t.target for t in batch])  # [B, N+1, H, W]
     losses = []
-    for name, router in router_layers(adapter).items():
+    for name, router in router_layers(adapter, kind).items():
         latent = torch.stack([t.latents[name][int(s)] for t, s in zip(batch, steps)]).float()  # [B, L, C]
         side = int(math.isqrt(latent.shape[1]))
         gt = area_targets(targets, (side, side)).flatten(2)
@@ -131,10 +137,11 @@ def trajectory_loss(adapter, batch: List[Trajectory], steps: torch.Tensor) -> to
 
 
 @torch.no_grad()
-def decision_agreement(adapter, data: List[Trajectory], step: int, background_bias: float) -> float:
+def decision_agreement(adapter, data: List[Trajectory], step: int, background_bias: float,
+                       kind: str = "router") -> float:
     """Share of the drawn objects' positions whose adjusted argmax at ``step`` is their own subject (all layers)."""
     hits, total = 0.0, 0.0
-    for name, router in router_layers(adapter).items():
+    for name, router in router_layers(adapter, kind).items():
         latent = torch.stack([t.latents[name][step] for t in data]).float()
         side = int(math.isqrt(latent.shape[1]))
         gt = area_targets(torch.stack([t.target for t in data]), (side, side)).flatten(2)
@@ -147,9 +154,10 @@ def decision_agreement(adapter, data: List[Trajectory], step: int, background_bi
 
 
 def train_routers(adapter, data: List[Trajectory], iterations: int, lr: float, batch_size: int, seed: int,
-                  log=print, heldout: Optional[List[Trajectory]] = None, background_bias: float = 0.0) -> dict:
+                  log=print, heldout: Optional[List[Trajectory]] = None, background_bias: float = 0.0,
+                  kind: str = "router") -> dict:
     """Adam on the routers' tensors, ``iterations`` batches of (trajectory, step) drawn uniformly."""
-    params = list(router_parameters(adapter).values())
+    params = list(router_parameters(adapter, kind).values())
     for p in adapter.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -157,11 +165,12 @@ def train_routers(adapter, data: List[Trajectory], iterations: int, lr: float, b
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     steps = next(iter(data[0].latents.values())).shape[0]
-    before = decision_agreement(adapter, heldout, 0, background_bias) if heldout else None
+    before = decision_agreement(adapter, heldout, 0, background_bias, kind) if heldout else None
     started, losses = time.time(), []
     for it in range(iterations):
         pick = torch.randint(len(data), (batch_size,), generator=gen)
-        loss = trajectory_loss(adapter, [data[int(i)] for i in pick], torch.randint(steps, (batch_size,), generator=gen))
+        loss = trajectory_loss(adapter, [data[int(i)] for i in pick], torch.randint(steps, (batch_size,), generator=gen),
+                               kind)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -170,7 +179,7 @@ def train_routers(adapter, data: List[Trajectory], iterations: int, lr: float, b
             log(f"[trajectory] iteration {it + 1}/{iterations}: loss {np.mean(losses[-50:]):.4f}")
     for p in params:
         p.requires_grad_(False)
-    after = decision_agreement(adapter, heldout, 0, background_bias) if heldout else None
+    after = decision_agreement(adapter, heldout, 0, background_bias, kind) if heldout else None
     return {"iterations": iterations, "loss_first50": float(np.mean(losses[:50])), "loss_last50": float(np.mean(losses[-50:])),
             "heldout_step0_agreement_before": before, "heldout_step0_agreement_after": after,
             "seconds": round(time.time() - started, 1)}
@@ -180,7 +189,8 @@ def retrain_routers(pipe, classifier: IdentityClassifier, world: SyntheticWorld,
                     cache: Optional[str] = None) -> dict:
     """Record ``settings["samples"]`` trajectories (world indices from ``first_index``), then train the routers on
     them (7/8; the first 1/8 are held out for the step-0 agreement). ``cache``: a torch file that keeps the
-    recordings (reused when it exists)."""
+    recordings (reused when it exists). With ``settings["combine_weight"]`` the recordings are the stage-2 routers'
+    and a copy of them is trained as the trajectory routers, with ``settings["trajectory_background_bias"]``."""
     started = time.time()
     if cache and os.path.isfile(cache):
         data = [Trajectory(**d) for d in torch.load(cache, weights_only=True)]
@@ -196,20 +206,25 @@ def retrain_routers(pipe, classifier: IdentityClassifier, world: SyntheticWorld,
         raise RuntimeError("no trajectory kept a drawn object for every subject: nothing to train the routers on")
     recorded = time.time() - started
     held = max(1, len(data) // 8)
+    kind, bias = "router", float(pipe.anystory.config.routing_background_bias)
+    if settings.get("combine_weight"):
+        kind, bias = "trajectory_router", float(settings["trajectory_background_bias"])
+        pipe.anystory.add_trajectory_routers(float(settings["combine_weight"]), bias)
     result = train_routers(pipe.anystory, data[held:], int(settings["iterations"]), float(settings["lr"]),
                            int(settings["batch_size"]), int(settings.get("seed", 0)), log=log, heldout=data[:held],
-                           background_bias=float(pipe.anystory.config.routing_background_bias))
+                           background_bias=bias, kind=kind)
     pipe.anystory.eval()
     log(f"[trajectory] {len(data)} trajectories ({recorded:.0f} s), routers trained {result['seconds']:.0f} s; held-out "
         f"step-0 agreement {result['heldout_step0_agreement_before']:.3f} -> {result['heldout_step0_agreement_after']:.3f}")
     return {"trajectories": len(data), "record_seconds": round(recorded, 1), **result}
 
 
-def train_trajectory(cfg: dict, pipe, log=print) -> dict:
-    """Stage 2's last part when ``stage2.trajectory`` is set (after the inference rule is stored: it samples with it)."""
+def train_trajectory(cfg: dict, pipe, log=print, trajectory_background_bias: Optional[float] = None) -> dict:
+    """Stage 2's last part when ``stage2.trajectory`` is set (after the inference rule is stored: it samples with it).
+    ``trajectory_background_bias``: the trajectory routers' adjustment when ``combine_weight`` is set."""
     from .data import world_for
 
-    settings = cfg["stage2"]["trajectory"]
+    settings = dict(cfg["stage2"]["trajectory"], trajectory_background_bias=trajectory_background_bias)
     classifier = IdentityClassifier.load(settings["classifier"])
     return retrain_routers(pipe, classifier, world_for(cfg, "train"), settings, log)
 
@@ -227,9 +242,14 @@ def main(argv=None) -> int:
     p.add_argument("--first-index", type=int, default=100_000, help="first training-world (seed 0) scene sampled")
     p.add_argument("--cache", default=None, help="keep / reuse the recorded trajectories here (torch file)")
     p.add_argument("--background-bias", type=float, default=None,
-                   help="also store this inference background logit adjustment in <model>/anystory_config.json")
+                   help="also store this inference background logit adjustment in <model>/anystory_config.json "
+                        "(with --combine-weight: the trajectory routers' own; required there)")
+    p.add_argument("--combine-weight", type=float, default=None,
+                   help="keep the routers, train a copy as trajectory routers and add their logits with this weight")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    if args.combine_weight is not None and (args.combine_weight <= 0 or args.background_bias is None):
+        p.error("--combine-weight needs a weight > 0 and --background-bias (the trajectory routers' adjustment)")
     torch.set_num_threads(args.threads)
     from diffusers.utils import logging as dlog
 
@@ -244,18 +264,25 @@ def main(argv=None) -> int:
     world = SyntheticWorld(0, WorldConfig(image_size=size, reference_size=pipe.anystory.config.reference_size))
     settings = {"samples": args.samples, "iterations": args.iterations, "lr": args.lr, "batch_size": args.batch_size,
                 "first_index": args.first_index}
+    if args.combine_weight is not None:
+        settings.update(combine_weight=args.combine_weight, trajectory_background_bias=args.background_bias)
     print(retrain_routers(pipe, classifier, world, settings, cache=args.cache))
     path = os.path.join(args.model, "anystory.safetensors")
     tensors = load_tensors(path)
+    dtype = next(iter(tensors.values())).dtype
     for k, v in pipe.anystory.state_dict().items():
-        if ".router." in k:
-            tensors[k] = v.to(tensors[k].dtype)
+        if ".router." in k or ".trajectory_router." in k:
+            tensors[k] = v.to(dtype)
     save_tensors(tensors, path, metadata=read_metadata(path))
     if args.background_bias is not None:
         config_path = os.path.join(args.model, "anystory_config.json")
         with open(config_path) as f:
             config = json.load(f)
-        config["routing_background_bias"] = args.background_bias
+        if args.combine_weight is not None:
+            config.update(routing_trajectory_weight=args.combine_weight,
+                          routing_trajectory_background_bias=args.background_bias)
+        else:
+            config["routing_background_bias"] = args.background_bias
         with open(config_path, "w") as f:
             json.dump(config, f, indent=1)
     return 0

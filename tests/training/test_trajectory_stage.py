@@ -117,3 +117,33 @@ def test_retrain_routers_reads_a_cache_and_refuses_an_empty_one(pipe, world, rec
             trajectory.retrain_routers(pipe, None, world, settings, log=lambda *_: None, cache=str(cache))
     finally:
         pipe.anystory.load_state_dict(before)
+
+
+def test_combine_trains_a_copy_as_trajectory_routers_and_keeps_stage_2s(pipe, world, recorded, tmp_path):
+    cache = tmp_path / "trajectories.pt"
+    torch.save([vars(t) for t in recorded], cache)
+    adapter = pipe.anystory
+    before = {k: v.clone() for k, v in adapter.state_dict().items()}
+    settings = {"samples": 5, "iterations": 3, "lr": 1e-2, "batch_size": 2, "combine_weight": 0.5,
+                "trajectory_background_bias": 1.25}
+    try:
+        trajectory.retrain_routers(pipe, None, world, settings, log=lambda *_: None, cache=str(cache))
+        after = adapter.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before.items()), "stage 2's routers and all else are kept"
+        added = {k for k in after if k not in before}
+        assert added == {k.replace(".router.", ".trajectory_router.") for k in before if ".router." in k}
+        assert any(not torch.equal(after[k], before[k.replace(".trajectory_router.", ".router.")]) for k in added)
+        assert adapter.config.routing_trajectory_weight == 0.5
+        assert adapter.config.routing_trajectory_background_bias == 1.25
+    finally:
+        for cond in adapter.layer_conditioning.values():
+            del cond.trajectory_router
+        adapter.register_to_config(routing_trajectory_weight=0.0, routing_trajectory_background_bias=0.0)
+
+
+def test_stage2_refuses_combine_without_the_trajectory_routers_adjustment(pipe):
+    from anystory.training.stage2 import train_stage2
+
+    cfg = {"stage2": {"steps": 1, "trajectory": {"samples": 1, "iterations": 1, "combine_weight": 0.5}}}
+    with pytest.raises(ValueError, match="combine_weight needs logit_adjustment_tau"):
+        train_stage2(cfg, pipe, log=lambda *_: None)
