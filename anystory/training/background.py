@@ -25,7 +25,8 @@ from ..data.formats import Record
 from ..data.synthetic import caption_for, generic_caption_for
 from ..sdxl.background import background_tensors, encode_background, with_background
 from .data import SyntheticSource, choose_captions, images_to_tensor, records_batch, source_for, subject_count
-from .diffusion import diffusion_loss, encode_images, noisy_latents, text_conditioning, training_scheduler
+from .diffusion import (decode_latents, diffusion_loss, encode_images, noisy_latents, predicted_clean, text_conditioning,
+                        training_scheduler)
 from .loop import StageLoop, make_accelerator
 from .stage1 import freeze_all, prepare_training
 from .subject_step import one_hot_targets
@@ -106,12 +107,6 @@ def backdrop_weight(targets: torch.Tensor, hw, weight: float) -> Optional[torch.
     return w / w.mean(dim=(2, 3), keepdim=True)
 
 
-def predicted_clean(scheduler, noisy: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The clean latents the noise prediction implies at timestep ``t`` (epsilon prediction, DDPM's formula)."""
-    alpha_bar = scheduler.alphas_cumprod.to(noisy.device)[t].float().view(-1, 1, 1, 1)
-    return (noisy.float() - (1 - alpha_bar).sqrt() * pred.float()) / alpha_bar.sqrt()
-
-
 def backdrop_colour(pixels: torch.Tensor, backdrop: torch.Tensor) -> torch.Tensor:
     """``[B, 3]`` mean colour of ``pixels`` ``[B, 3, H, W]`` over the ``backdrop`` mask ``[B, 1, H, W]``."""
     backdrop = backdrop.to(pixels.dtype)
@@ -128,10 +123,7 @@ def x0_colour_loss(pipe, scheduler, noisy: torch.Tensor, pred: torch.Tensor, t: 
     keep = t < max_t
     if not bool(keep.any()):
         return pred.sum() * 0
-    vae = pipe.vae
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    clean = predicted_clean(scheduler, noisy[keep], pred[keep], t[keep])
-    decoded = vae.decode((clean / vae.config.scaling_factor + shift).to(vae.dtype)).sample.float()
+    decoded = decode_latents(pipe, predicted_clean(scheduler, noisy[keep], pred[keep], t[keep]))
     mask = backdrop[keep].float()
     if mask.shape[-2:] != decoded.shape[-2:]:
         mask = F.interpolate(mask, size=decoded.shape[-2:], mode="nearest")

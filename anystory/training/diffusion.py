@@ -22,6 +22,20 @@ def encode_images(pipe, pixels: torch.Tensor) -> torch.Tensor:
     return (latents - shift) * vae.config.scaling_factor
 
 
+def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`encode_images`, differentiable: scaled latents -> ``[B, 3, H, W]`` pixels (float32)."""
+    vae = pipe.vae
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample.float()
+
+
+def predicted_clean(scheduler: DDPMScheduler, noisy: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The clean latents an epsilon prediction implies at timestep ``t``: :func:`noisy_latents`'s noising inverted
+    (DDPM's formula), in float32."""
+    alpha_bar = scheduler.alphas_cumprod.to(noisy.device)[t].float().view(-1, 1, 1, 1)
+    return (noisy.float() - (1 - alpha_bar).sqrt() * pred.float()) / alpha_bar.sqrt()
+
+
 def text_conditioning(pipe, captions: Sequence[str], dropped: Optional[torch.Tensor], height: int, width: int):
     """(prompt_embeds, added_cond_kwargs) through ``encode_prompt`` itself, differentiable; dropped captions become
     zeros, exactly the unconditional input SDXL's pipeline uses when no negative prompt is given."""

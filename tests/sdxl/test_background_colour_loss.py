@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from anystory import AnyStorySDXLPipeline
-from anystory.training.background import (background_parameters, background_step, backdrop_colour, predicted_clean,
-                                          x0_colour_loss)
+from anystory.training.background import background_parameters, background_step, backdrop_colour, x0_colour_loss
 from anystory.training.components import anystory_config, build_components
 from anystory.training.config import load_config
 from anystory.training.data import source_for
+from anystory.training.diffusion import predicted_clean
 from anystory.training.diffusion import training_scheduler
 from anystory.training.stage1 import freeze_all
 
