@@ -272,7 +272,7 @@ def main(argv=None) -> int:
     dtype = next(iter(tensors.values())).dtype
     for k, v in pipe.anystory.state_dict().items():
         if ".router." in k or ".trajectory_router." in k:
-            tensors[k] = v.to(dtype)
+            tensors[k] = v.to(tensors[k].dtype if k in tensors else dtype)  # new keys: the file's dtype
     save_tensors(tensors, path, metadata=read_metadata(path))
     if args.background_bias is not None:
         config_path = os.path.join(args.model, "anystory_config.json")
