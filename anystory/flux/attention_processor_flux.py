@@ -217,15 +217,14 @@ class AnyStoryFluxAttnProcessor(nn.Module):
                 labels = exclusive_labels(maps)
             elif n == 1 and state.confine:
                 labels = torch.zeros(batch, img, dtype=torch.long, device=q.device)
-        ref_k = ref_v = None
-        if plan.ref:
-            ref_k, ref_v = (x.to(k.dtype) for x in state.ref_kv_for(self.layer_id, batch))
         if labels is not None:
-            ref_bias = state.ref_bias.to(device=q.device, dtype=q.dtype) if plan.ref else None
-            out = routed_attention(q, k, v, ref_k, ref_v, ref_bias, labels, state.txt_len, state.redux_len, n,
-                                   state.confine, state.ref_kept if plan.ref else None)
+            reference = state.ref_columns_for(self.layer_id, batch, k.dtype) if plan.ref else None
+            out = routed_attention(q, k, v, reference, labels, state.txt_len, state.redux_len, n, state.confine)
         else:
-            keys, values = (k, v) if ref_k is None else (torch.cat([k, ref_k], dim=1), torch.cat([v, ref_v], dim=1))
+            keys, values = k, v
+            if plan.ref:
+                ref_k, ref_v = (x.to(k.dtype) for x in state.ref_kv_for(self.layer_id, batch))
+                keys, values = torch.cat([k, ref_k], dim=1), torch.cat([v, ref_v], dim=1)
             out = _attention(q, keys, values, attention_bias(state, plan, maps, batch, q.dtype, q.device))
 
         if router is not None:  # the router tokens' own attention and update (not in the last block)

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .adapter_scope import REF_ADAPTER, ROUTER_ADAPTER, adapter_scope
-from .routed_attention_flux import kept_columns
+from .routed_attention_flux import ReferenceColumns, kept_columns, reference_columns
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,7 @@ class AnyStoryFluxState:
         self.record_maps = False
         self.step = 0
         self.ref_kv: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self.ref_columns: Dict[int, ReferenceColumns] = {}  # layer -> its cached keys laid out for the sparse form
         self.ref_index: Optional[torch.Tensor] = None
         self.in_ref_pass = False
         self.ref_group = 0  # subjects in the running reference pass
@@ -215,6 +216,7 @@ class AnyStoryFluxState:
                     )
         finally:
             self.in_ref_pass = False
+        self.ref_columns = {}
         self.ref_kv = {layer: (torch.cat([k for k, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1))
                        for layer, parts in self._ref_parts.items()}
         self._ref_parts = {}
@@ -234,6 +236,16 @@ class AnyStoryFluxState:
         if key.shape[0] == 1:
             return key.expand(batch, -1, -1, -1), value.expand(batch, -1, -1, -1)
         return key[self.ref_index], value[self.ref_index]
+
+    def ref_columns_for(self, layer_id: int, batch: int, dtype) -> ReferenceColumns:
+        """The layer's cached reference keys/values as the sparse routed attention reads them (only the columns
+        that can take softmax mass, contiguous per head), laid out on first use and kept for the call's steps."""
+        layout = self.ref_columns.get(layer_id)
+        if layout is None or layout.keys.dtype != dtype:
+            key, value = (x.to(dtype) for x in self.ref_kv[layer_id])
+            layout = self.ref_columns[layer_id] = reference_columns(
+                key, value, self.ref_bias.to(device=key.device, dtype=dtype), self.ref_kept, self.num_subjects)
+        return layout.rows(None if layout.keys.shape[0] == 1 else self.ref_index, batch)
 
     # ---- router tokens -----------------------------------------------------------------------------------------
     def router_input(self, dtype) -> torch.Tensor:

@@ -7,10 +7,11 @@ query-key pairs against the bare model's 1536 x 1536. Here each query meets only
 ``[Lq, Lk]`` bias over the reference columns is written.
 
 Default (the release's semantics): every query attends to the joint ``[text, image]`` keys in one call (the bare
-model's call; in a redux step the image rows' other subjects' redux columns are masked), then, per subject i,
-the text rows and the image rows routed to i attend to subject i's reference keys in a second call; the two are
-joined exactly through each row's log-sum-exp (:func:`merge`). Splitting by key set rather than by query keeps
-every call's query count large (SDPA's CPU kernel is least efficient on a few hundred rows) and copies no keys.
+model's call; in a redux step the image rows' other subjects' redux columns are masked), then the text rows
+attend to every subject's reference keys in one call, and the image rows routed to subject i to subject i's; each
+part is joined to the first exactly through each row's log-sum-exp (:func:`merge`). Splitting by key set rather
+than by query keeps the calls' query counts large (SDPA's CPU kernel is least efficient on a few hundred rows) and
+copies no keys.
 
 ``confine`` (``confine_subjects``): the queries are grouped by class instead (the prompt's rows and unrouted
 image tokens: class "none"; subject i's redux rows and image tokens: class i), and each class attends to its keys
@@ -22,6 +23,11 @@ the dense form): such a column's softmax weight is ``e^-100`` times what it woul
 resolution unless its logit exceeded the row's largest by more than 80, and these columns are most of a segmented
 reference (60% of the reference tokens of the authors' 12 example masks; README, Benchmarks).
 
+The reference columns each subject may use are laid out once per call (:func:`reference_columns`): gathered into
+one contiguous ``[b, h, C, d]`` tensor, subject after subject, since the cached keys do not change between steps.
+So a step copies no reference key: the text rows meet all subjects' columns in one call, subject i's image rows
+a slice of it.
+
 Both equal the dense form up to float summation order (float32: ``tests/flux/test_flux_routed_attention.py``),
 not to the last bit, so the processor takes them only where routing acts (>= 2 subjects with the router, or a
 routing override), never for one subject or with the router off, where bfloat16 stays the release's bit for bit.
@@ -30,6 +36,7 @@ on the host once per block.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -69,6 +76,58 @@ def kept_columns(ref_mask: torch.Tensor, n: int) -> Tuple[Optional[torch.Tensor]
     return tuple(None if bool(m.all()) else m.nonzero()[:, 0] for m in ref_mask.view(n, -1))
 
 
+@dataclass(frozen=True)
+class ReferenceColumns:
+    """The reference columns that can take softmax mass, laid out for attention once per call: ``keys`` and
+    ``values`` ``[b, h, C, d]`` hold each subject's kept columns back to back; ``bias`` ``[C]`` their additive bias
+    (``None`` when all zero); ``spans[i]`` subject i's column range, ``None`` when it takes no mass (an empty mask,
+    or ``reference_scale`` 0)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    bias: Optional[torch.Tensor]
+    spans: Tuple[Optional[Tuple[int, int]], ...]
+
+    def subject(self, i: int):
+        """Subject i's keys, values and bias columns (views), or ``None``."""
+        if self.spans[i] is None:
+            return None
+        a, b = self.spans[i]
+        return self.keys[:, :, a:b], self.values[:, :, a:b], None if self.bias is None else self.bias[a:b]
+
+    def rows(self, index: Optional[torch.Tensor], batch: int) -> "ReferenceColumns":
+        """The layout for a batch of ``batch`` rows: row j is stored row ``index[j]`` (``None``: one stored row,
+        shared by every row)."""
+        if index is None:
+            keys, values = (x.expand(batch, -1, -1, -1) for x in (self.keys, self.values))
+        else:
+            keys, values = self.keys[index], self.values[index]
+        return ReferenceColumns(keys, values, self.bias, self.spans)
+
+
+def reference_columns(ref_k: torch.Tensor, ref_v: torch.Tensor, ref_bias: Optional[torch.Tensor],
+                      kept: Optional[Sequence[Optional[torch.Tensor]]], n: int) -> ReferenceColumns:
+    """Lay out ``ref_k``/``ref_v`` (``[b, N*R, h, d]``, the cached keys of one layer) for :func:`routed_attention`:
+    per subject only the columns inside its mask (``kept``, :func:`kept_columns`; ``None``: all), none of a subject
+    whose columns are all ``-inf`` (``reference_scale`` 0). ``ref_bias``: ``[N*R]`` or ``None``."""
+    r = ref_k.shape[1] // n
+    columns, spans, at = [], [], 0
+    for i in range(n):
+        index = torch.arange(i * r, (i + 1) * r, device=ref_k.device)
+        if kept is not None and kept[i] is not None:
+            index = index[kept[i]]
+        if not index.numel() or (ref_bias is not None and bool((ref_bias[index] == float("-inf")).all())):
+            spans.append(None)
+            continue
+        columns.append(index)
+        spans.append((at, at + index.numel()))
+        at += index.numel()
+    index = torch.cat(columns) if columns else torch.zeros(0, dtype=torch.long, device=ref_k.device)
+    keys, values = (x.index_select(1, index).transpose(1, 2).contiguous() for x in (ref_k, ref_v))
+    bias = None if ref_bias is None else ref_bias.index_select(0, index)
+    return ReferenceColumns(keys, values, None if bias is None or not bool(bias.any()) else bias, tuple(spans))
+
+
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
@@ -103,49 +162,34 @@ def _redux_mask(labels: torch.Tensor, txt: int, redux_len: int, n: int, like: to
     return bias
 
 
-def _subject_reference(rkt, rvt, ref_bias, kept, i: int, r: int):
-    """Subject i's reference keys, values and bias columns (``None`` when its bias is all zero), only the
-    columns inside its mask; ``None`` when it takes no softmax mass (empty mask or ``reference_scale`` 0)."""
-    keys, values = rkt[:, :, i * r:(i + 1) * r], rvt[:, :, i * r:(i + 1) * r]
-    columns = None if ref_bias is None else ref_bias[i * r:(i + 1) * r]
-    index = None if kept is None else kept[i]
-    if index is not None:
-        if not index.numel():
-            return None
-        keys, values = keys.index_select(2, index), values.index_select(2, index)
-        columns = None if columns is None else columns.index_select(0, index)
-    if columns is not None and bool((columns == float("-inf")).all()):
-        return None  # reference_scale 0
-    return keys, values, columns
-
-
-def _merged(qt, kt, vt, rkt, rvt, ref_bias, labels, txt: int, redux_len: int, n: int, kept=None) -> torch.Tensor:
+def _merged(qt, kt, vt, reference: Optional[ReferenceColumns], labels, txt: int, redux_len: int, n: int
+            ) -> torch.Tensor:
     """The default form for one sample (``[1, h, s, d]`` tensors; labels ``[I]``): joint keys for every query,
-    then subject i's reference for the text rows and the image rows routed to i, merged by log-sum-exp."""
+    then the text rows meet every subject's reference columns in one call, and the image rows routed to subject i
+    meet subject i's; each part joins the joint one through the rows' log-sum-exp."""
     bias = _redux_mask(labels, txt, redux_len, n, qt) if redux_len else None
     out, lse = attention_with_lse(qt, kt, vt, bias)
-    if rkt is None:
+    if reference is None or all(span is None for span in reference.spans):
         return out
-    r = rkt.shape[2] // n
     out = out.float()
-    text_rows = torch.arange(txt, device=qt.device)
+    part, part_lse = attention_with_lse(qt[:, :, :txt], reference.keys, reference.values,
+                                        _bias_row(reference.bias, 0, qt))
+    out[:, :, :txt] = merge(out[:, :, :txt], lse[:, :, :txt], part, part_lse)[0]
     for i in range(n):
-        reference = _subject_reference(rkt, rvt, ref_bias, kept, i, r)
-        if reference is None:
+        mine = reference.subject(i)
+        rows = txt + (labels == i).nonzero()[:, 0]
+        if mine is None or not rows.numel():
             continue
-        keys, values, columns = reference
-        rows = torch.cat([text_rows, txt + (labels == i).nonzero()[:, 0]])
+        keys, values, columns = mine
         part, part_lse = attention_with_lse(qt.index_select(2, rows), keys, values, _bias_row(columns, 0, qt))
-        joined, joined_lse = merge(out.index_select(2, rows), lse.index_select(2, rows), part, part_lse)
-        out.index_copy_(2, rows, joined)
-        lse.index_copy_(2, rows, joined_lse)
+        out.index_copy_(2, rows, merge(out.index_select(2, rows), lse.index_select(2, rows), part, part_lse)[0])
     return out.to(qt.dtype)
 
 
-def _grouped_by_class(qt, kt, vt, rkt, rvt, ref_bias, labels, txt: int, redux_len: int, n: int, kept=None
+def _grouped_by_class(qt, kt, vt, reference: Optional[ReferenceColumns], labels, txt: int, redux_len: int, n: int
                       ) -> torch.Tensor:
     """The ``confine`` form for one sample: every query grouped by class, one call per class over its keys."""
-    length, r = qt.shape[2], (rkt.shape[2] // n if rkt is not None else 0)
+    length = qt.shape[2]
     out = torch.empty_like(qt)
     text_labels = _text_labels(txt, redux_len, n, labels)
     row_labels = torch.cat([text_labels, labels.to(text_labels.dtype)])
@@ -158,11 +202,11 @@ def _grouped_by_class(qt, kt, vt, rkt, rvt, ref_bias, labels, txt: int, redux_le
         spans = _spans(cls, n, txt, redux_len, length)
         keys, values = [kt[:, :, a:b] for a, b in spans], [vt[:, :, a:b] for a, b in spans]
         columns = None
-        reference = _subject_reference(rkt, rvt, ref_bias, kept, cls, r) if rkt is not None and cls < n else None
-        if reference is not None:
-            keys.append(reference[0])
-            values.append(reference[1])
-            columns = reference[2]
+        mine = reference.subject(cls) if reference is not None and cls < n else None
+        if mine is not None:
+            keys.append(mine[0])
+            values.append(mine[1])
+            columns = mine[2]
         before = sum(b - a for a, b in spans)
         parts.append(F.scaled_dot_product_attention(q_cls, torch.cat(keys, dim=2), torch.cat(values, dim=2),
                                                     attn_mask=_bias_row(columns, before, qt)))
@@ -170,25 +214,21 @@ def _grouped_by_class(qt, kt, vt, rkt, rvt, ref_bias, labels, txt: int, redux_le
     return out
 
 
-def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref_k: Optional[torch.Tensor],
-                     ref_v: Optional[torch.Tensor], ref_bias: Optional[torch.Tensor], labels: torch.Tensor,
-                     txt: int, redux_len: int, n: int, confine: bool = False,
-                     kept: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
+def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, reference: Optional[ReferenceColumns],
+                     labels: torch.Tensor, txt: int, redux_len: int, n: int, confine: bool = False) -> torch.Tensor:
     """Attention of queries ``[text + redux, image]`` under exclusive routing, ``[b, L, h, d]`` in and out.
 
-    k, v: the joint keys/values (same layout as q); ref_k, ref_v: ``[b, N*R, h, d]`` or None (reference off);
-    ref_bias: ``[N*R]`` additive bias of the reference columns (in q's dtype) or None; labels: ``[b, I]``
-    subject of each image token (``n`` = none, e.g. a routing override's background); the redux tokens are the
-    last ``redux_len`` text tokens, ``redux_len // n`` per subject. ``confine``: ``confine_subjects``'s form.
-    kept: per subject, the indices of its reference columns inside its mask (``None``: all of them;
-    :func:`kept_columns`); the others are left out.
+    k, v: the joint keys/values (same layout as q); reference: the subjects' reference columns
+    (:func:`reference_columns`, batch rows as q's) or None (reference off); labels: ``[b, I]`` subject of each
+    image token (``n`` = none, e.g. a routing override's background); the redux tokens are the last ``redux_len``
+    text tokens, ``redux_len // n`` per subject. ``confine``: ``confine_subjects``'s form.
     """
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [b, h, s, d]
-    rkt, rvt = (None, None) if ref_k is None else (ref_k.transpose(1, 2), ref_v.transpose(1, 2))
     form = _grouped_by_class if confine else _merged
     rows = []
     for row in range(q.shape[0]):
         one = slice(row, row + 1)
-        rows.append(form(qt[one], kt[one], vt[one], None if rkt is None else rkt[one],
-                         None if rvt is None else rvt[one], ref_bias, labels[row], txt, redux_len, n, kept))
-    return torch.cat(rows).transpose(1, 2)
+        mine = None if reference is None else ReferenceColumns(reference.keys[one], reference.values[one],
+                                                               reference.bias, reference.spans)
+        rows.append(form(qt[one], kt[one], vt[one], mine, labels[row], txt, redux_len, n))
+    return (rows[0] if len(rows) == 1 else torch.cat(rows)).transpose(1, 2)

@@ -47,10 +47,11 @@ def test_reference_keys_values_computed_once_per_subject_per_call(pipe, monkeypa
 
     handle = pipe.transformer.register_forward_pre_hook(count, with_kwargs=True)
     try:
-        reads = []
-        original = pipe.anystory_state.ref_kv_for
-        monkeypatch.setattr(pipe.anystory_state, "ref_kv_for",
-                            lambda layer, batch: reads.append(layer) or original(layer, batch))
+        reads, state = [], pipe.anystory_state
+        dense, sparse = state.ref_kv_for, state.ref_columns_for  # the sparse form reads the cache laid out
+        monkeypatch.setattr(state, "ref_kv_for", lambda layer, batch: reads.append(layer) or dense(layer, batch))
+        monkeypatch.setattr(state, "ref_columns_for",
+                            lambda layer, batch, dtype: reads.append(layer) or sparse(layer, batch, dtype))
         steps, passes = CALL["num_inference_steps"], pipe.anystory_state.ref_passes
         for n, images_per_prompt in ((2, 1), (3, 2)):
             calls.clear(), reads.clear()
@@ -67,7 +68,7 @@ def test_reference_keys_values_computed_once_per_subject_per_call(pipe, monkeypa
     finally:
         handle.remove()
     assert pipe.anystory_state.ref_passes - passes == 2  # one per call
-    assert pipe.anystory_state.ref_kv == {}  # freed after the call
+    assert pipe.anystory_state.ref_kv == {} and pipe.anystory_state.ref_columns == {}  # freed after the call
 
 
 def test_routing_maps_one_hot_per_layer_and_per_step_shares(pipe, monkeypatch):

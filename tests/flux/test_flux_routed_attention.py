@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import anystory.flux.attention_processor_flux as processor_module
 from anystory.flux.attention_processor_flux import _attention, attention_bias
 import anystory.flux.routed_attention_flux as routed_module
-from anystory.flux.routed_attention_flux import kept_columns, routed_attention
+from anystory.flux.routed_attention_flux import kept_columns, reference_columns, routed_attention
 from helpers.flux_pipe import CALL, PROMPT, gen, make_pipe, subjects
 
 HEADS, DIM, TXT, IMG, R = 2, 8, 6, 20, 5
@@ -22,6 +22,12 @@ def dense(q, k, v, ref_k, ref_v, ref_bias, labels, txt, redux_len, n, confine=Fa
     plan = SimpleNamespace(ref=ref_k is not None)
     keys, values = (k, v) if ref_k is None else (torch.cat([k, ref_k], 1), torch.cat([v, ref_v], 1))
     return _attention(q, keys, values, attention_bias(state, plan, maps, q.shape[0], q.dtype, q.device))
+
+
+def sparse(q, k, v, ref_k, ref_v, ref_bias, labels, txt, redux_len, n, confine=False, kept=None):
+    """The sparse form, the reference laid out as the processor lays it out once per call."""
+    reference = None if ref_k is None else reference_columns(ref_k, ref_v, ref_bias, kept, n)
+    return routed_attention(q, k, v, reference, labels, txt, redux_len, n, confine)
 
 
 def inputs(n, redux_per, batch, reference=True, seed=0):
@@ -59,7 +65,7 @@ def test_sparse_equals_dense(n, redux_per, batch, reference, bias, confine):
                 assert any(index is not None for index in kept)
     args = (q, k, v, ref_k, ref_v, ref_bias, labels, txt, n * redux_per, n)
     expected = dense(*args, confine=confine)
-    got = routed_attention(*args, confine=confine, kept=kept)
+    got = sparse(*args, confine=confine, kept=kept)
     assert got.shape == q.shape and torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
@@ -76,12 +82,12 @@ def test_masked_reference_columns_are_left_out():
     assert [index.tolist() for index in kept] == [[0, 2, 4], [0, 1, 3, 4]]
     assert kept_columns(torch.ones(n * R, dtype=torch.bool), n) == (None, None)
     ref_bias = torch.where(inside, 0.0, -100.0)
-    before = routed_attention(q, k, v, ref_k, ref_v, ref_bias, labels, txt, 0, n, kept=kept)
+    before = sparse(q, k, v, ref_k, ref_v, ref_bias, labels, txt, 0, n, kept=kept)
     ref_k2, ref_v2 = ref_k.clone(), ref_v.clone()
     ref_k2[:, ~inside] = 50.0 * q[:, :n * R][:, ~inside]  # masked keys that would now win every softmax
     ref_v2[:, ~inside] = 1e3
-    assert torch.equal(routed_attention(q, k, v, ref_k2, ref_v2, ref_bias, labels, txt, 0, n, kept=kept), before)
-    assert not torch.allclose(routed_attention(q, k, v, ref_k2, ref_v2, ref_bias, labels, txt, 0, n), before)
+    assert torch.equal(sparse(q, k, v, ref_k2, ref_v2, ref_bias, labels, txt, 0, n, kept=kept), before)
+    assert not torch.allclose(sparse(q, k, v, ref_k2, ref_v2, ref_bias, labels, txt, 0, n), before)
 
 
 def test_an_image_token_meets_only_its_own_subjects_tokens():
@@ -90,12 +96,12 @@ def test_an_image_token_meets_only_its_own_subjects_tokens():
     n, redux_per = 2, 3
     q, k, v, ref_k, ref_v, txt = inputs(n, redux_per, 1)
     labels = (torch.arange(IMG) % 2)[None]
-    before = routed_attention(q, k, v, ref_k, ref_v, None, labels, txt, n * redux_per, n)
+    before = sparse(q, k, v, ref_k, ref_v, None, labels, txt, n * redux_per, n)
     k2, v2, ref_v2 = k.clone(), v.clone(), ref_v.clone()
     k2[:, TXT + redux_per:txt] += 1.0
     v2[:, TXT + redux_per:txt] += 1.0
     ref_v2[:, R:] += 1.0
-    after = routed_attention(q, k2, v2, ref_k, ref_v2, None, labels, txt, n * redux_per, n)
+    after = sparse(q, k2, v2, ref_k, ref_v2, None, labels, txt, n * redux_per, n)
     moved = (after - before).abs().amax(dim=(0, 2, 3)) > 1e-6
     assert moved[:txt].all()
     assert torch.equal(moved[txt:], labels[0] == 1)
@@ -112,15 +118,17 @@ def test_pipeline_routes_sparsely_only_where_routing_acts(monkeypatch):
     pipe = make_pipe()
     calls = []
 
-    def counted(*args, **kwargs):
-        calls.append(args[11])  # the in-mask columns per subject
+    def counted(*args, **kwargs):  # the reference columns laid out for the call, and how many are cached
+        calls.append((args[3], next(iter(pipe.anystory_state.ref_kv.values()))[0].shape[1]))
         return routed_attention(*args, **kwargs)
 
     monkeypatch.setattr(processor_module, "routed_attention", counted)
     sparse = _call(pipe, 2)
     blocks = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
     assert len(calls) == blocks * CALL["num_inference_steps"]
-    assert all(kept is not None and all(index is not None for index in kept) for kept in calls)
+    for reference, cached in calls:  # every subject keeps some of its columns, the masked-out ones are left out
+        assert reference is not None and all(span is not None for span in reference.spans)
+        assert 0 < reference.keys.shape[2] < cached
     calls.clear()
     _call(pipe, 1)
     _call(pipe, 2, use_router=False)

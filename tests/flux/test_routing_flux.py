@@ -100,9 +100,9 @@ def test_release_attention_keeps_image_tokens_off_an_unrouted_subjects_reference
             biases.append((bias, state.txt_len, state.redux_len, state.img_len, plan.ref))
         return bias
 
-    def spy_sparse(q, k, v, ref_k, ref_v, ref_bias, row_labels, *args, **kwargs):
+    def spy_sparse(q, k, v, reference, row_labels, *args, **kwargs):
         labels.append(row_labels.clone())
-        return sparse(q, k, v, ref_k, ref_v, ref_bias, row_labels, *args, **kwargs)
+        return sparse(q, k, v, reference, row_labels, *args, **kwargs)
 
     monkeypatch.setattr(processor, "attention_bias", spy_dense)
     monkeypatch.setattr(processor, "routed_attention", spy_sparse)
