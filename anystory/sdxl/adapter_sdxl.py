@@ -64,6 +64,7 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
         background_rank: int = 0,
         background_gate: bool = False,
         background_token_rank: int = 0,
+        background_ip_rank: int = 0,
     ):
         super().__init__()
         cross_dim = unet_config["cross_attention_dim"]
@@ -103,17 +104,22 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
     def _background_module(self, rank: int) -> BackgroundConditioning:
         dims = reference_dims(self.reference_net)
         gated = list(dims) + [name for name, *_ in self.config.cross_attention_layers] if self.config.background_gate else []
+        ip_dims = {name: (cdim, inner) for name, _, cdim, inner in self.config.cross_attention_layers}
         return BackgroundConditioning(dims, self.config.num_semantic_tokens,
                                       self.config.unet_config["cross_attention_dim"], rank, gated,
-                                      self.config.background_token_rank)
+                                      self.config.background_token_rank, self.config.background_ip_rank, ip_dims)
 
-    def add_background(self, rank: int = 4, gate: bool = False, token_rank: int = 0) -> BackgroundConditioning:
+    def add_background(self, rank: int = 4, gate: bool = False, token_rank: int = 0,
+                       ip_rank: int = 0) -> BackgroundConditioning:
         """Fresh (zero, i.e. subject-like) background-reference parameters: the background stage's start; ``gate``
-        adds a learned log-scale per attention layer, ``token_rank`` a low-rank token correction (``background.py``)."""
-        if rank < 1 or token_rank < 0:
-            raise ValueError(f"background rank must be >= 1 and token rank >= 0, got {rank} and {token_rank}")
+        adds a learned log-scale per attention layer, ``token_rank`` a low-rank token correction, ``ip_rank``
+        low-rank corrections of the semantic key/value projections for the background (``background.py``)."""
+        if rank < 1 or token_rank < 0 or ip_rank < 0:
+            raise ValueError(f"background rank must be >= 1, token rank and ip rank >= 0, got {rank}, {token_rank} "
+                             f"and {ip_rank}")
         weight = next(self.reference_net.parameters())
-        self.register_to_config(background_rank=rank, background_gate=bool(gate), background_token_rank=int(token_rank))
+        self.register_to_config(background_rank=rank, background_gate=bool(gate), background_token_rank=int(token_rank),
+                                background_ip_rank=int(ip_rank))
         self.background = self._background_module(rank).to(device=weight.device, dtype=weight.dtype)
         return self.background
 

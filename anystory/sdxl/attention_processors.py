@@ -58,6 +58,7 @@ class AnyStoryState:
     scales: Optional[torch.Tensor] = None  # [N] semantic strengths (eta)
     reference_scales: Optional[torch.Tensor] = None  # [N]
     background_log_scales: Dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> the background's learned log-scale (background.py)
+    background_kv_deltas: Dict[str, Tuple[nn.Module, nn.Module]] = field(default_factory=dict)  # cross-attention layer -> the background's key/value corrections (background.py)
     cfg: bool = False  # batch = [uncond, cond] halves
     latent_hw: Tuple[int, int] = (0, 0)
     training: bool = False
@@ -279,7 +280,13 @@ class AnyStoryCrossAttnProcessor:
             if st.cfg:
                 half = batch // 2
                 tokens = torch.cat([_to_batch(st.semantic_uncond_tokens, half), _to_batch(tokens, half)])
-            cached = (self.cond.to_k_sem(tokens), self.cond.to_v_sem(tokens))  # [B or 1, N, T, inner]
+            key, value = self.cond.to_k_sem(tokens), self.cond.to_v_sem(tokens)  # [B or 1, N, T, inner]
+            delta = st.background_kv_deltas.get(self.name) if st.background else None
+            if delta is not None:  # the background's own projections: its class (the last) only
+                last = tokens[:, -1:]
+                key = torch.cat([key[:, :-1], key[:, -1:] + delta[0](last)], 1)
+                value = torch.cat([value[:, :-1], value[:, -1:] + delta[1](last)], 1)
+            cached = (key, value)
             self.state.kv_cache[self.name] = cached
         return cached
 

@@ -17,10 +17,15 @@ subject's, copies texture speckle) and turn up the semantic tokens (which carry 
 start at zero, i.e. the plain scale 1. Optionally (``token_rank``) a low-rank correction of the semantic tokens
 themselves: the type embedding is the same for every backdrop, so it cannot say which one; the correction can
 bring what the image encoder saw of the backdrop into the tokens' text-like space. It starts at zero too.
+Optionally (``ip_rank``) the background's own key/value projections in the decoupled cross-attention: a rank-r
+correction of the subjects' semantic key/value projections in every cross-attention layer, applied to the
+background class's tokens only (IP-Adapter carries an image's colour and style through exactly these
+projections, and the subjects' were trained to carry identity, not a backdrop). It starts at zero: untrained,
+the background's keys/values are the subjects' projections of its tokens, bit for bit.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import PIL.Image
 import torch
@@ -40,13 +45,28 @@ def _key(layer_name: str) -> str:
     return layer_name.replace(".", "_")
 
 
+class LowRankDelta(nn.Module):
+    """``x -> up(down(x))`` with ``up`` zero: a correction that starts at exactly nothing."""
+
+    def __init__(self, in_dim: int, out_dim: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(in_dim, rank, bias=False)
+        self.up = nn.Linear(rank, out_dim, bias=False)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+
 class BackgroundConditioning(nn.Module):
     """The background's own parameters: a semantic type embedding, low-rank ReferenceNet feature corrections,
-    (``gated_layers``: attention layer names) a log-scale per layer, and (``token_rank``) a low-rank token
-    correction."""
+    (``gated_layers``: attention layer names) a log-scale per layer, (``token_rank``) a low-rank token
+    correction, and (``ip_rank``, ``ip_dims``: cross-attention layer -> (token width, inner width)) low-rank
+    corrections of the semantic key/value projections."""
 
     def __init__(self, reference_dims: Dict[str, int], num_tokens: int, token_dim: int, rank: int = 4,
-                 gated_layers: Sequence[str] = (), token_rank: int = 0):
+                 gated_layers: Sequence[str] = (), token_rank: int = 0, ip_rank: int = 0,
+                 ip_dims: Optional[Dict[str, Tuple[int, int]]] = None):
         super().__init__()
         self.token_embedding = nn.Parameter(torch.zeros(num_tokens, token_dim))
         self.token_down = nn.Linear(token_dim, token_rank, bias=False) if token_rank else None
@@ -59,10 +79,19 @@ class BackgroundConditioning(nn.Module):
             nn.init.zeros_(up.weight)
         self.gated_layers = list(gated_layers)
         self.gate = nn.ParameterDict({_key(n): nn.Parameter(torch.zeros(())) for n in self.gated_layers})
+        ip_dims = ip_dims if ip_rank else {}
+        self.ip_key = nn.ModuleDict({_key(n): LowRankDelta(c, i, ip_rank) for n, (c, i) in ip_dims.items()})
+        self.ip_value = nn.ModuleDict({_key(n): LowRankDelta(c, i, ip_rank) for n, (c, i) in ip_dims.items()})
+        self.ip_layers = list(ip_dims)
 
     def log_scales(self) -> Dict[str, torch.Tensor]:
         """{attention layer: its log-scale for the background's conditions} (empty without gates)."""
         return {n: GATE_GAIN * self.gate[_key(n)] for n in self.gated_layers}
+
+    def kv_deltas(self) -> Dict[str, Tuple[LowRankDelta, LowRankDelta]]:
+        """{cross-attention layer: (key, value) corrections of its semantic projections} (empty without
+        ``ip_rank``); the processor adds them to the background class's keys/values."""
+        return {n: (self.ip_key[_key(n)], self.ip_value[_key(n)]) for n in self.ip_layers}
 
     def tokens(self, semantic: torch.Tensor) -> torch.Tensor:
         """``[b, T, D]`` semantic tokens of the background image -> the background's tokens."""
@@ -128,12 +157,13 @@ def encode_background(pipe, pixels: torch.Tensor, clip_pixels: torch.Tensor) -> 
             "semantic_tokens": adapter.background.tokens(encoded["semantic_tokens"][:, 0]),
             "semantic_uncond_tokens": encoded["semantic_uncond_tokens"][:, 0],
             "routing_token": encoded["routing_tokens"][:, 1],
-            "log_scales": adapter.background.log_scales()}
+            "log_scales": adapter.background.log_scales(),
+            "kv_deltas": adapter.background.kv_deltas()}
 
 
 def with_background(encoded: Optional[dict], background: dict) -> dict:
     """The subjects' encoding (``pipeline.encode_subjects``; ``None`` for no subjects) with the background appended
-    as the last conditioned class, with its per-layer log-scales. Routing tokens are the subjects' plus the blank
+    as the last conditioned class, with its per-layer log-scales and key/value corrections. Routing tokens are the subjects' plus the blank
     image's, as without it."""
     if encoded is None:
         return {"num_subjects": 0,
@@ -141,8 +171,9 @@ def with_background(encoded: Optional[dict], background: dict) -> dict:
                 "semantic_tokens": background["semantic_tokens"][:, None],
                 "semantic_uncond_tokens": background["semantic_uncond_tokens"][:, None],
                 "routing_tokens": background["routing_token"][:, None],
-                "background_log_scales": background["log_scales"]}
-    out = dict(encoded, background_log_scales=background["log_scales"])
+                "background_log_scales": background["log_scales"],
+                "background_kv_deltas": background["kv_deltas"]}
+    out = dict(encoded, background_log_scales=background["log_scales"], background_kv_deltas=background["kv_deltas"])
     out["reference_features"] = {k: torch.cat([f, _batch_like(background["reference_features"][k], f)[:, None]], 1)
                                  for k, f in encoded["reference_features"].items()}
     for name in ("semantic_tokens", "semantic_uncond_tokens"):

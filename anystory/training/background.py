@@ -164,7 +164,8 @@ def train_background(cfg: dict, pipe, log=print) -> dict:
         raise ValueError("the background stage runs on one process")
     prepare_training(cfg, pipe, acc)
     if pipe.anystory.background is None:
-        pipe.anystory.add_background(int(scfg["rank"]), bool(scfg.get("gate", False)), int(scfg.get("token_rank", 0)))
+        pipe.anystory.add_background(int(scfg["rank"]), bool(scfg.get("gate", False)), int(scfg.get("token_rank", 0)),
+                                     int(scfg.get("ip_rank", 0)))
     freeze_all(pipe)
     params = background_parameters(pipe.anystory)
     for p in params.values():

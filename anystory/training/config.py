@@ -39,9 +39,10 @@ DEFAULTS: Dict[str, Any] = {
                "generic_caption": 0.6, "drop_text": 0.0, "snr_gamma": 5.0, "ema": 0.0, "gradient_accumulation": 1},
     # the background reference (anystory/sdxl/background.py): steps 0 = not trained, the weights ship without it
     # gate: a learned log-scale per attention layer; token_rank: a low-rank correction of its semantic tokens;
+    # ip_rank: rank of its own corrections of the semantic key/value projections (0: the subjects' projections);
     # background_loss_weight: the loss's weight on backdrop pixels; x0_colour_weight: weight of the backdrop-colour
     # loss on the predicted clean image, at timesteps below x0_max_t
-    "background": {"steps": 0, "batch_size": 12, "lr": 2e-3, "rank": 4, "gate": False, "token_rank": 0,
+    "background": {"steps": 0, "batch_size": 12, "lr": 2e-3, "rank": 4, "gate": False, "token_rank": 0, "ip_rank": 0,
                    "background_loss_weight": 1.0, "x0_colour_weight": 0.0, "x0_max_t": 1000,
                    "subjects": [0.3, 0.4, 0.3],
                    "generic_caption": 0.5, "drop_text": 0.1, "drop_semantic": 0.1, "snr_gamma": 5.0, "ema": 0.0,

@@ -24,11 +24,11 @@ def _run(pipe, subjects=(), **kw):
 
 @pytest.fixture(scope="module")
 def pipes():
-    """(the tiny pipeline without background parameters, the same one with them, gates and token correction
-    included; trained-like, i.e. nonzero)."""
+    """(the tiny pipeline without background parameters, the same one with them, gates, token correction and
+    key/value projections included; trained-like, i.e. nonzero)."""
     plain, with_bg = tiny_pipe(), tiny_pipe()
     torch.manual_seed(1)
-    with_bg.anystory.add_background(2, gate=True, token_rank=2)
+    with_bg.anystory.add_background(2, gate=True, token_rank=2, ip_rank=2)
     with torch.no_grad():
         for p in with_bg.anystory.background.parameters():
             p.normal_(0, 0.05)
