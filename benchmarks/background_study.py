@@ -67,13 +67,16 @@ def untrained_copy(pipe):
     return lambda: pipe.anystory.background.load_state_dict(saved)
 
 
-def generate(pipe, prompt: str, refs, background, steps: int, guidance: float, seed: int) -> np.ndarray:
+def generate(pipe, prompt: str, refs, background, steps: int, guidance: float, seed: int,
+             start: Optional[float] = None) -> np.ndarray:
+    extra = {} if background is None or start is None else {"background_start": start}
     out = pipe(prompt, subjects=refs, background=background, num_inference_steps=steps, guidance_scale=guidance,
-               generator=torch.Generator().manual_seed(seed), output_type="np")
+               generator=torch.Generator().manual_seed(seed), output_type="np", **extra)
     return _to_uint8(out.images[0])
 
 
-def run(pipe, world, classifier, pairs, steps: int, guidance: float, modes, out_dir: Optional[str]) -> dict:
+def run(pipe, world, classifier, pairs, steps: int, guidance: float, modes, out_dir: Optional[str],
+        start: Optional[float] = None) -> dict:
     rows = []
     for k, subjects, bg in pairs:
         refs = [Subject(world.reference(s, k, slot).image) for slot, s in enumerate(subjects)]
@@ -85,7 +88,7 @@ def run(pipe, world, classifier, pairs, steps: int, guidance: float, modes, out_
             restore = untrained_copy(pipe) if mode == "untrained" else None
             try:
                 image = generate(pipe, prompt, refs, reference if mode in ("untrained", "trained") else None,
-                                 steps, guidance, seed=k)
+                                 steps, guidance, seed=k, start=start)
             finally:
                 if restore:
                     restore()
@@ -155,6 +158,8 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--background-start", type=float, default=None, help="the pipeline's background_start for the "
+                   "reference modes (default: the weights' value)")
     p.add_argument("--out", default="runs/background_study")
     p.add_argument("--colour-timesteps", default="", help="comma-separated timesteps for the colour-error table")
     p.add_argument("--config", default="configs/miniature.yaml", help="training config whose held-out world "
@@ -180,7 +185,7 @@ def main(argv=None) -> int:
     report, table = {}, ""
     if args.pairs > 0:
         report = run(pipe, world, classifier, held_out_pairs(world, args.pairs), args.steps, args.guidance, modes,
-                     args.out)
+                     args.out, args.background_start)
         table = markdown_table(report, modes)
     timesteps = [int(t) for t in args.colour_timesteps.split(",") if t.strip()]
     if timesteps:

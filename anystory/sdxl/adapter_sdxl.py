@@ -65,6 +65,7 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
         background_gate: bool = False,
         background_token_rank: int = 0,
         background_ip_rank: int = 0,
+        background_start: float = 0.0,
     ):
         super().__init__()
         cross_dim = unet_config["cross_attention_dim"]

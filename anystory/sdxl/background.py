@@ -4,7 +4,9 @@ The router has always had a background class (the last, N); it carried no condit
 gives it one. The image is encoded like a subject (the same VAE + ReferenceNet pass, with an all-foreground
 mask, and the same CLIP + semantic QFormer) and appended after the subjects as one more conditioned class, so
 the processors apply it exactly where the router's map says background: its ReferenceNet keys in reference
-self-attention, its semantic tokens in the decoupled cross-attention. Its *routing* token stays the blank
+self-attention, its semantic tokens in the decoupled cross-attention. Separately, and only when the weights' or the
+call's ``background_start`` is not 0, its mean latent colour is put into the sampler's starting latent
+(:func:`start_offset`, the one unrouted part: no map exists before the first step). Its *routing* token stays the blank
 image's, as without a background reference, so the reference itself never moves where subjects go.
 
 What is trained for it (keys ``background.*``; the background stage trains only these, everything else frozen,
@@ -159,6 +161,21 @@ def encode_background(pipe, pixels: torch.Tensor, clip_pixels: torch.Tensor) -> 
             "routing_token": encoded["routing_tokens"][:, 1],
             "log_scales": adapter.background.log_scales(),
             "kv_deltas": adapter.background.kv_deltas()}
+
+
+def start_offset(pipe, pixels: torch.Tensor, strength: float) -> Optional[torch.Tensor]:
+    """``strength`` x the per-channel mean ``[b, C, 1, 1]`` of the background image's scaled VAE latent: the clean
+    signal the sampler's first latent should carry (``None`` at 0).
+
+    Why: at the first sampling timestep the training noising still leaks the image's per-channel latent mean
+    (``sqrt(alpha_bar_T)`` of it; in the miniature it tells the backdrop kinds apart), so the model reads the
+    backdrop's colour from the noisy latent rather than from any condition; sampling starts from noise alone, whose
+    mean is random, and the backdrop comes out an average grey whatever the reference. Adding the reference's mean
+    to the starting latent (``pipeline_sdxl.prepare_latents``) gives the model what training showed it. It acts on
+    the whole starting latent: there is no routing map before the first step."""
+    if not strength:
+        return None
+    return strength * pipe.encode_vae(pixels).mean(dim=(2, 3), keepdim=True)
 
 
 def with_background(encoded: Optional[dict], background: dict) -> dict:

@@ -16,7 +16,7 @@ from diffusers import StableDiffusionXLPipeline
 
 from .adapter_fit import check_adapter_fits_unet
 from .adapter_sdxl import AnyStorySDXLAdapter
-from .background import background_tensors, check_background, encode_background, with_background
+from .background import background_tensors, check_background, encode_background, start_offset, with_background
 from ..errors import check_number
 from ..hub import SDXL_IMAGE_ENCODER as DEFAULT_IMAGE_ENCODER  # noqa: F401 (the paper's CLIP, kept by this name)
 from ..pipeline_mixin import AnyStoryPipelineMixin, AnyStoryPipelineOutput  # noqa: F401 (exported here)
@@ -104,6 +104,19 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
         clip = self.feature_extractor(images=images + [blank], return_tensors="pt").pixel_values.to(device, dtype)
         return {"pixels": pixels[None], "masks": mask[None], "clip_pixels": clip[None]}
 
+    def encode_vae(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[b, 3, R, R]`` images in [-1, 1] -> their scaled VAE latents (the mode), in the UNet's dtype."""
+        upcast = self.vae.dtype == torch.float16 and self.vae.config.force_upcast  # SDXL's VAE overflows in fp16
+        if upcast:
+            self.vae.to(dtype=torch.float32)
+        try:
+            latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode()
+        finally:
+            if upcast:
+                self.vae.to(dtype=torch.float16)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * self.vae.config.scaling_factor).to(self.unet.dtype)
+
     def encode_subjects(self, pixels: torch.Tensor, masks: torch.Tensor, clip_pixels: torch.Tensor) -> dict:
         """Encode ``[b, N, 3, R, R]`` references (+ masks ``[b, N, 1, R, R]``, CLIP input ``[b, N+1, ...]`` whose
         last image is blank) into the state fields the processors read. Differentiable (used by training too).
@@ -113,15 +126,7 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
         conditions (a subject routed nowhere must change nothing)."""
         b, n = pixels.shape[:2]
         adapter = self.anystory
-        upcast = self.vae.dtype == torch.float16 and self.vae.config.force_upcast  # SDXL's VAE overflows in fp16
-        if upcast:
-            self.vae.to(dtype=torch.float32)
-        try:
-            latents = [self.vae.encode(pixels[:, i].to(self.vae.dtype)).latent_dist.mode() for i in range(n)]
-        finally:
-            if upcast:
-                self.vae.to(dtype=torch.float16)
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        latents = [self.encode_vae(pixels[:, i]) for i in range(n)]
         reference, semantic, routing = [], [], []
         for i in range(n + 1):
             hidden = self.image_encoder(clip_pixels[:, i].to(self.image_encoder.dtype),
@@ -130,7 +135,7 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
             routing.append(adapter.routing_qformer(hidden)[:, 0])
             if i == n:
                 break
-            latent = ((latents[i] - shift) * self.vae.config.scaling_factor).to(self.unet.dtype)
+            latent = latents[i]
             small = F.interpolate(masks[:, i].float(), size=latent.shape[-2:], mode="area").to(latent.dtype)
             reference.append(adapter.reference_net(latent, small, adapter.config.reference_size))
         return {"num_subjects": n,
@@ -139,6 +144,17 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
                 "semantic_uncond_tokens": semantic[n][:, None].expand(-1, n, -1, -1),
                 "routing_tokens": torch.stack(routing, 1)}
 
+    _start_offset: Optional[torch.Tensor] = None  # set for one call by a background reference (background_start)
+
+    def prepare_latents(self, *args, **kwargs):
+        """diffusers' starting latents, plus the background reference's mean latent as the first timestep's noising
+        scales a clean signal (``background.start_offset``), when a call sets one."""
+        latents = super().prepare_latents(*args, **kwargs)
+        if self._start_offset is None:
+            return latents
+        offset = self._start_offset.to(latents.device, latents.dtype).expand_as(latents)
+        return latents + self.scheduler.add_noise(offset, torch.zeros_like(latents), self.scheduler.timesteps[:1])
+
     # ---- call --------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, prompt=None, subjects: Optional[Sequence[Subject]] = None, *, background=None, height: Optional[int] = None,
@@ -146,17 +162,20 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
                  negative_prompt=None, num_images_per_prompt: int = 1, generator=None, latents=None,
                  output_type: str = "pil", return_dict: bool = True, callback_on_step_end: Optional[Callable] = None,
                  callback_on_step_end_tensor_inputs: Optional[List[str]] = None, return_routing_maps: bool = False,
-                 routing_background_bias: Optional[float] = None, **kwargs):
+                 routing_background_bias: Optional[float] = None, background_start: Optional[float] = None, **kwargs):
         """Generate. ``subjects``: up to ``max_subjects`` :class:`Subject`. Every other argument is
         ``StableDiffusionXLPipeline``'s. ``return_routing_maps`` adds per-step routing maps to the output.
         ``routing_background_bias``: the router's background logit adjustment (``router.py``); ``None`` uses the
         value stored with the weights, 0 is the paper's plain argmax, larger values give subjects more room.
         ``background``: an image of the scene's backdrop, applied where the router puts background
-        (``background.py``; needs weights trained with it)."""
+        (``background.py``; needs weights trained with it). ``background_start``: how much of its mean latent colour
+        the starting latent gets (``background.start_offset``); ``None`` uses the value stored with the weights."""
         prepared = self.check_subjects(subjects)
         background = check_background(self, background)
         if routing_background_bias is not None:
             routing_background_bias = check_number(routing_background_bias, "routing_background_bias")
+        if background_start is not None:
+            background_start = check_number(background_start, "background_start", 0.0)
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         regions = routing_regions(prepared, height, width)  # a region mask of another size fails before encoding
@@ -176,8 +195,10 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
                 device, dtype = self._execution_device, self.unet.dtype
                 encoded = self.encode_subjects(**self.subject_tensors(prepared, device, dtype)) if prepared else None
                 if background is not None:
-                    encoded = with_background(encoded, encode_background(
-                        self, **background_tensors(self, background, device, dtype)))
+                    tensors = background_tensors(self, background, device, dtype)
+                    encoded = with_background(encoded, encode_background(self, **tensors))
+                    strength = self.anystory.config.background_start if background_start is None else background_start
+                    self._start_offset = start_offset(self, tensors["pixels"], strength)
                 extra = [1.0] if background is not None else []
                 self.anystory.reset_state(
                     **encoded, background=background is not None,
@@ -198,6 +219,7 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
                 callback_on_step_end=on_step_end,
                 callback_on_step_end_tensor_inputs=tensor_inputs, **kwargs)
         finally:
+            self._start_offset = None
             if self.anystory is not None:
                 self.anystory.reset_state()
         return self._anystory_output(out.images, maps, return_routing_maps, return_dict)

@@ -82,6 +82,10 @@ def background_step(cfg: dict, pipe, source: SyntheticSource, scheduler, step: i
                         forced_maps=one_hot_targets(data.targets, lat_hw).to(latents.dtype))
     try:
         noisy, noise, t = noisy_latents(scheduler, latents, generator, t_range=t_range, total=batch)
+        offset = float(scfg.get("offset_noise", 0.0))
+        if offset > 0:  # the noise's per-channel mean hides the backdrop colour that x_t leaks at high t
+            noise = noise + offset * torch.randn(noise.shape[:2], generator=generator)[..., None, None].to(noise)
+            noisy = scheduler.add_noise(latents, noise, t)
         pred = pipe.unet(noisy, t, embeds, added_cond_kwargs=added).sample
         loss = diffusion_loss(scheduler, pred, noise, t, float(scfg["snr_gamma"]),
                               backdrop_weight(data.targets, lat_hw, float(scfg.get("background_loss_weight", 1.0))))
@@ -166,6 +170,7 @@ def train_background(cfg: dict, pipe, log=print) -> dict:
     if pipe.anystory.background is None:
         pipe.anystory.add_background(int(scfg["rank"]), bool(scfg.get("gate", False)), int(scfg.get("token_rank", 0)),
                                      int(scfg.get("ip_rank", 0)))
+    pipe.anystory.register_to_config(background_start=float(scfg.get("start", 0.0)))  # inference only: not trained
     freeze_all(pipe)
     params = background_parameters(pipe.anystory)
     for p in params.values():

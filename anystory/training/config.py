@@ -40,9 +40,12 @@ DEFAULTS: Dict[str, Any] = {
     # the background reference (anystory/sdxl/background.py): steps 0 = not trained, the weights ship without it
     # gate: a learned log-scale per attention layer; token_rank: a low-rank correction of its semantic tokens;
     # ip_rank: rank of its own corrections of the semantic key/value projections (0: the subjects' projections);
+    # offset_noise: std of a per-sample, per-channel constant added to the training noise (0: none);
+    # start: the background_start stored with the weights (inference: the reference's mean latent in the first latent);
     # background_loss_weight: the loss's weight on backdrop pixels; x0_colour_weight: weight of the backdrop-colour
     # loss on the predicted clean image, at timesteps below x0_max_t
     "background": {"steps": 0, "batch_size": 12, "lr": 2e-3, "rank": 4, "gate": False, "token_rank": 0, "ip_rank": 0,
+                   "offset_noise": 0.0, "start": 0.0,
                    "background_loss_weight": 1.0, "x0_colour_weight": 0.0, "x0_max_t": 1000,
                    "subjects": [0.3, 0.4, 0.3],
                    "generic_caption": 0.5, "drop_text": 0.1, "drop_semantic": 0.1, "snr_gamma": 5.0, "ema": 0.0,

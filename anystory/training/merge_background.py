@@ -40,6 +40,7 @@ def merge_background(source: str, target: str, dtype: torch.dtype = torch.float1
     config["background_gate"] = bool(source_config.get("background_gate", False))
     config["background_token_rank"] = int(source_config.get("background_token_rank", 0))
     config["background_ip_rank"] = int(source_config.get("background_ip_rank", 0))
+    config["background_start"] = float(source_config.get("background_start", 0.0))
     save_tensors({**kept, **ours}, path, metadata=read_metadata(path))
     with open(config_path, "w") as f:
         json.dump(config, f, indent=1)
