@@ -125,3 +125,34 @@ def test_colour_by_timestep_evaluates_at_each_given_timestep(pipe):
     assert by_t[0]["colour_without_background"] < by_t[999]["colour_without_background"]
     assert by_t[0] != by_t[999]
     assert "| 999 |" in colour_table(by_t)
+
+
+def test_offset_noise_adds_a_per_channel_constant_to_the_noise_and_the_noisy_input(pipe, tmp_path, monkeypatch):
+    """``offset_noise``: the step's noise (the loss's target) gains a constant per sample and channel, and the
+    UNet's noisy input is the same noising of that noise; at 0 the step is the default's."""
+    import anystory.training.background as stage
+
+    seen = {}
+    real_loss = stage.diffusion_loss
+
+    def keep_noise(scheduler, pred, noise, t, *args):
+        seen["noise"], seen["t"] = noise, t
+        return real_loss(scheduler, pred, noise, t, *args)
+
+    monkeypatch.setattr(stage, "diffusion_loss", keep_noise)
+    hook = pipe.unet.register_forward_pre_hook(lambda m, args: seen.__setitem__("noisy", args[0]))
+    try:
+        runs = {}
+        for name, offset in (("default", None), ("off", 0.0), ("on", 0.5)):
+            out = _step(pipe, _cfg(tmp_path) if offset is None else _cfg(tmp_path, offset_noise=offset))
+            runs[name] = (out["loss"].detach(), seen["noise"], seen["noisy"], seen["t"])
+    finally:
+        hook.remove()
+    assert torch.equal(runs["off"][0], runs["default"][0]) and torch.equal(runs["off"][1], runs["default"][1])
+    (_, noise_off, noisy_off, t), (_, noise_on, noisy_on, t_on) = runs["off"], runs["on"]
+    assert torch.equal(t, t_on)
+    offset = noise_on - noise_off
+    assert offset.abs().mean() > 0.05
+    assert torch.allclose(offset, offset.mean(dim=(2, 3), keepdim=True), atol=1e-6)  # constant over positions
+    sigma = (1 - training_scheduler(pipe).alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    assert torch.allclose(noisy_on - noisy_off, sigma * offset, atol=1e-5)

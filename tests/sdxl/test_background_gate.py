@@ -8,11 +8,10 @@ import pytest
 import torch
 
 import anystory.sdxl.attention_processors as processors
-from anystory.sdxl.background import GATE_GAIN, background_tensors, encode_background, read_background, with_background
-from anystory.subjects import prepare_subjects
-from anystory import Subject
+from anystory.sdxl.background import GATE_GAIN
 from anystory.training.background import backdrop_weight
-from helpers.routing import noise_image, tiny_pipe
+from helpers.background import subject_and_background
+from helpers.routing import tiny_pipe
 
 LAT_HW = (8, 8)
 
@@ -49,15 +48,6 @@ def _unet_out(pipe, encoded, scale: float = 1.0) -> torch.Tensor:
         pipe.anystory.reset_state()
 
 
-def _encoded(pipe):
-    size = pipe.anystory.config.reference_size
-    subjects = pipe.encode_subjects(**pipe.subject_tensors(prepare_subjects([Subject(noise_image(1))]), "cpu",
-                                                           torch.float32))
-    background = encode_background(pipe, **background_tensors(pipe, read_background(noise_image(7), size), "cpu",
-                                                              torch.float32))
-    return with_background(subjects, background)
-
-
 def _set_gates(pipe, log_scale: float) -> None:
     with torch.no_grad():
         for g in pipe.anystory.background.gate.values():
@@ -72,11 +62,11 @@ def test_gate_acts_as_the_background_scales(pipe, monkeypatch, sparse):
     assert len(gates) == len(pipe.anystory.config.cross_attention_layers) + len(pipe.anystory.reference_net.layer_names)
     with torch.no_grad():
         _set_gates(pipe, 0.0)
-        plain = _unet_out(pipe, _encoded(pipe))
+        plain = _unet_out(pipe, subject_and_background(pipe))
         _set_gates(pipe, -1.5)
-        gated = _unet_out(pipe, _encoded(pipe))
+        gated = _unet_out(pipe, subject_and_background(pipe))
         _set_gates(pipe, 0.0)
-        scaled = _unet_out(pipe, _encoded(pipe), scale=math.exp(-1.5))
+        scaled = _unet_out(pipe, subject_and_background(pipe), scale=math.exp(-1.5))
     assert (gated - plain).abs().max() > 1e-4, "the gate changes nothing"
     assert torch.allclose(gated, scaled, atol=1e-5), (gated - scaled).abs().max()
 
@@ -89,7 +79,7 @@ def test_gate_trains_on_both_paths(pipe, monkeypatch):
         monkeypatch.setattr(processors, "sparse_pays", lambda q, s=sparse: s)
         _set_gates(pipe, 0.3)
         pipe.anystory.background.zero_grad()
-        _unet_out(pipe, _encoded(pipe)).square().mean().backward()
+        _unet_out(pipe, subject_and_background(pipe)).square().mean().backward()
         grads.append({k: g.grad.clone() for k, g in pipe.anystory.background.gate.items()})
     pipe.anystory.background.zero_grad()
     _set_gates(pipe, 0.0)

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from anystory import Subject
-from anystory.sdxl.background import background_tensors, encode_background, read_background, with_background
-from anystory.subjects import prepare_subjects
 from anystory.training.merge_background import merge_background
+from helpers.background import subject_and_background
 from helpers.routing import noise_image, tiny_pipe
 
 LAT_HW = (8, 8)
@@ -65,15 +64,6 @@ def test_untrained_projections_are_the_subjects_bit_for_bit():
     assert np.array_equal(_run(with_zero), _run(without)), "without a background reference they must not act"
 
 
-def _encoded(pipe):
-    size = pipe.anystory.config.reference_size
-    subjects = pipe.encode_subjects(**pipe.subject_tensors(prepare_subjects([Subject(noise_image(1))]), "cpu",
-                                                           torch.float32))
-    background = encode_background(pipe, **background_tensors(pipe, read_background(noise_image(7), size), "cpu",
-                                                              torch.float32))
-    return with_background(subjects, background)
-
-
 def test_projections_act_only_at_background_positions_and_train():
     """Forced map (subject left, background right): each cross-attention layer, same input, zero vs trained-like
     corrections: equal at the subject's positions, different at every background position; the loss's gradient
@@ -98,7 +88,7 @@ def test_projections_act_only_at_background_positions_and_train():
                         delta.up.weight.zero_()
                     for delta in pipe.anystory.background.ip_value.values():
                         delta.up.weight.zero_()
-            pipe.anystory.reset_state(**_encoded(pipe), background=True, scales=torch.ones(2),
+            pipe.anystory.reset_state(**subject_and_background(pipe), background=True, scales=torch.ones(2),
                                       reference_scales=torch.ones(2), latent_hw=LAT_HW, forced_maps=maps)
             outs.append(attn.processor(attn, hidden, encoder_hidden_states=context))
         pipe.anystory.reset_state()
