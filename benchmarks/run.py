@@ -34,9 +34,10 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="tiny", choices=["tiny", "real"])
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--steps", type=int, default=None,
-                   help="denoising steps per call (default 4; real shapes on a CPU: 2, FLUX 3, so that its median "
-                        "step is a steady one: with subjects, step 0 also carries the redux tokens)")
-    p.add_argument("--repeats", type=int, default=None, help="calls per configuration (default 3; 1 real on a CPU)")
+                   help="denoising steps per call (default 4; real shapes on a CPU: SDXL 2, FLUX 5, which gives "
+                        "the redux tokens the share of steps they get in the pipeline's default 25: 1 of 5)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="calls per configuration (default 3; real shapes on a CPU: SDXL 1, FLUX 2)")
     p.add_argument("--height", type=int, default=None, help="override the image size (square)")
     p.add_argument("--subjects", default=",".join(map(str, SUBJECTS)),
                    help="comma-separated subject counts timed against the bare pipeline (default %(default)s)")
@@ -57,8 +58,8 @@ def main(argv=None) -> int:
                 f"got {args.subjects!r}")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     slow = args.shape == "real" and args.device == "cpu"
-    steps = args.steps or ((3 if args.backbone == "flux" else 2) if slow else 4)
-    repeats = args.repeats or (1 if slow else 3)
+    steps = args.steps or ((5 if args.backbone == "flux" else 2) if slow else 4)
+    repeats = args.repeats or ((2 if args.backbone == "flux" else 1) if slow else 3)
 
     rows = []
     backbones = ["sdxl", "flux"] if args.backbone == "all" else [args.backbone]

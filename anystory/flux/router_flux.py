@@ -107,8 +107,10 @@ def routing_map(attn, router_norm: torch.Tensor, router_query: torch.Tensor, ima
     q = q_norm(_heads(q, attn.head_dim))  # [b, N*k*k, h, d]
     q = q.unflatten(1, (num_subjects, -1)).mean(dim=(2, 3))  # [b, N, d]: mean over the subject's tokens and heads
     k = image_key_proj + lora_k[1](lora_k[0](image_norm))
-    k = attn.norm_k(_heads(k, attn.head_dim))
-    k = apply_rotary_emb(k, image_rope, sequence_dim=1).mean(dim=2)  # [b, I, d]
+    k = attn.norm_k(_heads(k, attn.head_dim)).mean(dim=2, keepdim=True)  # [b, I, 1, d]
+    # RoPE turns every head of a token by the same angles, so it commutes with the mean over heads: rotating the
+    # mean (one head's work) is the release's rotate-then-average, up to float rounding
+    k = apply_rotary_emb(k, image_rope, sequence_dim=1)[:, :, 0]  # [b, I, d]
     logits = torch.bmm(q.float(), k.float().transpose(1, 2))  # [b, N, I], in float32 whatever the model's dtype
     hot = F.one_hot(route_decision(logits.masked_fill(closed, float("-inf")) if closed is not None else logits),
                     num_subjects).transpose(1, 2)
