@@ -167,9 +167,11 @@ def train_background(cfg: dict, pipe, log=print) -> dict:
     if acc.num_processes > 1:
         raise ValueError("the background stage runs on one process")
     prepare_training(cfg, pipe, acc)
-    if pipe.anystory.background is None:
-        pipe.anystory.add_background(int(scfg["rank"]), bool(scfg.get("gate", False)), int(scfg.get("token_rank", 0)),
-                                     int(scfg.get("ip_rank", 0)))
+    if pipe.anystory.background is None:  # seeded: the down projections start random, so a rebuild is the same run
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(cfg["seed"]) + 6)
+            pipe.anystory.add_background(int(scfg["rank"]), bool(scfg.get("gate", False)),
+                                         int(scfg.get("token_rank", 0)), int(scfg.get("ip_rank", 0)))
     pipe.anystory.register_to_config(background_start=float(scfg.get("start", 0.0)))  # inference only: not trained
     freeze_all(pipe)
     params = background_parameters(pipe.anystory)

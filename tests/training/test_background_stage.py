@@ -66,6 +66,27 @@ def test_background_stage_trains_only_the_background(tmp_path):
     assert held["with_background"] != held["without_background"]  # the reference enters the loss
 
 
+def test_background_stage_is_the_same_run_whatever_the_global_rng(tmp_path):
+    """The background stage's down projections start random: their init must come from the config's seed, or a
+    rebuild from the same stage-2 weights and config trains other tensors."""
+    from anystory.training.background import train_background
+
+    torch.set_num_threads(1)
+    runs = []
+    for global_seed in (1, 2):  # each in its own work_dir: a shared one would resume the first run's state
+        cfg = _cfg(tmp_path / str(global_seed), background={"steps": 2, "batch_size": 2, "lr": 1e-2, "rank": 2,
+                                                             "token_rank": 2, "ip_rank": 2})
+        pipe = AnyStorySDXLPipeline(**build_components(cfg))
+        pipe.set_progress_bar_config(disable=True)
+        torch.manual_seed(0)
+        pipe.init_anystory(**anystory_config(cfg))
+        torch.manual_seed(global_seed)
+        train_background(cfg, pipe, log=lambda *_: None)
+        runs.append({k: v.clone() for k, v in pipe.anystory.background.state_dict().items()})
+    assert runs[0].keys() == runs[1].keys() and any(k.startswith("token_down") for k in runs[0])
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
 def test_runner_skips_the_stage_at_zero_steps_and_names_it(tmp_path):
     from anystory.training.config import STAGES
     from anystory.training.runner import STAGE_FUNCTIONS, run_stages
