@@ -107,15 +107,34 @@ def run(pipe, world, classifier, pairs, steps: int, guidance: float, modes, out_
             strip.append(np.asarray(reference.resize((size, size))))
             Image.fromarray(np.concatenate([s.astype(np.uint8) for s in strip] + images, 1)).save(
                 os.path.join(out_dir, f"pair_{k:02d}.png"))
+    return summarise(rows, modes)
+
+
+def summarise(rows: list, modes) -> dict:
+    """Each mode's metrics with bootstrap intervals over the pairs; with ``none`` among the modes, every other
+    mode's paired difference against it (``minus_none``), which the same pairs' shared noise does not widen."""
     summary = {"pairs": len(rows), "scene_match": bootstrap(rows, lambda u: mean_of([r["scene"] for r in u]))}
     for mode in modes:
-        summary[mode] = {
-            "match": bootstrap(rows, lambda u, m=mode: mean_of([r[m]["match"] for r in u])),
-            "leakage": bootstrap(rows, lambda u, m=mode: mean_of([r[m]["leakage"] for r in u])),
-            "named": bootstrap(rows, lambda u, m=mode: mean_of([v for r in u for v in r[m]["named"]])),
-            "colour": bootstrap(rows, lambda u, m=mode: mean_of([v for r in u for v in r[m]["colour"]])),
-        }
+        summary[mode] = {key: bootstrap(rows, lambda u, m=mode, k=key: _mean(u, m, k)) for key in METRICS}
+        if mode != "none" and "none" in modes:  # paired: each resample takes the same pairs for both modes
+            summary[mode]["minus_none"] = {key: bootstrap(rows, lambda u, m=mode, k=key: _difference(u, m, k))
+                                           for key in METRICS}
+    summary["per_pair"] = [{m: row[m] for m in modes} for row in rows]
     return summary
+
+
+METRICS = ("match", "leakage", "named", "colour")
+
+
+def _mean(rows, mode: str, key: str):
+    """Mean of ``key`` over ``rows`` (``named`` / ``colour`` hold one value per recognised subject)."""
+    values = [r[mode][key] for r in rows]
+    return mean_of([v for vs in values for v in vs] if key in ("named", "colour") else values)
+
+
+def _difference(rows, mode: str, key: str):
+    a, b = _mean(rows, mode, key), _mean(rows, "none", key)
+    return None if a is None or b is None else a - b
 
 
 def markdown_table(r: dict, modes) -> str:
@@ -126,6 +145,13 @@ def markdown_table(r: dict, modes) -> str:
                       ("named", "fidelity: best of 16 named identities"), ("colour", "fidelity: colour"),
                       ("leakage", "attribute leakage")):
         lines.append(f"| {name} | " + " | ".join(ci(r[m][key]) for m in modes) + " |")
+    paired = [m for m in modes if "minus_none" in r[m]]
+    if paired:
+        lines += ["", "Paired difference against no background reference (the same pairs in every resample):", "",
+                  "| measurement | " + " | ".join(f"{LABELS[m]} - none" for m in paired) + " |",
+                  "|---" * (len(paired) + 1) + "|"]
+        for key in METRICS:
+            lines.append(f"| {key} | " + " | ".join(ci(r[m]["minus_none"][key], "{:+.3f}") for m in paired) + " |")
     return "\n".join(lines) + "\n"
 
 
