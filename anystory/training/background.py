@@ -27,7 +27,7 @@ from ..sdxl.background import background_tensors, encode_background, with_backgr
 from .data import SyntheticSource, choose_captions, images_to_tensor, records_batch, source_for, subject_count
 from .diffusion import (decode_latents, diffusion_loss, encode_images, noisy_latents, predicted_clean, text_conditioning,
                         training_scheduler)
-from .loop import StageLoop, make_accelerator
+from .loop import STAGE_IDS, StageLoop, make_accelerator
 from .stage1 import freeze_all, prepare_training
 from .subject_step import one_hot_targets
 
@@ -169,7 +169,7 @@ def train_background(cfg: dict, pipe, log=print) -> dict:
     prepare_training(cfg, pipe, acc)
     if pipe.anystory.background is None:  # seeded: the down projections start random, so a rebuild is the same run
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(cfg["seed"]) + 6)
+            torch.manual_seed(int(cfg["seed"]) + STAGE_IDS["background"])
             pipe.anystory.add_background(int(scfg["rank"]), bool(scfg.get("gate", False)),
                                          int(scfg.get("token_rank", 0)), int(scfg.get("ip_rank", 0)))
     pipe.anystory.register_to_config(background_start=float(scfg.get("start", 0.0)))  # inference only: not trained
