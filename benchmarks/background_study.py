@@ -123,7 +123,9 @@ def summarise(rows: list, modes) -> dict:
     return summary
 
 
-METRICS = ("match", "leakage", "named", "colour")
+METRICS = {"match": "background match (reference backdrop's colour; chance about 1/6)",
+           "named": "fidelity: best of 16 named identities", "colour": "fidelity: colour",
+           "leakage": "attribute leakage"}  # key in the summary: its row in the tables
 
 
 def _mean(rows, mode: str, key: str):
@@ -141,17 +143,15 @@ def markdown_table(r: dict, modes) -> str:
     lines = [f"**Background reference** ({r['pairs']} held-out pairs, prompt \"two objects\"; value [bootstrap 95%]). "
              f"Held-out scenes themselves: background match {ci(r['scene_match'])}.", "",
              "| measurement | " + " | ".join(LABELS[m] for m in modes) + " |", "|---" * (len(modes) + 1) + "|"]
-    for key, name in (("match", "background match (reference backdrop's colour; chance about 1/6)"),
-                      ("named", "fidelity: best of 16 named identities"), ("colour", "fidelity: colour"),
-                      ("leakage", "attribute leakage")):
+    for key, name in METRICS.items():
         lines.append(f"| {name} | " + " | ".join(ci(r[m][key]) for m in modes) + " |")
     paired = [m for m in modes if "minus_none" in r[m]]
     if paired:
         lines += ["", "Paired difference against no background reference (the same pairs in every resample):", "",
                   "| measurement | " + " | ".join(f"{LABELS[m]} - none" for m in paired) + " |",
                   "|---" * (len(paired) + 1) + "|"]
-        for key in METRICS:
-            lines.append(f"| {key} | " + " | ".join(ci(r[m]["minus_none"][key], "{:+.3f}") for m in paired) + " |")
+        for key, name in METRICS.items():
+            lines.append(f"| {name} | " + " | ".join(ci(r[m]["minus_none"][key], "{:+.3f}") for m in paired) + " |")
     return "\n".join(lines) + "\n"
 
 
