@@ -2,7 +2,8 @@
 
 The router still decides *within* the region; outside it the subject's routing logit is ``-inf`` in every layer
 (SDXL: ``AnyStoryState.routing_regions``; FLUX: the ``closed`` argument of ``router_flux.routing_map``), so it
-gets no positions there and, by the routing guarantees (README, "What routing guarantees"), acts nowhere there.
+gets no positions there and, by the routing guarantees (docs/architecture.md, "What routing guarantees"), acts
+nowhere there.
 
 A region is either
 

@@ -28,7 +28,7 @@ def route_decision(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
 def sparse_pays(query: torch.Tensor) -> bool:
     """The sparse path sizes its tensors by how many positions each subject got, which the host must read once
     per layer. On a CPU that read costs nothing and the saved attention FLOPs are what a step costs (measured:
-    README, Benchmarks). On an accelerator the read would drain the launch queue in every layer, so there the
+    docs/benchmarks.md). On an accelerator the read would drain the launch queue in every layer, so there the
     dense form keeps one fused SDPA call and no host sync (not yet measured on a GPU); ``torch.compile`` needs
     the dense form's static shapes."""
     return query.device.type == "cpu" and not torch.compiler.is_compiling()

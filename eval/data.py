@@ -48,7 +48,7 @@ def missing_files(folder: str) -> List[str]:
 
 def _hint() -> str:
     return (f"Pass --data-dir /path/to/dreambench (or set {ENV_VAR}): a folder holding prompts_and_classes.txt, "
-            "<subject>/NN.jpg and lists/single_subject.json + lists/multi_subject.json (see eval/README.md).")
+            "<subject>/NN.jpg and lists/single_subject.json + lists/multi_subject.json (see docs/evaluation.md).")
 
 
 def _checked(folder: str, how: str) -> str:

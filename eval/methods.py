@@ -122,7 +122,7 @@ class FolderMethod(Method):
         self.path, self.layout = os.path.abspath(path), layout
         if not os.path.isdir(self.path):
             raise MethodError(f"folder method: {self.path} is not a folder (layout {layout}: {LAYOUTS[layout]}; "
-                              "see eval/README.md or --list-entries)")
+                              "see docs/evaluation.md or --list-entries)")
         self.name = name or f"folder:{os.path.basename(self.path.rstrip(os.sep))}"
 
     def _stem(self, entry: Entry, k: int) -> str:

@@ -14,7 +14,7 @@ per image and subject), ``per_method``, ``per_subject`` and ``per_prompt_type`` 
 ``report.md`` and ``chart.png``. ``run_config.json`` records the benchmark, protocol, methods, seeds, models and
 versions. A metric whose model cannot be loaded is reported as not computed, with the reason; the others still
 run. Under ``accelerate launch`` each process generates its share and the main process scores once
-(``eval.distributed``). See eval/README.md.
+(``eval.distributed``). See docs/evaluation.md.
 """
 from __future__ import annotations
 
@@ -418,8 +418,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--stage", default="all", choices=["all", "generate", "score"])
-    p.add_argument("--data-dir", default=None, help="benchmark data folder (DreamBench: see eval/README.md)")
-    p.add_argument("--weights-dir", default=None, help="local copies of metric weights (layout: eval/README.md)")
+    p.add_argument("--data-dir", default=None, help="benchmark data folder (DreamBench: see docs/evaluation.md)")
+    p.add_argument("--weights-dir", default=None, help="local copies of metric weights (layout: docs/evaluation.md)")
     p.add_argument("--metrics", default=None, help="comma-separated subset of " + ", ".join(METRIC_NAMES)
                    + " (default: all; face_id only on benches of people)")
     p.add_argument("--protocol", default=DEFAULT_PROTOCOL, choices=list(PROTOCOLS),

@@ -13,7 +13,7 @@ levers, both diffusers' own:
   streams), ``"sequential"`` (``enable_sequential_cpu_offload``, layer by layer: smallest, slowest).
 
 A ``vram`` preset (``--vram auto|16|24|40`` in the CLI and the app) picks both (:func:`plan_for_vram`); the
-README's memory table says what each mode needs.
+memory table in docs/flux.md says what each mode needs.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ OFFLOAD = ("none", "model", "group", "sequential")
 VRAM = ("auto", "16", "24", "40")
 QUANTIZED_COMPONENTS = ("transformer", "text_encoder_2")
 
-#: preset -> (quantization, offload); see the README's memory table for the estimated peaks
+#: preset -> (quantization, offload); see the memory table in docs/flux.md for the estimated peaks
 PRESETS = {"40": ("none", "none"), "24": ("bnb-8bit", "model"), "16": ("bnb-4bit", "model")}
 
 

@@ -21,7 +21,7 @@ nowhere then changes no other row's arithmetic, to the last bit.
 Both leave out the reference columns outside each subject's mask (the release's ``ref_mask``, biased by -100 in
 the dense form): such a column's softmax weight is ``e^-100`` times what it would be unmasked, below float32's
 resolution unless its logit exceeded the row's largest by more than 80, and these columns are most of a segmented
-reference (60% of the reference tokens of the authors' 12 example masks; README, Benchmarks).
+reference (60% of the reference tokens of the authors' 12 example masks; docs/benchmarks.md).
 
 The reference columns each subject may use are laid out once per call (:func:`reference_columns`): gathered into
 one contiguous ``[b, h, C, d]`` tensor, subject after subject, since the cached keys do not change between steps.

@@ -160,7 +160,7 @@ def router_post_attention(parts: RouterModules, attn, router_hidden: torch.Tenso
                           pre: RouterPre) -> torch.Tensor:
     """Residual updates of the router tokens after attention (``[b, N*k*k, h, d]`` attention output in). Their
     MLP products stay apart from the block's: appending their rows to the block's ``ff_context`` / ``proj_mlp`` /
-    ``proj_out`` products (hooks) measured no faster on a CPU (README, Benchmarks)."""
+    ``proj_out`` products (hooks) measured no faster on a CPU (docs/benchmarks.md)."""
     attn_out = attn_out.flatten(2)
     with adapter_scope(parts.lora_layers, ROUTER_ADAPTER):
         if parts.double:

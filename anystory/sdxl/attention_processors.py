@@ -212,7 +212,7 @@ def _routed_reference_attention(query, key, value, ref_k, ref_v, labels, scales:
 
     Equal to :func:`_dense_reference_attention` for exclusive maps, but each query meets at most one subject's
     Lr extra keys instead of all N x Lr, and no bias is written unless a scale differs from 1 (one broadcast row
-    adding ``log(scale_i)``); README, Benchmarks, has what that saves per layer. ``labels`` is ``[R, L]`` with
+    adding ``log(scale_i)``); docs/benchmarks.md has what that saves per layer. ``labels`` is ``[R, L]`` with
     R = 1 (one map for the batch) or the conditional batch (the unconditional half reuses its sample's row);
     positions are grouped by class with one sort per row. ``last_log_scale`` (a tensor, so it trains) is added to
     the last class's reference logits.
@@ -335,7 +335,7 @@ class AnyStoryCrossAttnProcessor:
         if last is not None:  # the background's learned scale (a tensor: it trains)
             scales = torch.cat([scales[:-1], scales[-1:] * last.to(q.dtype).exp()])
         weight = _to_batch(gate[:, :n], batch).to(q.dtype) * scales.view(1, n, 1)  # [B, N, L]
-        for i in range(n):  # a 4-D SDPA call per subject: one 5-D broadcast call is slower on a CPU (README, Benchmarks)
+        for i in range(n):  # a 4-D SDPA call per subject: one 5-D broadcast call is slower on a CPU (docs/benchmarks.md)
             sem = F.scaled_dot_product_attention(q, _heads(_to_batch(sem_k[:, i], batch), attn.heads),
                                                  _heads(_to_batch(sem_v[:, i], batch), attn.heads))
             out = out + weight[:, i, :, None] * sem.transpose(1, 2).reshape(batch, length, -1)

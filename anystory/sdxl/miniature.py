@@ -34,7 +34,7 @@ def load_miniature(device: str = "cpu", path: Optional[str] = None) -> AnyStoryS
     missing = missing_files(path)
     if missing:
         raise FileNotFoundError(f"The AnyStory miniature is not installed at {path} (missing: {', '.join(missing)}). "
-                                f"Rebuild it with `{REBUILD}` (its time on a CPU: README, \"The miniature\").")
+                                f"Rebuild it with `{REBUILD}` (its time on a CPU: docs/experiments/miniature.md).")
     pipe = AnyStorySDXLPipeline.from_pretrained(path, dtype=torch.float32)
     pipe.load_anystory_weights(path)
     return pipe.to(device)

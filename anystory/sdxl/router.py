@@ -29,7 +29,7 @@ Stage 2 measures the two priors on its training data and stores the value, times
 One region per subject (inference only, ``single_region``; off = the paper's rule). An object forms where the
 sampler puts a blob, wherever the router sends a subject; a subject whose map falls on two blobs paints its
 colour into both, and the object drawn for the other subject then carries it (the miniature's attribute
-leakage: README, "Routing study"). :func:`largest_regions` keeps each subject's largest 8-connected region of
+leakage: docs/experiments/routing-study.md). :func:`largest_regions` keeps each subject's largest 8-connected region of
 the positions it wins at a layer and gives its other positions to the background. A subject keeps at least one
 position wherever it wins one, so the rule stays removal-invariant: a subject routed nowhere wins nowhere in the
 argmax, and every other subject's winning set, hence its regions, is what it would be without it.
@@ -40,7 +40,7 @@ Trajectory router (inference only, optional; ``routing_trajectory_weight`` > 0 i
 routers, trained on the model's own sampling trajectories toward the objects it finally drew
 (``anystory/training/trajectory.py``), sees early where each blob will form, which stage 2's routers (trained on
 noised training images) cannot; alone, it sends each subject to less of its own object in the first steps, where
-colour is set (README, "Routing study"). The decision combines the two as a product of experts: each class's
+colour is set (docs/experiments/routing-study.md). The decision combines the two as a product of experts: each class's
 background-adjusted logits of both routers are added, the trajectory router's weighted by
 ``trajectory_weight``, and the usual rule (argmax, one region) runs on the sum. Each class's sum still depends
 on its own tokens and the latent only, so the rule stays removal-invariant and batch-independent. Without the

@@ -3,8 +3,8 @@
 Why: stage 2 teaches each layer's router to find subjects in *noised training images*. In sampling, the early
 latents are the sampler's own noise, and where each object will form is decided by the trajectory, not by a
 training image: the router's early maps disagree with where the objects end up, so each subject's conditions act
-for a few steps on the other subject's future object (the miniature's attribute leakage: README, "Routing
-study"). Here the model samples held-in training scenes (training world, seed ``cfg.seed``: never the study's
+for a few steps on the other subject's future object (the miniature's attribute leakage: docs/experiments/
+routing-study.md). Here the model samples held-in training scenes (training world, seed ``cfg.seed``: never the study's
 held-out world) with its inference rule, every router's input (the layer's latent and the routing tokens) is
 recorded at every step, and the objects finally drawn (found by chroma, assigned to subjects by the identity
 classifier, :func:`drawn_objects`) become the targets of *every* step. Training is then the routers alone on the
@@ -14,8 +14,8 @@ study measures the result in sampling.
 
 With ``combine_weight`` set, the stage-2 routers are kept and a copy of them (the *trajectory routers*) is trained
 instead; inference adds both routers' adjusted logits (``anystory/sdxl/router.py``, "Trajectory router"). Alone,
-the retrained routers confine better early but send each subject to less of its own object (README, "Routing
-study").
+the retrained routers confine better early but send each subject to less of its own object (docs/experiments/
+routing-study.md).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ file. With ``weights_dir`` a local file ``<weights_dir>/open_clip/<model>-<tag>.
 Preprocessing is open_clip's own for the checkpoint (bicubic resize of the short side, centre crop).
 
 OpenAI's CLIP was trained with QuickGELU, while open_clip's plain ``ViT-B-32`` config builds GELU (it only warns
-on the tag route, and not at all for a file): the same weights then give other CLIP-I / CLIP-T (eval/README.md).
+on the tag route, and not at all for a file): the same weights then give other CLIP-I / CLIP-T (docs/evaluation.md).
 So the activation is decided here, never left to open_clip: ``activation="auto"`` runs OpenAI weights (tag
 ``openai``, or a file whose name carries it) with QuickGELU and other tags as open_clip records them; a file
 whose weights cannot be told is refused until ``activation`` says ``quickgelu`` or ``gelu``. The label names the

@@ -1,5 +1,5 @@
 """FLUX refuses ``background=``: the released router has no background class, so there is nothing to route a
-background reference to (the background reference is SDXL-only, README "Background reference")."""
+background reference to (the background reference is SDXL-only, docs/inputs.md, "Background reference")."""
 import pytest
 
 from anystory.errors import InvalidInputError

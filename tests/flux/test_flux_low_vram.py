@@ -12,7 +12,7 @@ from anystory.flux.tiny_flux import TINY_REFERENCE_SIZE, random_released_state_d
     tiny_redux_base
 from helpers.flux_pipe import CALL, PROMPT, gen, subjects
 
-#: documented in the README (FLUX, low-VRAM modes): max abs pixel difference, int8 against float32, tiny model
+#: documented in docs/flux.md (low-VRAM modes): max abs pixel difference, int8 against float32, tiny model
 INT8_TOLERANCE = 0.02
 
 

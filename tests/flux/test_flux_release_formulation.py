@@ -253,7 +253,7 @@ def test_bfloat16_pass_is_the_release_bit_for_bit(pipe_bf16, n, step, router):
     assert torch.equal(ours, expected), f"max abs difference {diff.max().item()}, {int((diff > 0).sum())} values differ"
 
 
-#: documented in the README: bfloat16, >= 2 subjects with the router, against the release's formulation
+#: documented in docs/flux.md: bfloat16, >= 2 subjects with the router, against the release's formulation
 ROUTED_BF16_MAX_ABS, ROUTED_BF16_FLIPS = 0.05, 0.02
 
 

@@ -1,6 +1,6 @@
 """The shipped miniature's background reference acts: a night backdrop (dark, starred) as the reference darkens the
 backdrop of held-out scenes whose prompt names no backdrop. (How far it carries a backdrop's colour is measured,
-not asserted: README, "Background reference".)"""
+not asserted: docs/experiments/background-reference.md.)"""
 import numpy as np
 import pytest
 import torch

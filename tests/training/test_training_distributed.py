@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
 DDP = os.path.join(ROOT, "configs", "accelerate", "ddp.yaml")
 STEPS1, STEPS2 = 12, 3
-#: Documented tolerances (README "Training on many processes"): stage 1 is the same computation split in two;
+#: Documented tolerances (docs/training.md, "Training on many processes"): stage 1 is the same computation split in two;
 #: stage 2's straight-through Gumbel noise is drawn per process, so its hard routing differs between the runs.
 STAGE1_RTOL, STAGE2_RTOL = 1e-5, 0.05
 
