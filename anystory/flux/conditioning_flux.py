@@ -216,11 +216,15 @@ class AnyStoryFluxState:
                     )
         finally:
             self.in_ref_pass = False
+        self.end_reference(index, hidden.device)
+
+    def end_reference(self, index: List[int], device) -> None:
+        """Join the groups' stored keys/values per layer; ``index``: each batch row's distinct-prompt row."""
         self.ref_columns = {}
         self.ref_kv = {layer: (torch.cat([k for k, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1))
                        for layer, parts in self._ref_parts.items()}
         self._ref_parts = {}
-        self.ref_index = torch.tensor(index, device=hidden.device)
+        self.ref_index = torch.tensor(index, device=device)
         self.ref_passes += 1
 
     def store_ref_kv(self, layer_id: int, key: torch.Tensor, value: torch.Tensor) -> None:
