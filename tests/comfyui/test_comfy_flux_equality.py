@@ -108,10 +108,11 @@ def test_conversion_both_ways(models):
 
 
 @pytest.mark.parametrize("n,router,boxes,step", [
-    (0, None, False, 1), (1, False, False, 1), (1, True, False, 1), (2, False, False, 1), (2, True, False, 1),
+    (0, None, False, 1), (1, False, False, 1), (1, True, False, 1), (1, None, True, 1), (2, False, False, 1), (2, True, False, 1),
     (2, True, True, 1), (2, True, False, 5)])
 def test_patched_comfy_equals_diffusers(models, n, router, boxes, step):
-    """Step 1 of 10: redux tokens, reference and (router on) routing all act; step 5: reference and routing."""
+    """Step 1 of 10: redux tokens, reference and (router on) routing all act; step 5: reference and routing. A box
+    turns the router on for one subject too (router None: the default)."""
     pipe, patcher, released, _ = models
     settings = Settings(use_router=router, ref_start=0.0)
     subject_set = subjects(n, boxes)
@@ -134,3 +135,4 @@ def test_no_subject_is_comfyui_to_the_bit(models):
     for step in (0, 1, 5):
         assert torch.equal(comfy_eval(patch.apply_to(patcher), x, context, y, step),
                            comfy_eval(patcher, x, context, y, step))
+
