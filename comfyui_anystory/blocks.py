@@ -53,9 +53,9 @@ def mlp(seq, lora: Optional[StreamLoRA], path: str, x: torch.Tensor) -> torch.Te
 def routing(q_norm, k_norm, heads: int, query_base, router_norm, image_norm, image_key_proj, image_pe,
             terms: RoutingTerms, num_subjects: int, closed) -> torch.Tensor:
     """The block's one-hot ``[b, N, I]`` map (``router_flux.routing_map`` in ComfyUI's layout)."""
-    q = query_base + RoutingTerms.apply(terms.query, router_norm)
+    q = query_base + terms.apply("query", router_norm)
     q = q_norm(q.unflatten(-1, (heads, -1))).unflatten(1, (num_subjects, -1)).mean(dim=(2, 3))  # [b, N, d]
-    k = image_key_proj + RoutingTerms.apply(terms.key, image_norm)
+    k = image_key_proj + terms.apply("key", image_norm)
     k = k_norm(k.unflatten(-1, (heads, -1))).mean(dim=2)  # [b, I, d]: RoPE commutes with the mean over heads
     k = apply_rope1(k[:, None], image_pe)[:, 0]
     closed = None if closed is None else closed.to(k.device)

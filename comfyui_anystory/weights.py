@@ -11,7 +11,7 @@ base + ``router``. Each stream adds ``B(A(x)) * scale`` to the base module's out
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -28,6 +28,14 @@ EMBEDDER_KEYS = set(EMBEDDER_PARAMS) | set(EMBEDDER_BASE_PARAMS)
 _LORA = re.compile(r"^transformer\.(?P<module>.+)\.lora_(?P<part>A\.weight|B\.weight|B\.bias)$")
 
 
+def _on(cache: dict, tensors: tuple, x: torch.Tensor) -> tuple:
+    """``tensors`` on ``x``'s device and dtype, converted once per device/dtype (not at every block call)."""
+    key = (x.device, x.dtype)
+    if key not in cache:
+        cache[key] = tuple(None if t is None else t.to(device=x.device, dtype=x.dtype) for t in tensors)
+    return cache[key]
+
+
 @dataclass(frozen=True)
 class LoraPart:
     start: int  # first output row of the ComfyUI module that this LoRA covers
@@ -35,10 +43,11 @@ class LoraPart:
     up: torch.Tensor  # B: [out, r]
     bias: Optional[torch.Tensor]
     scale: float
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        down, up = self.down.to(x), self.up.to(x)
-        return F.linear(F.linear(x, down), up, None if self.bias is None else self.bias.to(x)) * self.scale
+        down, up, bias = _on(self.cache, (self.down, self.up, self.bias), x)
+        return F.linear(F.linear(x, down), up, bias) * self.scale
 
 
 class StreamLoRA:
@@ -56,7 +65,7 @@ class StreamLoRA:
             return out
         out = out.clone()
         for part in parts:
-            d = part.delta(x.to(part.down.dtype)).to(out.dtype)
+            d = part.delta(x).to(out.dtype)
             out[..., part.start:part.start + d.shape[-1]] += d
         return out
 
@@ -102,10 +111,10 @@ class RoutingTerms:
 
     query: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     key: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    cache: dict = field(default_factory=dict, repr=False)
 
-    @staticmethod
-    def apply(terms, x: torch.Tensor) -> torch.Tensor:
-        a, b, bias = (t.to(x) for t in terms)
+    def apply(self, which: str, x: torch.Tensor) -> torch.Tensor:
+        a, b, bias = _on(self.cache.setdefault(which, {}), getattr(self, which), x)
         return F.linear(F.linear(x, a), b, bias)
 
 
