@@ -1,8 +1,15 @@
 """The node pack on ComfyUI's own FLUX equals our diffusers FLUX transformer with AnyStory (one model evaluation,
 float32, relative error <= 1e-4) for 0, 1 and 2 subjects with the router on and off; with no subject the patched
 ComfyUI model is ComfyUI's unpatched one to the bit. Tiny random weights, converted between the two layouts."""
+import os
+import sys
+
 import pytest
 import torch
+
+if __name__ == "__main__":  # run as a script: the repository and tests/ on the path, as tests/conftest.py does
+    _TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path[:0] = [os.path.dirname(_TESTS), _TESTS]
 
 from helpers.comfy import TINY_UNET, comfy_flux, import_comfy
 
@@ -20,8 +27,8 @@ STEPS, TEXT = 10, 7
 SIGMAS = torch.linspace(1.0, 0.0, STEPS + 1)
 
 
-@pytest.fixture(scope="module")
-def models():
+def build_models():
+    """Our diffusers pipeline with random released weights, and ComfyUI's FLUX holding the same base weights."""
     from anystory.flux.pipeline_flux import AnyStoryFluxPipeline
 
     components = tiny_flux_components(seed=3, single_blocks=2)
@@ -30,6 +37,11 @@ def models():
     released = random_released_state_dict(pipe.transformer, seed=3, lora_bias=True)
     pipe.load_anystory_weights(released, redux_base=tiny_redux_base())
     return pipe, comfy_flux(diffusers_to_comfy(base, TINY_UNET)), released, base
+
+
+@pytest.fixture(scope="module")
+def models():
+    return build_models()
 
 
 def subjects(n, boxes=False, seed=0):
@@ -107,23 +119,32 @@ def test_conversion_both_ways(models):
         diffusers_to_comfy({**base, "transformer_blocks.0.attn.extra.weight": qkv}, TINY_UNET)
 
 
-@pytest.mark.parametrize("n,router,boxes,step", [
-    (0, None, False, 1), (1, False, False, 1), (1, True, False, 1), (1, None, True, 1), (2, False, False, 1), (2, True, False, 1),
-    (2, True, True, 1), (2, True, False, 5)])
-def test_patched_comfy_equals_diffusers(models, n, router, boxes, step):
-    """Step 1 of 10: redux tokens, reference and (router on) routing all act; step 5: reference and routing. A box
-    turns the router on for one subject too (router None: the default)."""
+CASES = [(0, None, False, 1), (1, False, False, 1), (1, True, False, 1), (1, None, True, 1),
+         (2, False, False, 1), (2, True, False, 1), (2, True, True, 1), (2, True, False, 5)]
+
+
+def evaluate_both(models, n, router, boxes, step):
+    """(ComfyUI patched, diffusers) outputs of one model evaluation, packed alike, and the patch."""
     pipe, patcher, released, _ = models
     settings = Settings(use_router=router, ref_start=0.0)
     subject_set = subjects(n, boxes)
     patch = AnyStoryFluxPatch(resolve_for_model(released, TINY_UNET, 16), subject_set, settings)
     x, context, y = inputs(batch=2)
     got = pack(comfy_eval(patch.apply_to(patcher), x, context, y, step))
-    want = diffusers_eval(pipe, subject_set, settings, x, context, y, step)
+    return got, diffusers_eval(pipe, subject_set, settings, x, context, y, step), patch
+
+
+@pytest.mark.parametrize("n,router,boxes,step", CASES)
+def test_patched_comfy_equals_diffusers(models, n, router, boxes, step):
+    """Step 1 of 10: redux tokens, reference and (router on) routing all act; step 5: reference and routing. A box
+    turns the router on for one subject too (router None: the default)."""
+    got, want, patch = evaluate_both(models, n, router, boxes, step)
     assert relative(got, want) <= 1e-4
     if n:
         assert patch.state.ref_passes == 1
-        assert relative(got, diffusers_eval(pipe, SubjectSet(), settings, x, context, y, step)) > 1e-3  # the subjects act
+        x, context, y = inputs(batch=2)
+        plain = diffusers_eval(models[0], SubjectSet(), Settings(), x, context, y, step)
+        assert relative(got, plain) > 1e-3  # the subjects act
         if router:
             assert len(patch.maps) == 1 and patch.maps[0].shape == (2, n + 1, *GRID)
 
@@ -136,3 +157,12 @@ def test_no_subject_is_comfyui_to_the_bit(models):
         assert torch.equal(comfy_eval(patch.apply_to(patcher), x, context, y, step),
                            comfy_eval(patcher, x, context, y, step))
 
+
+
+if __name__ == "__main__":  # the table of docs/comfyui.md: python tests/comfyui/test_comfy_flux_equality.py
+    torch.set_num_threads(2)
+    built = build_models()
+    print("| subjects | router | boxes | step | max relative error |\n| --- | --- | --- | --- | --- |")
+    for case in CASES:
+        got, want, _ = evaluate_both(built, *case)
+        print("| {} | {} | {} | {} | {:.1e} |".format(*case, relative(got, want)))
