@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from comfy.ldm.flux.layers import timestep_embedding
 from comfy.ldm.flux.math import apply_rope
 
+from anystory.flux.conditioning_flux import distinct_rows
+
 from .blocks import mlp, modulated, sdpa, split_heads
 from .weights import StreamLoRA
 
@@ -44,15 +46,7 @@ def _single(block, index: int, layer: int, x, vec, pe, lora: StreamLoRA, state):
 
 def reference_pass(model, state, lora: StreamLoRA, y: torch.Tensor, guidance, dtype, device) -> None:
     """Fill ``state.ref_kv`` for the batch's pooled vectors ``y`` (``model``: ComfyUI's ``Flux`` module)."""
-    distinct, index = [], []
-    for row in y[:, :model.params.vec_in_dim]:
-        for j, seen in enumerate(distinct):
-            if torch.equal(row, seen):
-                index.append(j)
-                break
-        else:
-            distinct.append(row)
-            index.append(len(distinct) - 1)
+    distinct, index = distinct_rows(y[:, :model.params.vec_in_dim])
     n = state.num_subjects
     latents = state.ref_latents.to(device=device, dtype=dtype).repeat(len(distinct), 1, 1)
     rows = latents.shape[0]
