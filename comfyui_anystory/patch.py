@@ -51,6 +51,7 @@ class AnyStoryFluxPatch:
     def apply_to(self, model_patcher):
         m = model_patcher.clone()
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, PATCH_KEY, self.wrapper)
+        m.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, PATCH_KEY, self.new_run)
         unet = m.model.model_config.unet_config
         for i in range(unet["depth"]):
             m.set_model_patch_replace(functools.partial(self.double, i), "dit", "double_block", i)
@@ -60,6 +61,11 @@ class AnyStoryFluxPatch:
         return m
 
     # ---- per evaluation ----------------------------------------------------------------------------------------
+    def new_run(self, model_patcher=None) -> None:
+        """A sampling run starts (ComfyUI's pre-run callback): its first evaluation starts the run's state, so
+        neither the reference cache nor the routing maps carry over from an earlier run."""
+        self._run = None
+
     def _start_run(self, sample_sigmas: torch.Tensor, grid: Tuple[int, int]) -> None:
         key = (sample_sigmas.data_ptr(), tuple(sample_sigmas.shape), grid)
         if key != self._run:

@@ -147,6 +147,9 @@ def test_patched_comfy_equals_diffusers(models, n, router, boxes, step):
         assert relative(got, plain) > 1e-3  # the subjects act
         if router:
             assert len(patch.maps) == 1 and patch.maps[0].shape == (2, n + 1, *GRID)
+        patch.new_run()  # ComfyUI's pre-run callback: a new run computes its own reference and maps
+        assert torch.equal(pack(comfy_eval(patch.apply_to(models[1]), x, context, y, step)), got)
+        assert patch.state.ref_passes == 2 and len(patch.maps) == 1
 
 
 def test_no_subject_is_comfyui_to_the_bit(models):
