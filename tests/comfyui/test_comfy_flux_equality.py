@@ -7,6 +7,21 @@ import sys
 import pytest
 import torch
 
+def test_bfloat16_model_runs_close_to_float32(models):
+    """A bf16 ComfyUI model (its compute dtype then bf16 throughout: LoRA terms, reference cache, bias) gives
+    finite output within bf16's rounding of the float32 one, two subjects routed in a box layout."""
+    _, patcher, released, base = models
+    half = comfy_flux(diffusers_to_comfy(base, TINY_UNET), dtype=torch.bfloat16)
+    x, context, y = inputs(batch=2)
+    outs = []
+    for model, dtype in ((patcher, torch.float32), (half, torch.bfloat16)):
+        patch = AnyStoryFluxPatch(resolve_for_model(released, TINY_UNET, 16), subjects(2, True), Settings())
+        out = comfy_eval(patch.apply_to(model), x.to(dtype), context.to(dtype), y.to(dtype), 1)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        outs.append(out.float())
+    assert relative(outs[1], outs[0]) < 0.05
+
+
 if __name__ == "__main__":  # run as a script: the repository and tests/ on the path, as tests/conftest.py does
     _TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path[:0] = [os.path.dirname(_TESTS), _TESTS]
@@ -160,6 +175,21 @@ def test_no_subject_is_comfyui_to_the_bit(models):
         assert torch.equal(comfy_eval(patch.apply_to(patcher), x, context, y, step),
                            comfy_eval(patcher, x, context, y, step))
 
+
+
+def test_bfloat16_model_runs_close_to_float32(models):
+    """A bf16 ComfyUI model (its compute dtype then bf16 throughout: LoRA terms, reference cache, bias) gives
+    finite output within bf16's rounding of the float32 one, two subjects routed in a box layout."""
+    _, patcher, released, base = models
+    half = comfy_flux(diffusers_to_comfy(base, TINY_UNET), dtype=torch.bfloat16)
+    x, context, y = inputs(batch=2)
+    outs = []
+    for model, dtype in ((patcher, torch.float32), (half, torch.bfloat16)):
+        patch = AnyStoryFluxPatch(resolve_for_model(released, TINY_UNET, 16), subjects(2, True), Settings())
+        out = comfy_eval(patch.apply_to(model), x.to(dtype), context.to(dtype), y.to(dtype), 1)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        outs.append(out.float())
+    assert relative(outs[1], outs[0]) < 0.05
 
 
 if __name__ == "__main__":  # the table of docs/comfyui.md: python tests/comfyui/test_comfy_flux_equality.py
