@@ -1,8 +1,13 @@
-"""The node pack's input checks and schedule, without a model evaluation."""
+"""The node pack's input checks, schedule and subject encoding, without a model evaluation."""
+import os
+import sys
+
 import pytest
 import torch
 
 from helpers.comfy import TINY_UNET, import_comfy
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tiny_models
 
 import_comfy()
 
@@ -53,3 +58,45 @@ def test_schedule_and_regions():
 def test_step_index_takes_the_interval_holding_sigma():
     sigmas = torch.tensor([1.0, 0.8, 0.5, 0.2, 0.0])
     assert [step_index(sigmas, torch.tensor([s])) for s in (1.0, 0.9, 0.8, 0.5, 0.3, 0.2)] == [0, 0, 1, 2, 2, 3]
+
+
+def test_encode_subject_masks_packs_and_shifts(tmp_path):
+    """The subject node's encoding with ComfyUI's SigLIP: grey outside the subject for SigLIP and the VAE, redux
+    tokens only for windows that hold subject patches, reference tokens flagged by the mask, packed 2x2 and placed
+    left of the image in RoPE."""
+    import json
+
+    import comfy.clip_vision
+
+    from anystory.flux.redux import AnyStoryReduxEncoder
+    from comfyui_anystory.encode import encode_subject
+    from comfyui_anystory.nodes import AnyStoryModel
+    from tiny_models import SIGLIP
+
+    config = tmp_path / "siglip.json"
+    config.write_text(json.dumps(SIGLIP))
+    clip = comfy.clip_vision.ClipVisionModel(str(config))
+    g = torch.Generator().manual_seed(0)
+    clip.load_sd({k: torch.randn(v.shape, generator=g) * 0.1 for k, v in clip.get_sd().items()})
+
+    class RecordingVAE:
+        def encode(self, pixels):
+            self.pixels = pixels
+            return pixels.mean(-1)[:, None, ::8, ::8].repeat(1, 16, 1, 1)
+
+    torch.manual_seed(0)
+    anystory = AnyStoryModel(None, AnyStoryReduxEncoder(16, 32, 4, output_size=9).eval(),
+                             AnyStoryReduxEncoder(16, 32, 4, output_size=3).eval(), clip)
+    image, mask = torch.rand(1, 48, 40, 3), torch.zeros(1, 48, 40)
+    mask[..., :20] = 1  # the subject: the left half
+    vae = RecordingVAE()
+    s = encode_subject(anystory, vae, image, mask, reference_size=64, strength=0.5)
+    assert torch.equal(vae.pixels[0, :, 32:], torch.full((64, 32, 3), 0.5))
+    assert s.redux.shape == (1, 81, 32) and s.router.shape == (1, 9, 32) and s.strength == 0.5
+    windows = s.redux.view(9, 9, 32).abs().sum(-1)
+    assert (windows[:, :4] > 0).all() and (windows[:, 5:] == 0).all()
+    assert s.ref_latents.shape == (1, 16, 64)
+    assert torch.equal(s.ref_mask.view(4, 4), torch.tensor([[True, True, False, False]] * 4))
+    assert s.ref_ids[:, 2].min() == -4 and s.ref_ids[:, 2].max() == -1
+    with pytest.raises(InvalidInputError, match="mask is empty"):
+        encode_subject(anystory, vae, image, torch.zeros(1, 48, 40), reference_size=64)
