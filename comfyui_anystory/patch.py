@@ -91,6 +91,9 @@ class AnyStoryFluxPatch:
         if ref_latents is not None:
             raise ValueError("AnyStory cannot run with reference latents (Kontext-style ReferenceLatent) on the same "
                              "model: both append image tokens the other does not expect")
+        if kwargs.get("attention_mask") is not None:
+            raise ValueError("AnyStory cannot run with an attention mask on the conditioning (e.g. 'Apply Style "
+                             "Model' with strength_type attn_bias): its blocks would have to drop that mask")
         model = executor.class_obj
         patch = model.patch_size
         grid = ((x.shape[-2] + patch // 2) // patch, (x.shape[-1] + patch // 2) // patch)

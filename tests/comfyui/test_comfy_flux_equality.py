@@ -7,6 +7,17 @@ import sys
 import pytest
 import torch
 
+def test_inputs_it_cannot_honour_are_refused(models):
+    """Kontext-style reference latents and a conditioning attention mask would be silently dropped: refused."""
+    _, patcher, released, _ = models
+    patched = AnyStoryFluxPatch(resolve_for_model(released, TINY_UNET, 16), subjects(1), Settings()).apply_to(patcher)
+    x, context, y = inputs()
+    with pytest.raises(ValueError, match="reference latents"):
+        comfy_eval(patched, x, context, y, 1, ref_latents=[x])
+    with pytest.raises(ValueError, match="attention mask"):
+        comfy_eval(patched, x, context, y, 1, attention_mask=torch.ones(1, TEXT + 64))
+
+
 def test_bfloat16_model_runs_close_to_float32(models):
     """A bf16 ComfyUI model (its compute dtype then bf16 throughout: LoRA terms, reference cache, bias) gives
     finite output within bf16's rounding of the float32 one, two subjects routed in a box layout."""
@@ -85,13 +96,13 @@ def pack(x):
     return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
 
 
-def comfy_eval(patcher, x, context, y, step):
+def comfy_eval(patcher, x, context, y, step, **kwargs):
     options = dict(patcher.model_options["transformer_options"])
     options.update(wrappers=patcher.wrappers, sample_sigmas=SIGMAS, sigmas=SIGMAS[step:step + 1])
     sigma = SIGMAS[step].expand(x.shape[0])
     with torch.no_grad():
         return patcher.model.diffusion_model(x, sigma, context, y=y, guidance=torch.full_like(sigma, 3.5),
-                                             transformer_options=options)
+                                             transformer_options=options, **kwargs)
 
 
 def diffusers_eval(pipe, subject_set, settings, x, context, y, step):
@@ -175,6 +186,17 @@ def test_no_subject_is_comfyui_to_the_bit(models):
         assert torch.equal(comfy_eval(patch.apply_to(patcher), x, context, y, step),
                            comfy_eval(patcher, x, context, y, step))
 
+
+
+def test_inputs_it_cannot_honour_are_refused(models):
+    """Kontext-style reference latents and a conditioning attention mask would be silently dropped: refused."""
+    _, patcher, released, _ = models
+    patched = AnyStoryFluxPatch(resolve_for_model(released, TINY_UNET, 16), subjects(1), Settings()).apply_to(patcher)
+    x, context, y = inputs()
+    with pytest.raises(ValueError, match="reference latents"):
+        comfy_eval(patched, x, context, y, 1, ref_latents=[x])
+    with pytest.raises(ValueError, match="attention mask"):
+        comfy_eval(patched, x, context, y, 1, attention_mask=torch.ones(1, TEXT + 64))
 
 
 def test_bfloat16_model_runs_close_to_float32(models):

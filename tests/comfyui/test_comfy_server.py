@@ -50,8 +50,9 @@ def server(tmp_path_factory):
     if not os.path.isfile(os.path.join(COMFYUI, "main.py")):
         pytest.skip(f"ComfyUI snapshot not found at {COMFYUI}")
     base = tmp_path_factory.mktemp("comfy_base")
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "OMP_NUM_THREADS": "2", "PYTHONPATH": ROOT}
+    # no PYTHONPATH: the linked pack must find this repository's ``anystory`` by itself
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONDONTWRITEBYTECODE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="2")
     subprocess.run([sys.executable, os.path.join(os.path.dirname(TINY_NODES), "tiny_models.py"), str(base)],
                    check=True, env=env, capture_output=True)
     nodes = base / "custom_nodes"
