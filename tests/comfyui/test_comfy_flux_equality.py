@@ -187,7 +187,6 @@ def test_no_subject_is_comfyui_to_the_bit(models):
                            comfy_eval(patcher, x, context, y, step))
 
 
-
 def test_inputs_it_cannot_honour_are_refused(models):
     """Kontext-style reference latents and a conditioning attention mask would be silently dropped: refused."""
     _, patcher, released, _ = models
