@@ -43,6 +43,21 @@ def step_window(num_steps: int, start_at: float, end_at: float) -> Tuple[int, in
     return int(num_steps * start_at + 0.5), int(num_steps * end_at + 0.5)
 
 
+def distinct_rows(pooled: torch.Tensor) -> Tuple[List[torch.Tensor], List[int]]:
+    """Rows of the batch that share a prompt share the reference features, computed once: the distinct pooled
+    rows, and each batch row's index among them."""
+    distinct, index = [], []
+    for row in pooled:
+        for j, seen in enumerate(distinct):
+            if torch.equal(row, seen):
+                index.append(j)
+                break
+        else:
+            distinct.append(row)
+            index.append(len(distinct) - 1)
+    return distinct, index
+
+
 @dataclass(frozen=True)
 class FluxConditioning:
     """One call's subjects as the hooks and processors use them (``AnyStoryFluxPipeline.conditioning_inputs``
@@ -180,16 +195,7 @@ class AnyStoryFluxState:
         """Run the transformer once over the references; processors store each layer's keys/values."""
         pooled = kwargs["pooled_projections"]
         guidance = kwargs.get("guidance")
-        # rows of the batch that share a prompt share the reference features: compute them once
-        distinct, index = [], []
-        for row in pooled:
-            for j, seen in enumerate(distinct):
-                if torch.equal(row, seen):
-                    index.append(j)
-                    break
-            else:
-                distinct.append(row)
-                index.append(len(distinct) - 1)
+        distinct, index = distinct_rows(pooled)
         u, n = len(distinct), self.num_subjects
         hidden = kwargs["hidden_states"]
         text_dim = transformer.config.joint_attention_dim
@@ -216,11 +222,15 @@ class AnyStoryFluxState:
                     )
         finally:
             self.in_ref_pass = False
+        self.end_reference(index, hidden.device)
+
+    def end_reference(self, index: List[int], device) -> None:
+        """Join the groups' stored keys/values per layer; ``index``: each batch row's distinct-prompt row."""
         self.ref_columns = {}
         self.ref_kv = {layer: (torch.cat([k for k, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1))
                        for layer, parts in self._ref_parts.items()}
         self._ref_parts = {}
-        self.ref_index = torch.tensor(index, device=hidden.device)
+        self.ref_index = torch.tensor(index, device=device)
         self.ref_passes += 1
 
     def store_ref_kv(self, layer_id: int, key: torch.Tensor, value: torch.Tensor) -> None:

@@ -36,7 +36,7 @@ from .adapter_scope import ANYSTORY_ADAPTERS, REF_ADAPTER, ROUTER_ADAPTER, deact
 from .attention_processor_flux import AnyStoryFluxAttnProcessor
 from .conditioning_flux import AnyStoryFluxState, FluxConditioning, step_window
 from .low_vram import quantization_config
-from .redux import AnyStoryReduxEncoder
+from .redux import AnyStoryReduxEncoder, released_embedder
 from .router_flux import RouterModules
 from .release_inputs import encoder_mask_values, prepare_release_subjects
 from .weights_flux import RELEASE_FILENAME, RELEASE_REPO, block_names, read_released_file, resolve_released_state_dict
@@ -128,15 +128,6 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
             sd = ReduxImageEncoder.from_pretrained(source, subfolder="image_embedder").state_dict()
         return {k: v for k, v in sd.items() if k.split(".")[0] in ("redux_up", "redux_down")}
 
-    def _embedder(self, sd: dict, output_size: int, base: Callable[[], dict]) -> AnyStoryReduxEncoder:
-        rank, redux_dim = sd["redux_up_lora_A.weight"].shape
-        enc = AnyStoryReduxEncoder(redux_dim=redux_dim, txt_in_features=sd["gate_proj.weight"].shape[1],
-                                   lora_rank=rank, lora_bias=True, output_size=output_size)
-        has_base = all(k in sd for k in ("redux_up.weight", "redux_up.bias", "redux_down.weight", "redux_down.bias"))
-        full = sd if has_base else {**base(), **sd}
-        enc.load_state_dict(full, strict=True)
-        return enc
-
     def load_anystory_weights(self, weights: Union[str, dict] = RELEASE_REPO, redux_base=DEFAULT_REDUX,
                               filename: str = RELEASE_FILENAME, **hub_kwargs) -> None:
         """Load the authors' release: a path to ``anystory_flux.bin``, a folder holding it, a hub repo id, or the
@@ -168,8 +159,8 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
             return base_cache["sd"]
 
         processor_sd = released.processors
-        redux = self._embedder(released.redux, REDUX_GRID, base)
-        router = self._embedder(released.router_embedder, ROUTER_GRID, base)
+        redux = released_embedder(released.redux, REDUX_GRID, base)
+        router = released_embedder(released.router_embedder, ROUTER_GRID, base)
 
         self._anystory.detach()
         loaded = [a for a in ANYSTORY_ADAPTERS if a in getattr(transformer, "peft_config", {})]

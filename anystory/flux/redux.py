@@ -56,3 +56,14 @@ class AnyStoryReduxEncoder(ReduxImageEncoder):
         # avg(x * gate) / avg(gate): a gate-weighted mean of each window
         out = pooled / (pooled_gate + 1e-6) * keep.to(x.dtype)
         return out.flatten(2).transpose(1, 2)
+
+
+def released_embedder(sd: dict, output_size: int, base) -> AnyStoryReduxEncoder:
+    """An encoder from one released group (``redux``, or ``router_embedder.*`` without its prefix); ``base()``
+    gives FLUX.1-Redux-dev's ``redux_up`` / ``redux_down`` when the group lacks them (the release builds on them)."""
+    rank, redux_dim = sd["redux_up_lora_A.weight"].shape
+    enc = AnyStoryReduxEncoder(redux_dim=redux_dim, txt_in_features=sd["gate_proj.weight"].shape[1],
+                               lora_rank=rank, lora_bias=True, output_size=output_size)
+    has_base = all(k in sd for k in ("redux_up.weight", "redux_up.bias", "redux_down.weight", "redux_down.bias"))
+    enc.load_state_dict(sd if has_base else {**base(), **sd}, strict=True)
+    return enc.eval()

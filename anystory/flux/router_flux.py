@@ -111,12 +111,19 @@ def routing_map(attn, router_norm: torch.Tensor, router_query: torch.Tensor, ima
     # RoPE turns every head of a token by the same angles, so it commutes with the mean over heads: rotating the
     # mean (one head's work) is the release's rotate-then-average, up to float rounding
     k = apply_rotary_emb(k, image_rope, sequence_dim=1)[:, :, 0]  # [b, I, d]
-    logits = torch.bmm(q.float(), k.float().transpose(1, 2))  # [b, N, I], in float32 whatever the model's dtype
+    return route_from_means(q, k, num_subjects, closed).to(image_norm.dtype)
+
+
+def route_from_means(query: torch.Tensor, key: torch.Tensor, num_subjects: int,
+                     closed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One-hot ``[b, N, I]`` float32 map from the subjects' mean router queries ``[b, N, d]`` and the image tokens'
+    head-mean rotated keys ``[b, I, d]`` (shared by the diffusers processor and the ComfyUI node)."""
+    logits = torch.bmm(query.float(), key.float().transpose(1, 2))  # [b, N, I], in float32 whatever the dtype
     hot = F.one_hot(route_decision(logits.masked_fill(closed, float("-inf")) if closed is not None else logits),
                     num_subjects).transpose(1, 2)
     if closed is not None:
         hot = hot.masked_fill(closed, 0)  # a token closed to every subject goes to none (the argmax picked one)
-    return hot.to(image_norm.dtype)
+    return hot.float()
 
 
 def router_norm(parts: RouterModules, router_hidden: torch.Tensor, modulation: Tuple[torch.Tensor, torch.Tensor]
