@@ -35,19 +35,33 @@ def deactivate_anystory_adapters(model: nn.Module) -> None:
             m.set_adapter(_others(m), inference_mode=True)
 
 
+def _adapter_grads(layer: BaseTunerLayer) -> list:
+    """``(parameter, requires_grad)`` of every adapter weight of ``layer``: PEFT's ``set_adapter`` rewrites these
+    flags, and a training run (``anystory.training.flux_stages``) decides them itself."""
+    return [(p, p.requires_grad) for name in layer.adapter_layer_names for p in getattr(layer, name).parameters()]
+
+
+def _set_keeping_grads(layer: BaseTunerLayer, adapters: list, grads: list) -> None:
+    layer.set_adapter(adapters, inference_mode=True)
+    for p, flag in grads:
+        p.requires_grad_(flag)
+
+
 @contextmanager
 def adapter_scope(layers: Iterable[BaseTunerLayer], adapter: str):
-    """Within the block, ``layers`` apply ``adapter`` on top of the user's active adapters."""
+    """Within the block, ``layers`` apply ``adapter`` on top of the user's active adapters (which adapter
+    weights are trained is left as the caller set it)."""
     saved = []
     for layer in layers:
         disabled = layer.disable_adapters
-        saved.append((layer, list(layer.active_adapters), disabled))
+        grads = _adapter_grads(layer)
+        saved.append((layer, list(layer.active_adapters), disabled, grads))
         # a user's globally disabled LoRA stays off; ours is switched on regardless
-        layer.set_adapter(([] if disabled else _others(layer)) + [adapter], inference_mode=True)
+        _set_keeping_grads(layer, ([] if disabled else _others(layer)) + [adapter], grads)
         layer._disable_adapters = False
     try:
         yield
     finally:
-        for layer, active, disabled in saved:
-            layer.set_adapter(active, inference_mode=True)
+        for layer, active, disabled, grads in saved:
+            _set_keeping_grads(layer, active, grads)
             layer._disable_adapters = disabled
