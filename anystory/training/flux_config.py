@@ -12,7 +12,8 @@ PARTS = ("ref", "redux", "router_lora", "router_embedder", "routing_map")
 ALIASES = {"router": ("router_lora", "router_embedder", "routing_map")}
 
 _STAGE = {"batch_size": 1, "lr": 1e-4, "redux_scale": 1.0, "guidance": 3.5, "generic_caption": 0.3,
-          "drop_text": 0.1, "ema": 0.0, "gradient_accumulation": 1, "weight_decay": 0.0}
+          "drop_text": 0.1, "ema": 0.0, "gradient_accumulation": 1, "weight_decay": 0.0,
+          "heldout_batches": 4}  # held-out batches of 4 measured before and after the stage
 
 FLUX_DEFAULTS = {
     "backbone": "sdxl",  # "flux": the FLUX stages

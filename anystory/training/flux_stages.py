@@ -102,13 +102,14 @@ def freeze_all(pipe) -> None:
             module.requires_grad_(False).eval()
 
 
-def evaluate(cfg: dict, stage: str, pipe, batches: int = 4, batch: int = 4):
+def evaluate(cfg: dict, stage: str, pipe, batches: int = None, batch: int = 4):
     """Mean held-out losses (and router mIoU) on fixed samples, noise and noise levels; ``None`` without a
     held-out source."""
     source = source_for(cfg, DATA_STAGE[stage], "heldout")
-    if source is None:
+    if source is None or not int(cfg[stage]["heldout_batches"]):
         return None
     counts = [i + 1 for i, w in enumerate(cfg[stage]["subjects"]) if w > 0]
+    batches = int(cfg[stage]["heldout_batches"]) if batches is None else batches
     rows = []
     with torch.no_grad():
         for k in range(batches):
