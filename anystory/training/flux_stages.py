@@ -47,7 +47,9 @@ def load_flux_base(cfg: dict):
 
         components = tiny_flux_components(int(cfg["seed"]), int(fcfg["single_blocks"]))
         pipe = AnyStoryFluxPipeline(**components, reference_size=TINY_REFERENCE_SIZE)
-        return pipe.to(dtype=dtype), tiny_redux_base().to(dtype=dtype)
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
+        return pipe, tiny_redux_base() if dtype == torch.float32 else tiny_redux_base().to(dtype=dtype)
     from transformers import SiglipImageProcessor, SiglipVisionModel
 
     encoder = SiglipVisionModel.from_pretrained(fcfg["redux"], subfolder="image_encoder", dtype=dtype)
