@@ -117,33 +117,41 @@ class StepInputs:
     reference_seed: int
 
 
-def sample_forward(pipe, scfg: dict, record, inputs: StepInputs, mode: str, teacher: bool) -> Dict[str, torch.Tensor]:
-    """One sample's losses. ``mode``: ``"subject"`` (no routing loss) or ``"router"``; ``teacher``: several
-    subjects routed by the ground truth instead of the router."""
+def conditioned_prediction(pipe, scfg: dict, record, inputs: StepInputs, teacher: bool, use_router: bool = True):
+    """The transformer's prediction for one sample with its subjects, and the routed blocks' logits (``None``
+    when the router does not run). ``teacher``: several subjects routed by the ground truth; ``use_router``
+    False: not routed at all (every image token sees every subject)."""
     device = pipe.transformer.device
     prepared = pipe.check_subjects(record.references, "app")
     n = len(prepared)
-    cover = token_cover(record.routing_target(), inputs.grid)
     cond = pipe.conditioning_inputs(prepared, device, torch.Generator().manual_seed(inputs.reference_seed), steps=1,
                                     grid=inputs.grid, redux_scale=float(scfg["redux_scale"]), redux_start_at=0.0,
-                                    redux_end_at=1.0, ref_start_at=0.0, ref_end_at=1.0, use_router=n > 1)
+                                    redux_end_at=1.0, ref_start_at=0.0, ref_end_at=1.0, use_router=n > 1 and use_router)
     if n > 1 and teacher:
-        cond = dataclasses.replace(cond, forced_maps=truth_maps(cover).to(device), use_router=False)
+        cond = dataclasses.replace(cond, forced_maps=truth_maps(token_cover(record.routing_target(), inputs.grid))
+                                   .to(device), use_router=False)
     state = pipe.anystory_state
     state.start(cond)
-    routed = n > 1 and not teacher
+    routed = cond.use_router
     state.router_logits = [] if routed else None
-    sigma = torch.tensor([inputs.sigma], device=device)
     noisy = (1 - inputs.sigma) * inputs.latents + inputs.sigma * inputs.noise
     guidance = torch.full((1,), float(scfg["guidance"]), device=device)
-    pred = pipe.transformer(hidden_states=noisy.to(pipe.transformer.dtype), timestep=sigma, guidance=guidance,
-                            pooled_projections=inputs.pooled, encoder_hidden_states=inputs.embeds,
-                            txt_ids=inputs.text_ids, img_ids=inputs.img_ids, return_dict=False)[0]
+    pred = pipe.transformer(hidden_states=noisy.to(pipe.transformer.dtype), timestep=torch.tensor([inputs.sigma],
+                            device=device), guidance=guidance, pooled_projections=inputs.pooled,
+                            encoder_hidden_states=inputs.embeds, txt_ids=inputs.text_ids, img_ids=inputs.img_ids,
+                            return_dict=False)[0]
+    logits, state.router_logits = state.router_logits, None
+    return pred, logits
+
+
+def sample_forward(pipe, scfg: dict, record, inputs: StepInputs, mode: str, teacher: bool) -> Dict[str, torch.Tensor]:
+    """One sample's losses. ``mode``: ``"subject"`` (no routing loss) or ``"router"``; ``teacher``: several
+    subjects routed by the ground truth instead of the router."""
+    pred, logits = conditioned_prediction(pipe, scfg, record, inputs, teacher)
     out = {"diffusion": F.mse_loss(pred.float(), (inputs.noise - inputs.latents).float())}
-    if routed:
-        out["routing"], miou = routing_terms(state.router_logits, subject_labels(cover))
+    if logits is not None:
+        out["routing"], miou = routing_terms(logits, subject_labels(token_cover(record.routing_target(), inputs.grid)))
         out["miou"] = torch.tensor(miou)
-    state.router_logits = None
     return out
 
 
