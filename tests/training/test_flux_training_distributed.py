@@ -69,3 +69,26 @@ def test_one_file_written_by_the_main_process(runs):
     summary = json.loads((two / "summary.json").read_text())
     assert summary["flux_subject"]["processes"] == summary["flux_router"]["processes"] == 2
     assert out.count("[flux_subject] step 1/") == 1
+
+
+def test_fsdp_on_two_processes_follows_one_process(tmp_path):
+    """torch's FSDP2 (``fully_shard``: every trained tensor sharded across the two gloo processes) computes what
+    one unsharded process computes with the whole batch (accelerate's FSDP plugin refuses a CPU, so the worker
+    shards with torch directly)."""
+    from helpers.flux_fsdp_worker import train
+    from anystory.weights import load_tensors
+
+    two = tmp_path / "two.safetensors"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           os.path.join(ROOT, "tests", "helpers", "flux_fsdp_worker.py"), "flux_router", "2", str(two)],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    report = json.loads((tmp_path / "two.safetensors.json").read_text())
+    assert report["processes"] == 2 and report["shards"] == ["DTensor"]
+    losses = train("flux_router", 2, str(tmp_path / "one.safetensors"), sharded=False)
+    assert report["losses"] == pytest.approx(losses, rel=RTOL)
+    a, b = load_tensors(str(tmp_path / "one.safetensors"), "one"), load_tensors(str(two), "two")
+    assert sorted(a) == sorted(b) and len(a) > 50
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
