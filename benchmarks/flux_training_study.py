@@ -2,7 +2,7 @@
 the synthetic world at 32 px, both FLUX stages trained by the real trainer, measured before and after on held-out
 two-subject scenes (another world seed than training's), with bootstrap 95% intervals over scenes.
 
-    python -m benchmarks.flux_training_study --steps 200 --pairs 60
+    python -m benchmarks.flux_training_study --steps 500 --router-steps 800 --pairs 60
 
 Per held-out scene, one denoising prediction at noise level ``--sigma`` with a generic caption ("two objects on
 ..."), so what a subject looks like can come only from its reference:
@@ -42,7 +42,7 @@ from benchmarks.routing_study import bootstrap, mean_of
 CONFIG = "configs/flux_tiny.yaml"
 HELDOUT_SEED = 515151  # training draws from world seed 0
 METRICS = (("miou", "router mIoU (routed)"), ("error_routed", "region error, router on"),
-           ("error_unrouted", "region error, router off"), ("leak_routed", "leakage, router on"),
+           ("error_unrouted", "region error, router off"), ("error_none", "region error, no subjects"), ("leak_routed", "leakage, router on"),
            ("leak_unrouted", "leakage, router off"))
 
 
@@ -68,7 +68,12 @@ def measure(pipe, cfg: dict, records: list, sigma: float) -> list:
         labels = subject_labels(token_cover(record.routing_target(), grid))
         if not all((labels == i).any() for i in range(2)):
             continue
-        row = {}
+        pipe.anystory_state.clear()  # no subjects: the frozen base alone, the same before and after training
+        plain = pipe.transformer(hidden_states=((1 - sigma) * latents + sigma * noise), timestep=torch.tensor([sigma]),
+                                 guidance=torch.full((1,), float(scfg["guidance"])), pooled_projections=pooled,
+                                 encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=img_ids, return_dict=False)[0]
+        row = {"error_none": region_terms(((1 - sigma) * latents + sigma * noise - sigma * plain)[0], latents[0],
+                                          labels)[0]}
         for routed in (True, False):
             pred, logits = conditioned_prediction(pipe, scfg, record, inputs, teacher=False, use_router=routed)
             x0_hat = ((1 - sigma) * latents + sigma * noise - sigma * pred)[0]  # x_t - sigma * v
@@ -97,7 +102,8 @@ def _fmt(c: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=200, help="steps of each FLUX stage")
+    p.add_argument("--steps", type=int, default=500, help="steps of the flux_subject stage")
+    p.add_argument("--router-steps", type=int, default=800, help="steps of the flux_router stage")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--pairs", type=int, default=60, help="held-out two-subject scenes")
     p.add_argument("--sigma", type=float, default=0.6)
@@ -113,8 +119,8 @@ def main(argv=None) -> int:
     before = measure(load_stage_input(cfg, "flux_subject"), cfg, records, args.sigma)
     run = ["--config", CONFIG, "--set", f"work_dir={work}", "--set", "trackers=[]", "--set", "log_every=50",
            "--set", "save_every=1000000"]
-    for stage in ("flux_subject", "flux_router"):
-        run += ["--set", f"{stage}.steps={args.steps}", "--set", f"{stage}.batch_size={args.batch}",
+    for stage, steps in (("flux_subject", args.steps), ("flux_router", args.router_steps)):
+        run += ["--set", f"{stage}.steps={steps}", "--set", f"{stage}.batch_size={args.batch}",
                 "--set", f"{stage}.heldout_batches=0"]
     run_stages(run, log=print)
     pipe = load_stage_input(cfg, "flux_subject")
@@ -123,7 +129,7 @@ def main(argv=None) -> int:
     kept = [i for i in range(min(len(before), len(after)))]
     table = summarise([before[i] for i in kept], [after[i] for i in kept])
     print(f"\n{len(kept)} held-out two-subject scenes (world seed {HELDOUT_SEED}), sigma {args.sigma}, "
-          f"{args.steps} steps x batch {args.batch} per stage; {time.time() - started:.0f} s")
+          f"{args.steps} + {args.router_steps} steps x batch {args.batch}; {time.time() - started:.0f} s")
     print(f"{'metric':28s} {'before':>24s} {'after':>24s} {'after - before':>24s}")
     for key, name in METRICS:
         row = table[key]

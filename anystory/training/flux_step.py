@@ -144,9 +144,9 @@ def conditioned_prediction(pipe, scfg: dict, record, inputs: StepInputs, teacher
     return pred, logits
 
 
-def sample_forward(pipe, scfg: dict, record, inputs: StepInputs, mode: str, teacher: bool) -> Dict[str, torch.Tensor]:
-    """One sample's losses. ``mode``: ``"subject"`` (no routing loss) or ``"router"``; ``teacher``: several
-    subjects routed by the ground truth instead of the router."""
+def sample_forward(pipe, scfg: dict, record, inputs: StepInputs, teacher: bool) -> Dict[str, torch.Tensor]:
+    """One sample's losses (the routing loss when the router ran); ``teacher``: several subjects routed by the
+    ground truth instead of the router."""
     pred, logits = conditioned_prediction(pipe, scfg, record, inputs, teacher)
     out = {"diffusion": F.mse_loss(pred.float(), (inputs.noise - inputs.latents).float())}
     if logits is not None:
@@ -172,12 +172,11 @@ def flux_step(cfg: dict, stage: str, pipe, source, step: int, batch: int, genera
     latents, img_ids, grid = encode_latents(pipe, [r.image for r in records])
     noise = torch.randn((batch, *latents.shape[1:]), generator=generator)[rows].to(latents)
     sigmas = sample_sigmas(generator, batch)[rows].tolist()
-    mode = "router" if stage == "flux_router" else "subject"
     parts = []
     for i, record in enumerate(records):
         inputs = StepInputs(latents[i:i + 1], noise[i:i + 1], sigmas[i], embeds[i:i + 1], pooled[i:i + 1], text_ids,
                             img_ids, grid, int(cfg["seed"]) * 1_000_003 + step * 1009 + positions[i])
-        parts.append(sample_forward(pipe, scfg, record, inputs, mode, teacher=mode == "subject"))
+        parts.append(sample_forward(pipe, scfg, record, inputs, teacher=stage == "flux_subject"))
     out = {k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}
     weight = float(scfg.get("routing_weight", 0.0))
     out["loss"] = out["diffusion"] + (weight * out["routing"] if "routing" in out else 0.0)
