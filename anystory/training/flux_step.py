@@ -92,7 +92,8 @@ def routing_terms(logits: List[torch.Tensor], labels: torch.Tensor):
     losses, scores = [], []
     for block in logits:
         per_token = block[0].T  # [I, N]
-        losses.append(F.cross_entropy(per_token[keep], labels[keep].to(per_token.device)))
+        on = keep.to(per_token.device)
+        losses.append(F.cross_entropy(per_token[on], labels.to(per_token.device)[on]))
         scores.append(subject_miou(route_decision(per_token.detach(), dim=1).cpu(), labels, block.shape[1]))
     return torch.stack(losses).mean(), float(np.mean(scores))
 

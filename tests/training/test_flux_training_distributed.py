@@ -81,13 +81,14 @@ def test_fsdp_on_two_processes_follows_one_process(tmp_path):
     two = tmp_path / "two.safetensors"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           os.path.join(ROOT, "tests", "helpers", "flux_fsdp_worker.py"), "flux_router", "2", str(two)],
-                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             os.path.join(ROOT, "tests", "helpers", "flux_fsdp_worker.py"), "flux_router", "2", str(two)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    losses = train("flux_router", 2, str(tmp_path / "one.safetensors"), sharded=False)  # meanwhile, one process
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
     report = json.loads((tmp_path / "two.safetensors.json").read_text())
     assert report["processes"] == 2 and report["shards"] == ["DTensor"]
-    losses = train("flux_router", 2, str(tmp_path / "one.safetensors"), sharded=False)
     assert report["losses"] == pytest.approx(losses, rel=RTOL)
     a, b = load_tensors(str(tmp_path / "one.safetensors"), "one"), load_tensors(str(two), "two")
     assert sorted(a) == sorted(b) and len(a) > 50
