@@ -26,6 +26,7 @@ FLUX_DEFAULTS = {
         "dtype": "float32",  # the whole pipeline's dtype ("bfloat16" at full size; trained weights stay float32)
         "save_dtype": "float32",
         "max_sequence_length": 512,
+        "reference_size": 512,  # the release's reference resolution (base "tiny": its own, 32)
         "single_blocks": 2,  # base "tiny" only: single blocks of the tiny transformer
     },
     # the subject path: reference LoRA and Redux projection; one subject mostly, several routed by the masks

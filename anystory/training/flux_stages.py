@@ -56,7 +56,8 @@ def load_flux_base(cfg: dict):
     size = encoder.config.image_size
     pipe = AnyStoryFluxPipeline.from_pretrained(
         fcfg["base"], image_encoder=encoder, dtype=dtype,
-        feature_extractor=SiglipImageProcessor(size={"height": size, "width": size}))
+        feature_extractor=SiglipImageProcessor(size={"height": size, "width": size}),
+        reference_size=int(fcfg["reference_size"]))
     return pipe, fcfg["redux"]
 
 

@@ -233,3 +233,28 @@ def test_fine_tuning_starts_from_a_released_file_and_trains_only_its_parts(tmp_p
 def test_flux_stages_belong_to_a_flux_config(tmp_path):
     with pytest.raises(SystemExit, match="not stages of backbone 'sdxl'"):
         run_stages(["--config", "configs/smoke.yaml", "--stages", "flux_router", "--set", f"work_dir={tmp_path}"])
+
+
+def test_a_trained_file_loads_with_from_released(tmp_path):
+    """Training on a FLUX folder and a Redux folder (the full-size loading path, with the tiny models saved), then
+    ``from_released`` with the same folders and the trained file: loaded strictly, and it generates."""
+    from helpers.flux_pipe import CALL, PROMPT, gen, subjects
+
+    components = tiny_flux_components(0, 2)
+    FluxPipeline(**{k: v for k, v in components.items() if k not in ("image_encoder", "feature_extractor")}
+                 ).save_pretrained(tmp_path / "flux")
+    components["image_encoder"].save_pretrained(tmp_path / "redux" / "image_encoder")
+    tiny_redux_base().save_pretrained(tmp_path / "redux" / "image_embedder")
+    work = tmp_path / "run"
+    assert run_stages(["--config", TINY, "--stages", "flux_router", "--set", f"work_dir={work}", "--set",
+                       "trackers=[]", "--set", f"flux.base={tmp_path / 'flux'}", "--set",
+                       f"flux.redux={tmp_path / 'redux'}", "--set", "flux.reference_size=32", "--set",
+                       "flux_router.steps=2", "--set", "flux_router.heldout_batches=0"], log=lambda *_: None) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AnyStoryWeightsWarning)
+        pipe = AnyStoryFluxPipeline.from_released(str(tmp_path / "flux"), str(tmp_path / "redux"),
+                                                  str(work / "flux_router" / "anystory" / "anystory_flux.bin"),
+                                                  torch_dtype=torch.float32, reference_size=TINY_REFERENCE_SIZE)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(PROMPT, subjects=subjects(2), generator=gen(), return_routing_maps=True, **CALL)
+    assert out.images.shape == (1, 32, 32, 3) and len(out.routing_maps) == CALL["num_inference_steps"]
