@@ -35,16 +35,21 @@ def deactivate_anystory_adapters(model: nn.Module) -> None:
             m.set_adapter(_others(m), inference_mode=True)
 
 
-def _adapter_grads(layer: BaseTunerLayer) -> list:
-    """``(parameter, requires_grad)`` of every adapter weight of ``layer``: PEFT's ``set_adapter`` rewrites these
-    flags, and a training run (``anystory.training.flux_stages``) decides them itself."""
-    return [(p, p.requires_grad) for name in layer.adapter_layer_names for p in getattr(layer, name).parameters()]
+def _trainable(layer: BaseTunerLayer) -> list:
+    """The adapter weights of ``layer`` that require a gradient: PEFT's ``set_adapter`` freezes them, and a
+    training run (``anystory.training.flux_stages``) decides itself what it trains (none at inference)."""
+    out = []
+    for name in layer.adapter_layer_names:  # ModuleDicts of Linear layers, or ParameterDicts (embeddings)
+        for entry in getattr(layer, name).values():
+            params = entry._parameters.values() if isinstance(entry, nn.Module) else (entry,)
+            out += [p for p in params if p is not None and p.requires_grad]
+    return out
 
 
-def _set_keeping_grads(layer: BaseTunerLayer, adapters: list, grads: list) -> None:
+def _set_keeping_grads(layer: BaseTunerLayer, adapters: list, trainable: list) -> None:
     layer.set_adapter(adapters, inference_mode=True)
-    for p, flag in grads:
-        p.requires_grad_(flag)
+    for p in trainable:
+        p.requires_grad_(True)
 
 
 @contextmanager
@@ -54,14 +59,14 @@ def adapter_scope(layers: Iterable[BaseTunerLayer], adapter: str):
     saved = []
     for layer in layers:
         disabled = layer.disable_adapters
-        grads = _adapter_grads(layer)
-        saved.append((layer, list(layer.active_adapters), disabled, grads))
+        trainable = _trainable(layer)
+        saved.append((layer, list(layer.active_adapters), disabled, trainable))
         # a user's globally disabled LoRA stays off; ours is switched on regardless
-        _set_keeping_grads(layer, ([] if disabled else _others(layer)) + [adapter], grads)
+        _set_keeping_grads(layer, ([] if disabled else _others(layer)) + [adapter], trainable)
         layer._disable_adapters = False
     try:
         yield
     finally:
-        for layer, active, disabled, grads in saved:
-            _set_keeping_grads(layer, active, grads)
+        for layer, active, disabled, trainable in saved:
+            _set_keeping_grads(layer, active, trainable)
             layer._disable_adapters = disabled
