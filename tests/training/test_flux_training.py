@@ -187,7 +187,7 @@ def _grads(pipe, cfg, stage, checkpointing):
         enable(pipe)
     else:
         pipe.transformer.disable_gradient_checkpointing()
-    out = flux_step(cfg, stage, pipe, SyntheticSource(world_for(cfg)), 0, 2, torch.Generator().manual_seed(0),
+    out = flux_step(cfg, stage, pipe, SyntheticSource(world_for(cfg)), 0, 1, torch.Generator().manual_seed(0),
                     count=2)
     out["loss"].backward()
     return {n: p.grad.clone() for n, p in params.items() if p.grad is not None}

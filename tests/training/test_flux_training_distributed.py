@@ -14,7 +14,7 @@ from anystory.flux.weights_flux import read_released_file
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "flux_tiny.yaml")
 DDP = os.path.join(ROOT, "configs", "accelerate", "ddp.yaml")
-STEPS = 3
+STEPS = 2
 RTOL = 1e-5
 
 
