@@ -258,3 +258,20 @@ def test_a_trained_file_loads_with_from_released(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     out = pipe(PROMPT, subjects=subjects(2), generator=gen(), return_routing_maps=True, **CALL)
     assert out.images.shape == (1, 32, 32, 3) and len(out.routing_maps) == CALL["num_inference_steps"]
+
+
+def test_a_stopped_stage_resumes_to_the_uninterrupted_weights(tmp_path):
+    """The SDXL trainer's checkpoints serve the FLUX stages: stopped after a step and run again, ``flux_router``
+    ends with the very file an uninterrupted run writes."""
+    def run(work, *extra):
+        return run_stages(["--config", TINY, "--stages", "flux_router", "--set", f"work_dir={work}", "--set",
+                           "trackers=[]", "--set", "flux_router.steps=3", "--set", "flux_router.heldout_batches=0",
+                           "--set", "flux_router.batch_size=1", *extra], log=lambda *_: None)
+
+    assert run(tmp_path / "whole") == 0
+    assert run(tmp_path / "parts", "--set", "flux_router.stop_after=1") == 0
+    assert not (tmp_path / "parts" / "flux_router" / "anystory").exists()
+    assert run(tmp_path / "parts") == 0
+    a, b = (read_released_file(str(tmp_path / w / "flux_router" / "anystory" / "anystory_flux.bin"))
+            for w in ("whole", "parts"))
+    assert all(torch.equal(a[g][k], b[g][k]) for g in a for k in a[g])
