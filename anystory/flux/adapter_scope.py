@@ -35,19 +35,38 @@ def deactivate_anystory_adapters(model: nn.Module) -> None:
             m.set_adapter(_others(m), inference_mode=True)
 
 
+def _trainable(layer: BaseTunerLayer) -> list:
+    """The adapter weights of ``layer`` that require a gradient: PEFT's ``set_adapter`` freezes them, and a
+    training run (``anystory.training.flux_stages``) decides itself what it trains (none at inference)."""
+    out = []
+    for name in layer.adapter_layer_names:  # ModuleDicts of Linear layers, or ParameterDicts (embeddings)
+        for entry in getattr(layer, name).values():
+            params = entry._parameters.values() if isinstance(entry, nn.Module) else (entry,)
+            out += [p for p in params if p is not None and p.requires_grad]
+    return out
+
+
+def _set_keeping_grads(layer: BaseTunerLayer, adapters: list, trainable: list) -> None:
+    layer.set_adapter(adapters, inference_mode=True)
+    for p in trainable:
+        p.requires_grad_(True)
+
+
 @contextmanager
 def adapter_scope(layers: Iterable[BaseTunerLayer], adapter: str):
-    """Within the block, ``layers`` apply ``adapter`` on top of the user's active adapters."""
+    """Within the block, ``layers`` apply ``adapter`` on top of the user's active adapters (which adapter
+    weights are trained is left as the caller set it)."""
     saved = []
     for layer in layers:
         disabled = layer.disable_adapters
-        saved.append((layer, list(layer.active_adapters), disabled))
+        trainable = _trainable(layer)
+        saved.append((layer, list(layer.active_adapters), disabled, trainable))
         # a user's globally disabled LoRA stays off; ours is switched on regardless
-        layer.set_adapter(([] if disabled else _others(layer)) + [adapter], inference_mode=True)
+        _set_keeping_grads(layer, ([] if disabled else _others(layer)) + [adapter], trainable)
         layer._disable_adapters = False
     try:
         yield
     finally:
-        for layer, active, disabled in saved:
-            layer.set_adapter(active, inference_mode=True)
+        for layer, active, disabled, trainable in saved:
+            _set_keeping_grads(layer, active, trainable)
             layer._disable_adapters = disabled

@@ -206,7 +206,8 @@ class AnyStoryFluxAttnProcessor(nn.Module):
                 maps = routing_map(attn, pre.norm, pre.query_base, image_norm, key_proj[:, -img:], image_rope,
                                    (self.to_q_routing_map_lora_A, self.to_q_routing_map_lora_B),
                                    (self.to_k_routing_map_lora_A, self.to_k_routing_map_lora_B), n, double,
-                                   **({} if state.closed_regions is None else {"closed": state.closed_regions}))
+                                   **({} if state.closed_regions is None else {"closed": state.closed_regions}),
+                                   logits_out=state.router_logits)
                 if parts.updates:
                     router = (parts, router_hidden, pre)
             state.record(maps)

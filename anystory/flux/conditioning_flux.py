@@ -112,6 +112,7 @@ class AnyStoryFluxState:
         self.closed_regions: Optional[torch.Tensor] = None  # [1, N, I] bool: where a subject's region forbids it
         self.confine = False
         self.record_maps = False
+        self.router_logits: Optional[list] = None  # a list: every routed block appends its logits (training)
         self.step = 0
         self.ref_kv: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.ref_columns: Dict[int, ReferenceColumns] = {}  # layer -> its cached keys laid out for the sparse form

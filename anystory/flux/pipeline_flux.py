@@ -198,6 +198,13 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
         if offload_device is not None:
             self.enable_model_cpu_offload(device=offload_device)
 
+    def save_anystory_weights(self, directory: str, dtype: Optional[torch.dtype] = None) -> str:
+        """Write the loaded AnyStory weights as ``<directory>/anystory_flux.bin`` in the release's layout (what
+        :meth:`load_anystory_weights` and the authors' loader read); returns the file's path."""
+        from .release_export import save_released
+
+        return save_released(self, directory, dtype)
+
     # ---- routing override (test / debug hook; set_routing_override is the mixin's) ------------------------------
     def _forced_maps(self, n: int, grid, device) -> Optional[torch.Tensor]:
         maps = self._routing_override_for(n)

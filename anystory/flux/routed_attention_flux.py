@@ -172,6 +172,8 @@ def _merged(qt, kt, vt, reference: Optional[ReferenceColumns], labels, txt: int,
     if reference is None or all(span is None for span in reference.spans):
         return out
     out = out.float()
+    if out.requires_grad:  # training: SDPA's backward reads its own output, which the merges below overwrite
+        out = out.clone()
     part, part_lse = attention_with_lse(qt[:, :, :txt], reference.keys, reference.values,
                                         _bias_row(reference.bias, 0, qt))
     out[:, :, :txt] = merge(out[:, :, :txt], lse[:, :, :txt], part, part_lse)[0]

@@ -91,7 +91,7 @@ class RouterPre:
 
 def routing_map(attn, router_norm: torch.Tensor, router_query: torch.Tensor, image_norm: torch.Tensor,
                 image_key_proj: torch.Tensor, image_rope, lora_q, lora_k, num_subjects: int, double: bool,
-                closed: Optional[torch.Tensor] = None) -> torch.Tensor:
+                closed: Optional[torch.Tensor] = None, logits_out: Optional[list] = None) -> torch.Tensor:
     """One-hot ``[b, N, I]`` map: image token j goes to the subject whose mean router query matches its key best.
 
     The routing logits use the projections without the router LoRA. router_norm: ``[b, N*k*k, d]`` normalised
@@ -100,7 +100,8 @@ def routing_map(attn, router_norm: torch.Tensor, router_query: torch.Tensor, ima
     image_key_proj: ``attn.to_k(image_norm)`` (already computed by the processor); image_rope: the image part of
     the block's rotary embedding; lora_q / lora_k: ``(A, B)`` linear pairs of the processor; closed: optional
     ``[b or 1, N, I]`` bool, True where subject i may not go (a region restriction: its logit is ``-inf``; as in
-    the release, the other subjects' router tokens still attend to its router tokens).
+    the release, the other subjects' router tokens still attend to its router tokens); logits_out: a list that
+    gets the ``[b, N, I]`` float32 logits (with their graph: the training's routing loss reads them).
     """
     q_norm = attn.norm_added_q if double else attn.norm_q
     q = router_query + lora_q[1](lora_q[0](router_norm))
@@ -111,14 +112,17 @@ def routing_map(attn, router_norm: torch.Tensor, router_query: torch.Tensor, ima
     # RoPE turns every head of a token by the same angles, so it commutes with the mean over heads: rotating the
     # mean (one head's work) is the release's rotate-then-average, up to float rounding
     k = apply_rotary_emb(k, image_rope, sequence_dim=1)[:, :, 0]  # [b, I, d]
-    return route_from_means(q, k, num_subjects, closed).to(image_norm.dtype)
+    return route_from_means(q, k, num_subjects, closed, logits_out).to(image_norm.dtype)
 
 
 def route_from_means(query: torch.Tensor, key: torch.Tensor, num_subjects: int,
-                     closed: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     closed: Optional[torch.Tensor] = None, logits_out: Optional[list] = None) -> torch.Tensor:
     """One-hot ``[b, N, I]`` float32 map from the subjects' mean router queries ``[b, N, d]`` and the image tokens'
-    head-mean rotated keys ``[b, I, d]`` (shared by the diffusers processor and the ComfyUI node)."""
+    head-mean rotated keys ``[b, I, d]`` (shared by the diffusers processor and the ComfyUI node); logits_out gets
+    the float32 logits with their graph (the training's routing loss)."""
     logits = torch.bmm(query.float(), key.float().transpose(1, 2))  # [b, N, I], in float32 whatever the dtype
+    if logits_out is not None:
+        logits_out.append(logits)
     hot = F.one_hot(route_decision(logits.masked_fill(closed, float("-inf")) if closed is not None else logits),
                     num_subjects).transpose(1, 2)
     if closed is not None:

@@ -12,8 +12,8 @@ from transformers import (CLIPTextConfig, CLIPTextModel, SiglipImageProcessor, S
                           SiglipVisionModel, T5Config, T5EncoderModel)
 
 from ..tokenizer import clip_vocab_and_merges, offline_clip_tokenizer
-from .weights_flux import (EMBEDDER_PARAMS, PROCESSOR_PARAMS, REF_DOUBLE, REF_SINGLE, REF_TOP, ROUTER_DOUBLE,
-                           ROUTER_EMBEDDER_PREFIX, ROUTER_SINGLE, ROUTER_TOP, block_names, lora_targets)
+from .release_export import released_shapes
+from .weights_flux import ROUTER_EMBEDDER_PREFIX
 
 #: reference resolution matching the tiny VAE (32 px -> 16x16 latents -> 8x8 = 64 reference tokens)
 TINY_REFERENCE_SIZE = 32
@@ -68,37 +68,15 @@ def random_released_state_dict(transformer, redux_dim: int = SIGLIP_HIDDEN, rank
                                generator: Optional[torch.Generator] = None) -> dict:
     """Random weights in the layout of ``anystory_flux.bin`` (see ``weights_flux``) for ``transformer``."""
     g = generator or torch.Generator().manual_seed(seed)
-    cfg = transformer.config
-    hidden, text_dim = cfg.num_attention_heads * cfg.attention_head_dim, cfg.joint_attention_dim
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g) * std
-
-    def lora(top, double, single):
-        out = {}
-        for module, (fan_in, fan_out) in lora_targets(transformer, top, double, single).items():
-            out[f"transformer.{module}.lora_A.weight"] = rnd(rank, fan_in)
-            out[f"transformer.{module}.lora_B.weight"] = rnd(fan_out, rank)
-            if lora_bias:
-                out[f"transformer.{module}.lora_B.bias"] = rnd(fan_out)
-        return out
-
-    def embedder(prefix):
-        wide = 3 * text_dim
-        shapes = {"redux_up_lora_A.weight": (rank, redux_dim), "redux_up_lora_B.weight": (wide, rank),
-                  "redux_up_lora_B.bias": (wide,), "redux_down_lora_A.weight": (rank, wide),
-                  "redux_down_lora_B.weight": (text_dim, rank), "redux_down_lora_B.bias": (text_dim,),
-                  "gate_proj.weight": (1, text_dim), "gate_proj.bias": (1,)}
-        assert set(shapes) == set(EMBEDDER_PARAMS)
-        return {prefix + k: rnd(*s) for k, s in shapes.items()}
-
-    processors = {}
-    for name in block_names(transformer):
-        for p in PROCESSOR_PARAMS:
-            shape = (rank, hidden) if p.endswith("A.weight") else (hidden, rank) if p.endswith("B.weight") else (hidden,)
-            processors[f"transformer.{name}.attn.processor.{p}"] = rnd(*shape)
-    router = {**embedder(ROUTER_EMBEDDER_PREFIX), **processors, **lora(ROUTER_TOP, ROUTER_DOUBLE, ROUTER_SINGLE)}
-    return {"ref": lora(REF_TOP, REF_DOUBLE, REF_SINGLE), "redux": embedder(""), "router": router}
+    shapes = released_shapes(transformer, redux_dim, rank, lora_bias)
+    router = shapes["router"]
+    processors = [k for k in router if ".attn.processor." in k]
+    embedder = [k for k in router if k.startswith(ROUTER_EMBEDDER_PREFIX)]
+    lora = [k for k in router if k not in processors and k not in embedder]
+    # drawn in the order the tests' weights have always been drawn in
+    order = [("router", processors + embedder + lora), ("ref", list(shapes["ref"])), ("redux", list(shapes["redux"]))]
+    drawn = {(group, key): torch.randn(*shapes[group][key], generator=g) * std for group, keys in order for key in keys}
+    return {group: {key: drawn[group, key] for key in keys} for group, keys in shapes.items()}
 
 
 def tiny_anystory_flux_pipeline(seed: int = 0, load: bool = True, single_blocks: int = 1):

@@ -7,6 +7,8 @@ from typing import Any, Dict
 
 import yaml
 
+from .flux_config import FLUX_DEFAULTS, FLUX_STAGES
+
 STAGES = ("vae", "clip", "base", "stage1", "stage2", "background", "export")
 
 DEFAULTS: Dict[str, Any] = {
@@ -53,6 +55,7 @@ DEFAULTS: Dict[str, Any] = {
     "log_every": 10,
     "save_every": 100,
 }
+DEFAULTS.update(FLUX_DEFAULTS)  # backbone, flux, flux_subject, flux_router
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -77,11 +80,18 @@ def load_config(path: str, overrides: Dict[str, Any] | None = None) -> dict:
     if unknown:
         raise ValueError(f"training config {path}: unknown keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     cfg = _merge(_merge(DEFAULTS, data), overrides or {})
-    for stage in ("stage1", "stage2", "background"):
+    if cfg["backbone"] not in ("sdxl", "flux"):
+        raise ValueError(f"training config {path}: backbone must be 'sdxl' or 'flux', got {cfg['backbone']!r}")
+    for stage in ("stage1", "stage2", "background") + FLUX_STAGES:
         probs = cfg[stage]["subjects"]
         if not probs or any(p < 0 for p in probs) or sum(probs) <= 0 or len(probs) > 4:
             raise ValueError(f"{stage}.subjects must be 1-4 non-negative weights for 1, 2, ... subjects, got {probs}")
     return cfg
+
+
+def stages_of(cfg: dict) -> tuple:
+    """The stages a config's backbone runs, in order."""
+    return FLUX_STAGES if cfg["backbone"] == "flux" else STAGES
 
 
 def stage_dir(cfg: dict, stage: str) -> str:

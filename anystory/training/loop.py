@@ -27,7 +27,8 @@ from accelerate.utils import DistributedType
 from ..weights import load_tensors, save_tensors
 from .config import stage_dir
 
-STAGE_IDS = {"vae": 1, "clip": 2, "base": 3, "stage1": 4, "stage2": 5, "background": 6}
+STAGE_IDS = {"vae": 1, "clip": 2, "base": 3, "stage1": 4, "stage2": 5, "background": 6, "flux_subject": 7,
+             "flux_router": 8}
 
 
 def make_accelerator(cfg: dict, stage: Optional[str] = None) -> Accelerator:

@@ -34,7 +34,8 @@ import time
 import torch
 import yaml
 
-from .config import STAGES, load_config, stage_dir
+from .config import STAGES, load_config, stage_dir, stages_of
+from .flux_config import FLUX_STAGES
 from .loop import StageStopped
 
 MINIATURE_ONLY = ("vae", "clip", "base")
@@ -53,14 +54,15 @@ def _parse(argv=None, only=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML training config, e.g. configs/miniature.yaml")
     if only is None:
-        p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+        p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)} (SDXL) or "
+                                                      f"{','.join(FLUX_STAGES)} (backbone: flux); default: all")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set stage1.steps=50 (value parsed as YAML)")
     args = p.parse_args(argv)
-    stages = list(only) if only else [s.strip() for s in args.stages.split(",") if s.strip()]
-    unknown = [s for s in stages if s not in STAGES]
+    stages = list(only) if only else [s.strip() for s in (args.stages or "").split(",") if s.strip()] or None
+    unknown = [s for s in stages or () if s not in STAGES + FLUX_STAGES]
     if unknown:
-        p.error(f"unknown stage(s) {unknown}; choose from {','.join(STAGES)}")
+        p.error(f"unknown stage(s) {unknown}; choose from {','.join(STAGES + FLUX_STAGES)}")
     overrides: dict = {}
     for item in args.set:
         if "=" not in item:
@@ -96,6 +98,10 @@ def load_stage_input(cfg: dict, stage: str):
     """The pipeline a stage starts from, read from the previous stage's output (or built / downloaded)."""
     from ..sdxl.pipeline_sdxl import AnyStorySDXLPipeline
 
+    if stage in FLUX_STAGES:
+        from .flux_stages import load_stage_input as load_flux_stage_input
+
+        return load_flux_stage_input(cfg, stage)
     if stage == "vae":
         from .components import build_components
 
@@ -140,6 +146,12 @@ def run_stages(argv=None, only=None, log=print) -> int:
 
     args, stages, overrides = _parse(argv, only)
     cfg = load_config(args.config, overrides)
+    order = stages_of(cfg)
+    stages = stages or list(order)
+    foreign = [s for s in stages if s not in order]
+    if foreign:
+        raise SystemExit(f"error: stages {foreign} are not stages of backbone '{cfg['backbone']}' "
+                         f"({','.join(order)})")
     torch.set_num_threads(int(cfg["threads"]))
     _quiet()
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -160,7 +172,7 @@ def run_stages(argv=None, only=None, log=print) -> int:
     summary = json.load(open(summary_path)) if os.path.isfile(summary_path) else {}
     summary["config"] = args.config
     pipe = None
-    for stage in [s for s in STAGES if s in stages]:
+    for stage in [s for s in order if s in stages]:
         if stage == "background" and not int(cfg["background"]["steps"]):
             log("[background] steps: 0; not trained (the weights ship without a background reference)")
             continue
@@ -193,7 +205,9 @@ def run_stages(argv=None, only=None, log=print) -> int:
 # stage -> (module of this package, its training function); imported when the stage runs
 STAGE_FUNCTIONS = {"vae": ("vae", "train_vae"), "clip": ("clip", "train_clip"), "base": ("base", "train_base"),
                    "stage1": ("stage1", "train_stage1"), "stage2": ("stage2", "train_stage2"),
-                   "background": ("background", "train_background")}
+                   "background": ("background", "train_background"),
+                   "flux_subject": ("flux_stages", "train_flux_subject"),
+                   "flux_router": ("flux_stages", "train_flux_router")}
 
 
 def _run(stage: str, cfg: dict, pipe, summary: dict, log, main: bool = True) -> dict:
@@ -208,6 +222,10 @@ def _run(stage: str, cfg: dict, pipe, summary: dict, log, main: bool = True) -> 
         return metrics
     if stage in MINIATURE_ONLY or (stage == "stage1" and cfg["stage1"].get("train_unet")):
         save_base_pipeline(pipe, _pipeline_dir(cfg, stage))
-    if stage not in MINIATURE_ONLY:
+    if stage in FLUX_STAGES:  # anystory_flux.bin in the release's layout
+        from .flux_stages import save_flux_weights
+
+        save_flux_weights(cfg, pipe, _anystory_dir(cfg, stage))
+    elif stage not in MINIATURE_ONLY:
         pipe.save_anystory_weights(_anystory_dir(cfg, stage))
     return metrics
