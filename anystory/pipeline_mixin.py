@@ -22,7 +22,7 @@ import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 
-from .errors import InvalidInputError
+from .errors import AnyStoryConflictError, InvalidInputError
 
 
 @dataclass
@@ -36,10 +36,6 @@ class AnyStoryPipelineOutput(BaseOutput):
 
     images: Union[List[PIL.Image.Image], np.ndarray]
     routing_maps: Optional[List[torch.Tensor]] = None
-
-
-class AnyStoryConflictError(RuntimeError):
-    """Two adapters that replace the same attention processors were asked to work together."""
 
 
 _IP_ADAPTER_CONFLICT = ("IP-Adapter and AnyStory both replace the denoiser's attention processors and cannot be "

@@ -54,6 +54,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from ..errors import AnyStoryWeightsError
 from ..hub import FLUX_ANYSTORY_FILE as RELEASE_FILENAME
 from ..hub import FLUX_ANYSTORY_REPO as RELEASE_REPO
 from ..weights import load_pickled_tensors
@@ -76,10 +77,6 @@ EMBEDDER_BASE_PARAMS = ("redux_up.weight", "redux_up.bias", "redux_down.weight",
 ROUTER_EMBEDDER_PREFIX = "router_embedder."
 
 _LORA_KEY = re.compile(r"^transformer\.(?P<module>.+)\.(?P<param>lora_A\.weight|lora_B\.weight|lora_B\.bias)$")
-
-
-class AnyStoryWeightsError(ValueError):
-    """The file does not have the released layout; the message names the offending keys."""
 
 
 class AnyStoryWeightsWarning(UserWarning):

@@ -102,3 +102,50 @@ def test_the_pipelines_input_checks_are_invalid_input_errors():
     pipe.set_routing_override(torch.ones(3, 4, 4))
     with pytest.raises(InvalidInputError, match=r"must be \[N\+1=2, H, W\]"):
         pipe._routing_override_for(1)
+
+
+# Every exception the project raises on purpose: where callers import it from, and the built-in base it keeps.
+_RAISED_WHERE = [
+    ("anystory.errors", "InvalidInputError", ValueError),
+    ("anystory.app.inputs", "InputError", ValueError),
+    ("anystory.app.storyboard", "ScriptError", ValueError),
+    ("anystory.loading", "ModelUnavailableError", RuntimeError),
+    ("anystory.app.models", "NoModelError", RuntimeError),
+    ("anystory.flux.weights_flux", "AnyStoryWeightsError", ValueError),
+    ("anystory.pipeline_mixin", "AnyStoryConflictError", RuntimeError),
+    ("anystory.app.generation", "GenerationError", RuntimeError),
+    ("anystory.training.loop", "StageStopped", Exception),
+    ("anystory.data.formats", "DataFormatError", ValueError),
+    ("eval.data", "DataNotFoundError", FileNotFoundError),
+    ("eval.data", "DataIntegrityError", RuntimeError),
+    ("eval.metrics.base", "MetricUnavailable", RuntimeError),
+    ("eval.methods", "MethodError", RuntimeError),
+    ("eval.run", "RunError", RuntimeError),
+]
+
+
+@pytest.mark.parametrize("module, name, builtin", _RAISED_WHERE)
+def test_every_exception_is_one_class_of_the_errors_module(module, name, builtin):
+    import importlib
+
+    from anystory import errors
+    cls = getattr(importlib.import_module(module), name)
+    assert cls is getattr(errors, name)
+    assert issubclass(cls, errors.AnyStoryError) and issubclass(cls, builtin)
+
+
+def test_no_exception_class_is_defined_outside_the_errors_module():
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    defined = []
+    for package in ("anystory", "eval"):
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ClassDef) and any(
+                        isinstance(b, ast.Name) and b.id.endswith(("Error", "Exception", "Unavailable", "Stopped"))
+                        for b in node.bases):
+                    defined.append(f"{path.relative_to(root).as_posix()}:{node.name}")
+    expected = ["AnyStoryError"] + [name for _, name, _ in _RAISED_WHERE]
+    assert sorted(defined) == sorted(f"anystory/errors.py:{name}" for name in expected)
