@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
 
+from ..attention_layout import flux_blocks
 from ..errors import InvalidInputError, check_number
 from ..hub import FLUX_BASE as DEFAULT_FLUX
 from ..hub import FLUX_REDUX as DEFAULT_REDUX
@@ -173,7 +174,8 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
         embedders = {"redux_embedder": released_embedder(released.redux, REDUX_GRID, base),
                      "router_embedder": released_embedder(released.router_embedder, ROUTER_GRID, base)}
         for embedder in embedders.values():
-            torch.nn.Module.to(embedder, device=device, dtype=dtype)  # (ModelMixin.to warns about fp32 modules it has none of)
+            # torch's own ``to``: ModelMixin.to warns about fp32-kept modules, and these have none
+            torch.nn.Module.to(embedder, device=device, dtype=dtype)
         hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
         processors = []
         for layer_id, name in enumerate(block_names(transformer)):
@@ -208,7 +210,7 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
         deactivate_anystory_adapters(transformer)
 
         state = AnyStoryFluxState()
-        blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+        blocks = flux_blocks(transformer)
         for layer_id, (block, proc) in enumerate(zip(blocks, built["processors"])):
             proc.bind(state, RouterModules.of_block(block, last=layer_id == len(blocks) - 1))
             block.attn.set_processor(proc)

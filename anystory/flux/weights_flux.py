@@ -55,6 +55,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from ..attention_layout import flux_block_names as block_names
 from ..errors import AnyStoryWeightsError
 from ..hub import FLUX_ANYSTORY_FILE as RELEASE_FILENAME
 from ..hub import FLUX_ANYSTORY_REPO as RELEASE_REPO
@@ -104,11 +105,6 @@ def lora_targets(transformer, top, double, single) -> Dict[str, Tuple[int, int]]
             layer = layer.get_base_layer()
         out[name] = (layer.in_features, layer.out_features)
     return out
-
-
-def block_names(transformer) -> List[str]:
-    return ([f"transformer_blocks.{i}" for i in range(len(transformer.transformer_blocks))]
-            + [f"single_transformer_blocks.{j}" for j in range(len(transformer.single_transformer_blocks))])
 
 
 @dataclass
