@@ -92,7 +92,9 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
 
     @property
     def anystory_state(self) -> AnyStoryFluxState:
-        """The per-call conditioning state (counters ``ref_passes`` / ``ref_kv_writes`` for benchmarks and tests)."""
+        """The call state the hooks and processors share: ``.conditioning`` (the running call's immutable
+        ``FluxConditioning``, None between calls) and what the forwards write; counters ``ref_passes`` /
+        ``ref_kv_writes`` for benchmarks and tests."""
         return self._anystory
 
     # ---- loading -----------------------------------------------------------------------------------------------
