@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     out.images[0].save(args.out)
     print(f"saved {args.out}")
     if args.save_routing and out.routing_maps:
-        from .app.visualize import routing_overlay
+        from .visualize import routing_overlay
 
         path = os.path.splitext(args.out)[0] + "_routing.png"
         routing_overlay(out.images[0], out.routing_maps[-1][0]).save(path)

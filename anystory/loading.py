@@ -6,13 +6,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from .errors import ModelUnavailableError
 from .hub import FLUX_ANYSTORY_REPO, FLUX_BASE, FLUX_REDUX, SDXL_BASE, SDXL_IMAGE_ENCODER
 from .sdxl.pipeline_sdxl import AnyStorySDXLPipeline
 from .weights import anystory_files
-
-
-class ModelUnavailableError(RuntimeError):
-    """A model could not be loaded (not on disk and no network to fetch it)."""
 
 
 def model_unavailable(what: str, source: str, err: Exception) -> ModelUnavailableError:

@@ -7,12 +7,16 @@ for bit. IP-Adapter also replaces every attention processor and, when unloaded, 
 ``value.__class__()`` (which our processors do not allow) and drops the image encoder AnyStory reads; the two
 cannot share a denoiser, so each refuses while the other is there, naming the conflict.
 
-A backbone pipeline lists this mixin before its diffusers parent and provides ``_anystory_denoiser`` (the UNet
-or transformer), ``anystory_loaded`` and ``_remove_anystory_modules``, and calls :meth:`_before_attach` before
-installing its processors.
+The backbone contract. A backbone pipeline lists this mixin before its diffusers parent, implements its abstract
+members (a pipeline lacking one cannot be instantiated) and calls :meth:`_before_attach` before installing its
+processors. Per call it builds one immutable conditioning (SDXL: ``SDXLConditioning``, FLUX:
+``FluxConditioning``) with ``conditioning_inputs`` and runs the denoiser with a separate mutable call state that
+reads it (``anystory_state``: the conditioning as ``.conditioning``, plus what the processors write); the same
+names on both backbones, and ``tests/core/test_backbone_contract.py`` holds both to the same behaviour.
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Union
 
@@ -22,7 +26,7 @@ import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 
-from .errors import InvalidInputError
+from .errors import AnyStoryConflictError, InvalidInputError
 
 
 @dataclass
@@ -38,34 +42,56 @@ class AnyStoryPipelineOutput(BaseOutput):
     routing_maps: Optional[List[torch.Tensor]] = None
 
 
-class AnyStoryConflictError(RuntimeError):
-    """Two adapters that replace the same attention processors were asked to work together."""
-
-
 _IP_ADAPTER_CONFLICT = ("IP-Adapter and AnyStory both replace the denoiser's attention processors and cannot be "
                         "used together: call pipe.unload_anystory() first")
 
 
-class AnyStoryPipelineMixin:
+class AnyStoryPipelineMixin(abc.ABC):
     _anystory_saved_processors: Optional[dict] = None
     #: What to call to load weights, named in the error for subjects without them.
     _anystory_load_hint = "load_anystory_weights(path)"
 
-    # ---- provided by the backbone pipeline ---------------------------------------------------------------------
+    # ---- implemented by each backbone pipeline -----------------------------------------------------------------
     @property
+    @abc.abstractmethod
     def _anystory_denoiser(self) -> torch.nn.Module:
-        raise NotImplementedError
+        """The module whose attention processors AnyStory replaces (the UNet or the transformer)."""
 
     @property
+    @abc.abstractmethod
     def anystory_loaded(self) -> bool:
-        raise NotImplementedError
+        """Whether AnyStory weights are attached."""
 
+    @property
+    @abc.abstractmethod
+    def max_subjects(self) -> int:
+        """The most subjects one call takes."""
+
+    @property
+    @abc.abstractmethod
+    def anystory_state(self):
+        """The call state the processors share: ``.conditioning`` (the call's immutable conditioning, read by
+        name on the state too) and what the processors write while the denoiser runs."""
+
+    @abc.abstractmethod
+    def load_anystory_weights(self, *args, **kwargs):
+        """Attach AnyStory from weights (checked before anything changes)."""
+
+    @abc.abstractmethod
+    def encode_subjects(self, *args, **kwargs):
+        """The subjects' encoded conditions (the backbone's encoders), as tensors."""
+
+    @abc.abstractmethod
+    def conditioning_inputs(self, prepared, *args, **kwargs):
+        """One call's immutable conditioning: the encoded subjects and the call's settings."""
+
+    @abc.abstractmethod
     def _remove_anystory_modules(self) -> None:
-        raise NotImplementedError
+        """Drop AnyStory's modules and adapters (the processors are put back by :meth:`unload_anystory`)."""
 
+    @abc.abstractmethod
     def _prepare_subjects(self, subjects, *options) -> list:
         """The backbone's validation and preparation of ``subjects`` (a list of ``PreparedSubject``)."""
-        raise NotImplementedError
 
     # ---- subjects ----------------------------------------------------------------------------------------------
     def check_subjects(self, subjects, *options) -> list:

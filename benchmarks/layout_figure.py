@@ -20,7 +20,7 @@ from anystory import Subject
 from anystory.data.synthetic import BACKGROUNDS, SyntheticWorld, WorldConfig
 from anystory.loading import load_miniature
 from anystory.subjects import prepare_subjects
-from anystory.app.visualize import routing_colormap, side_by_side, subject_colors
+from anystory.visualize import routing_colormap, side_by_side, subject_colors
 from benchmarks.routing_study import STUDY_SEED, held_out_pairs, scene_boxes
 
 CELL = 128

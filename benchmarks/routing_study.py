@@ -127,12 +127,12 @@ def teacher_forced_miou(pipe, world: SyntheticWorld, scenes: int) -> dict:
         gen = torch.Generator().manual_seed(k)
         noise = torch.randn(latents.shape, generator=gen)
         for t in TIMESTEPS:
-            adapter.reset_state(**encoded, scales=torch.ones(n), reference_scales=torch.ones(n),
-                                latent_hw=tuple(latents.shape[-2:]), collect_soft_maps=True)
+            adapter.start(adapter.conditioning(**encoded, scales=torch.ones(n), reference_scales=torch.ones(n),
+                                               latent_hw=tuple(latents.shape[-2:]), collect_soft_maps=True))
             tt = torch.tensor([t])
             pipe.unet(scheduler.add_noise(latents, noise, tt), tt, embeds, added_cond_kwargs=added)
             by_t[t].append(float(np.mean(list(router_miou(adapter.state, targets).values()))))
-        adapter.reset_state()
+        adapter.start()
     per_scene = [{t: by_t[t][k] for t in TIMESTEPS} for k in range(scenes)]
     out = {f"t={t}": bootstrap(per_scene, lambda u, t=t: mean_of([s[t] for s in u])) for t in TIMESTEPS}
     out["mean"] = bootstrap(per_scene, lambda u: float(np.mean([np.mean(list(s.values())) for s in u])))

@@ -86,15 +86,16 @@ def run(height: int = 1024, reference: int = 512, subjects=SUBJECTS, batch: int 
                 unet.set_attn_processor(AttnProcessor2_0())
             else:
                 adapter.attach(unet)
-                adapter.reset_state(**(random_conditioning(adapter, unet, tokens, n, area_ratio, batch, (h, h), dtype,
-                                                           device) if n else {}))
+                values = random_conditioning(adapter, unet, tokens, n, area_ratio, batch, (h, h), dtype,
+                                             device) if n else {}
+                adapter.start(adapter.conditioning(**values))
             with torch.no_grad():
                 for _ in range(1 if seed < 0 else steps):
                     unet(sample, t, text, added_cond_kwargs=added)
         return ("bare diffusers" if n is None else f"anystory {n} subjects", n or 0, call)
 
     rows = interleaved([config(None)] + [config(n) for n in subjects], unet, device, repeats, passes=lambda: 0)
-    adapter.reset_state()
+    adapter.start()
     shape = f"real UNet step {height}px, ref {reference}px, batch {batch}"
     # the ReferenceNet does not run here (see the module docstring): its passes are the pipeline benchmark's
     return [{"backbone": "sdxl", "shape": shape, **row, "reference_passes_per_call": float("nan")} for row in rows]

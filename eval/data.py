@@ -17,18 +17,12 @@ import tempfile
 import urllib.request
 from typing import Dict, List, Optional
 
+from anystory.errors import DataIntegrityError, DataNotFoundError
+
 ENV_VAR = "ANYSTORY_DREAMBENCH_DIR"
 MANIFEST_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dreambench_manifest.json")
 REQUIRED = ("prompts_and_classes.txt", os.path.join("lists", "single_subject.json"),
             os.path.join("lists", "multi_subject.json"))
-
-
-class DataNotFoundError(FileNotFoundError):
-    """The benchmark data is not where it was looked for (and could not be downloaded)."""
-
-
-class DataIntegrityError(RuntimeError):
-    """Downloaded files do not match the pinned checksums."""
 
 
 def load_manifest(path: str = MANIFEST_PATH) -> dict:

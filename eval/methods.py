@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from anystory.errors import MethodError
 from anystory.images import read_rgb
 
 from .atomic import save_image, write_json
@@ -38,10 +39,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 LAYOUTS = {"ours": "PATH/<entry_id>/<k>.png", "uno": "PATH/<index>_<k>.png"}
 PIPELINE_METHODS = ("anystory-sdxl", "anystory-flux", "anystory-miniature")
 REFERENCE_METHODS = ("real-images", "copy-reference")
-
-
-class MethodError(RuntimeError):
-    """A method cannot be set up (model absent, folder missing); the message says what to do."""
 
 
 def image_seed(base_seed: int, entry: Entry, k: int, images_per_prompt: int) -> int:

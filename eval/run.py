@@ -32,6 +32,8 @@ from typing import Dict, List, Optional, Sequence
 
 import pandas as pd
 
+from anystory.errors import RunError
+
 from .atomic import remove_stale_temporaries, write_json, write_with
 from .data import DataIntegrityError, DataNotFoundError
 from .distributed import Processes
@@ -48,10 +50,6 @@ from .tables import COUNT_COLUMNS, build_tables, markdown
 CONFIG = "run_config.json"
 SIGNATURE = os.path.join("scores", "signature.json")
 FAILURES = "generation_failures.json"
-
-
-class RunError(RuntimeError):
-    """The run cannot proceed as asked (existing results, changed settings, ...); nothing was overwritten."""
 
 
 @dataclass

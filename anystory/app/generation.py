@@ -15,7 +15,7 @@ from typing import Any, Callable, List, Optional, Sequence
 import torch
 from PIL import Image
 
-from ..errors import InvalidInputError
+from ..errors import GenerationError, InvalidInputError
 from ..images import read_mask
 from ..subjects import AlphaOrWholeImageSegmenter, Subject
 from .inputs import InputError, check_number, check_prompt, resolve_seed
@@ -74,10 +74,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
                                               or "failed to allocate" in text)
-
-
-class GenerationError(RuntimeError):
-    """Generation failed for a reason the user can act on (the message says how); not an input error."""
 
 
 def check_request(handle: ModelHandle, req: Request) -> CheckedRequest:

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from .. import errors
-from ..errors import InvalidInputError
+from ..errors import InputError, InvalidInputError
 from ..images import read_image, read_mask_image
 from ..regions import Box, check_region, parse_region_text
 from ..subjects import Segmenter, Subject, prepare_subjects
@@ -30,10 +30,6 @@ SUPPORTED_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff
 SUPPORTED_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "TIFF", "MPO"}  # MPO: phone JPEGs with a depth frame
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**31 - 1
-
-
-class InputError(InvalidInputError):
-    """A problem with what the user gave; the message is shown as is."""
 
 
 def _fmt_mb(n: int) -> str:

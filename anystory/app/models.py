@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from ..errors import NoModelError
 from ..subjects import MAX_SUBJECTS
 from .environment import FLUX_MIN_GIB, Environment
 
@@ -162,10 +163,6 @@ LOADERS: Dict[str, Callable[[Environment], Any]] = {
     "flux": _load_flux, "sdxl": _load_sdxl, "miniature": _load_miniature,
     "tiny": lambda env: build_tiny_pipeline(device=env.device),
 }
-
-
-class NoModelError(RuntimeError):
-    """No model could be loaded; the message lists why for each."""
 
 
 @dataclass

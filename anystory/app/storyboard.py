@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional
 
 from PIL import Image
 
-from ..errors import InvalidInputError, check_number
+from ..errors import InvalidInputError, ScriptError, check_number
 from ..images import read_image, read_mask_image
 from ..regions import check_region
 from ..subjects import Subject
@@ -54,10 +54,6 @@ CHARACTER_KEYS = ("alias", "description", "reference", "mask", "scale", "referen
 SHOT_KEYS = ("prompt", "characters", "seed", "negative_prompt", "regions")
 SETTING_KEYS = ("seed", "steps", "guidance", "width", "height", "negative_prompt")
 SCRIPT_KEYS = ("title", "settings", "characters", "shots")
-
-
-class ScriptError(InvalidInputError):
-    """The script is malformed; the message names the character or shot and what to fix."""
 
 
 @dataclass

@@ -35,14 +35,11 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from ..errors import DataFormatError
 from ..subjects import MAX_SUBJECTS, Subject
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 INDEX = "index.json"
-
-
-class DataFormatError(ValueError):
-    """A sample or a dataset does not follow the layout; the message names the sample and what is wrong."""
 
 
 @dataclass

@@ -29,15 +29,12 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 
+from ..attention_layout import heads_last as _heads
 from ..routing import exclusive_labels, sparse_pays
 from .routed_attention_flux import routed_attention
 from .router_flux import RouterModules, router_norm, router_post_attention, router_pre_attention, routing_map
 
 NEG_INF = float("-inf")
-
-
-def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    return x.unflatten(-1, (-1, head_dim))
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..attention_layout import flux_blocks
 from .adapter_scope import REF_ADAPTER, ROUTER_ADAPTER, adapter_scope
 from .routed_attention_flux import ReferenceColumns, kept_columns, reference_columns
 
@@ -151,8 +152,7 @@ class AnyStoryFluxState:
         self.transformer = transformer
         self._signature = inspect.signature(type(transformer).forward)
         self._handles.append(transformer.register_forward_pre_hook(self._on_transformer, with_kwargs=True))
-        for layer_id, block in enumerate(list(transformer.transformer_blocks) +
-                                         list(transformer.single_transformer_blocks)):
+        for layer_id, block in enumerate(flux_blocks(transformer)):
             linear = block.norm1_context.linear if hasattr(block, "norm1_context") else block.norm.linear
             self._handles.append(linear.register_forward_hook(functools.partial(self._on_modulation, layer_id)))
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
 
+from ..attention_layout import flux_blocks
 from ..errors import InvalidInputError, check_number
 from ..hub import FLUX_BASE as DEFAULT_FLUX
 from ..hub import FLUX_REDUX as DEFAULT_REDUX
@@ -39,7 +40,8 @@ from .low_vram import quantization_config
 from .redux import AnyStoryReduxEncoder, released_embedder
 from .router_flux import RouterModules
 from .release_inputs import encoder_mask_values, prepare_release_subjects
-from .weights_flux import RELEASE_FILENAME, RELEASE_REPO, block_names, read_released_file, resolve_released_state_dict
+from .weights_flux import RELEASE_FILENAME, RELEASE_REPO, FluxAnyStorySnapshot, block_names, read_released_file, \
+    resolve_released_state_dict
 
 REDUX_GRID = 9  # 9x9 = 81 redux tokens per subject
 ROUTER_GRID = 3  # 3x3 = 9 router tokens per subject
@@ -90,7 +92,9 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
 
     @property
     def anystory_state(self) -> AnyStoryFluxState:
-        """The per-call conditioning state (counters ``ref_passes`` / ``ref_kv_writes`` for benchmarks and tests)."""
+        """The call state the hooks and processors share: ``.conditioning`` (the running call's immutable
+        ``FluxConditioning``, None between calls) and what the forwards write; counters ``ref_passes`` /
+        ``ref_kv_writes`` for benchmarks and tests."""
         return self._anystory
 
     # ---- loading -----------------------------------------------------------------------------------------------
@@ -132,23 +136,34 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
                               filename: str = RELEASE_FILENAME, **hub_kwargs) -> None:
         """Load the authors' release: a path to ``anystory_flux.bin``, a folder holding it, a hub repo id, or the
         already-loaded dict. The file is checked against the released layout first (``weights_flux``); a
-        mismatch raises ``AnyStoryWeightsError`` naming the keys and nothing is changed.
+        mismatch raises ``AnyStoryWeightsError`` naming the keys.
 
         ``redux_base``: FLUX.1-Redux-dev (hub id / folder, or its ``ReduxImageEncoder``) for the Redux projection
         the release adds to; not needed when this pipeline already has a ``redux_embedder``.
 
         Every file the release's loader accepts loads here with the same meaning (see ``weights_flux``): keys it
-        ignores are dropped with an ``AnyStoryWeightsWarning`` listing them, keys it needs are required."""
+        ignores are dropped with an ``AnyStoryWeightsWarning`` listing them, keys it needs are required.
+
+        Built first, swapped after: the embedders and processors are built before the pipeline is touched, and
+        if the swap itself fails (an adapter that does not load, a device move), the AnyStory the pipeline had
+        before (or none) is put back: a failed load leaves the pipeline as it was."""
         state = weights if isinstance(weights, dict) else read_released_file(weights, filename, **hub_kwargs)
         if self.image_encoder is None or self.feature_extractor is None:
             raise ValueError("AnyStory FLUX needs the SigLIP image_encoder and feature_extractor of FLUX.1-Redux-dev "
                              "(SiglipVisionModel / SiglipImageProcessor): pass them to the pipeline first")
         released = resolve_released_state_dict(state, self.transformer, self.image_encoder.config.hidden_size)
-        self._before_attach()
+        self._refuse_beside_ip_adapter()
+        built = self._build_anystory(released, redux_base)
+        before = FluxAnyStorySnapshot.take(self)
+        try:
+            self._swap_in_anystory(released, built)
+        except BaseException:
+            before.restore(self)
+            raise
 
-        offload_device = getattr(self, "_offload_device", None) if getattr(self, "_all_hooks", None) else None
-        if offload_device is not None:
-            self.remove_all_hooks()
+    def _build_anystory(self, released, redux_base) -> dict:
+        """The new embedders and attention processors, on the transformer's device and dtype; the pipeline is not
+        touched."""
         transformer = self.transformer
         dtype, device = transformer.dtype, transformer.device
         base_cache = {}
@@ -158,10 +173,28 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
                 base_cache["sd"] = self._redux_base(redux_base)
             return base_cache["sd"]
 
-        processor_sd = released.processors
-        redux = released_embedder(released.redux, REDUX_GRID, base)
-        router = released_embedder(released.router_embedder, ROUTER_GRID, base)
+        embedders = {"redux_embedder": released_embedder(released.redux, REDUX_GRID, base),
+                     "router_embedder": released_embedder(released.router_embedder, ROUTER_GRID, base)}
+        for embedder in embedders.values():
+            # torch's own ``to``: ModelMixin.to warns about fp32-kept modules, and these have none
+            torch.nn.Module.to(embedder, device=device, dtype=dtype)
+        hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        processors = []
+        for layer_id, name in enumerate(block_names(transformer)):
+            prefix = f"transformer.{name}.attn.processor."
+            sd = {k[len(prefix):]: v for k, v in released.processors.items() if k.startswith(prefix)}
+            proc = AnyStoryFluxAttnProcessor(hidden, sd["to_q_routing_map_lora_A.weight"].shape[0], True, layer_id)
+            proc.load_state_dict(sd, strict=True)
+            processors.append(proc.to(device=device, dtype=dtype))
+        return {"embedders": {k: v.eval() for k, v in embedders.items()}, "processors": processors}
 
+    def _swap_in_anystory(self, released, built: dict) -> None:
+        """Replace whatever AnyStory the transformer has with the built one: adapters, processors, hooks."""
+        self._before_attach()
+        offload_device = getattr(self, "_offload_device", None) if getattr(self, "_all_hooks", None) else None
+        if offload_device is not None:
+            self.remove_all_hooks()
+        transformer = self.transformer
         self._anystory.detach()
         loaded = [a for a in ANYSTORY_ADAPTERS if a in getattr(transformer, "peft_config", {})]
         if loaded:
@@ -178,23 +211,16 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
                     modules[name].delete_adapter(adapter)
         deactivate_anystory_adapters(transformer)
 
-        hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-        blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
-        for layer_id, (name, block) in enumerate(zip(block_names(transformer), blocks)):
-            prefix = f"transformer.{name}.attn.processor."
-            sd = {k[len(prefix):]: v for k, v in processor_sd.items() if k.startswith(prefix)}
-            proc = AnyStoryFluxAttnProcessor(hidden, sd["to_q_routing_map_lora_A.weight"].shape[0], True, layer_id)
-            proc.load_state_dict(sd, strict=True)
-            proc.to(device=device, dtype=dtype)
-            proc.bind(self._anystory, RouterModules.of_block(block, last=layer_id == len(blocks) - 1))
+        state = AnyStoryFluxState()
+        blocks = flux_blocks(transformer)
+        for layer_id, (block, proc) in enumerate(zip(blocks, built["processors"])):
+            proc.bind(state, RouterModules.of_block(block, last=layer_id == len(blocks) - 1))
             block.attn.set_processor(proc)
-
-        self._anystory.ref_layers = layers_with_adapter(transformer, REF_ADAPTER)
-        self._anystory.router_input_layers = layers_with_adapter(transformer.context_embedder, ROUTER_ADAPTER)
-        self._anystory.attach(transformer)
-        for embedder in (redux, router):
-            torch.nn.Module.to(embedder, device=device, dtype=dtype)  # (ModelMixin.to warns about fp32 modules it has none of)
-        self.register_modules(redux_embedder=redux.eval(), router_embedder=router.eval())
+        state.ref_layers = layers_with_adapter(transformer, REF_ADAPTER)
+        state.router_input_layers = layers_with_adapter(transformer.context_embedder, ROUTER_ADAPTER)
+        state.attach(transformer)
+        self._anystory = state
+        self.register_modules(**built["embedders"])
         if offload_device is not None:
             self.enable_model_cpu_offload(device=offload_device)
 

@@ -29,12 +29,9 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from ..attention_layout import heads_last as _heads
 from ..routing import route_decision
 from .adapter_scope import ROUTER_ADAPTER, adapter_scope, layers_with_adapter
-
-
-def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    return x.unflatten(-1, (-1, head_dim))
 
 
 def lora_delta(layer: nn.Module, adapter: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:

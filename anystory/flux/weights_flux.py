@@ -45,6 +45,7 @@ A partial ``lora_B.bias`` set is completed with zeros, the value PEFT gives a bi
 """
 from __future__ import annotations
 
+import copy
 import os
 import re
 import warnings
@@ -54,6 +55,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from ..attention_layout import flux_block_names as block_names
+from ..errors import AnyStoryWeightsError
 from ..hub import FLUX_ANYSTORY_FILE as RELEASE_FILENAME
 from ..hub import FLUX_ANYSTORY_REPO as RELEASE_REPO
 from ..weights import load_pickled_tensors
@@ -76,10 +79,6 @@ EMBEDDER_BASE_PARAMS = ("redux_up.weight", "redux_up.bias", "redux_down.weight",
 ROUTER_EMBEDDER_PREFIX = "router_embedder."
 
 _LORA_KEY = re.compile(r"^transformer\.(?P<module>.+)\.(?P<param>lora_A\.weight|lora_B\.weight|lora_B\.bias)$")
-
-
-class AnyStoryWeightsError(ValueError):
-    """The file does not have the released layout; the message names the offending keys."""
 
 
 class AnyStoryWeightsWarning(UserWarning):
@@ -106,11 +105,6 @@ def lora_targets(transformer, top, double, single) -> Dict[str, Tuple[int, int]]
             layer = layer.get_base_layer()
         out[name] = (layer.in_features, layer.out_features)
     return out
-
-
-def block_names(transformer) -> List[str]:
-    return ([f"transformer_blocks.{i}" for i in range(len(transformer.transformer_blocks))]
-            + [f"single_transformer_blocks.{j}" for j in range(len(transformer.single_transformer_blocks))])
 
 
 @dataclass
@@ -351,3 +345,86 @@ def read_released_file(source: str, filename: str = RELEASE_FILENAME, **hub_kwar
                 f"AnyStory FLUX weights: '{source}' is not a file or folder, and downloading {filename} from the hub "
                 f"repo '{source}' failed ({type(e).__name__}: {e}). Pass the local path of {filename}.") from e
     return load_pickled_tensors(path)
+
+
+# ---- a failed load leaves the pipeline as it was -----------------------------------------------------------------
+@dataclass
+class FluxAnyStorySnapshot:
+    """What a load replaces on an ``AnyStoryFluxPipeline``, kept so a load that fails half-way is undone: the
+    attention processors, the AnyStory adapters (config, weights and the layers holding them), the conditioning
+    state and its hooks, the embedders, and the model offload. Holds references only: the adapter weights are the
+    live tensors, which deleting an adapter does not free while they are referenced here."""
+
+    processors: dict
+    saved_processors: Optional[dict]
+    state: object
+    attached: bool
+    adapters: Dict[str, tuple]
+    embedders: Dict[str, object]
+    offload_device: object
+    tuner_layers: set  # names of the PEFT-wrapped layers (wrappers a load adds are taken off again)
+    peft_loaded: bool
+
+    @classmethod
+    def take(cls, pipe) -> "FluxAnyStorySnapshot":
+        from peft import get_peft_model_state_dict
+
+        from .adapter_scope import ANYSTORY_ADAPTERS
+
+        transformer = pipe.transformer
+        adapters = {}
+        for name in ANYSTORY_ADAPTERS:
+            if name in getattr(transformer, "peft_config", {}):
+                layers = {n for n, m in transformer.named_modules()
+                          if isinstance(m, BaseTunerLayer) and name in getattr(m, "lora_A", {})}
+                adapters[name] = (copy.deepcopy(transformer.peft_config[name]),
+                                  get_peft_model_state_dict(transformer, adapter_name=name), layers)
+        return cls(processors=dict(transformer.attn_processors), saved_processors=pipe._anystory_saved_processors,
+                   state=pipe._anystory, attached=bool(pipe._anystory._handles), adapters=adapters,
+                   embedders={k: getattr(pipe, k, None) for k in ("redux_embedder", "router_embedder")},
+                   offload_device=getattr(pipe, "_offload_device", None) if getattr(pipe, "_all_hooks", None)
+                   else None,
+                   tuner_layers={n for n, m in transformer.named_modules() if isinstance(m, BaseTunerLayer)},
+                   peft_loaded=getattr(transformer, "_hf_peft_config_loaded", False))
+
+    def restore(self, pipe) -> None:
+        from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+        from .adapter_scope import ANYSTORY_ADAPTERS, deactivate_anystory_adapters
+
+        transformer = pipe.transformer
+        if self.offload_device is not None:
+            pipe.remove_all_hooks()
+        present = [a for a in ANYSTORY_ADAPTERS if a in getattr(transformer, "peft_config", {})]
+        if present:
+            transformer.delete_adapters(present)
+        self._unwrap_new_layers(transformer)
+        for name, (config, sd, layers) in self.adapters.items():
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                inject_adapter_in_model(config, transformer, adapter_name=name)
+            set_peft_model_state_dict(transformer, sd, adapter_name=name)
+            for module_name, m in transformer.named_modules():
+                if isinstance(m, BaseTunerLayer) and name in getattr(m, "lora_A", {}) and module_name not in layers:
+                    m.delete_adapter(name)
+        deactivate_anystory_adapters(transformer)
+        if getattr(transformer, "peft_config", None) == {} and not self.peft_loaded:
+            del transformer.peft_config
+        transformer._hf_peft_config_loaded = self.peft_loaded
+        transformer.set_attn_processor(self.processors)
+        pipe._anystory_saved_processors = self.saved_processors
+        pipe._anystory.detach()
+        pipe._anystory = self.state
+        if self.attached:
+            self.state.attach(transformer)
+        pipe.register_modules(**self.embedders)
+        if self.offload_device is not None:
+            pipe.enable_model_cpu_offload(device=self.offload_device)
+
+    def _unwrap_new_layers(self, transformer) -> None:
+        """PEFT wrappers the failed load added (now without adapters) give way to the layers they wrapped."""
+        for name, module in list(transformer.named_modules()):
+            if isinstance(module, BaseTunerLayer) and name not in self.tuner_layers:
+                parent_name, _, child = name.rpartition(".")
+                parent = transformer.get_submodule(parent_name) if parent_name else transformer
+                setattr(parent, child, module.get_base_layer())

@@ -17,26 +17,15 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 from .background import BackgroundConditioning, reference_dims
-from .attention_processors import AnyStoryCrossAttnProcessor, AnyStorySelfAttnProcessor, AnyStoryState, CrossAttnConditioning
+from .attention_processors import (AnyStoryCrossAttnProcessor, AnyStorySelfAttnProcessor, AnyStoryState,
+                                   CrossAttnConditioning, SDXLConditioning)
 from .qformer import QFormer
 from .reference_net import ReferenceNet
+from ..attention_layout import cross_attention_layers, layer_key
 from ..subjects import MAX_SUBJECTS
 from ..weights import ANYSTORY_CONFIG as CONFIG_NAME
 from ..weights import ANYSTORY_WEIGHTS as WEIGHTS_NAME
 from ..weights import anystory_files, check_state_dict, load_tensors, save_tensors
-
-
-def _key(layer_name: str) -> str:
-    return layer_name.replace(".", "_")
-
-
-def cross_attention_layers(unet: UNet2DConditionModel) -> list:
-    """[name, latent_dim, cross_dim, inner_dim] for every cross-attention layer of ``unet``."""
-    layers = []
-    for name, module in unet.named_modules():
-        if name.endswith("attn2") and hasattr(module, "to_k"):
-            layers.append([name, module.to_q.in_features, module.to_k.in_features, module.to_k.out_features])
-    return layers
 
 
 class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
@@ -73,12 +62,12 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
         self.semantic_qformer = QFormer(image_embed_dim, cross_dim, num_semantic_tokens, qformer_dim, qformer_depth, qformer_heads)
         self.routing_qformer = QFormer(image_embed_dim, routing_dim, 1, qformer_dim, qformer_depth, qformer_heads)
         self.layer_conditioning = torch.nn.ModuleDict({
-            _key(name): CrossAttnConditioning(latent_dim, cdim, inner, routing_dim, router_dim,
+            layer_key(name): CrossAttnConditioning(latent_dim, cdim, inner, routing_dim, router_dim,
                                               trajectory_router=routing_trajectory_weight > 0)
             for name, latent_dim, cdim, inner in cross_attention_layers
         })
         self.background = self._background_module(background_rank) if background_rank else None
-        self.state = AnyStoryState(gumbel_tau=gumbel_tau)
+        self.state = AnyStoryState(SDXLConditioning(gumbel_tau=gumbel_tau))
         self._processors: List[Union[AnyStorySelfAttnProcessor, AnyStoryCrossAttnProcessor]] = []
         self.eval()  # inference (hard routing) unless a trainer calls .train()
 
@@ -97,7 +86,7 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
         modules = dict(unet.named_modules())
         with torch.no_grad():
             for name, *_ in layers:
-                cond = adapter.layer_conditioning[_key(name)]
+                cond = adapter.layer_conditioning[layer_key(name)]
                 cond.to_k_sem.weight.copy_(modules[name].to_k.weight)
                 cond.to_v_sem.weight.copy_(modules[name].to_v.weight)
         return adapter.to(device=unet.device)
@@ -144,7 +133,7 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
             if layer.endswith("attn1"):
                 processors[full] = AnyStorySelfAttnProcessor(layer, self.state)
             elif layer in names:
-                processors[full] = AnyStoryCrossAttnProcessor(layer, self.state, self.layer_conditioning[_key(layer)])
+                processors[full] = AnyStoryCrossAttnProcessor(layer, self.state, self.layer_conditioning[layer_key(layer)])
             else:
                 raise ValueError(f"UNet layer {layer} is unknown to this AnyStory adapter (built for another UNet?)")
         missing = names - {p[: -len(".processor")] for p in processors}
@@ -153,16 +142,21 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
         self._processors = list(processors.values())  # before set_attn_processor, which empties the dict
         unet.set_attn_processor(processors)
 
-    def reset_state(self, **values) -> AnyStoryState:
-        """Start a new call: a fresh :class:`AnyStoryState` built from ``values`` (its constructor's arguments; a
-        name it lacks is a ``TypeError``), handed to every processor. Nothing of the previous call's state remains
-        (a trainer's backward pass may still re-run layers with that one: it is left as it was)."""
+    def conditioning(self, **values) -> SDXLConditioning:
+        """An :class:`SDXLConditioning` of ``values`` (its fields; a name it lacks is a ``TypeError``), with this
+        adapter's training mode and, unless given, the routing settings stored with its weights."""
         values.setdefault("gumbel_tau", self.config.gumbel_tau)
         values.setdefault("background_bias", self.config.routing_background_bias)
         values.setdefault("single_region", self.config.routing_single_region)
         values.setdefault("trajectory_weight", self.config.routing_trajectory_weight)
         values.setdefault("trajectory_background_bias", self.config.routing_trajectory_background_bias)
-        self.state = AnyStoryState(training=self.training, **values)
+        return SDXLConditioning(training=self.training, **values)
+
+    def start(self, conditioning: Optional[SDXLConditioning] = None) -> AnyStoryState:
+        """Start a call: a fresh :class:`AnyStoryState` for ``conditioning`` (None: nothing conditioned), handed to
+        every processor. Nothing of the previous call's state remains (a trainer's backward pass may still re-run
+        layers with that one: it is left as it was)."""
+        self.state = AnyStoryState(self.conditioning() if conditioning is None else conditioning)
         for processor in self._processors:
             processor.state = self.state
         return self.state

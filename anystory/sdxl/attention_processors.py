@@ -23,12 +23,14 @@ When routing acts (the guarantees, tested in ``tests/sdxl/test_routing_confineme
 * ``routing_regions`` (``[N, H, W]`` or ``[Bc, N, H, W]``, 1 = allowed) restricts where the router may send
   each subject (its logit is ``-inf`` elsewhere); the carried-over maps above inherit the restriction.
 
-Both processors are plain callables reading one :class:`AnyStoryState`, which the adapter builds for each call
-(from the pipeline's or a trainer's inputs) and hands to all of them. With no subjects they run diffusers' ``AttnProcessor2_0`` unchanged, which is
+Both processors are plain callables reading one :class:`AnyStoryState`: the call's immutable
+:class:`SDXLConditioning` (built by the pipeline or a trainer) and what the processors write during the call; the
+adapter starts one per call and hands it to all of them. With no subjects they run diffusers' ``AttnProcessor2_0`` unchanged, which is
 why zero subjects reproduce ``StableDiffusionXLPipeline`` exactly.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -38,16 +40,16 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
+from ..attention_layout import heads_first
 from ..routing import exclusive_labels, sparse_pays
 from .router import RouterLayer, routing_maps
 
 
-@dataclass
-class AnyStoryState:
-    """One call's conditioning, built once per call (:meth:`AnyStorySDXLAdapter.reset_state`) and handed to every
-    processor. The constructor's arguments are the call's inputs; the fields after them (not constructor
-    arguments) are what the processors write while the UNet runs. Tensors have batch 1 (shared) or the
-    conditional batch."""
+@dataclass(frozen=True)
+class SDXLConditioning:
+    """One call's encoded inputs, immutable: what the pipeline (or a trainer) hands the processors. Built once per
+    call (:meth:`AnyStorySDXLPipeline.conditioning_inputs`, or a trainer from ``encode_subjects``) and started
+    with :meth:`AnyStorySDXLAdapter.start`. Tensors have batch 1 (shared) or the conditional batch."""
 
     num_subjects: int = 0
     background: bool = False  # a background reference follows the subjects in the conditions (class N of the map)
@@ -71,15 +73,24 @@ class AnyStoryState:
     routing_regions: Optional[torch.Tensor] = None  # [N, H, W] or [Bc, N, H, W]: where the router may send each subject
     record_maps: bool = False  # accumulate gating maps at latent resolution (for visualisation)
     collect_soft_maps: bool = False  # keep soft maps per layer (for the routing loss)
-    # Written while the UNet runs:
-    prev_map: Optional[torch.Tensor] = field(default=None, init=False)  # [Bc, N+1, h, w] latest gating map (kept from one step to the next)
-    soft_maps: Dict[str, torch.Tensor] = field(default_factory=dict, init=False)
-    map_sum: Optional[torch.Tensor] = field(default=None, init=False)
-    map_count: int = field(default=0, init=False)
-    kv_cache: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, init=False)
-    scale_list: Optional[List[float]] = field(default=None, init=False)
+    start_offset: Optional[torch.Tensor] = None  # the background reference's mean latent for the starting latent (background.start_offset); the pipeline's prepare_latents reads it
 
-    def __post_init__(self):
+
+class AnyStoryState:
+    """What the processors share while the UNet runs one call: the call's :class:`SDXLConditioning` (its fields
+    readable here by name, as on FLUX's state) and what the processors write (the latest gating map, soft maps
+    for the loss, the recorded maps, cached semantic/reference keys and values)."""
+
+    def __init__(self, conditioning: Optional[SDXLConditioning] = None):
+        self.conditioning = SDXLConditioning() if conditioning is None else conditioning
+        for f in dataclasses.fields(self.conditioning):
+            setattr(self, f.name, getattr(self.conditioning, f.name))
+        self.prev_map: Optional[torch.Tensor] = None  # [Bc, N+1, h, w] latest gating map (kept from one step to the next)
+        self.soft_maps: Dict[str, torch.Tensor] = {}
+        self.map_sum: Optional[torch.Tensor] = None
+        self.map_count = 0
+        self.kv_cache: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self.scale_list: Optional[List[float]] = None
         if self.forced_maps is not None:  # forced routing holds from the first layer on
             self.prev_map = self.forced_maps if self.forced_maps.ndim == 4 else self.forced_maps[None]
 
@@ -135,11 +146,6 @@ def _resize_map(m: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
     return m if tuple(m.shape[-2:]) == tuple(hw) else F.interpolate(m, size=hw, mode="nearest")
 
 
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """``[..., L, heads*d]`` -> ``[..., heads, L, d]``."""
-    return x.unflatten(-1, (heads, -1)).transpose(-3, -2)
-
-
 class AnyStorySelfAttnProcessor:
     """Self-attention with routed reference keys/values appended (the ReferenceNet condition)."""
 
@@ -162,11 +168,11 @@ class AnyStorySelfAttnProcessor:
             return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)  # no map: no subject
         batch, length, _ = hidden_states.shape
         ref_k, ref_v = self._reference_kv(attn)  # [b, N, Lr, inner]
-        query = _heads(attn.to_q(hidden_states), attn.heads)
-        key = _heads(attn.to_k(hidden_states), attn.heads)
-        value = _heads(attn.to_v(hidden_states), attn.heads)
-        ref_k = _heads(_to_batch(ref_k.flatten(1, 2), batch), attn.heads)  # [B, h, N*Lr, d]
-        ref_v = _heads(_to_batch(ref_v.flatten(1, 2), batch), attn.heads)
+        query = heads_first(attn.to_q(hidden_states), attn.heads)
+        key = heads_first(attn.to_k(hidden_states), attn.heads)
+        value = heads_first(attn.to_v(hidden_states), attn.heads)
+        ref_k = heads_first(_to_batch(ref_k.flatten(1, 2), batch), attn.heads)  # [B, h, N*Lr, d]
+        ref_v = heads_first(_to_batch(ref_v.flatten(1, 2), batch), attn.heads)
 
         prev = _resize_map(st.prev_map, st.layer_hw(length)).flatten(2)  # [Bc, N+1, L]
         gate = prev[:, : st.conditioned].detach().to(query.dtype)  # subject i's reference acts where gate_i > 0
@@ -322,9 +328,9 @@ class AnyStoryCrossAttnProcessor:
         n = st.conditioned
         hw = st.layer_hw(length)
         query = attn.to_q(hidden_states)
-        q = _heads(query, attn.heads)
+        q = heads_first(query, attn.heads)
         text = encoder_hidden_states if not attn.norm_cross else attn.norm_encoder_hidden_states(encoder_hidden_states)
-        out = F.scaled_dot_product_attention(q, _heads(attn.to_k(text), attn.heads), _heads(attn.to_v(text), attn.heads))
+        out = F.scaled_dot_product_attention(q, heads_first(attn.to_k(text), attn.heads), heads_first(attn.to_v(text), attn.heads))
         out = out.transpose(1, 2).reshape(batch, length, -1)
 
         cond_half = hidden_states[batch // 2:] if st.cfg else hidden_states
@@ -336,8 +342,8 @@ class AnyStoryCrossAttnProcessor:
             scales = torch.cat([scales[:-1], scales[-1:] * last.to(q.dtype).exp()])
         weight = _to_batch(gate[:, :n], batch).to(q.dtype) * scales.view(1, n, 1)  # [B, N, L]
         for i in range(n):  # a 4-D SDPA call per subject: one 5-D broadcast call is slower on a CPU (docs/benchmarks.md)
-            sem = F.scaled_dot_product_attention(q, _heads(_to_batch(sem_k[:, i], batch), attn.heads),
-                                                 _heads(_to_batch(sem_v[:, i], batch), attn.heads))
+            sem = F.scaled_dot_product_attention(q, heads_first(_to_batch(sem_k[:, i], batch), attn.heads),
+                                                 heads_first(_to_batch(sem_v[:, i], batch), attn.heads))
             out = out + weight[:, i, :, None] * sem.transpose(1, 2).reshape(batch, length, -1)
 
         st.prev_map = gate.unflatten(-1, hw)

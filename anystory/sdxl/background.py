@@ -33,6 +33,7 @@ import PIL.Image
 import torch
 from torch import nn
 
+from ..attention_layout import layer_key
 from ..errors import InvalidInputError
 from ..images import read_rgb
 
@@ -41,10 +42,6 @@ GATE_GAIN = 10.0  # log-scale = GATE_GAIN * parameter: Adam moves a scalar by ab
 
 NOT_TRAINED = ("these AnyStory weights have no background reference (it is trained by the 'background' stage: "
                "python -m anystory.training --config <config> --stages background)")
-
-
-def _key(layer_name: str) -> str:
-    return layer_name.replace(".", "_")
 
 
 class LowRankDelta(nn.Module):
@@ -75,25 +72,25 @@ class BackgroundConditioning(nn.Module):
         self.token_up = nn.Linear(token_rank, token_dim, bias=False) if token_rank else None
         if self.token_up is not None:
             nn.init.zeros_(self.token_up.weight)
-        self.reference_down = nn.ModuleDict({_key(n): nn.Linear(d, rank, bias=False) for n, d in reference_dims.items()})
-        self.reference_up = nn.ModuleDict({_key(n): nn.Linear(rank, d, bias=False) for n, d in reference_dims.items()})
+        self.reference_down = nn.ModuleDict({layer_key(n): nn.Linear(d, rank, bias=False) for n, d in reference_dims.items()})
+        self.reference_up = nn.ModuleDict({layer_key(n): nn.Linear(rank, d, bias=False) for n, d in reference_dims.items()})
         for up in self.reference_up.values():
             nn.init.zeros_(up.weight)
         self.gated_layers = list(gated_layers)
-        self.gate = nn.ParameterDict({_key(n): nn.Parameter(torch.zeros(())) for n in self.gated_layers})
+        self.gate = nn.ParameterDict({layer_key(n): nn.Parameter(torch.zeros(())) for n in self.gated_layers})
         ip_dims = ip_dims if ip_rank else {}
-        self.ip_key = nn.ModuleDict({_key(n): LowRankDelta(c, i, ip_rank) for n, (c, i) in ip_dims.items()})
-        self.ip_value = nn.ModuleDict({_key(n): LowRankDelta(c, i, ip_rank) for n, (c, i) in ip_dims.items()})
+        self.ip_key = nn.ModuleDict({layer_key(n): LowRankDelta(c, i, ip_rank) for n, (c, i) in ip_dims.items()})
+        self.ip_value = nn.ModuleDict({layer_key(n): LowRankDelta(c, i, ip_rank) for n, (c, i) in ip_dims.items()})
         self.ip_layers = list(ip_dims)
 
     def log_scales(self) -> Dict[str, torch.Tensor]:
         """{attention layer: its log-scale for the background's conditions} (empty without gates)."""
-        return {n: GATE_GAIN * self.gate[_key(n)] for n in self.gated_layers}
+        return {n: GATE_GAIN * self.gate[layer_key(n)] for n in self.gated_layers}
 
     def kv_deltas(self) -> Dict[str, Tuple[LowRankDelta, LowRankDelta]]:
         """{cross-attention layer: (key, value) corrections of its semantic projections} (empty without
         ``ip_rank``); the processor adds them to the background class's keys/values."""
-        return {n: (self.ip_key[_key(n)], self.ip_value[_key(n)]) for n in self.ip_layers}
+        return {n: (self.ip_key[layer_key(n)], self.ip_value[layer_key(n)]) for n in self.ip_layers}
 
     def tokens(self, semantic: torch.Tensor) -> torch.Tensor:
         """``[b, T, D]`` semantic tokens of the background image -> the background's tokens."""
@@ -104,7 +101,7 @@ class BackgroundConditioning(nn.Module):
         """{self-attention layer: ``[b, Lr, C]``} ReferenceNet features -> the background's."""
         out = {}
         for name, f in reference.items():
-            key = _key(name)
+            key = layer_key(name)
             out[name] = f + self.reference_up[key](self.reference_down[key](f)) if key in self.reference_up else f
         return out
 

@@ -16,6 +16,7 @@ from diffusers import StableDiffusionXLPipeline
 
 from .adapter_fit import check_adapter_fits_unet
 from .adapter_sdxl import AnyStorySDXLAdapter
+from .attention_processors import AnyStoryState, SDXLConditioning
 from .background import background_tensors, check_background, encode_background, start_offset, with_background
 from ..errors import check_number
 from ..hub import SDXL_IMAGE_ENCODER as DEFAULT_IMAGE_ENCODER  # noqa: F401 (the paper's CLIP, kept by this name)
@@ -50,6 +51,12 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
     @property
     def _anystory_denoiser(self):
         return self.unet
+
+    @property
+    def anystory_state(self) -> Optional[AnyStoryState]:
+        """The running call's state (its immutable ``conditioning`` and what the processors write); between calls,
+        one with nothing conditioned. None without AnyStory weights."""
+        return self.anystory.state if self.anystory is not None else None
 
     # ---- our weights -------------------------------------------------------------------------------------------
     def _remove_anystory_modules(self) -> None:
@@ -144,16 +151,43 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
                 "semantic_uncond_tokens": semantic[n][:, None].expand(-1, n, -1, -1),
                 "routing_tokens": torch.stack(routing, 1)}
 
-    _start_offset: Optional[torch.Tensor] = None  # set for one call by a background reference (background_start)
-
     def prepare_latents(self, *args, **kwargs):
         """diffusers' starting latents, plus the background reference's mean latent as the first timestep's noising
-        scales a clean signal (``background.start_offset``), when a call sets one."""
+        scales a clean signal (``background.start_offset``), when the call's conditioning has one."""
         latents = super().prepare_latents(*args, **kwargs)
-        if self._start_offset is None:
+        state = self.anystory_state
+        offset = None if state is None else state.conditioning.start_offset
+        if offset is None:
             return latents
-        offset = self._start_offset.to(latents.device, latents.dtype).expand_as(latents)
+        offset = offset.to(latents.device, latents.dtype).expand_as(latents)
         return latents + self.scheduler.add_noise(offset, torch.zeros_like(latents), self.scheduler.timesteps[:1])
+
+    def conditioning_inputs(self, prepared: Sequence[PreparedSubject], background=None, *, guidance_scale: float,
+                            height: int, width: int, regions: Optional[torch.Tensor] = None,
+                            record_maps: bool = False, background_start: Optional[float] = None,
+                            routing_background_bias: Optional[float] = None) -> SDXLConditioning:
+        """Encode the subjects (and the background reference) and lay out one call's conditioning
+        (``AnyStorySDXLAdapter.start`` takes it). ``regions``: ``[N, H, W]`` from
+        :func:`anystory.regions.routing_regions`; ``None`` settings use the values stored with the weights."""
+        device, dtype = self._execution_device, self.unet.dtype
+        encoded = self.encode_subjects(**self.subject_tensors(prepared, device, dtype)) if prepared else None
+        offset = None
+        if background is not None:
+            tensors = background_tensors(self, background, device, dtype)
+            encoded = with_background(encoded, encode_background(self, **tensors))
+            strength = self.anystory.config.background_start if background_start is None else background_start
+            offset = start_offset(self, tensors["pixels"], strength)
+        extra = [1.0] if background is not None else []
+        return self.anystory.conditioning(
+            **encoded, background=background is not None,
+            scales=torch.tensor([p.scale for p in prepared] + extra, device=device),
+            reference_scales=torch.tensor([p.reference_scale for p in prepared] + extra, device=device),
+            cfg=guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None,
+            latent_hw=(height // self.vae_scale_factor, width // self.vae_scale_factor),
+            forced_maps=self._forced_maps(len(prepared), device),
+            routing_regions=None if regions is None else regions.to(device), record_maps=record_maps,
+            start_offset=offset,
+            **({} if routing_background_bias is None else {"background_bias": routing_background_bias}))
 
     # ---- call --------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -183,7 +217,7 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
 
         def collect_maps(i):
             if return_routing_maps:
-                step = self.anystory.state.take_step_maps() if self.anystory is not None else None
+                step = self.anystory_state.take_step_maps() if self.anystory is not None else None
                 if step is not None:
                     maps.append(step.cpu())
 
@@ -192,25 +226,10 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
 
         try:
             if prepared or background is not None:
-                device, dtype = self._execution_device, self.unet.dtype
-                encoded = self.encode_subjects(**self.subject_tensors(prepared, device, dtype)) if prepared else None
-                if background is not None:
-                    tensors = background_tensors(self, background, device, dtype)
-                    encoded = with_background(encoded, encode_background(self, **tensors))
-                    strength = self.anystory.config.background_start if background_start is None else background_start
-                    self._start_offset = start_offset(self, tensors["pixels"], strength)
-                extra = [1.0] if background is not None else []
-                self.anystory.reset_state(
-                    **encoded, background=background is not None,
-                    scales=torch.tensor([p.scale for p in prepared] + extra, device=device),
-                    reference_scales=torch.tensor([p.reference_scale for p in prepared] + extra, device=device),
-                    cfg=guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None,
-                    latent_hw=(height // self.vae_scale_factor, width // self.vae_scale_factor),
-                    forced_maps=self._forced_maps(len(prepared), device),
-                    routing_regions=None if regions is None else regions.to(device),
-                    record_maps=return_routing_maps,
-                    **({} if routing_background_bias is None else {"background_bias": routing_background_bias}),
-                )
+                self.anystory.start(self.conditioning_inputs(
+                    prepared, background, guidance_scale=guidance_scale, height=height, width=width,
+                    regions=regions, record_maps=return_routing_maps, background_start=background_start,
+                    routing_background_bias=routing_background_bias))
             out = super().__call__(
                 prompt=prompt, height=height, width=width, num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale, negative_prompt=negative_prompt,
@@ -219,7 +238,6 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
                 callback_on_step_end=on_step_end,
                 callback_on_step_end_tensor_inputs=tensor_inputs, **kwargs)
         finally:
-            self._start_offset = None
             if self.anystory is not None:
-                self.anystory.reset_state()
+                self.anystory.start()
         return self._anystory_output(out.images, maps, return_routing_maps, return_dict)

@@ -76,10 +76,10 @@ def background_step(cfg: dict, pipe, source: SyntheticSource, scheduler, step: i
         encoded["semantic_tokens"] = torch.where(drop, encoded["semantic_uncond_tokens"], encoded["semantic_tokens"])
     lat_hw = tuple(latents.shape[-2:])
     adapter = pipe.anystory
-    adapter.reset_state(**encoded, background=use_background,
-                        scales=torch.ones(conditioned, device=device),
-                        reference_scales=torch.ones(conditioned, device=device), latent_hw=lat_hw,
-                        forced_maps=one_hot_targets(data.targets, lat_hw).to(latents.dtype))
+    adapter.start(adapter.conditioning(**encoded, background=use_background,
+                                       scales=torch.ones(conditioned, device=device),
+                                       reference_scales=torch.ones(conditioned, device=device), latent_hw=lat_hw,
+                                       forced_maps=one_hot_targets(data.targets, lat_hw).to(latents.dtype)))
     try:
         noisy, noise, t = noisy_latents(scheduler, latents, generator, t_range=t_range, total=batch)
         offset = float(scfg.get("offset_noise", 0.0))
@@ -98,7 +98,7 @@ def background_step(cfg: dict, pipe, source: SyntheticSource, scheduler, step: i
             out["loss"] = loss + colour_weight * out["x0_colour"]
         return out
     finally:
-        adapter.reset_state()
+        adapter.start()
 
 
 def backdrop_weight(targets: torch.Tensor, hw, weight: float) -> Optional[torch.Tensor]:

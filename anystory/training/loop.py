@@ -24,6 +24,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from ..errors import StageStopped
 from ..weights import load_tensors, save_tensors
 from .config import stage_dir
 
@@ -75,10 +76,6 @@ def lr_factor(step: int, total: int, warmup_fraction: float = 0.05, floor: float
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-class StageStopped(Exception):
-    """Raised when a stage reaches its ``stop_after`` step: the checkpoint is saved, the next run resumes it."""
 
 
 class StageLoop:

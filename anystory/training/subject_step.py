@@ -49,13 +49,13 @@ def subject_step(cfg: dict, stage: str, pipe, source, scheduler, step: int, batc
         drop = torch.from_numpy(rng.random(batch)[rows] < drop_sem).to(device)[:, None, None, None]
         encoded["semantic_tokens"] = torch.where(drop, encoded["semantic_uncond_tokens"], encoded["semantic_tokens"])
     lat_hw = tuple(latents.shape[-2:])
-    adapter.reset_state(
+    adapter.start(adapter.conditioning(
         **encoded,
         scales=torch.ones(count, device=device), reference_scales=torch.ones(count, device=device),
         latent_hw=lat_hw,
         forced_maps=one_hot_targets(data.targets, lat_hw).to(latents.dtype) if teacher_routing else None,
         collect_soft_maps=not teacher_routing,
-    )
+    ))
     try:
         noisy, noise, t = noisy_latents(scheduler, latents, generator, total=batch, rows=rows)
         pred = pipe.unet(noisy, t, embeds, added_cond_kwargs=added).sample
@@ -69,4 +69,4 @@ def subject_step(cfg: dict, stage: str, pipe, source, scheduler, step: int, batc
         return out
     finally:
         if not (torch.is_grad_enabled() and pipe.unet.is_gradient_checkpointing):
-            adapter.reset_state()  # else backward re-runs the layers and needs the conditions: the next step resets
+            adapter.start()  # else backward re-runs the layers and needs the conditions: the next step resets

@@ -59,7 +59,7 @@ def routing_sample(pipe, record, steps: int = 10, seed: int = 0) -> np.ndarray:
     """A held-out record generated with its references, beside the last step's routing map (uint8 ``[H, 2W, 3]``)."""
     import torch
 
-    from ..app.visualize import routing_colormap, side_by_side
+    from ..visualize import routing_colormap, side_by_side
 
     adapter = pipe.anystory
     was_training = adapter.training

@@ -20,15 +20,12 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from anystory.errors import MetricUnavailable
 from anystory.images import read_rgb
 
 from ..loaders.base import SubjectRef
 
 RANDOM_INIT = "RANDOM INIT (test-only; scores are meaningless)"
-
-
-class MetricUnavailable(RuntimeError):
-    """The metric's model (or its weights) cannot be had here; the message says why and what to do."""
 
 
 def load_rgb(path: str) -> Image.Image:

@@ -1,4 +1,6 @@
 """Bad user input raises ``InvalidInputError`` (a ``ValueError``), distinct from programming errors."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -95,10 +97,57 @@ def test_the_pipelines_input_checks_are_invalid_input_errors():
     soft[4:12, 4:12] = 150  # a subject marked, but nowhere above the release's threshold of 200
     with pytest.raises(InvalidInputError, match="no mask value above 200"):
         prepare_release_subjects([Subject(RED, mask=soft)], 4, None)
-    pipe = AnyStoryPipelineMixin()
-    pipe.set_routing_override(torch.full((2, 4, 4), float("nan")))
+    pipe = SimpleNamespace()  # the mixin's override check alone (the mixin is abstract)
+    AnyStoryPipelineMixin.set_routing_override(pipe, torch.full((2, 4, 4), float("nan")))
     with pytest.raises(InvalidInputError, match="NaN or infinite"):
-        pipe._routing_override_for(1)
-    pipe.set_routing_override(torch.ones(3, 4, 4))
+        AnyStoryPipelineMixin._routing_override_for(pipe, 1)
+    AnyStoryPipelineMixin.set_routing_override(pipe, torch.ones(3, 4, 4))
     with pytest.raises(InvalidInputError, match=r"must be \[N\+1=2, H, W\]"):
-        pipe._routing_override_for(1)
+        AnyStoryPipelineMixin._routing_override_for(pipe, 1)
+
+
+# Every exception the project raises on purpose: where callers import it from, and the built-in base it keeps.
+_RAISED_WHERE = [
+    ("anystory.errors", "InvalidInputError", ValueError),
+    ("anystory.app.inputs", "InputError", ValueError),
+    ("anystory.app.storyboard", "ScriptError", ValueError),
+    ("anystory.loading", "ModelUnavailableError", RuntimeError),
+    ("anystory.app.models", "NoModelError", RuntimeError),
+    ("anystory.flux.weights_flux", "AnyStoryWeightsError", ValueError),
+    ("anystory.pipeline_mixin", "AnyStoryConflictError", RuntimeError),
+    ("anystory.app.generation", "GenerationError", RuntimeError),
+    ("anystory.training.loop", "StageStopped", Exception),
+    ("anystory.data.formats", "DataFormatError", ValueError),
+    ("eval.data", "DataNotFoundError", FileNotFoundError),
+    ("eval.data", "DataIntegrityError", RuntimeError),
+    ("eval.metrics.base", "MetricUnavailable", RuntimeError),
+    ("eval.methods", "MethodError", RuntimeError),
+    ("eval.run", "RunError", RuntimeError),
+]
+
+
+@pytest.mark.parametrize("module, name, builtin", _RAISED_WHERE)
+def test_every_exception_is_one_class_of_the_errors_module(module, name, builtin):
+    import importlib
+
+    from anystory import errors
+    cls = getattr(importlib.import_module(module), name)
+    assert cls is getattr(errors, name)
+    assert issubclass(cls, errors.AnyStoryError) and issubclass(cls, builtin)
+
+
+def test_no_exception_class_is_defined_outside_the_errors_module():
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    defined = []
+    for package in ("anystory", "eval"):
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ClassDef) and any(
+                        isinstance(b, ast.Name) and b.id.endswith(("Error", "Exception", "Unavailable", "Stopped"))
+                        for b in node.bases):
+                    defined.append(f"{path.relative_to(root).as_posix()}:{node.name}")
+    expected = ["AnyStoryError"] + [name for _, name, _ in _RAISED_WHERE]
+    assert sorted(defined) == sorted(f"anystory/errors.py:{name}" for name in expected)

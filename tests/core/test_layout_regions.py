@@ -1,5 +1,6 @@
 """Layout: ``Subject(region=...)`` confines a subject's routing to its region on both backbones (the learned
-router still decides inside it), and bad regions are refused by name."""
+router still decides inside it; the two-subject case on both: ``tests/core/test_backbone_contract.py``), and bad
+regions are refused by name."""
 import json
 
 import numpy as np
@@ -13,19 +14,10 @@ from anystory.errors import InvalidInputError
 from anystory.regions import check_region, region_pixels
 from anystory.app.storyboard import ScriptError, dump_script, parse_script, shot_subjects
 from anystory.subjects import prepare_subjects
-from helpers.routing import noise_image, tiny_pipe
+from helpers.routing import noise_image, routed_outside, tiny_pipe
 from helpers.flux_pipe import CALL, PROMPT, gen, make_pipe, subject_image
 
 LEFT, RIGHT = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)  # aligned with every layer's grid
-
-
-def _outside(maps, channel, box):
-    """Largest routed share of ``channel`` outside ``box`` over all steps (maps ``[B, N+1, h, w]``)."""
-    worst = 0.0
-    for m in maps:
-        allowed = torch.from_numpy(region_pixels(box, *m.shape[-2:], "test"))
-        worst = max(worst, float(m[:, channel][:, ~allowed].max()) if (~allowed).any() else 0.0)
-    return worst
 
 
 def test_box_and_mask_regions_validated():
@@ -55,19 +47,6 @@ def sdxl():
 def _sdxl(pipe, subjects, **kw):
     return pipe("a red striped star and a blue dotted moon on sand", subjects=subjects, num_inference_steps=3,
                 generator=torch.Generator().manual_seed(0), output_type="np", routing_background_bias=1.0, **kw)
-
-
-def test_sdxl_subject_routed_only_inside_its_region(sdxl):
-    """Bias 1 gives the subjects the whole image when free (subject 0 most of it); with regions, every layer of every step keeps
-    each subject inside its box, the learned router still choosing within it."""
-    subs = [Subject(noise_image(1)), Subject(noise_image(2))]
-    free = _sdxl(sdxl, subs, return_routing_maps=True)
-    assert _outside(free.routing_maps, 0, LEFT) > 0.1, "unconstrained, subject 0 goes right too"
-    boxed = [Subject(noise_image(1), region=LEFT), Subject(noise_image(2), region=RIGHT)]
-    out = _sdxl(sdxl, boxed, return_routing_maps=True)
-    assert _outside(out.routing_maps, 0, LEFT) == 0 and _outside(out.routing_maps, 1, RIGHT) == 0
-    assert float(out.routing_maps[-1][:, 0].max()) > 0, "subject 0 is still routed inside its region"
-    assert np.abs(out.images - free.images).max() > 1e-4
 
 
 def test_sdxl_region_mask_equals_box_and_wrong_size_refused(sdxl):
@@ -108,16 +87,13 @@ def flux():
     return make_pipe()
 
 
-def test_flux_subject_routed_only_inside_its_region(flux):
-    """FLUX: the release's router decides within each region; image tokens outside a subject's region never get
-    it (the recorded per-block maps), for two subjects and for one (regions turn the router on)."""
-    two = [Subject(*subject_image(0), region=LEFT), Subject(*subject_image(1), region=RIGHT)]
-    out = flux(PROMPT, subjects=two, generator=gen(), ref_start_at=0.0, return_routing_maps=True, **CALL)
-    assert _outside(out.routing_maps, 0, LEFT) == 0 and _outside(out.routing_maps, 1, RIGHT) == 0
-    assert float(out.routing_maps[-1][:, 0].max()) > 0 and float(out.routing_maps[-1][:, 1].max()) > 0
+def test_flux_one_subject_region_turns_the_router_on(flux):
+    """FLUX: a region turns the release's router on for one subject too: image tokens outside the region never
+    get the subject, and the image differs from the call without the region; without the router, a region is
+    refused. (Two subjects confined to their regions: ``tests/core/test_backbone_contract.py``, both backbones.)"""
     one = flux(PROMPT, subjects=[Subject(*subject_image(0), region=LEFT)], generator=gen(), return_routing_maps=True,
                **CALL)
-    assert _outside(one.routing_maps, 0, LEFT) == 0 and float(one.routing_maps[-1][:, 0].max()) == 1
+    assert routed_outside(one.routing_maps, 0, LEFT) == 0 and float(one.routing_maps[-1][:, 0].max()) == 1
     free = flux(PROMPT, subjects=[Subject(*subject_image(0))], generator=gen(), **CALL).images
     assert np.abs(one.images - free).max() > 1e-6
     with pytest.raises(ValueError, match="regions need the router"):

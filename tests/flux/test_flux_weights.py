@@ -260,3 +260,63 @@ def test_from_released_with_local_folders(tmp_path):
     assert pipe.anystory_loaded and pipe.feature_extractor.size == {"height": 54, "width": 54}
     out = pipe(PROMPT, subjects=subjects(2), generator=gen(), return_routing_maps=True, **CALL)
     assert out.images.shape == (1, 32, 32, 3) and len(out.routing_maps) == CALL["num_inference_steps"]
+
+
+def _everything(pipe) -> dict:
+    """What a load changes: every transformer tensor (adapters included) and embedder tensor, which layers hold
+    which AnyStory adapter, the processor objects, the state object and its hooks."""
+    t = pipe.transformer
+    tensors = {f"t.{k}": v.clone() for k, v in t.state_dict().items()}
+    for name in ("redux_embedder", "router_embedder"):
+        module = getattr(pipe, name, None)
+        tensors.update({f"{name}.{k}": v.clone() for k, v in (module.state_dict() if module else {}).items()})
+    return {"tensors": tensors, "adapters": {a: modules_with(t, a) for a in ("anystory_ref", "anystory_router")},
+            "peft_config": sorted(getattr(t, "peft_config", {})), "processors": dict(t.attn_processors),
+            "state": pipe.anystory_state, "hooks": len(pipe.anystory_state._handles),
+            "embedders": (pipe.redux_embedder, pipe.router_embedder), "loaded": pipe.anystory_loaded}
+
+
+def _assert_same(before: dict, after: dict) -> None:
+    assert after["tensors"].keys() == before["tensors"].keys()
+    for k, v in before["tensors"].items():
+        assert torch.equal(after["tensors"][k], v), k
+    for key in ("adapters", "peft_config", "hooks", "loaded"):
+        assert after[key] == before[key], key
+    assert all(after["processors"][k] is p for k, p in before["processors"].items())
+    assert after["state"] is before["state"]
+    assert all(a is b for a, b in zip(after["embedders"], before["embedders"]))
+
+
+def _fail_on_router_adapter(transformer):
+    """The router adapter fails to load: the old adapters are gone and the new ref adapter is in by then."""
+    real = transformer.load_lora_adapter
+
+    def load(sd, *args, adapter_name=None, **kwargs):
+        if adapter_name == "anystory_router":
+            raise RuntimeError("simulated failure while loading the router adapter")
+        return real(sd, *args, adapter_name=adapter_name, **kwargs)
+
+    transformer.load_lora_adapter = load
+
+
+@pytest.mark.parametrize("loaded_before", [True, False])
+def test_a_load_that_fails_half_way_leaves_the_pipeline_as_it_was(loaded_before):
+    """Build first, swap after: a load failing in the swap (after the old adapters were deleted and the new ref
+    adapter loaded) puts back the AnyStory the pipeline had (or none): same tensors, adapters, processors,
+    hooks, embedders, and the same images; a later load still works."""
+    pipe = make_pipe(seed=0) if loaded_before else fresh_pipe()
+    images = _run(pipe) if loaded_before else pipe(PROMPT, generator=gen(), **CALL).images
+    before = _everything(pipe)
+    _fail_on_router_adapter(pipe.transformer)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        pipe.load_anystory_weights(random_released_state_dict(pipe.transformer, seed=1), redux_base=tiny_redux_base())
+    del pipe.transformer.load_lora_adapter
+    _assert_same(before, _everything(pipe))
+    again = _run(pipe) if loaded_before else pipe(PROMPT, generator=gen(), **CALL).images
+    np.testing.assert_array_equal(again, images)
+    if not loaded_before:
+        with pytest.raises(ValueError, match="no AnyStory weights are loaded"):
+            _run(pipe)
+    other = random_released_state_dict(pipe.transformer, seed=1)
+    pipe.load_anystory_weights(other, redux_base=tiny_redux_base())
+    np.testing.assert_array_equal(_run(pipe), _run(_loaded(other)))

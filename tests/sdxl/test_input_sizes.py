@@ -12,7 +12,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from PIL import Image
 
 from anystory import Subject
-from anystory.sdxl.attention_processors import AnyStoryState
+from anystory.sdxl.attention_processors import AnyStoryState, SDXLConditioning
 from anystory.sdxl.pipeline_sdxl import AnyStorySDXLPipeline
 from anystory.sdxl.tiny_sdxl import TINY_ANYSTORY_CONFIG, TinySpec, tiny_sdxl_components
 
@@ -67,7 +67,7 @@ def _check_all_sizes(unet, vae_factor: int) -> int:
     checked = 0
     for height in SIZES:
         for width in SIZES:
-            state = AnyStoryState(latent_hw=(height // vae_factor, width // vae_factor))
+            state = AnyStoryState(SDXLConditioning(latent_hw=(height // vae_factor, width // vae_factor)))
             for hw in attention_shapes(unet, *state.latent_hw):
                 assert state.layer_hw(hw[0] * hw[1]) == hw, (height, width, hw)
                 checked += 1
@@ -80,7 +80,7 @@ def test_every_sdxl_size_against_the_real_unet_layout():
     # the layout read from the modules is what a forward really produces (latent 3x5: 24x40 pixels)
     assert forward_shapes(unet, 3, 5, "meta") == set(attention_shapes(unet, 3, 5)) == {(2, 3), (1, 2)}
     assert _check_all_sizes(unet, 8) == 2 * len(SIZES) ** 2
-    state = AnyStoryState(latent_hw=(3, 8))  # 24x64 pixels: the size of the report
+    state = AnyStoryState(SDXLConditioning(latent_hw=(3, 8)))  # 24x64 pixels: the size of the report
     assert state.layer_hw(2) == (1, 2) and state.layer_hw(8) == (2, 4)
 
 

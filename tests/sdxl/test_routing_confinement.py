@@ -1,5 +1,7 @@
 """Confinement with the *learned* router (no ``set_routing_override``): a subject that the router sends nowhere
 changes nothing, and no layer applies a subject before a routing decision sent it there."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -24,15 +26,14 @@ def regions(pipe, monkeypatch):
     class Holder:
         value = None
 
-    original = pipe.anystory.reset_state
+    original = pipe.anystory.start
 
-    def reset_state(**values):
-        state = original(**values)
-        if values and Holder.value is not None:
-            state.routing_regions = Holder.value[: state.num_subjects]
-        return state
+    def start(conditioning=None):
+        if conditioning is not None and Holder.value is not None:
+            conditioning = replace(conditioning, routing_regions=Holder.value[: conditioning.num_subjects])
+        return original(conditioning)
 
-    monkeypatch.setattr(pipe.anystory, "reset_state", reset_state)
+    monkeypatch.setattr(pipe.anystory, "start", start)
     return Holder
 
 

@@ -1,6 +1,8 @@
 """One region per subject (``routing_single_region``, the miniature's inference rule): every layer's map gives
 each subject one 8-connected region, and the routing guarantees still hold with the rule on: a subject routed
 nowhere changes nothing, and a batch gives what single calls give."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -115,15 +117,14 @@ def test_subject_routed_nowhere_changes_nothing_with_the_rule(pipe, monkeypatch)
     the call with A alone, for any reference of B."""
     allowed = torch.zeros(2, 32, 32)
     allowed[0, :, :20] = 1
-    original = pipe.anystory.reset_state
+    original = pipe.anystory.start
 
-    def reset_state(**values):
-        state = original(**values)
-        if values:
-            state.routing_regions = allowed[: state.num_subjects]
-        return state
+    def start(conditioning=None):
+        if conditioning is not None:
+            conditioning = replace(conditioning, routing_regions=allowed[: conditioning.num_subjects])
+        return original(conditioning)
 
-    monkeypatch.setattr(pipe.anystory, "reset_state", reset_state)
+    monkeypatch.setattr(pipe.anystory, "start", start)
     alone = _run(pipe, [Subject(noise_image(1))], return_routing_maps=True)
     assert torch.stack([m[0, 0] for m in alone.routing_maps]).mean() > 0.05, "A must hold part of the image"
     for b_seed in (2, 5):

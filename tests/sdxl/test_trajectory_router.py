@@ -1,6 +1,8 @@
 """The trajectory router (``router.py``): a second router per layer whose background-adjusted logits are added to
 the stage-2 router's for the inference decision. The decision on a built example, removal invariance and batch
 independence with it, and a model without one routing as before."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -105,15 +107,14 @@ def test_a_subject_allowed_nowhere_changes_nothing_with_trajectory_routers(pipe,
     params = adapter.add_trajectory_routers(0.5, 0.5)
     allowed = torch.zeros(2, 32, 32)
     allowed[0, :, :20] = 1
-    original = adapter.reset_state
+    original = adapter.start
 
-    def reset_state(**values):
-        state = original(**values)
-        if values:
-            state.routing_regions = allowed[: state.num_subjects]
-        return state
+    def start(conditioning=None):
+        if conditioning is not None:
+            conditioning = replace(conditioning, routing_regions=allowed[: conditioning.num_subjects])
+        return original(conditioning)
 
-    monkeypatch.setattr(adapter, "reset_state", reset_state)
+    monkeypatch.setattr(adapter, "start", start)
     try:
         with torch.no_grad():
             for p in params.values():
