@@ -8,18 +8,22 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import tempfile
 
 import gradio as gr
 
 from anystory.app import generate_tab, storyboard_run, storyboard_tab
+from anystory.app.jobs import SessionJobs, one_job_per_session
+from anystory.app.retention import (DEFAULT_RETENTION_S, RETENTION_ENV, SessionFiles, anonymize_uploads, private_root,
+                                    retention_seconds)
 from anystory.app.gallery import captioned, frame_items, routing_items
 from anystory.app.environment import probe_environment
 from anystory.app.generation import GenerationError
 from anystory.app.inputs import MAX_UPLOAD_MB, MAX_SEED, SubjectSlot
 from anystory.app.models import KINDS, ModelHandle, NoModelError, load_model
-from anystory.app.progress import StagedSegmenter, Status, follow
+from anystory.app.progress import Cancelled, StagedSegmenter, Status, follow
 from anystory.app.mask_preview import preview as mask_preview
 from anystory.matting import BIREFNET_ID, LazyBiRefNetSegmenter
 from anystory.app.region_canvas import drawn_region_text, region_canvas
@@ -36,6 +40,8 @@ except ImportError:
     def gpu(fn):
         return fn
 
+#: A login for the whole demo, ``user:password[,user:password]`` (a Space secret); --auth wins.
+AUTH_ENV = "ANYSTORY_AUTH"
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "examples")
 #: What the user can act on (bad input, or advice such as running out of memory): shown as a message. Any other
 #: exception is a bug: logged with its traceback and reported as one (see :func:`_report_bug`).
@@ -120,13 +126,17 @@ def _report_bug(error: Exception, n_outputs: int):
     return gr.skip() if n_outputs == 1 else [gr.skip()] * n_outputs
 
 
-def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: str | None = None) -> gr.Blocks:
-    """The whole UI around an already loaded model."""
-    out_root = out_root or tempfile.mkdtemp(prefix="anystory_app_")
+def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: str | None = None,
+               kept: SessionFiles | None = None, jobs: SessionJobs | None = None) -> gr.Blocks:
+    """The whole UI around an already loaded model. ``kept``: where each session's files go and when they are
+    deleted (docs/privacy.md); ``jobs``: the cancel flags of each session's jobs."""
+    kept = kept or SessionFiles(out_root or tempfile.mkdtemp(prefix="anystory_app_"))
+    jobs = jobs or SessionJobs()
     n_slots = max(1, handle.max_subjects)
     d = handle.defaults
 
-    with gr.Blocks(title="AnyStory") as demo:
+    # Gradio deletes its cache copies (outputs, uploads) older than the window, checked a few times per window
+    with gr.Blocks(title="AnyStory", delete_cache=(max(1, min(60, kept.ttl // 4)), kept.ttl)) as demo:
         gr.Markdown("# AnyStory: several subjects, each from its own reference, in one picture\n"
                     "Upload a reference photo per subject, describe the scene, press **Generate**. The router decides "
                     "where each subject may act; the coloured overlay shows it (one colour per subject).")
@@ -186,11 +196,16 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                                     mask = UploadImage(label="Mask (white = subject, same size as the image)",
                                                        type="filepath", image_mode=None, sources=["upload"], height=200,
                                                        elem_id=f"subject-{i + 1}-mask")
-                            image.change(editor_background,
+                            def on_new_image(request: gr.Request, path):
+                                kept.claim(request, path)
+                                return editor_background(path)
+
+                            image.change(on_new_image,
                                          image, drawn, queue=False).then(
                                 None, None, None, js=SELECT_BRUSH_JS % f"subject-{i + 1}-draw")
 
-                            def on_mask_inputs(img, msk, drw, index=i):
+                            def on_mask_inputs(request: gr.Request, img, msk, drw, index=i):
+                                kept.claim(request, img, msk)
                                 try:
                                     return mask_preview(SubjectSlot(img, msk, drw), segmenter, index)
                                 except USER_ERRORS as e:
@@ -199,7 +214,10 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                             # a new image clears the strokes: its preview needs no editor value. The editor's own
                             # change events (strokes, and the new image arriving) may meet a half-rewritten upload
                             # when several slots load at once (an example): those fail quietly, the next one shows
-                            image.change(lambda img, msk, index=i: on_mask_inputs(img, msk, None, index), [image, mask],
+                            def on_image_mask(request: gr.Request, img, msk, index=i):
+                                return on_mask_inputs(request, img, msk, None, index)
+
+                            image.change(on_image_mask, [image, mask],
                                          [mask_view, mask_note], trigger_mode="always_last")
                             for source in (drawn, mask):
                                 source.change(on_mask_inputs, [image, mask, drawn], [mask_view, mask_note],
@@ -264,29 +282,36 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                     files = gr.File(label="Download (PNG)", file_count="multiple", interactive=False, elem_id="downloads")
 
             @gpu
-            def on_generate(c, prompt_text, negative_text, seed_v, steps_v, guidance_v, width_v, height_v, num_v,
+            def on_generate(request: gr.Request, c, prompt_text, negative_text, seed_v, steps_v, guidance_v, width_v, height_v, num_v,
                             *slot_values):
                 """A generator: the stage and this run's ETA stream into #run-progress while the model runs."""
+                kept.claim(request, *slot_values)
                 slots = generate_tab.slots_from_values(slot_values)[: int(c or 1)]
+                out_dir = kept.folder(request)
 
                 def work(tracker):
                     return generate_tab.run_generation(
                         handle, StagedSegmenter(segmenter, tracker), slots, prompt_text, negative_text, seed_v, steps_v,
                         guidance_v, width_v, height_v, num_v, progress=tracker.step,
-                        out_dir=tempfile.mkdtemp(dir=out_root))
+                        out_dir=out_dir)
 
                 yield [gr.skip()] * 6 + [Status("starting", "", 0.0).html()]
+                cancel = jobs.start(request)
                 try:
-                    for item in follow(work):
+                    for item in follow(work, cancel):
                         if isinstance(item, Status):
                             yield [gr.skip()] * 6 + [item.html()]
                         else:
                             result = item[1]
+                except Cancelled:  # the session ended: there is no one to tell
+                    return
                 except Exception as e:  # the user's mistake or advice, else a bug: both keep earlier results
                     told = _refuse(e, 6) if isinstance(e, USER_ERRORS) else _report_bug(e, 6)
                     yield told + ['<div class="anystory-progress" data-stage="stopped">Stopped: nothing was '
                                   "generated; earlier results are kept.</div>"]
                     return
+                finally:
+                    jobs.finish(request, cancel)
                 yield (captioned(result.images), result.info + "  \n" + result.routing_note, routing_items(result),
                        result.legend, result.files, segmenter.status, gr.skip())
 
@@ -341,11 +366,12 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
             frame_routes = gr.Gallery(label="Routing per frame", columns=3, object_fit="contain", format="png")
             story_legend = gr.HTML()
 
-            def on_import(path):
+            def on_import(request: gr.Request, path):
                 if not path:
                     return [gr.update()] * (len(char_inputs) + 5)
+                kept.claim(request, path)
                 try:
-                    script, missing = import_script(path, tempfile.mkdtemp(dir=out_root))
+                    script, missing = import_script(path, kept.folder(request))
                     values, rows = storyboard_tab.ui_from_script(script)
                 except USER_ERRORS as e:
                     return _refuse(e, len(char_inputs) + 5, "Import failed")
@@ -360,23 +386,28 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
             script_upload.upload(on_import, script_upload, story_fields)
             # the shipped script is read where it lies, so its relative reference paths resolve (an upload of the
             # bare YAML cannot carry its images: that is what the exported .zip bundle is for)
-            example_btn.click(lambda: on_import(EXAMPLE_STORY), None, story_fields)
+            def on_example(request: gr.Request):
+                return on_import(request, EXAMPLE_STORY)
+
+            example_btn.click(on_example, None, story_fields)
 
             def _settings(seed_v, steps_v):
                 return {"seed": int(seed_v) if seed_v is not None and seed_v >= 0 else None, "steps": steps_v}
 
-            def on_export(title, rows, seed_v, steps_v, *values):
+            def on_export(request: gr.Request, title, rows, seed_v, steps_v, *values):
+                kept.claim(request, *values)
                 try:
                     script = storyboard_tab.script_from_ui(values, rows, title, _settings(seed_v, steps_v))
-                    return storyboard_tab.export_script_files(script, tempfile.mkdtemp(dir=out_root))
+                    return storyboard_tab.export_script_files(script, kept.folder(request))
                 except USER_ERRORS as e:
                     return _refuse(e, 1, "Cannot export")
 
             export_btn.click(on_export, [story_title, shots, story_seed, story_steps] + char_inputs, script_files)
 
             @gpu
-            def on_storyboard(title, rows, seed_v, steps_v, *values):
+            def on_storyboard(request: gr.Request, title, rows, seed_v, steps_v, *values):
                 """A generator: frames appear as they are made, the stage and ETA stream into #story-progress."""
+                kept.claim(request, *values)
                 shown, routes, legend_text = [], [], ""
                 try:
                     script = storyboard_tab.script_from_ui(values, rows, title, _settings(seed_v, steps_v))
@@ -384,12 +415,13 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                     yield _refuse(e, 5)
                     return
                 made = []  # appended by the worker thread, read here
+                out_dir = kept.folder(request)
 
                 def work(tracker):
                     tracker.label = f"frame 1/{len(script.shots)}"
                     for frame in storyboard_run.storyboard_frames(
                             handle, StagedSegmenter(segmenter, tracker), script, seed_v, steps_v,
-                            progress=tracker.step, out_dir=tempfile.mkdtemp(dir=out_root)):
+                            progress=tracker.step, out_dir=out_dir):
                         made.append(frame)
                         tracker.label = f"frame {min(len(made) + 1, len(script.shots))}/{len(script.shots)}"
 
@@ -402,13 +434,16 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                         legend_text = storyboard_run.story_legend(script)
                     return f"{len(shown)} of {len(script.shots)} frames, seed {made[-1].seed}." if made else gr.skip()
 
+                cancel = jobs.start(request)
                 try:
-                    for item in follow(work):
+                    for item in follow(work, cancel):
                         status = item.html() if isinstance(item, Status) else gr.skip()
                         if len(shown) < len(made):
                             yield shown, routes, new_frames(), legend_text, status
                         else:
                             yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), status
+                except Cancelled:  # the session ended: there is no one to tell
+                    return
                 except Exception as e:  # the user's mistake or advice, else a bug: both keep the frames made
                     new_frames()
                     told = _refuse(e, 4) if isinstance(e, USER_ERRORS) else _report_bug(e, 4)
@@ -417,14 +452,30 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                         yield shown, routes, f"Stopped after {len(shown)} frame(s): {e}", legend_text, stopped
                         return
                     yield told + [stopped]
+                finally:
+                    jobs.finish(request, cancel)
 
             story_btn.click(on_storyboard, [story_title, shots, story_seed, story_steps] + char_inputs,
                             [frames, frame_routes, story_status, story_legend, story_progress], show_progress="hidden")
 
         gr.Markdown(f"Uploads: PNG, JPEG, WebP, BMP or TIFF, at most {MAX_UPLOAD_MB} MB each. Subjects: at most "
                     f"{handle.max_subjects}. Masks from: uploaded or drawn, else automatic matting "
-                    f"(BiRefNet `{BIREFNET_ID}` when it can be loaded).")
+                    f"(BiRefNet `{BIREFNET_ID}` when it can be loaded). Privacy: your uploads and results are "
+                    f"deleted when you close this page, and at the latest after {_duration(kept.ttl)}.")
+
+        def on_unload(request: gr.Request):
+            """The tab closed: stop the session's job within one step and delete every file it left."""
+            jobs.cancel(request)
+            kept.end(request)
+
+        demo.unload(on_unload)
+    demo.anystory_heavy = (on_generate, on_storyboard)  # at most one of these per session in the queue
+    demo.anystory_files = kept
     return demo
+
+
+def _duration(seconds: int) -> str:
+    return f"{seconds // 60} minutes" if seconds >= 120 else f"{seconds} seconds"
 
 
 def parse_args(argv=None):
@@ -444,11 +495,37 @@ def parse_args(argv=None):
     p.add_argument("--host", default=None, help="server address (default 127.0.0.1, or GRADIO_SERVER_NAME)")
     p.add_argument("--port", type=int, default=None, help="server port (default 7860, or GRADIO_SERVER_PORT)")
     p.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
+    p.add_argument("--auth", default=os.environ.get(AUTH_ENV) or None, metavar="USER:PASSWORD[,USER:PASSWORD]",
+                   help=f"require a login (or {AUTH_ENV}, e.g. a Space secret); default: no login")
+    p.add_argument("--retention", type=int, default=None, metavar="SECONDS",
+                   help=f"delete uploads and results after this long at the latest (or {RETENTION_ENV}; default "
+                        f"{DEFAULT_RETENTION_S}); they also go when the visitor's session ends")
+    p.add_argument("--monitoring", action="store_true",
+                   help="enable Gradio's /monitoring dashboard (off: anyone could read the traffic summary)")
     return p.parse_args(argv)
+
+
+def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
+    """``user:password[,user:password]`` -> Gradio's list of pairs; None for no login."""
+    if not text:
+        return None
+    pairs = []
+    for entry in text.split(","):
+        user, sep, password = entry.strip().partition(":")
+        if not sep or not user or not password:
+            raise ValueError(f"--auth / {AUTH_ENV} must read user:password (comma-separated for several users)")
+        pairs.append((user, password))
+    return pairs
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        auth = parse_auth(args.auth)
+        ttl = retention_seconds(None if args.retention is None else str(args.retention))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     env = probe_environment(args.sdxl_weights, args.sdxl_base, args.flux_weights)
     env.flux_vram = args.vram
     try:
@@ -460,10 +537,20 @@ def main(argv=None) -> int:
         handle.pipe.enable_model_cpu_offload()
     print(handle.status_markdown().replace("**", ""), flush=True)
     segmenter = LazyBiRefNetSegmenter(args.segmenter, device=handle.device)
-    demo = build_demo(handle, segmenter)
-    demo.queue(default_concurrency_limit=1, max_size=32)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS,
-                max_file_size=f"{MAX_UPLOAD_MB}mb", allowed_paths=[EXAMPLES_DIR])
+    root = private_root()  # before the Blocks: Gradio's cache goes inside it
+    anonymize_uploads()
+    kept = SessionFiles(root, os.environ["GRADIO_TEMP_DIR"], ttl)
+    kept.start_sweeper()
+    try:
+        demo = build_demo(handle, segmenter, kept=kept)
+        demo.queue(default_concurrency_limit=1, max_size=32)
+        one_job_per_session(demo, demo.anystory_heavy)
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS,
+                    max_file_size=f"{MAX_UPLOAD_MB}mb", allowed_paths=[EXAMPLES_DIR], auth=auth,
+                    enable_monitoring=args.monitoring)
+    finally:  # nothing of any visitor outlives the app
+        kept.stop()
+        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

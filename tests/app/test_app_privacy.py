@@ -1,0 +1,139 @@
+"""What the public demo keeps of a visitor (docs/privacy.md): uploads stored under no name of theirs, readable by no
+other local user, deleted after the retention window, when the session ends, and when the app stops."""
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import types
+
+import httpx
+import pytest
+
+import app
+from anystory.app.retention import SessionFiles, anonymous_name, retention_seconds
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STAR = os.path.join(ROOT, "assets", "examples", "red_striped_star.png")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mode(path: str) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``app.py --model tiny`` with a 2-second retention window, on loopback."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("privacy") / "server.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    env.pop("GRADIO_TEMP_DIR", None)
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "app.py", "--model", "tiny", "--host", "127.0.0.1", "--port", str(port),
+                                 "--retention", "2"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/config", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+        assert proc.poll() is None, log.read_text()
+    else:
+        proc.kill()
+        pytest.fail("the app did not start:\n" + log.read_text())
+    yield types.SimpleNamespace(url=url, proc=proc, log=log)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def _upload(url: str, name: str) -> str:
+    with open(STAR, "rb") as f:
+        r = httpx.post(url + "/gradio_api/upload", files={"files": (name, f, "image/png")}, timeout=10)
+    r.raise_for_status()
+    return r.json()[0]
+
+
+def test_an_upload_carries_no_name_of_the_visitor_is_private_and_is_gone_after_the_window(server):
+    path = _upload(server.url, "jane_doe_passport.png")
+    assert os.path.basename(path) == "upload.png" and "jane" not in path
+    root = os.path.dirname(os.path.dirname(os.path.dirname(path)))
+    assert _mode(path) == 0o600 and _mode(os.path.dirname(path)) == 0o700 and _mode(root) == 0o700
+    other = _upload(server.url, "jane_doe_passport.png")  # the same photo again: its own random folder
+    assert os.path.dirname(other) != os.path.dirname(path)
+    deadline = time.time() + 15
+    while os.path.exists(path) and time.time() < deadline:
+        time.sleep(0.25)
+    assert not os.path.exists(path) and not os.path.exists(os.path.dirname(path))
+
+
+def test_monitoring_is_off(server):
+    for route in ("/monitoring", "/monitoring/summary"):
+        assert httpx.get(server.url + route, timeout=5).status_code in (401, 403, 404)
+
+
+def test_the_app_leaves_nothing_when_it_stops(server):
+    path = _upload(server.url, "holiday.jpg.png")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(path)))
+    server.proc.send_signal(signal.SIGINT)
+    server.proc.wait(timeout=30)
+    assert not os.path.exists(root), server.log.read_text()
+
+
+def test_a_session_end_deletes_its_uploads_and_results(handle, tmp_path):
+    """The page's unload handler (Gradio calls it when the tab closes) removes the session's files, not others'."""
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    kept = SessionFiles(str(tmp_path / "run"), str(uploads), ttl=3600)
+    demo = app.build_demo(handle, app.LazyBiRefNetSegmenter(), kept=kept)
+    unload = next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "on_unload")
+    mine, theirs = types.SimpleNamespace(session_hash="a"), types.SimpleNamespace(session_hash="b")
+    files = {}
+    for who in (mine, theirs):
+        folder = uploads / who.session_hash
+        folder.mkdir()
+        upload = folder / "upload.png"
+        upload.write_bytes(b"x")
+        kept.claim(who, {"background": str(upload)}, [str(upload)], "not a path")
+        result = os.path.join(kept.folder(who), "out.png")
+        open(result, "wb").close()
+        files[who.session_hash] = (str(upload), result)
+    unload(mine)
+    assert not any(os.path.exists(p) for p in files["a"])
+    assert all(os.path.exists(p) for p in files["b"])
+
+
+def test_the_sweep_deletes_what_is_older_than_the_window_and_keeps_the_rest(tmp_path):
+    uploads = tmp_path / "uploads"
+    (uploads / "abc").mkdir(parents=True)
+    old_upload = uploads / "abc" / "upload.png"
+    old_upload.write_bytes(b"x")
+    (uploads / "gradio-default").mkdir()
+    page_value = uploads / "gradio-default" / "image.png"  # Gradio's own cache copy: its delete_cache decides
+    page_value.write_bytes(b"x")
+    kept = SessionFiles(str(tmp_path / "run"), str(uploads), ttl=60)
+    old = kept.folder(types.SimpleNamespace(session_hash="a"))
+    new = kept.folder(types.SimpleNamespace(session_hash="b"))
+    past = time.time() - 120
+    for p in (old, old_upload):
+        os.utime(p, (past, past))
+    assert kept.sweep() == 2
+    assert not os.path.exists(old) and not old_upload.exists() and not (uploads / "abc").exists()
+    assert os.path.exists(new) and page_value.exists()
+
+
+def test_retention_setting_and_upload_names():
+    assert retention_seconds("") == 3600 and retention_seconds("5") == 5
+    with pytest.raises(ValueError, match="ANYSTORY_RETENTION_S"):
+        retention_seconds("soon")
+    assert anonymous_name("jane doe.JPG") == "upload.jpg" and anonymous_name("evil.sh") == "upload"
