@@ -19,6 +19,7 @@ from anystory.app.jobs import SessionJobs, one_job_per_session
 from anystory.app.retention import (DEFAULT_RETENTION_S, RETENTION_ENV, SessionFiles, anonymize_uploads, private_root,
                                     retention_seconds)
 from anystory.app.gallery import captioned, frame_items, routing_items
+from anystory.app.editor_limits import LimitedEditor
 from anystory.app.environment import probe_environment
 from anystory.app.generation import GenerationError
 from anystory.app.inputs import MAX_UPLOAD_MB, MAX_SEED, SubjectSlot
@@ -168,7 +169,7 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                             with gr.Accordion("Region (optional): where this subject may appear", open=True,
                                               elem_id=f"subject-{i + 1}-region-box"):
                                 with gr.Row():
-                                    canvas = gr.ImageEditor(
+                                    canvas = LimitedEditor(
                                         value=region_canvas(d.size, d.size), label="Draw a box (the output's shape)",
                                         type="pil", sources=[], layers=False, height=260, transforms=[],
                                         elem_id=f"subject-{i + 1}-region-canvas",
@@ -188,7 +189,7 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                             with gr.Accordion("Replace the mask: draw over the subject or upload one", open=True,
                                               elem_id=f"subject-{i + 1}-mask-editor"):
                                 with gr.Tab("Draw"):
-                                    drawn = gr.ImageEditor(label="Paint over the subject (the brush is selected)",
+                                    drawn = LimitedEditor(label="Paint over the subject (the brush is selected)",
                                                            type="pil", sources=[], layers=False, height=300,
                                                            transforms=[], elem_id=f"subject-{i + 1}-draw",
                                                            brush=gr.Brush(colors=["#ff0000"], color_mode="fixed"))

@@ -9,14 +9,15 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
-from .inputs import InputError
+from .inputs import InputError, check_number
 from .region_canvas import region_text
-from .storyboard import Script, ScriptError, dump_script, export_bundle, script_from_dict
+from .storyboard import NUMBER_SETTINGS, Script, ScriptError, dump_script, export_bundle, script_from_dict
 
 STORY_SLOTS = 6
 STORY_FIELDS = ("alias", "description", "reference")
 #: The shots table's columns; "regions" reads ``alias: x0, y0, x1, y1`` entries separated by ``;``.
 SHOT_COLUMNS = ("prompt", "characters", "regions")
+FORM_NAMES = {"seed": "Story seed", "steps": "Steps"}
 
 
 def _cell(row: Sequence[Any], k: int) -> str:
@@ -67,7 +68,12 @@ def script_from_ui(char_values: Sequence[Any], shot_rows: Any, title: str = "", 
             shot["regions"] = parse_shot_regions(regions, len(shots) + 1)
         shots.append(shot)
     references = {c["alias"]: c.pop("reference") for c in chars}
-    data = {"title": title or "", "settings": {k: v for k, v in (settings or {}).items() if v not in (None, "")},
+    settings = {k: v for k, v in (settings or {}).items() if v not in (None, "")}
+    for key, value in settings.items():  # the form's fields, named as the page names them
+        if key in NUMBER_SETTINGS:
+            (lo, hi), integer = NUMBER_SETTINGS[key]
+            settings[key] = check_number(value, FORM_NAMES.get(key, key.capitalize()), lo, hi, integer=integer)
+    data = {"title": title or "", "settings": settings,
             "characters": chars, "shots": shots}
     try:
         script = script_from_dict(data)
