@@ -60,6 +60,8 @@ class SessionJobs:
         return flag
 
     def finish(self, request: Any, flag: threading.Event) -> None:
+        """The job's handler is over (done, failed, or closed by Gradio): whatever still runs for it stops."""
+        flag.set()
         with self._lock:
             flags = self._flags.get(self._key(request), set())
             flags.discard(flag)

@@ -172,3 +172,100 @@ def test_the_storyboard_forms_numbers_are_named(settings, words):
     with pytest.raises(InputError, match=words):
         storyboard_tab.script_from_ui(["cat", "a cat", None] + ["", "", None] * 5, [["{cat} sleeps", "", ""]], "t",
                                       settings)
+
+
+STAR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "assets", "examples",
+                    "red_striped_star.png")
+
+
+def test_work_is_bounded_by_a_budget_with_a_message(handle, monkeypatch):
+    from anystory.app import generation, jobs, storyboard_run
+    from anystory.app.storyboard import script_from_dict
+    from anystory.subjects import AlphaOrWholeImageSegmenter
+
+    big = generation.Request("a star", [], steps=100, num_images=4)
+    assert generation.check_request(handle, big).kwargs["num_inference_steps"] == 100  # 400: within the budget
+    monkeypatch.setenv(jobs.MAX_WORK_ENV, "300")
+    with pytest.raises(InputError, match=r"Work budget: this request needs 400 denoising steps \(100 steps x 4 images\); "
+                                         "one request may use at most 300"):
+        generation.check_request(handle, big)
+    monkeypatch.delenv(jobs.MAX_WORK_ENV)
+    story = script_from_dict({"characters": [{"alias": "cat", "reference": STAR}],
+                              "shots": [{"prompt": "{cat} on sand"}] * 64})
+    segmenter = AlphaOrWholeImageSegmenter()
+    with pytest.raises(InputError, match=r"6400 denoising steps \(100 steps x 64 shots\); one request may use at most "
+                                         f"{jobs.DEFAULT_MAX_WORK}"):
+        storyboard_run.check_story(handle, segmenter, story, steps=100)
+
+
+def test_a_job_whose_browser_left_stops_within_one_step(handle):
+    """Gradio closes the generator of a client that went away; the model's worker thread then stops at its next
+    step instead of running to the end while the next visitor waits."""
+    import threading
+
+    from anystory.app import generate_tab
+    from anystory.app.inputs import SubjectSlot
+    from anystory.app.progress import Status, follow
+    from anystory.subjects import AlphaOrWholeImageSegmenter
+
+    seen, ended, outcome = [], threading.Event(), {}
+
+    def work(tracker):
+        def progress(k, n):
+            seen.append(k)
+            tracker.step(k, n)
+        try:
+            outcome["result"] = generate_tab.run_generation(handle, AlphaOrWholeImageSegmenter(), [SubjectSlot(STAR)],
+                                                            "a star", steps=60, progress=progress)
+        except BaseException as e:
+            outcome["error"] = e
+            raise
+        finally:
+            ended.set()
+
+    reader = follow(work)
+    for item in reader:
+        if isinstance(item, Status) and item.stage == "denoising" and item.step >= 2:
+            break
+    at_close = max(seen)
+    reader.close()  # what Gradio's reset of a disconnected client's iterator does
+    assert ended.wait(60)
+    assert type(outcome.get("error")).__name__ == "Cancelled" and "result" not in outcome
+    assert max(seen) <= at_close + 1 < 60
+
+
+def test_a_session_holds_at_most_one_job_in_the_queue(handle):
+    import asyncio
+
+    import app
+    from anystory.app.jobs import BUSY_MESSAGE, SessionJobs, one_job_per_session
+    from anystory.matting import LazyBiRefNetSegmenter
+
+    demo = app.build_demo(handle, LazyBiRefNetSegmenter())
+    demo.queue(default_concurrency_limit=1, max_size=32)
+    queue = demo._queue
+    admitted = []
+
+    async def original(body, request, username):
+        admitted.append(body.session_hash)
+        return True, "id", "success"
+
+    queue.push = original
+    one_job_per_session(demo, demo.anystory_heavy)
+    index = {f.fn.__name__: i for i, f in demo.fns.items() if hasattr(f.fn, "__name__")}
+    generate, storyboard, preview = index["on_generate"], index["on_storyboard"], index["on_image_mask"]
+    queue.pending_event_ids_session["a"] = {"e1"}
+    queue.event_ids_to_events["e1"] = types.SimpleNamespace(fn=demo.fns[generate])
+
+    def push(fn_index, session):
+        return asyncio.run(queue.push(types.SimpleNamespace(fn_index=fn_index, session_hash=session), None, None))
+
+    assert push(storyboard, "a") == (False, BUSY_MESSAGE, "error")
+    assert push(generate, "a")[0] is False
+    assert push(preview, "a")[0] and push(generate, "b")[0]  # light events, and other sessions, pass
+    assert admitted == ["a", "b"]
+    jobs = SessionJobs()
+    flags = [jobs.start(types.SimpleNamespace(session_hash="a")) for _ in range(2)]
+    other = jobs.start(types.SimpleNamespace(session_hash="b"))
+    assert jobs.cancel(types.SimpleNamespace(session_hash="a")) == 2 and all(f.is_set() for f in flags)
+    assert not other.is_set()
