@@ -22,9 +22,10 @@ from anystory.app.gallery import captioned, frame_items, routing_items
 from anystory.app.editor_limits import LimitedEditor
 from anystory.app.environment import probe_environment
 from anystory.app.generation import GenerationError
-from anystory.app.inputs import MAX_UPLOAD_MB, MAX_SEED, SubjectSlot
+from anystory.app.inputs import MAX_UPLOAD_MB, MAX_SEED, SubjectSlot, check_number, random_seed, subject_count
 from anystory.app.models import KINDS, ModelHandle, NoModelError, load_model
 from anystory.app.progress import Cancelled, StagedSegmenter, Status, follow
+from anystory.app.raw_numbers import raw_number
 from anystory.app.mask_preview import preview as mask_preview
 from anystory.matting import BIREFNET_ID, LazyBiRefNetSegmenter
 from anystory.app.region_canvas import drawn_region_text, region_canvas
@@ -166,6 +167,7 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                                                       info=SLIDER_HELP["scale"])
                                     ref_scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Detail strength",
                                                           info=SLIDER_HELP["reference_scale"])
+                                    raw_number(scale), raw_number(ref_scale)  # checked by the app, field named
                             with gr.Accordion("Region (optional): where this subject may appear", open=True,
                                               elem_id=f"subject-{i + 1}-region-box"):
                                 with gr.Row():
@@ -231,18 +233,18 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                     limit_note = f"Subject limit reached: this model takes at most {n_slots} subjects per image."
 
                     def _add(c):
-                        if int(c) >= n_slots:
+                        if subject_count(c, n_slots) >= n_slots:
                             gr.Info(limit_note, title="Subject limit")
-                        return min(n_slots, int(c) + 1)
+                        return min(n_slots, subject_count(c, n_slots) + 1)
 
                     def _show(c):
-                        c = max(1, min(n_slots, int(c or 1)))
+                        c = subject_count(c, n_slots)
                         at_limit = c >= n_slots
                         return [gr.Group(visible=i < c) for i in range(n_slots)] + [
                             gr.Button(f"Limit: {n_slots} subjects" if at_limit else "+ Add subject")]
 
                     add_btn.click(_add, count, count)
-                    remove_btn.click(lambda c: max(1, int(c) - 1), count, count, queue=False)
+                    remove_btn.click(lambda c: max(1, subject_count(c, n_slots) - 1), count, count, queue=False)
                     count.change(_show, count, groups + [add_btn], queue=False)
 
                     prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
@@ -259,6 +261,8 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                         height = gr.Slider(d.min_size, d.max_size, value=d.size, step=d.size_step, label="Height",
                                            info=SLIDER_HELP["height"])
                         num_images = gr.Slider(1, 4, value=1, step=1, label="Images", info=SLIDER_HELP["num_images"])
+                    for field in (count, seed, steps, guidance, width, height, num_images):
+                        raw_number(field)  # a bad value reaches the app's checks, which name the field
                     run_btn = gr.Button("Generate", variant="primary", elem_id="generate")
 
                     def _reshape(w, h, *values):
@@ -287,7 +291,12 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                             *slot_values):
                 """A generator: the stage and this run's ETA stream into #run-progress while the model runs."""
                 kept.claim(request, *slot_values)
-                slots = generate_tab.slots_from_values(slot_values)[: int(c or 1)]
+                try:
+                    slots = generate_tab.slots_from_values(slot_values)[: check_number(c or 1, "Subjects", 1, n_slots,
+                                                                                       integer=True)]
+                except USER_ERRORS as e:
+                    yield _refuse(e, 7)
+                    return
                 out_dir = kept.folder(request)
 
                 def work(tracker):
@@ -352,6 +361,7 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                 story_seed = gr.Number(-1, label="Story seed (-1 = random, one seed for all shots)", precision=0,
                                        minimum=-1, maximum=MAX_SEED)
                 story_steps = gr.Slider(1, 100, value=d.steps, step=1, label="Steps", info=SLIDER_HELP["story_steps"])
+                raw_number(story_seed), raw_number(story_steps)
             with gr.Row():
                 story_btn = gr.Button("Generate storyboard", variant="primary", elem_id="generate-storyboard")
                 example_btn = gr.Button("Load the example story (references included)", elem_id="story-example")
@@ -380,6 +390,10 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                        f"{len(script.shots)} shots."
                 if missing:
                     note += " Upload the reference image for: " + ", ".join(missing) + "."
+                unused = storyboard_tab.unused_fields(script)
+                if unused:
+                    note += (" This page has no field for, and will not use: " + ", ".join(unused[:12])
+                             + (f" and {len(unused) - 12} more" if len(unused) > 12 else "") + ".")
                 return values + [rows, script.title, script.settings.get("seed", -1),
                                  script.settings.get("steps") or d.steps, note]
 
@@ -393,7 +407,8 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
             example_btn.click(on_example, None, story_fields)
 
             def _settings(seed_v, steps_v):
-                return {"seed": int(seed_v) if seed_v is not None and seed_v >= 0 else None, "steps": steps_v}
+                """The form's story seed and steps as sent (the script's rules name a bad one); -1 is "random"."""
+                return {"seed": None if random_seed(seed_v) else seed_v, "steps": steps_v}
 
             def on_export(request: gr.Request, title, rows, seed_v, steps_v, *values):
                 kept.claim(request, *values)

@@ -30,6 +30,7 @@ SUPPORTED_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff
 SUPPORTED_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "TIFF", "MPO"}  # MPO: phone JPEGs with a depth frame
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**31 - 1
+MAX_NAME_CHARS = 64
 
 
 class InputError(InvalidInputError):
@@ -190,7 +191,8 @@ def collect_subjects(slots: Sequence[SubjectSlot], max_subjects: int, segmenter:
                          "Remove some subjects.")
     subjects, sources = [], []
     for i, slot in used:
-        label = f"{noun} {i + 1}" + (f" ({slot.name.strip()})" if slot.name and slot.name.strip() else "")
+        name = check_name(slot.name, f"{noun} {i + 1} name")
+        label = f"{noun} {i + 1}" + (f" ({name})" if name else "")
         if slot.image is None:
             raise InputError(f"{label}: a mask was given but no image; upload the subject's reference image.")
         image = load_image_file(slot.image, f"{label} image")
@@ -204,7 +206,7 @@ def collect_subjects(slots: Sequence[SubjectSlot], max_subjects: int, segmenter:
                 mask = np.asarray(segmenter(image), dtype=bool)
                 source = f"automatic ({getattr(segmenter, 'last_source', None) or segmenter.name})"
         region = slot_region(slot, label)
-        subject = Subject(image=image, mask=mask, name=slot.name.strip() if slot.name else f"subject {i + 1}",
+        subject = Subject(image=image, mask=mask, name=name or f"subject {i + 1}",
                           scale=slot.scale, reference_scale=slot.reference_scale, region=region)
         try:  # the shared checks (mask size and content, scales), relabelled with the UI's 1-based numbering
             prepare_subjects([Subject(image, mask, "", subject.scale, subject.reference_scale)], max_subjects)
@@ -252,13 +254,43 @@ def resolve_seed(seed: Any, rng: Optional[random.Random] = None) -> int:
         seed = -1
     try:
         value = int(float(seed))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InputError(f"Seed must be an integer (-1 for random), got {seed!r}.") from None
     if value == -1:
         return (rng or random.SystemRandom()).randint(0, MAX_SEED)
     if not 0 <= value <= MAX_SEED:
         raise InputError(f"Seed must be -1 (random) or between 0 and {MAX_SEED}, got {value}.")
     return value
+
+
+def check_name(name: Any, what: str) -> str:
+    """A subject's name: text of at most :data:`MAX_NAME_CHARS` characters (it labels the legend and files)."""
+    if name is None:
+        return ""
+    if not isinstance(name, str):
+        raise InputError(f"{what} must be text, got {type(name).__name__}.")
+    name = name.strip()
+    if len(name) > MAX_NAME_CHARS:
+        raise InputError(f"{what} is too long: {len(name)} characters; the limit is {MAX_NAME_CHARS}.")
+    return name
+
+
+def random_seed(seed: Any) -> bool:
+    """Whether a form's seed asks for a random one (-1 or empty); anything else is checked where it is used."""
+    if seed is None or seed == "":
+        return True
+    try:
+        return float(seed) == -1
+    except (TypeError, ValueError):
+        return False
+
+
+def subject_count(value: Any, most: int) -> int:
+    """The page's hidden subject count for showing slots: a bad value shows one slot (Generate names it)."""
+    try:
+        return max(1, min(most, int(float(value or 1))))
+    except (TypeError, ValueError, OverflowError):
+        return 1
 
 
 def check_number(value: Any, what: str, lo: float, hi: float, integer: bool = False) -> float:

@@ -100,6 +100,21 @@ def ui_from_script(script: Script, slots: int = STORY_SLOTS) -> tuple:
     return values, rows
 
 
+def unused_fields(script: Script) -> List[str]:
+    """The script's fields this page has no place for (they would be lost on generate or export), named as in the
+    script, so an import can say which it could not use."""
+    unused = [f"settings.{k}" for k in ("guidance", "width", "height", "negative_prompt")
+              if script.settings.get(k) not in (None, "")]
+    for c in script.characters:
+        unused += [f"character '{c.alias}' {what}" for what, used in (
+            ("mask", c.mask is not None), ("scale", c.scale != 1.0), ("reference_scale", c.reference_scale != 1.0))
+            if used]
+    for i, shot in enumerate(script.shots):
+        unused += [f"shot {i + 1} {what}" for what, used in (("seed", shot.seed is not None),
+                                                             ("negative_prompt", bool(shot.negative_prompt))) if used]
+    return unused
+
+
 def export_script_files(script: Script, out_dir: str) -> List[str]:
     """script.yaml, script.json (reference names only) and a .zip bundle with the images, for download."""
     os.makedirs(out_dir, exist_ok=True)

@@ -269,3 +269,64 @@ def test_a_session_holds_at_most_one_job_in_the_queue(handle):
     other = jobs.start(types.SimpleNamespace(session_hash="b"))
     assert jobs.cancel(types.SimpleNamespace(session_hash="a")) == 2 and all(f.is_set() for f in flags)
     assert not other.is_set()
+
+
+@pytest.fixture(scope="module")
+def page(handle):
+    import app
+    from anystory.matting import LazyBiRefNetSegmenter
+
+    return app.build_demo(handle, LazyBiRefNetSegmenter()), handle
+
+
+def _handler(demo, name):
+    return next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == name)
+
+
+def _told(monkeypatch):
+    import app
+
+    told = []
+    monkeypatch.setattr(app.gr, "Warning", lambda message, title=None, duration=None: told.append(message))
+    return told
+
+
+@pytest.mark.parametrize("count, seed, steps, name, words", [
+    (float("nan"), 1, 2, "star", "Subjects must be finite"),
+    (1, float("nan"), 2, "star", "Seed must be an integer"),
+    (1, float("inf"), 2, "star", "Seed must be an integer"),
+    (1, 1, "abc", "star", "Steps must be an integer"),
+    (1, 1, 2, "n" * 300, "Subject 1 name is too long: 300 characters; the limit is 64"),
+])
+def test_generate_names_the_field_of_every_bad_value(page, monkeypatch, count, seed, steps, name, words):
+    demo, handle = page
+    told = _told(monkeypatch)
+    slot = [STAR, None, None, name, 1.0, 1.0, "", None]
+    list(_handler(demo, "on_generate")(None, count, "a star", "", seed, steps, 3.0, None, None, 1,
+                                       *(slot * handle.max_subjects)))
+    assert len(told) == 1 and words in told[0], told
+
+
+def test_the_forms_numbers_reach_the_app_as_sent(page):
+    demo, _ = page
+    numbers = [b for b in demo.blocks.values() if type(b).__name__ in ("Number", "Slider")]
+    assert numbers and all(b.preprocess("abc") == "abc" for b in numbers)
+
+
+def test_storyboard_names_a_bad_story_seed(page, monkeypatch):
+    demo, _ = page
+    told = _told(monkeypatch)
+    chars = ["star", "a red star", STAR] + ["", "", None] * 5
+    list(_handler(demo, "on_storyboard")(None, "t", [["{star} on sand", "", ""]], "lucky", 2, *chars))
+    assert len(told) == 1 and "Story seed must be a" in told[0], told
+
+
+def test_an_import_says_which_fields_the_page_cannot_use(page, tmp_path):
+    demo, _ = page
+    script = dict(GOOD, settings={"guidance": 4.0, "seed": 3}, shots=[{"prompt": "{cat} sleeps", "seed": 5,
+                                                                       "negative_prompt": "blur"}])
+    path = tmp_path / "story.json"
+    path.write_text(json.dumps(script))
+    out = _handler(demo, "on_import")(None, str(path))
+    assert "will not use: settings.guidance, shot 1 seed, shot 1 negative_prompt." in out[-1]
+    assert out[-3] == 3  # the story seed is a field: kept
