@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -122,8 +123,9 @@ def _refuse(error: Exception, n_outputs: int, title: str = "Cannot generate"):
 
 def _report_bug(error: Exception, n_outputs: int):
     """A programming error: logged with its traceback, said to be a bug (not the user's input), outputs kept."""
-    LOG.error("internal error while serving a request", exc_info=error)
-    gr.Warning(f"This is a bug in AnyStory, not a problem with your input ({type(error).__name__}: {error}). "
+    ref = secrets.token_hex(4)  # the page shows no server internals (paths, values): the log has them under this
+    LOG.error("internal error %s while serving a request", ref, exc_info=error)
+    gr.Warning(f"This is a bug in AnyStory, not a problem with your input ({type(error).__name__}, reference {ref}). "
                "Earlier results are kept; the details are in the server log.", title="Internal error", duration=None)
     return gr.skip() if n_outputs == 1 else [gr.skip()] * n_outputs
 

@@ -137,3 +137,20 @@ def test_retention_setting_and_upload_names():
     with pytest.raises(ValueError, match="ANYSTORY_RETENTION_S"):
         retention_seconds("soon")
     assert anonymous_name("jane doe.JPG") == "upload.jpg" and anonymous_name("evil.sh") == "upload"
+
+
+def test_auth_from_the_flag_or_the_environment_and_no_monitoring(handle, monkeypatch, tmp_path):
+    launched = []
+    monkeypatch.setattr(app, "load_model", lambda env, kind: handle)
+    monkeypatch.setattr(app.gr.Blocks, "launch", lambda self, **kw: launched.append(kw))
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # main() points it at its own folder; restored after
+    old_umask = os.umask(0o022)
+    try:
+        assert app.main(["--model", "tiny", "--auth", "ann:secret,bo:pw"]) == 0
+        monkeypatch.setenv(app.AUTH_ENV, "eve:pw")
+        assert app.main(["--model", "tiny"]) == 0
+        assert app.main(["--model", "tiny", "--auth", "no-password"]) == 2
+    finally:
+        os.umask(old_umask)
+    assert [kw["auth"] for kw in launched] == [[("ann", "secret"), ("bo", "pw")], [("eve", "pw")]]
+    assert all(kw["enable_monitoring"] is False for kw in launched)
