@@ -203,7 +203,7 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                                                        elem_id=f"subject-{i + 1}-mask")
                             def on_new_image(request: gr.Request, path):
                                 kept.claim(request, path)
-                                return editor_background(path)
+                                return kept.as_files(request, editor_background(path))
 
                             image.change(on_new_image,
                                          image, drawn, queue=False).then(
@@ -212,7 +212,8 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                             def on_mask_inputs(request: gr.Request, img, msk, drw, index=i):
                                 kept.claim(request, img, msk)
                                 try:
-                                    return mask_preview(SubjectSlot(img, msk, drw), segmenter, index)
+                                    return kept.as_files(request, mask_preview(SubjectSlot(img, msk, drw), segmenter,
+                                                                               index))
                                 except USER_ERRORS as e:
                                     return None, f"Mask: {e}"
 
@@ -324,8 +325,9 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                     return
                 finally:
                     jobs.finish(request, cancel)
-                yield (captioned(result.images), result.info + "  \n" + result.routing_note, routing_items(result),
-                       result.legend, result.files, segmenter.status, gr.skip())
+                yield (kept.as_files(request, captioned(result.images)), result.info + "  \n" + result.routing_note,
+                       kept.as_files(request, routing_items(result)), result.legend, result.files, segmenter.status,
+                       gr.skip())
 
             run_btn.click(on_generate, [count, prompt, negative, seed, steps, guidance, width, height, num_images]
                           + slot_inputs, [gallery, info, routing, legend, files, matting_status, run_progress],
@@ -446,7 +448,7 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                 def new_frames():
                     nonlocal legend_text
                     while len(shown) < len(made):
-                        image, overlays = frame_items(made[len(shown)])
+                        image, overlays = kept.as_files(request, frame_items(made[len(shown)]))
                         shown.extend(image)
                         routes.extend(overlays)
                         legend_text = storyboard_run.story_legend(script)
@@ -557,7 +559,8 @@ def main(argv=None) -> int:
     segmenter = LazyBiRefNetSegmenter(args.segmenter, device=handle.device)
     root = private_root()  # before the Blocks: Gradio's cache goes inside it
     anonymize_uploads()
-    kept = SessionFiles(root, os.environ["GRADIO_TEMP_DIR"], ttl)
+    cache = os.environ["GRADIO_TEMP_DIR"]
+    kept = SessionFiles(cache, cache, ttl)  # session folders inside the cache: served as they are, no copies
     kept.start_sweeper()
     try:
         demo = build_demo(handle, segmenter, kept=kept)

@@ -8,7 +8,8 @@ lived in a temp folder for the life of the process and after it. Here:
   with a process umask of 077, so nothing of a session is readable by other local users (files 0600, folders 0700);
 - :func:`anonymize_uploads` stores each upload as ``<random>/upload.<ext>``: the visitor's file name never
   reaches the disk (the page still shows it: the browser keeps it);
-- :class:`SessionFiles` gives each browser session its own randomly named folder for outputs and bundles, notes
+- :class:`SessionFiles` gives each browser session its own randomly named folder (inside Gradio's cache, so the
+  page is served the files themselves, not untracked copies) for outputs, previews and bundles, notes
   the uploads the session's events hand to the app, and deletes all of it when the session ends (Gradio's
   ``unload``) and, whatever happens, once it is older than the retention window (a sweeper thread; Gradio's own
   ``delete_cache`` ages its cache copies of outputs by the same window).
@@ -24,6 +25,8 @@ import tempfile
 import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional, Set
+
+from PIL import Image
 
 DEFAULT_RETENTION_S = 3600
 RETENTION_ENV = "ANYSTORY_RETENTION_S"
@@ -142,6 +145,29 @@ class SessionFiles:
         job = os.path.join(base, secrets.token_hex(8))
         os.makedirs(job, mode=0o700)
         return job
+
+    def as_files(self, request: Any, value: Any) -> Any:
+        """An event's output with every image written as a PNG into the session's folder and replaced by its path.
+
+        Gradio saves an image output into its cache under a content hash, where nothing ties it to the session;
+        a path inside the cache folder (the session folders are there, see :func:`private_root`) is served as it
+        is, so what the page shows goes when the session ends. Lists, tuples and dicts are walked."""
+        folder = None
+
+        def convert(v):
+            nonlocal folder
+            if isinstance(v, Image.Image):
+                folder = folder or self.folder(request)
+                path = os.path.join(folder, f"{secrets.token_hex(8)}.png")
+                v.save(path, format="PNG")
+                return path
+            if isinstance(v, (list, tuple)):
+                return type(v)(convert(x) for x in v)
+            if isinstance(v, dict):
+                return {k: convert(x) for k, x in v.items()}
+            return v
+
+        return convert(value)
 
     def claim(self, request: Any, *values: Any) -> None:
         """Note the uploads among an event's values (paths inside Gradio's upload folder) as the session's."""
