@@ -37,6 +37,18 @@ class InputError(InvalidInputError):
     """A problem with what the user gave; the message is shown as is."""
 
 
+class UploadPath(str):
+    """An upload's path on the server (``<random>/upload.png``: anystory/app/retention.py) that remembers the
+    name the visitor gave it, for messages only; it is never written to disk."""
+
+    orig_name: Optional[str] = None
+
+
+def shown_name(path: Any) -> str:
+    """The name a user knows a file by: the visitor's own for an upload, else the file's name."""
+    return getattr(path, "orig_name", None) or os.path.basename(os.fspath(path))
+
+
 def _fmt_mb(n: int) -> str:
     return f"{n / (1024 * 1024):.1f} MB"
 
@@ -50,12 +62,13 @@ def load_image_file(value: Any, what: str, kind: str = "image") -> Image.Image:
         source: Any = value
     elif isinstance(value, (str, os.PathLike)):
         path = os.fspath(value)
+        shown = shown_name(value)
         if not os.path.isfile(path):
-            raise InputError(f"{what}: file not found: {os.path.basename(path)}")
+            raise InputError(f"{what}: file not found: {shown}")
         ext = os.path.splitext(path)[1].lower()
         if ext not in SUPPORTED_EXTENSIONS:
             raise InputError(f"{what}: unsupported file type '{ext or 'no extension'}' "
-                             f"({os.path.basename(path)}); use PNG, JPEG, WebP, BMP or TIFF.")
+                             f"({shown}); use PNG, JPEG, WebP, BMP or TIFF.")
         size = os.path.getsize(path)
         if size > MAX_UPLOAD_BYTES:
             raise InputError(f"{what}: the file is {_fmt_mb(size)}; the limit is {MAX_UPLOAD_MB} MB. "
@@ -66,12 +79,12 @@ def load_image_file(value: Any, what: str, kind: str = "image") -> Image.Image:
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise InputError(f"{what}: the image is too large to decode safely.") from None
         except Exception as e:  # PIL raises several types for files that are not images
-            raise InputError(f"{what}: cannot read {os.path.basename(path)} as an image ({type(e).__name__}); "
+            raise InputError(f"{what}: cannot read {shown} as an image ({type(e).__name__}); "
                              "upload a PNG, JPEG, WebP, BMP or TIFF image.") from None
         if w * h > MAX_IMAGE_PIXELS:
             raise InputError(_too_many_pixels(what, w, h))
         if fmt not in SUPPORTED_FORMATS:
-            raise InputError(f"{what}: unsupported image format {fmt} ({os.path.basename(path)}); "
+            raise InputError(f"{what}: unsupported image format {fmt} ({shown}); "
                              "use PNG, JPEG, WebP, BMP or TIFF.")
         source = path
     else:
@@ -88,9 +101,9 @@ def load_image_file(value: Any, what: str, kind: str = "image") -> Image.Image:
     except InvalidInputError as e:
         message = str(e)
         if isinstance(source, str):  # the user knows the upload by its name, not by the server's temp path
-            message = message.replace(source, os.path.basename(source))
+            message = message.replace(source, shown)
             if "cannot read image file" in message:
-                message = (f"{what}: cannot read {os.path.basename(source)} as an image: the file is damaged or "
+                message = (f"{what}: cannot read {shown} as an image: the file is damaged or "
                            "truncated. Upload it again or use another image.")
         raise InputError(message) from None
     if img.width * img.height > MAX_IMAGE_PIXELS:

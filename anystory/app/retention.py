@@ -173,10 +173,18 @@ class SessionFiles:
         """Note the uploads among an event's values (paths inside Gradio's upload folder) as the session's."""
         if self.upload_root is None:
             return
-        found = {p for p in _paths(values) if _inside(p, self.upload_root)}
+        found = {p for p in _paths(values) if self._is_upload(p)}
         if found:
             with self._lock:
                 self._uploads.setdefault(self._key(request), set()).update(found)
+
+    def _is_upload(self, path: str) -> bool:
+        """A file :func:`anonymize_uploads` stored (``<upload root>/<random>/upload.<ext>``); not the examples'
+        or the page's cache copies, which every session shares."""
+        real = os.path.realpath(path)
+        name = os.path.basename(real)
+        return (os.path.dirname(os.path.dirname(real)) == self.upload_root and name == anonymous_name(name)
+                and os.path.isfile(real))
 
     def end(self, request: Any) -> int:
         """The session ended: delete its folder and its uploads; returns how many entries were removed."""
@@ -262,11 +270,6 @@ def _age_stamp(path: str) -> float:
         return max(stamps) if stamps else os.lstat(path).st_mtime
     except FileNotFoundError:
         return float("inf")
-
-
-def _inside(path: str, root: str) -> bool:
-    real = os.path.realpath(path)
-    return real.startswith(root + os.sep)
 
 
 def _paths(values: Iterable[Any]) -> Iterable[str]:

@@ -108,9 +108,13 @@ def test_a_session_end_deletes_its_uploads_and_results(handle, tmp_path):
         result = os.path.join(kept.folder(who), "out.png")
         open(result, "wb").close()
         files[who.session_hash] = (str(upload), result)
+    example = uploads / "0123abcd"
+    example.mkdir()
+    (example / "red_striped_star.png").write_bytes(b"x")  # an example's cache copy: every session's
+    kept.claim(mine, str(example / "red_striped_star.png"))
     unload(mine)
     assert not any(os.path.exists(p) for p in files["a"])
-    assert all(os.path.exists(p) for p in files["b"])
+    assert all(os.path.exists(p) for p in files["b"]) and (example / "red_striped_star.png").exists()
 
 
 def test_the_sweep_deletes_what_is_older_than_the_window_and_keeps_the_rest(tmp_path):

@@ -79,6 +79,12 @@ def test_uploads_reach_the_app_checks_undecoded(tmp_path):
     upload = UploadImage(label="x", image_mode="RGB")
     assert upload.preprocess(payload) == str(fake) and upload.get_block_name() == "image"
     assert upload.preprocess(None) is None
+    stored = tmp_path / "upload.png"  # on disk an upload has no name of the visitor's; messages still use theirs
+    stored.write_text("not a picture")
+    from anystory.app.inputs import InputError, load_image_file
+
+    with pytest.raises(InputError, match="cannot read holiday.png as an image"):
+        load_image_file(upload.preprocess(ImageData(path=str(stored), orig_name="holiday.png")), "Subject 1 image")
     assert editor_background(str(fake)) is None  # the mask editor stays empty; Generate names the problem
     good = tmp_path / "good.png"
     Image.new("RGB", (6, 4)).save(good)
