@@ -290,9 +290,19 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                     files = gr.File(label="Download (PNG)", file_count="multiple", interactive=False, elem_id="downloads")
 
             @gpu
-            def on_generate(request: gr.Request, c, prompt_text, negative_text, seed_v, steps_v, guidance_v, width_v, height_v, num_v,
-                            *slot_values):
-                """A generator: the stage and this run's ETA stream into #run-progress while the model runs."""
+            def on_generate(request: gr.Request, c, prompt_text, negative_text, seed_v, steps_v, guidance_v, width_v,
+                            height_v, num_v, *slot_values):
+                """A generator: the stage and this run's ETA stream into #run-progress while the model runs. The
+                session's job from the first line to the last (the queue admits no other meanwhile)."""
+                cancel = jobs.start(request)
+                try:
+                    yield from run_generate(request, cancel, c, prompt_text, negative_text, seed_v, steps_v,
+                                            guidance_v, width_v, height_v, num_v, *slot_values)
+                finally:  # done, failed, or closed by Gradio for a client that went away
+                    jobs.finish(request, cancel)
+
+            def run_generate(request, cancel, c, prompt_text, negative_text, seed_v, steps_v, guidance_v, width_v,
+                             height_v, num_v, *slot_values):
                 kept.claim(request, *slot_values)
                 try:
                     slots = generate_tab.slots_from_values(slot_values)[: check_number(c or 1, "Subjects", 1, n_slots,
@@ -309,7 +319,6 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                         out_dir=out_dir)
 
                 yield [gr.skip()] * 6 + [Status("starting", "", 0.0).html()]
-                cancel = jobs.start(request)
                 try:
                     for item in follow(work, cancel):
                         if isinstance(item, Status):
@@ -323,8 +332,6 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                     yield told + ['<div class="anystory-progress" data-stage="stopped">Stopped: nothing was '
                                   "generated; earlier results are kept.</div>"]
                     return
-                finally:
-                    jobs.finish(request, cancel)
                 yield (kept.as_files(request, captioned(result.images)), result.info + "  \n" + result.routing_note,
                        kept.as_files(request, routing_items(result)), result.legend, result.files, segmenter.status,
                        gr.skip())
@@ -426,7 +433,15 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
 
             @gpu
             def on_storyboard(request: gr.Request, title, rows, seed_v, steps_v, *values):
-                """A generator: frames appear as they are made, the stage and ETA stream into #story-progress."""
+                """A generator: frames appear as they are made, the stage and ETA stream into #story-progress. The
+                session's job from the first line to the last."""
+                cancel = jobs.start(request)
+                try:
+                    yield from run_storyboard(request, cancel, title, rows, seed_v, steps_v, *values)
+                finally:
+                    jobs.finish(request, cancel)
+
+            def run_storyboard(request, cancel, title, rows, seed_v, steps_v, *values):
                 kept.claim(request, *values)
                 shown, routes, legend_text = [], [], ""
                 try:
@@ -454,7 +469,6 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                         legend_text = storyboard_run.story_legend(script)
                     return f"{len(shown)} of {len(script.shots)} frames, seed {made[-1].seed}." if made else gr.skip()
 
-                cancel = jobs.start(request)
                 try:
                     for item in follow(work, cancel):
                         status = item.html() if isinstance(item, Status) else gr.skip()
@@ -472,8 +486,6 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                         yield shown, routes, f"Stopped after {len(shown)} frame(s): {e}", legend_text, stopped
                         return
                     yield told + [stopped]
-                finally:
-                    jobs.finish(request, cancel)
 
             story_btn.click(on_storyboard, [story_title, shots, story_seed, story_steps] + char_inputs,
                             [frames, frame_routes, story_status, story_legend, story_progress], show_progress="hidden")
@@ -490,7 +502,7 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
 
         demo.unload(on_unload)
     demo.anystory_heavy = (on_generate, on_storyboard)  # at most one of these per session in the queue
-    demo.anystory_files = kept
+    demo.anystory_files, demo.anystory_jobs = kept, jobs
     return demo
 
 
@@ -565,7 +577,7 @@ def main(argv=None) -> int:
     try:
         demo = build_demo(handle, segmenter, kept=kept)
         demo.queue(default_concurrency_limit=1, max_size=32)
-        one_job_per_session(demo, demo.anystory_heavy)
+        one_job_per_session(demo, demo.anystory_heavy, demo.anystory_jobs)
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS,
                     max_file_size=f"{MAX_UPLOAD_MB}mb", allowed_paths=[EXAMPLES_DIR], auth=auth,
                     enable_monitoring=args.monitoring)

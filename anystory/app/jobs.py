@@ -77,22 +77,27 @@ class SessionJobs:
         return len(flags)
 
 
-def one_job_per_session(demo, heavy: Iterable[Any]) -> None:
-    """Refuse, at the queue's door, a session's second job among ``heavy`` (the functions or their event
-    dependencies) while one is queued or running. Call after ``demo.queue()``; Gradio 6.31's ``Queue.push``."""
+    def running(self, session_hash: str) -> bool:
+        with self._lock:
+            return bool(self._flags.get(session_hash))
+
+
+def one_job_per_session(demo, heavy: Iterable[Any], jobs: SessionJobs) -> None:
+    """Refuse, at the queue's door, a session's second job among the ``heavy`` functions while one waits in the
+    queue or runs (``jobs``: each heavy handler holds a flag there from its first line to its last). Call after
+    ``demo.queue()``; wraps Gradio 6.31's ``Queue.push``."""
     queue = demo._queue
     targets = set(heavy)
     original = queue.push
 
-    def heavy_event(event_id: str) -> bool:
-        event = queue.event_ids_to_events.get(event_id)
-        return event is not None and getattr(event.fn, "fn", None) in targets
+    def waiting(session_hash: str) -> bool:
+        return any(e.session_hash == session_hash and getattr(e.fn, "fn", None) in targets
+                   for q in list(queue.event_queue_per_concurrency_id.values()) for e in list(q.queue))
 
     async def push(body, request, username):
         fn = demo.fns.get(body.fn_index) if body.fn_index is not None else None
         if fn is not None and fn.fn in targets and body.session_hash:
-            pending = queue.pending_event_ids_session.get(body.session_hash, set())
-            if any(heavy_event(e) for e in list(pending)):
+            if jobs.running(body.session_hash) or waiting(body.session_hash):
                 return False, BUSY_MESSAGE, "error"
         return await original(body, request, username)
 

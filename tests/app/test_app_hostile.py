@@ -251,11 +251,11 @@ def test_a_session_holds_at_most_one_job_in_the_queue(handle):
         return True, "id", "success"
 
     queue.push = original
-    one_job_per_session(demo, demo.anystory_heavy)
+    one_job_per_session(demo, demo.anystory_heavy, demo.anystory_jobs)
     index = {f.fn.__name__: i for i, f in demo.fns.items() if hasattr(f.fn, "__name__")}
     generate, storyboard, preview = index["on_generate"], index["on_storyboard"], index["on_image_mask"]
-    queue.pending_event_ids_session["a"] = {"e1"}
-    queue.event_ids_to_events["e1"] = types.SimpleNamespace(fn=demo.fns[generate])
+    queue.event_queue_per_concurrency_id["x"] = types.SimpleNamespace(
+        queue=[types.SimpleNamespace(session_hash="a", fn=demo.fns[generate])])  # a's job waits in the queue
 
     def push(fn_index, session):
         return asyncio.run(queue.push(types.SimpleNamespace(fn_index=fn_index, session_hash=session), None, None))
@@ -263,7 +263,12 @@ def test_a_session_holds_at_most_one_job_in_the_queue(handle):
     assert push(storyboard, "a") == (False, BUSY_MESSAGE, "error")
     assert push(generate, "a")[0] is False
     assert push(preview, "a")[0] and push(generate, "b")[0]  # light events, and other sessions, pass
-    assert admitted == ["a", "b"]
+    queue.event_queue_per_concurrency_id.pop("x")
+    running = demo.anystory_jobs.start(types.SimpleNamespace(session_hash="b"))  # b's job runs
+    assert push(storyboard, "b")[0] is False and push(generate, "a")[0]
+    demo.anystory_jobs.finish(types.SimpleNamespace(session_hash="b"), running)
+    assert push(generate, "b")[0]
+    assert admitted == ["a", "b", "a", "b"]
     jobs = SessionJobs()
     flags = [jobs.start(types.SimpleNamespace(session_hash="a")) for _ in range(2)]
     other = jobs.start(types.SimpleNamespace(session_hash="b"))
