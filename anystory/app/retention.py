@@ -81,15 +81,20 @@ def anonymize_uploads() -> None:
 
     async def upload_fn(request, upload_dir, *args, **kwargs):
         kwargs["force_move"] = True  # every file is in place when this returns (no background copy to race)
-        output_files, files_to_copy, locations = await original(request, upload_dir, *args, **kwargs)
-        renamed = []
-        for path in output_files:
-            folder = os.path.join(upload_dir, secrets.token_hex(16))
-            os.makedirs(folder, mode=0o700)
-            target = os.path.join(folder, anonymous_name(os.path.basename(path)))
-            os.replace(path, target)
-            _remove_empty(os.path.dirname(path))
-            renamed.append(target)
+        # Gradio would store the upload where the cache keeps a copy of the same content and name (an example's):
+        # a staging folder of this request's own keeps it from replacing, then taking away, that copy
+        staging = tempfile.mkdtemp(prefix=".incoming_", dir=upload_dir)
+        try:
+            output_files, files_to_copy, locations = await original(request, staging, *args, **kwargs)
+            renamed = []
+            for path in output_files:
+                folder = os.path.join(upload_dir, secrets.token_hex(16))
+                os.makedirs(folder, mode=0o700)
+                target = os.path.join(folder, anonymous_name(os.path.basename(path)))
+                os.replace(path, target)
+                renamed.append(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return renamed, files_to_copy, locations
 
     upload_fn._anystory_anonymous = True

@@ -71,6 +71,12 @@ def test_an_upload_carries_no_name_of_the_visitor_is_private_and_is_gone_after_t
     assert _mode(path) == 0o600 and _mode(os.path.dirname(path)) == 0o700 and _mode(root) == 0o700
     other = _upload(server.url, "jane_doe_passport.png")  # the same photo again: its own random folder
     assert os.path.dirname(other) != os.path.dirname(path)
+    cache = os.path.dirname(os.path.dirname(path))
+    assert not [n for n in os.listdir(cache) if n.startswith(".incoming")]  # no staging folder left
+    copies = [os.path.join(b, n) for b, _, names in os.walk(cache) for n in names if n == "red_striped_star.png"]
+    example = _upload(server.url, "red_striped_star.png")  # an example's own content and name
+    assert os.path.basename(example) == "upload.png" and os.path.isfile(example)
+    assert copies and all(os.path.isfile(c) for c in copies)  # the page's cached copy of the example stays
     deadline = time.time() + 15
     while os.path.exists(path) and time.time() < deadline:
         time.sleep(0.25)
@@ -80,6 +86,56 @@ def test_an_upload_carries_no_name_of_the_visitor_is_private_and_is_gone_after_t
 def test_monitoring_is_off(server):
     for route in ("/monitoring", "/monitoring/summary"):
         assert httpx.get(server.url + route, timeout=5).status_code in (401, 403, 404)
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def test_small_hostile_requests_cost_the_server_little_memory(server, tmp_path):
+    """Each request under 1 MB that once cost 0.5-7 GB: refused by the running app within +200 MB of RSS."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+    from PIL import Image
+
+    from tests.app.test_app_hostile import _alias_bomb
+
+    config = httpx.get(server.url + "/config", timeout=10).json()
+    editor = next(c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "subject-1-draw")
+    bomb = tmp_path / "story.yaml"
+    bomb.write_text(_alias_bomb(7))
+    big = tmp_path / "big.png"
+    Image.new("1", (8000, 8000)).save(big)
+    assert bomb.stat().st_size < 1000 and big.stat().st_size < 2**20
+    client = Client(server.url, verbose=False)
+    requests = {
+        "blob layer index 1e8": lambda: httpx.post(
+            server.url + "/gradio_api/component_server", timeout=30,
+            data={"component_id": str(editor), "session_hash": "h", "fn_name": "accept_blobs", "type": "layer",
+                  "index": "100000000", "id": "x"}, files={"blob": ("blob", open(STAR, "rb"), "image/png")}),
+        "blob 8000x8000": lambda: httpx.post(
+            server.url + "/gradio_api/component_server", timeout=30,
+            data={"component_id": str(editor), "session_hash": "h", "fn_name": "accept_blobs", "type": "background",
+                  "index": "null", "id": "y"}, files={"blob": ("blob", open(big, "rb"), "image/png")}),
+        "YAML alias bomb": lambda: client.predict(handle_file(str(bomb)), api_name="/on_import"),
+        "editor value 8000x8000": lambda: client.predict(
+            handle_file(STAR), None, {"background": handle_file(str(big)), "layers": [], "composite": None},
+            api_name="/on_mask_inputs"),
+    }
+    for name, send in requests.items():
+        before = _rss_mb(server.proc.pid)
+        try:
+            response = send()
+        except AppError as e:  # a refusal raised on the server (gr.Error) reaches the client as an AppError
+            response = e
+        grown = _rss_mb(server.proc.pid) - before
+        assert grown < 200, (name, grown, response)
+        if isinstance(response, httpx.Response):
+            assert response.status_code != 200, (name, response.text[:200])
+        elif name == "editor value 8000x8000":
+            assert "8000x8000 pixels; the limit is 4096x4096" in str(response), response
+    assert server.proc.poll() is None
 
 
 def test_the_app_leaves_nothing_when_it_stops(server):
