@@ -88,6 +88,34 @@ def run_one(client, seed: int, steps: int) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
+def abandoned_wait(url: str, client, steps: int, long_steps: int = 100) -> tuple:
+    """A visitor starts a ``long_steps`` job and closes the tab (its event stream) after its first progress
+    update; another visitor then asks for a ``steps`` job. Returns (the second visitor's latency, the same
+    request's latency alone): with the job cancelled they are close, without it the second waits for all
+    ``long_steps``."""
+    import httpx
+
+    args = request_args(client, 7, long_steps)
+    with open(STAR, "rb") as f:
+        uploaded = httpx.post(url + "gradio_api/upload", files={"files": ("star.png", f, "image/png")}).json()[0]
+    data = [{"path": uploaded, "meta": {"_type": "gradio.FileData"}} if isinstance(a, dict) else a for a in args]
+    config = httpx.get(url + "config").json()
+    fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "on_generate")
+    session = "abandon" + str(time.time_ns())
+    httpx.post(url + "gradio_api/queue/join", json={"data": data, "fn_index": fn_index, "session_hash": session,
+                                                     "event_data": None, "trigger_id": None}).raise_for_status()
+    with httpx.stream("GET", url + f"gradio_api/queue/data?session_hash={session}", timeout=120) as stream:
+        for line in stream.iter_lines():
+            if "process_generating" in line:  # the job runs and has sent its first update: close the tab
+                break
+    start = time.perf_counter()
+    run_one(client, 1001, steps)
+    waited = time.perf_counter() - start
+    start = time.perf_counter()
+    run_one(client, 1001, steps)
+    return waited, time.perf_counter() - start
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.app_load", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,7 +133,11 @@ def main(argv=None) -> int:
     proc, url = start_app(args.model, log)
     try:
         seeds = [1000 + j for j in range(args.jobs)]
-        alone = {s: run_one(Client(url, verbose=False), s, args.steps) for s in seeds}
+        alone, alone_s = {}, []
+        for s in seeds:
+            start = time.perf_counter()
+            alone[s] = run_one(Client(url, verbose=False), s, args.steps)
+            alone_s.append(time.perf_counter() - start)
         rss_before = rss_mb(proc.pid)
         latencies, errors, mismatches, lock = [], [], 0, threading.Lock()
 
@@ -138,6 +170,7 @@ def main(argv=None) -> int:
         wall = time.perf_counter() - start
         rss_after = rss_mb(proc.pid)
         requests = args.sessions * args.jobs
+        waited, single = abandoned_wait(url, Client(url, verbose=False), args.steps)
         q = statistics.quantiles(latencies, n=20) if len(latencies) >= 2 else [float("nan")] * 19
         print(f"app load: {args.sessions} sessions x {args.jobs} jobs = {requests} requests, model {args.model}, "
               f"{args.steps} steps, on {HOST}")
@@ -147,6 +180,9 @@ def main(argv=None) -> int:
               f"p95 {q[18]:.2f} s; wall {wall:.1f} s")
         print(f"  server resident memory: {rss_before:.0f} MB before, {rss_after:.0f} MB after "
               f"({rss_after - rss_before:+.0f} MB)")
+        print(f"  one request alone: median {statistics.median(alone_s):.2f} s")
+        print(f"  after a 100-step job whose tab closed at its first update, the next visitor's request took "
+              f"{waited:.2f} s (the same request alone right after: {single:.2f} s)")
         for e in sorted(set(errors))[:5]:
             print(f"  error: {e}")
         return 0 if not errors and not mismatches and len(latencies) == requests else 1
