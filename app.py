@@ -352,6 +352,10 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                         "the description, and the character acts in that shot with its own reference. Leave a shot's "
                         "*characters* empty to use those named in its prompt. One seed for the whole story keeps the "
                         "characters consistent.")
+            def on_reference(request: gr.Request, path):
+                """A character's reference is the session's as soon as it is uploaded (deleted with the session)."""
+                kept.claim(request, path)
+
             char_inputs = []
             for row in range(0, storyboard_tab.STORY_SLOTS, 3):
                 with gr.Row():
@@ -361,6 +365,7 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                             desc = gr.Textbox(label="Description", placeholder="e.g. a ginger cat")
                             ref = UploadImage(label="Reference", type="filepath", image_mode=None,
                                               sources=["upload", "clipboard"], height=160, elem_id=f"char-{i + 1}-ref")
+                            ref.upload(on_reference, ref, None, queue=False, show_progress="hidden")
                             char_inputs += [alias, desc, ref]
             shots = gr.Dataframe(headers=list(storyboard_tab.SHOT_COLUMNS), datatype=["str", "str", "str"],
                                  column_count=len(storyboard_tab.SHOT_COLUMNS), row_count=3,
