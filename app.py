@@ -8,18 +8,25 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
+import shutil
 import sys
 import tempfile
 
 import gradio as gr
 
 from anystory.app import generate_tab, storyboard_run, storyboard_tab
+from anystory.app.jobs import SessionJobs, one_job_per_session
+from anystory.app.retention import (DEFAULT_RETENTION_S, RETENTION_ENV, SessionFiles, anonymize_uploads, private_root,
+                                    retention_seconds)
 from anystory.app.gallery import captioned, frame_items, routing_items
+from anystory.app.editor_limits import LimitedEditor
 from anystory.app.environment import probe_environment
 from anystory.app.generation import GenerationError
-from anystory.app.inputs import MAX_UPLOAD_MB, MAX_SEED, SubjectSlot
+from anystory.app.inputs import MAX_UPLOAD_MB, MAX_SEED, SubjectSlot, check_number, random_seed, subject_count
 from anystory.app.models import KINDS, ModelHandle, NoModelError, load_model
-from anystory.app.progress import StagedSegmenter, Status, follow
+from anystory.app.progress import Cancelled, StagedSegmenter, Status, follow
+from anystory.app.raw_numbers import raw_number
 from anystory.app.mask_preview import preview as mask_preview
 from anystory.matting import BIREFNET_ID, LazyBiRefNetSegmenter
 from anystory.app.region_canvas import drawn_region_text, region_canvas
@@ -36,6 +43,8 @@ except ImportError:
     def gpu(fn):
         return fn
 
+#: A login for the whole demo, ``user:password[,user:password]`` (a Space secret); --auth wins.
+AUTH_ENV = "ANYSTORY_AUTH"
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "examples")
 #: What the user can act on (bad input, or advice such as running out of memory): shown as a message. Any other
 #: exception is a bug: logged with its traceback and reported as one (see :func:`_report_bug`).
@@ -114,19 +123,24 @@ def _refuse(error: Exception, n_outputs: int, title: str = "Cannot generate"):
 
 def _report_bug(error: Exception, n_outputs: int):
     """A programming error: logged with its traceback, said to be a bug (not the user's input), outputs kept."""
-    LOG.error("internal error while serving a request", exc_info=error)
-    gr.Warning(f"This is a bug in AnyStory, not a problem with your input ({type(error).__name__}: {error}). "
+    ref = secrets.token_hex(4)  # the page shows no server internals (paths, values): the log has them under this
+    LOG.error("internal error %s while serving a request", ref, exc_info=error)
+    gr.Warning(f"This is a bug in AnyStory, not a problem with your input ({type(error).__name__}, reference {ref}). "
                "Earlier results are kept; the details are in the server log.", title="Internal error", duration=None)
     return gr.skip() if n_outputs == 1 else [gr.skip()] * n_outputs
 
 
-def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: str | None = None) -> gr.Blocks:
-    """The whole UI around an already loaded model."""
-    out_root = out_root or tempfile.mkdtemp(prefix="anystory_app_")
+def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: str | None = None,
+               kept: SessionFiles | None = None, jobs: SessionJobs | None = None) -> gr.Blocks:
+    """The whole UI around an already loaded model. ``kept``: where each session's files go and when they are
+    deleted (docs/privacy.md); ``jobs``: the cancel flags of each session's jobs."""
+    kept = kept or SessionFiles(out_root or tempfile.mkdtemp(prefix="anystory_app_"))
+    jobs = jobs or SessionJobs()
     n_slots = max(1, handle.max_subjects)
     d = handle.defaults
 
-    with gr.Blocks(title="AnyStory") as demo:
+    # Gradio deletes its cache copies (outputs, uploads) older than the window, checked a few times per window
+    with gr.Blocks(title="AnyStory", delete_cache=(max(1, min(60, kept.ttl // 4)), kept.ttl)) as demo:
         gr.Markdown("# AnyStory: several subjects, each from its own reference, in one picture\n"
                     "Upload a reference photo per subject, describe the scene, press **Generate**. The router decides "
                     "where each subject may act; the coloured overlay shows it (one colour per subject).")
@@ -155,10 +169,11 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                                                       info=SLIDER_HELP["scale"])
                                     ref_scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Detail strength",
                                                           info=SLIDER_HELP["reference_scale"])
+                                    raw_number(scale), raw_number(ref_scale)  # checked by the app, field named
                             with gr.Accordion("Region (optional): where this subject may appear", open=True,
                                               elem_id=f"subject-{i + 1}-region-box"):
                                 with gr.Row():
-                                    canvas = gr.ImageEditor(
+                                    canvas = LimitedEditor(
                                         value=region_canvas(d.size, d.size), label="Draw a box (the output's shape)",
                                         type="pil", sources=[], layers=False, height=260, transforms=[],
                                         elem_id=f"subject-{i + 1}-region-canvas",
@@ -178,7 +193,7 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                             with gr.Accordion("Replace the mask: draw over the subject or upload one", open=True,
                                               elem_id=f"subject-{i + 1}-mask-editor"):
                                 with gr.Tab("Draw"):
-                                    drawn = gr.ImageEditor(label="Paint over the subject (the brush is selected)",
+                                    drawn = LimitedEditor(label="Paint over the subject (the brush is selected)",
                                                            type="pil", sources=[], layers=False, height=300,
                                                            transforms=[], elem_id=f"subject-{i + 1}-draw",
                                                            brush=gr.Brush(colors=["#ff0000"], color_mode="fixed"))
@@ -186,20 +201,29 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                                     mask = UploadImage(label="Mask (white = subject, same size as the image)",
                                                        type="filepath", image_mode=None, sources=["upload"], height=200,
                                                        elem_id=f"subject-{i + 1}-mask")
-                            image.change(editor_background,
+                            def on_new_image(request: gr.Request, path):
+                                kept.claim(request, path)
+                                return kept.as_files(request, editor_background(path))
+
+                            image.change(on_new_image,
                                          image, drawn, queue=False).then(
                                 None, None, None, js=SELECT_BRUSH_JS % f"subject-{i + 1}-draw")
 
-                            def on_mask_inputs(img, msk, drw, index=i):
+                            def on_mask_inputs(request: gr.Request, img, msk, drw, index=i):
+                                kept.claim(request, img, msk)
                                 try:
-                                    return mask_preview(SubjectSlot(img, msk, drw), segmenter, index)
+                                    return kept.as_files(request, mask_preview(SubjectSlot(img, msk, drw), segmenter,
+                                                                               index))
                                 except USER_ERRORS as e:
                                     return None, f"Mask: {e}"
 
                             # a new image clears the strokes: its preview needs no editor value. The editor's own
                             # change events (strokes, and the new image arriving) may meet a half-rewritten upload
                             # when several slots load at once (an example): those fail quietly, the next one shows
-                            image.change(lambda img, msk, index=i: on_mask_inputs(img, msk, None, index), [image, mask],
+                            def on_image_mask(request: gr.Request, img, msk, index=i):
+                                return on_mask_inputs(request, img, msk, None, index)
+
+                            image.change(on_image_mask, [image, mask],
                                          [mask_view, mask_note], trigger_mode="always_last")
                             for source in (drawn, mask):
                                 source.change(on_mask_inputs, [image, mask, drawn], [mask_view, mask_note],
@@ -212,18 +236,18 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                     limit_note = f"Subject limit reached: this model takes at most {n_slots} subjects per image."
 
                     def _add(c):
-                        if int(c) >= n_slots:
+                        if subject_count(c, n_slots) >= n_slots:
                             gr.Info(limit_note, title="Subject limit")
-                        return min(n_slots, int(c) + 1)
+                        return min(n_slots, subject_count(c, n_slots) + 1)
 
                     def _show(c):
-                        c = max(1, min(n_slots, int(c or 1)))
+                        c = subject_count(c, n_slots)
                         at_limit = c >= n_slots
                         return [gr.Group(visible=i < c) for i in range(n_slots)] + [
                             gr.Button(f"Limit: {n_slots} subjects" if at_limit else "+ Add subject")]
 
                     add_btn.click(_add, count, count)
-                    remove_btn.click(lambda c: max(1, int(c) - 1), count, count, queue=False)
+                    remove_btn.click(lambda c: max(1, subject_count(c, n_slots) - 1), count, count, queue=False)
                     count.change(_show, count, groups + [add_btn], queue=False)
 
                     prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
@@ -240,6 +264,8 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                         height = gr.Slider(d.min_size, d.max_size, value=d.size, step=d.size_step, label="Height",
                                            info=SLIDER_HELP["height"])
                         num_images = gr.Slider(1, 4, value=1, step=1, label="Images", info=SLIDER_HELP["num_images"])
+                    for field in (count, seed, steps, guidance, width, height, num_images):
+                        raw_number(field)  # a bad value reaches the app's checks, which name the field
                     run_btn = gr.Button("Generate", variant="primary", elem_id="generate")
 
                     def _reshape(w, h, *values):
@@ -264,31 +290,51 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                     files = gr.File(label="Download (PNG)", file_count="multiple", interactive=False, elem_id="downloads")
 
             @gpu
-            def on_generate(c, prompt_text, negative_text, seed_v, steps_v, guidance_v, width_v, height_v, num_v,
-                            *slot_values):
-                """A generator: the stage and this run's ETA stream into #run-progress while the model runs."""
-                slots = generate_tab.slots_from_values(slot_values)[: int(c or 1)]
+            def on_generate(request: gr.Request, c, prompt_text, negative_text, seed_v, steps_v, guidance_v, width_v,
+                            height_v, num_v, *slot_values):
+                """A generator: the stage and this run's ETA stream into #run-progress while the model runs. The
+                session's job from the first line to the last (the queue admits no other meanwhile)."""
+                cancel = jobs.start(request)
+                try:
+                    yield from run_generate(request, cancel, c, prompt_text, negative_text, seed_v, steps_v,
+                                            guidance_v, width_v, height_v, num_v, *slot_values)
+                finally:  # done, failed, or closed by Gradio for a client that went away
+                    jobs.finish(request, cancel)
+
+            def run_generate(request, cancel, c, prompt_text, negative_text, seed_v, steps_v, guidance_v, width_v,
+                             height_v, num_v, *slot_values):
+                kept.claim(request, *slot_values)
+                try:
+                    slots = generate_tab.slots_from_values(slot_values)[: check_number(c or 1, "Subjects", 1, n_slots,
+                                                                                       integer=True)]
+                except USER_ERRORS as e:
+                    yield _refuse(e, 7)
+                    return
+                out_dir = kept.folder(request)
 
                 def work(tracker):
                     return generate_tab.run_generation(
                         handle, StagedSegmenter(segmenter, tracker), slots, prompt_text, negative_text, seed_v, steps_v,
                         guidance_v, width_v, height_v, num_v, progress=tracker.step,
-                        out_dir=tempfile.mkdtemp(dir=out_root))
+                        out_dir=out_dir)
 
                 yield [gr.skip()] * 6 + [Status("starting", "", 0.0).html()]
                 try:
-                    for item in follow(work):
+                    for item in follow(work, cancel):
                         if isinstance(item, Status):
                             yield [gr.skip()] * 6 + [item.html()]
                         else:
                             result = item[1]
+                except Cancelled:  # the session ended: there is no one to tell
+                    return
                 except Exception as e:  # the user's mistake or advice, else a bug: both keep earlier results
                     told = _refuse(e, 6) if isinstance(e, USER_ERRORS) else _report_bug(e, 6)
                     yield told + ['<div class="anystory-progress" data-stage="stopped">Stopped: nothing was '
                                   "generated; earlier results are kept.</div>"]
                     return
-                yield (captioned(result.images), result.info + "  \n" + result.routing_note, routing_items(result),
-                       result.legend, result.files, segmenter.status, gr.skip())
+                yield (kept.as_files(request, captioned(result.images)), result.info + "  \n" + result.routing_note,
+                       kept.as_files(request, routing_items(result)), result.legend, result.files, segmenter.status,
+                       gr.skip())
 
             run_btn.click(on_generate, [count, prompt, negative, seed, steps, guidance, width, height, num_images]
                           + slot_inputs, [gallery, info, routing, legend, files, matting_status, run_progress],
@@ -306,6 +352,10 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                         "the description, and the character acts in that shot with its own reference. Leave a shot's "
                         "*characters* empty to use those named in its prompt. One seed for the whole story keeps the "
                         "characters consistent.")
+            def on_reference(request: gr.Request, path):
+                """A character's reference is the session's as soon as it is uploaded (deleted with the session)."""
+                kept.claim(request, path)
+
             char_inputs = []
             for row in range(0, storyboard_tab.STORY_SLOTS, 3):
                 with gr.Row():
@@ -315,6 +365,7 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                             desc = gr.Textbox(label="Description", placeholder="e.g. a ginger cat")
                             ref = UploadImage(label="Reference", type="filepath", image_mode=None,
                                               sources=["upload", "clipboard"], height=160, elem_id=f"char-{i + 1}-ref")
+                            ref.upload(on_reference, ref, None, queue=False, show_progress="hidden")
                             char_inputs += [alias, desc, ref]
             shots = gr.Dataframe(headers=list(storyboard_tab.SHOT_COLUMNS), datatype=["str", "str", "str"],
                                  column_count=len(storyboard_tab.SHOT_COLUMNS), row_count=3,
@@ -326,6 +377,7 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                 story_seed = gr.Number(-1, label="Story seed (-1 = random, one seed for all shots)", precision=0,
                                        minimum=-1, maximum=MAX_SEED)
                 story_steps = gr.Slider(1, 100, value=d.steps, step=1, label="Steps", info=SLIDER_HELP["story_steps"])
+                raw_number(story_seed), raw_number(story_steps)
             with gr.Row():
                 story_btn = gr.Button("Generate storyboard", variant="primary", elem_id="generate-storyboard")
                 example_btn = gr.Button("Load the example story (references included)", elem_id="story-example")
@@ -341,11 +393,12 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
             frame_routes = gr.Gallery(label="Routing per frame", columns=3, object_fit="contain", format="png")
             story_legend = gr.HTML()
 
-            def on_import(path):
+            def on_import(request: gr.Request, path):
                 if not path:
                     return [gr.update()] * (len(char_inputs) + 5)
+                kept.claim(request, path)
                 try:
-                    script, missing = import_script(path, tempfile.mkdtemp(dir=out_root))
+                    script, missing = import_script(path, kept.folder(request))
                     values, rows = storyboard_tab.ui_from_script(script)
                 except USER_ERRORS as e:
                     return _refuse(e, len(char_inputs) + 5, "Import failed")
@@ -353,6 +406,10 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                        f"{len(script.shots)} shots."
                 if missing:
                     note += " Upload the reference image for: " + ", ".join(missing) + "."
+                unused = storyboard_tab.unused_fields(script)
+                if unused:
+                    note += (" This page has no field for, and will not use: " + ", ".join(unused[:12])
+                             + (f" and {len(unused) - 12} more" if len(unused) > 12 else "") + ".")
                 return values + [rows, script.title, script.settings.get("seed", -1),
                                  script.settings.get("steps") or d.steps, note]
 
@@ -360,23 +417,37 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
             script_upload.upload(on_import, script_upload, story_fields)
             # the shipped script is read where it lies, so its relative reference paths resolve (an upload of the
             # bare YAML cannot carry its images: that is what the exported .zip bundle is for)
-            example_btn.click(lambda: on_import(EXAMPLE_STORY), None, story_fields)
+            def on_example(request: gr.Request):
+                return on_import(request, EXAMPLE_STORY)
+
+            example_btn.click(on_example, None, story_fields)
 
             def _settings(seed_v, steps_v):
-                return {"seed": int(seed_v) if seed_v is not None and seed_v >= 0 else None, "steps": steps_v}
+                """The form's story seed and steps as sent (the script's rules name a bad one); -1 is "random"."""
+                return {"seed": None if random_seed(seed_v) else seed_v, "steps": steps_v}
 
-            def on_export(title, rows, seed_v, steps_v, *values):
+            def on_export(request: gr.Request, title, rows, seed_v, steps_v, *values):
+                kept.claim(request, *values)
                 try:
                     script = storyboard_tab.script_from_ui(values, rows, title, _settings(seed_v, steps_v))
-                    return storyboard_tab.export_script_files(script, tempfile.mkdtemp(dir=out_root))
+                    return storyboard_tab.export_script_files(script, kept.folder(request))
                 except USER_ERRORS as e:
                     return _refuse(e, 1, "Cannot export")
 
             export_btn.click(on_export, [story_title, shots, story_seed, story_steps] + char_inputs, script_files)
 
             @gpu
-            def on_storyboard(title, rows, seed_v, steps_v, *values):
-                """A generator: frames appear as they are made, the stage and ETA stream into #story-progress."""
+            def on_storyboard(request: gr.Request, title, rows, seed_v, steps_v, *values):
+                """A generator: frames appear as they are made, the stage and ETA stream into #story-progress. The
+                session's job from the first line to the last."""
+                cancel = jobs.start(request)
+                try:
+                    yield from run_storyboard(request, cancel, title, rows, seed_v, steps_v, *values)
+                finally:
+                    jobs.finish(request, cancel)
+
+            def run_storyboard(request, cancel, title, rows, seed_v, steps_v, *values):
+                kept.claim(request, *values)
                 shown, routes, legend_text = [], [], ""
                 try:
                     script = storyboard_tab.script_from_ui(values, rows, title, _settings(seed_v, steps_v))
@@ -384,31 +455,34 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                     yield _refuse(e, 5)
                     return
                 made = []  # appended by the worker thread, read here
+                out_dir = kept.folder(request)
 
                 def work(tracker):
                     tracker.label = f"frame 1/{len(script.shots)}"
                     for frame in storyboard_run.storyboard_frames(
                             handle, StagedSegmenter(segmenter, tracker), script, seed_v, steps_v,
-                            progress=tracker.step, out_dir=tempfile.mkdtemp(dir=out_root)):
+                            progress=tracker.step, out_dir=out_dir):
                         made.append(frame)
                         tracker.label = f"frame {min(len(made) + 1, len(script.shots))}/{len(script.shots)}"
 
                 def new_frames():
                     nonlocal legend_text
                     while len(shown) < len(made):
-                        image, overlays = frame_items(made[len(shown)])
+                        image, overlays = kept.as_files(request, frame_items(made[len(shown)]))
                         shown.extend(image)
                         routes.extend(overlays)
                         legend_text = storyboard_run.story_legend(script)
                     return f"{len(shown)} of {len(script.shots)} frames, seed {made[-1].seed}." if made else gr.skip()
 
                 try:
-                    for item in follow(work):
+                    for item in follow(work, cancel):
                         status = item.html() if isinstance(item, Status) else gr.skip()
                         if len(shown) < len(made):
                             yield shown, routes, new_frames(), legend_text, status
                         else:
                             yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), status
+                except Cancelled:  # the session ended: there is no one to tell
+                    return
                 except Exception as e:  # the user's mistake or advice, else a bug: both keep the frames made
                     new_frames()
                     told = _refuse(e, 4) if isinstance(e, USER_ERRORS) else _report_bug(e, 4)
@@ -423,8 +497,22 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
 
         gr.Markdown(f"Uploads: PNG, JPEG, WebP, BMP or TIFF, at most {MAX_UPLOAD_MB} MB each. Subjects: at most "
                     f"{handle.max_subjects}. Masks from: uploaded or drawn, else automatic matting "
-                    f"(BiRefNet `{BIREFNET_ID}` when it can be loaded).")
+                    f"(BiRefNet `{BIREFNET_ID}` when it can be loaded). Privacy: your uploads and results are "
+                    f"deleted when you close this page, and at the latest after {_duration(kept.ttl)}.")
+
+        def on_unload(request: gr.Request):
+            """The tab closed: stop the session's job within one step and delete every file it left."""
+            jobs.cancel(request)
+            kept.end(request)
+
+        demo.unload(on_unload)
+    demo.anystory_heavy = (on_generate, on_storyboard)  # at most one of these per session in the queue
+    demo.anystory_files, demo.anystory_jobs = kept, jobs
     return demo
+
+
+def _duration(seconds: int) -> str:
+    return f"{seconds // 60} minutes" if seconds >= 120 else f"{seconds} seconds"
 
 
 def parse_args(argv=None):
@@ -444,11 +532,37 @@ def parse_args(argv=None):
     p.add_argument("--host", default=None, help="server address (default 127.0.0.1, or GRADIO_SERVER_NAME)")
     p.add_argument("--port", type=int, default=None, help="server port (default 7860, or GRADIO_SERVER_PORT)")
     p.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
+    p.add_argument("--auth", default=os.environ.get(AUTH_ENV) or None, metavar="USER:PASSWORD[,USER:PASSWORD]",
+                   help=f"require a login (or {AUTH_ENV}, e.g. a Space secret); default: no login")
+    p.add_argument("--retention", type=int, default=None, metavar="SECONDS",
+                   help=f"delete uploads and results after this long at the latest (or {RETENTION_ENV}; default "
+                        f"{DEFAULT_RETENTION_S}); they also go when the visitor's session ends")
+    p.add_argument("--monitoring", action="store_true",
+                   help="enable Gradio's /monitoring dashboard (off: anyone could read the traffic summary)")
     return p.parse_args(argv)
+
+
+def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
+    """``user:password[,user:password]`` -> Gradio's list of pairs; None for no login."""
+    if not text:
+        return None
+    pairs = []
+    for entry in text.split(","):
+        user, sep, password = entry.strip().partition(":")
+        if not sep or not user or not password:
+            raise ValueError(f"--auth / {AUTH_ENV} must read user:password (comma-separated for several users)")
+        pairs.append((user, password))
+    return pairs
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        auth = parse_auth(args.auth)
+        ttl = retention_seconds(None if args.retention is None else str(args.retention))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     env = probe_environment(args.sdxl_weights, args.sdxl_base, args.flux_weights)
     env.flux_vram = args.vram
     try:
@@ -460,10 +574,21 @@ def main(argv=None) -> int:
         handle.pipe.enable_model_cpu_offload()
     print(handle.status_markdown().replace("**", ""), flush=True)
     segmenter = LazyBiRefNetSegmenter(args.segmenter, device=handle.device)
-    demo = build_demo(handle, segmenter)
-    demo.queue(default_concurrency_limit=1, max_size=32)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS,
-                max_file_size=f"{MAX_UPLOAD_MB}mb", allowed_paths=[EXAMPLES_DIR])
+    root = private_root()  # before the Blocks: Gradio's cache goes inside it
+    anonymize_uploads()
+    cache = os.environ["GRADIO_TEMP_DIR"]
+    kept = SessionFiles(cache, cache, ttl)  # session folders inside the cache: served as they are, no copies
+    kept.start_sweeper()
+    try:
+        demo = build_demo(handle, segmenter, kept=kept)
+        demo.queue(default_concurrency_limit=1, max_size=32)
+        one_job_per_session(demo, demo.anystory_heavy, demo.anystory_jobs)
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS,
+                    max_file_size=f"{MAX_UPLOAD_MB}mb", allowed_paths=[EXAMPLES_DIR], auth=auth,
+                    enable_monitoring=args.monitoring)
+    finally:  # nothing of any visitor outlives the app
+        kept.stop()
+        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

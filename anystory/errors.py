@@ -99,13 +99,20 @@ def check_number(value, what: str, low: float = -math.inf, high: float = math.in
     if not math.isfinite(v):
         raise error(f"{what} must be finite, got {v}")
     if not low <= v <= high or (integer and not v.is_integer()):
+        lo, hi, got = _shown(low), _shown(high), _shown(v)
         if math.isinf(low) and math.isinf(high):
             allowed = kind
         elif math.isinf(high):
-            allowed = f"{kind} >= {low:g}"
+            allowed = f"{kind} >= {lo}"
         elif math.isinf(low):
-            allowed = f"{kind} <= {high:g}"
+            allowed = f"{kind} <= {hi}"
         else:
-            allowed = f"{kind} between {low:g} and {high:g}"
-        raise error(f"{what} must be {allowed}, got {v:g}")
+            allowed = f"{kind} between {lo} and {hi}"
+        raise error(f"{what} must be {allowed}, got {got}")
     return int(v) if integer else v
+
+
+def _shown(x: float) -> str:
+    """A bound or value as the user would write it: whole numbers in full (a seed limit of 2147483647, not
+    2.14748e+09), others short."""
+    return str(int(x)) if math.isfinite(x) and float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"

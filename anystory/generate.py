@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from .errors import InvalidInputError, check_number
+from .output_files import check_output, save_image
 from .hub import FLUX_ANYSTORY_REPO
 from .regions import parse_region_text
 
@@ -49,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="random seed (the same seed gives the same image)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--out", default="outputs/anystory.png", help="output image (PNG, JPEG or WebP by extension)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and its routing file) if they exist")
     p.add_argument("--save-routing", action="store_true", help="also save the last step's routing map overlay")
     flux = p.add_argument_group("FLUX (the authors' released weights)")
     flux.add_argument("--flux", action="store_true", help="use FLUX.1-dev + FLUX.1-Redux-dev + anystory_flux.bin")
@@ -141,6 +143,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         subjects = check_inputs(args)
+        check_output(args.out, args.overwrite)
+        if args.save_routing:
+            check_output(_routing_path(args.out), args.overwrite, "the routing file")
     except InvalidInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -172,15 +177,23 @@ def main(argv=None) -> int:
     except ValueError as e:  # what only the call can check (a region mask against the output size, diffusers' sizes)
         print(f"error: {_as_flags(e)}", file=sys.stderr)
         return 2
-    out.images[0].save(args.out)
-    print(f"saved {args.out}")
-    if args.save_routing and out.routing_maps:
-        from .visualize import routing_overlay
+    try:
+        save_image(out.images[0], args.out, args.overwrite)
+        print(f"saved {args.out}")
+        if args.save_routing and out.routing_maps:
+            from .visualize import routing_overlay
 
-        path = os.path.splitext(args.out)[0] + "_routing.png"
-        routing_overlay(out.images[0], out.routing_maps[-1][0]).save(path)
-        print(f"saved {path}")
+            path = save_image(routing_overlay(out.images[0], out.routing_maps[-1][0]), _routing_path(args.out),
+                              args.overwrite)
+            print(f"saved {path}")
+    except InvalidInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _routing_path(out: str) -> str:
+    return os.path.splitext(out)[0] + "_routing.png"
 
 
 if __name__ == "__main__":

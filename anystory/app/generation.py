@@ -19,6 +19,7 @@ from ..errors import GenerationError, InvalidInputError
 from ..images import read_mask
 from ..subjects import AlphaOrWholeImageSegmenter, Subject
 from .inputs import InputError, check_number, check_prompt, resolve_seed
+from .jobs import check_work
 from .models import ModelHandle
 from .visualize import (contrasting_colors, dominant_color, legend_html, routing_colormap, routing_overlay, save_png,
                         side_by_side, subject_overlays, subject_shares, thumbnail_uri)
@@ -90,6 +91,7 @@ def check_request(handle: ModelHandle, req: Request) -> CheckedRequest:
             raise InputError(f"{what} must be a multiple of {d.size_step} for this model, got {v}.")
         sizes.append(v)
     num = check_number(req.num_images, "Images per prompt", 1, 4, integer=True)
+    check_work(steps, num)
     if len(req.subjects) > handle.max_subjects:
         raise InputError(f"Too many subjects: {len(req.subjects)} given, this model takes at most {handle.max_subjects}.")
     seed = resolve_seed(req.seed)

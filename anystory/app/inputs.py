@@ -30,6 +30,19 @@ SUPPORTED_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff
 SUPPORTED_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "TIFF", "MPO"}  # MPO: phone JPEGs with a depth frame
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**31 - 1
+MAX_NAME_CHARS = 64
+
+
+class UploadPath(str):
+    """An upload's path on the server (``<random>/upload.png``: anystory/app/retention.py) that remembers the
+    name the visitor gave it, for messages only; it is never written to disk."""
+
+    orig_name: Optional[str] = None
+
+
+def shown_name(path: Any) -> str:
+    """The name a user knows a file by: the visitor's own for an upload, else the file's name."""
+    return getattr(path, "orig_name", None) or os.path.basename(os.fspath(path))
 
 
 def _fmt_mb(n: int) -> str:
@@ -45,12 +58,13 @@ def load_image_file(value: Any, what: str, kind: str = "image") -> Image.Image:
         source: Any = value
     elif isinstance(value, (str, os.PathLike)):
         path = os.fspath(value)
+        shown = shown_name(value)
         if not os.path.isfile(path):
-            raise InputError(f"{what}: file not found: {os.path.basename(path)}")
+            raise InputError(f"{what}: file not found: {shown}")
         ext = os.path.splitext(path)[1].lower()
         if ext not in SUPPORTED_EXTENSIONS:
             raise InputError(f"{what}: unsupported file type '{ext or 'no extension'}' "
-                             f"({os.path.basename(path)}); use PNG, JPEG, WebP, BMP or TIFF.")
+                             f"({shown}); use PNG, JPEG, WebP, BMP or TIFF.")
         size = os.path.getsize(path)
         if size > MAX_UPLOAD_BYTES:
             raise InputError(f"{what}: the file is {_fmt_mb(size)}; the limit is {MAX_UPLOAD_MB} MB. "
@@ -61,12 +75,12 @@ def load_image_file(value: Any, what: str, kind: str = "image") -> Image.Image:
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise InputError(f"{what}: the image is too large to decode safely.") from None
         except Exception as e:  # PIL raises several types for files that are not images
-            raise InputError(f"{what}: cannot read {os.path.basename(path)} as an image ({type(e).__name__}); "
+            raise InputError(f"{what}: cannot read {shown} as an image ({type(e).__name__}); "
                              "upload a PNG, JPEG, WebP, BMP or TIFF image.") from None
         if w * h > MAX_IMAGE_PIXELS:
             raise InputError(_too_many_pixels(what, w, h))
         if fmt not in SUPPORTED_FORMATS:
-            raise InputError(f"{what}: unsupported image format {fmt} ({os.path.basename(path)}); "
+            raise InputError(f"{what}: unsupported image format {fmt} ({shown}); "
                              "use PNG, JPEG, WebP, BMP or TIFF.")
         source = path
     else:
@@ -83,9 +97,9 @@ def load_image_file(value: Any, what: str, kind: str = "image") -> Image.Image:
     except InvalidInputError as e:
         message = str(e)
         if isinstance(source, str):  # the user knows the upload by its name, not by the server's temp path
-            message = message.replace(source, os.path.basename(source))
+            message = message.replace(source, shown)
             if "cannot read image file" in message:
-                message = (f"{what}: cannot read {os.path.basename(source)} as an image: the file is damaged or "
+                message = (f"{what}: cannot read {shown} as an image: the file is damaged or "
                            "truncated. Upload it again or use another image.")
         raise InputError(message) from None
     if img.width * img.height > MAX_IMAGE_PIXELS:
@@ -186,7 +200,8 @@ def collect_subjects(slots: Sequence[SubjectSlot], max_subjects: int, segmenter:
                          "Remove some subjects.")
     subjects, sources = [], []
     for i, slot in used:
-        label = f"{noun} {i + 1}" + (f" ({slot.name.strip()})" if slot.name and slot.name.strip() else "")
+        name = check_name(slot.name, f"{noun} {i + 1} name")
+        label = f"{noun} {i + 1}" + (f" ({name})" if name else "")
         if slot.image is None:
             raise InputError(f"{label}: a mask was given but no image; upload the subject's reference image.")
         image = load_image_file(slot.image, f"{label} image")
@@ -200,7 +215,7 @@ def collect_subjects(slots: Sequence[SubjectSlot], max_subjects: int, segmenter:
                 mask = np.asarray(segmenter(image), dtype=bool)
                 source = f"automatic ({getattr(segmenter, 'last_source', None) or segmenter.name})"
         region = slot_region(slot, label)
-        subject = Subject(image=image, mask=mask, name=slot.name.strip() if slot.name else f"subject {i + 1}",
+        subject = Subject(image=image, mask=mask, name=name or f"subject {i + 1}",
                           scale=slot.scale, reference_scale=slot.reference_scale, region=region)
         try:  # the shared checks (mask size and content, scales), relabelled with the UI's 1-based numbering
             prepare_subjects([Subject(image, mask, "", subject.scale, subject.reference_scale)], max_subjects)
@@ -248,13 +263,43 @@ def resolve_seed(seed: Any, rng: Optional[random.Random] = None) -> int:
         seed = -1
     try:
         value = int(float(seed))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InputError(f"Seed must be an integer (-1 for random), got {seed!r}.") from None
     if value == -1:
         return (rng or random.SystemRandom()).randint(0, MAX_SEED)
     if not 0 <= value <= MAX_SEED:
         raise InputError(f"Seed must be -1 (random) or between 0 and {MAX_SEED}, got {value}.")
     return value
+
+
+def check_name(name: Any, what: str) -> str:
+    """A subject's name: text of at most :data:`MAX_NAME_CHARS` characters (it labels the legend and files)."""
+    if name is None:
+        return ""
+    if not isinstance(name, str):
+        raise InputError(f"{what} must be text, got {type(name).__name__}.")
+    name = name.strip()
+    if len(name) > MAX_NAME_CHARS:
+        raise InputError(f"{what} is too long: {len(name)} characters; the limit is {MAX_NAME_CHARS}.")
+    return name
+
+
+def random_seed(seed: Any) -> bool:
+    """Whether a form's seed asks for a random one (-1 or empty); anything else is checked where it is used."""
+    if seed is None or seed == "":
+        return True
+    try:
+        return float(seed) == -1
+    except (TypeError, ValueError):
+        return False
+
+
+def subject_count(value: Any, most: int) -> int:
+    """The page's hidden subject count for showing slots: a bad value shows one slot (Generate names it)."""
+    try:
+        return max(1, min(most, int(float(value or 1))))
+    except (TypeError, ValueError, OverflowError):
+        return 1
 
 
 def check_number(value: Any, what: str, lo: float, hi: float, integer: bool = False) -> float:

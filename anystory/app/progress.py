@@ -15,6 +15,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Optional
 
+class Cancelled(Exception):
+    """The visitor's browser went away (or the session ended): the job stopped early, by design."""
+
+
 STAGES = ("loading", "matting", "encoding subjects", "denoising", "decoding", "done")
 
 
@@ -46,8 +50,9 @@ class RunProgress:
     """Collects one run's stages and step times; ``on_change(status)`` is called on every change."""
 
     def __init__(self, on_change: Optional[Callable[[Status], None]] = None,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, cancel: Optional[threading.Event] = None):
         self.clock = clock
+        self.cancel = cancel or threading.Event()  # set: the next step report raises Cancelled
         self.start = clock()
         self.on_change = on_change
         self.label = ""  # e.g. "shot 2/3" for a storyboard
@@ -64,7 +69,10 @@ class RunProgress:
         self._emit(Status(name, detail, self.clock() - self.start))
 
     def step(self, k: int, n: int) -> None:
-        """Pipeline progress: k = 0 before the first step (subjects are encoded then), k = n after the last."""
+        """Pipeline progress: k = 0 before the first step (subjects are encoded then), k = n after the last.
+        Called from the pipeline's step callback, so a cancelled job stops here, within one step."""
+        if self.cancel.is_set():
+            raise Cancelled("the job was cancelled: its browser session ended")
         now = self.clock()
         if k <= 0:
             self._step_times = []
@@ -106,13 +114,16 @@ class StagedSegmenter:
 _DONE = object()
 
 
-def follow(work: Callable[[RunProgress], Any]) -> Iterator[Any]:
+def follow(work: Callable[[RunProgress], Any], cancel: Optional[threading.Event] = None) -> Iterator[Any]:
     """Run ``work(progress)`` in a thread; yield each new :class:`Status`, then, last, ``("result", value)``.
 
-    An exception in ``work`` is raised here, in the caller's thread, so the UI handles it as before.
+    An exception in ``work`` is raised here, in the caller's thread, so the UI handles it as before. When the
+    caller stops reading (Gradio closes the generator of a client that went away) ``cancel`` is set, and the
+    work stops at its next step report.
     """
     events: "queue.Queue" = queue.Queue()
-    progress = RunProgress(on_change=events.put)
+    cancel = cancel or threading.Event()
+    progress = RunProgress(on_change=events.put, cancel=cancel)
     box: dict = {}
 
     def target():
@@ -126,6 +137,18 @@ def follow(work: Callable[[RunProgress], Any]) -> Iterator[Any]:
 
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
+    try:
+        yield from _statuses(events)
+    finally:  # normal end, an error, or the reader gone (GeneratorExit): nothing more is wanted of the work
+        cancel.set()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    yield ("result", box["value"])
+
+
+def _statuses(events: "queue.Queue") -> Iterator["Status"]:
+    """The newest status of each batch of events, until the work is done."""
     finished = False
     while not finished:
         batch = [events.get()]
@@ -138,7 +161,3 @@ def follow(work: Callable[[RunProgress], Any]) -> Iterator[Any]:
         statuses = [b for b in batch if b is not _DONE]
         if statuses:
             yield statuses[-1]
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    yield ("result", box["value"])

@@ -32,7 +32,9 @@ import io
 import json
 import os
 import re
+import stat
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -49,6 +51,19 @@ SCRIPT_NAMES = ("script.yaml", "script.yml", "script.json")
 MAX_CHARACTERS = 16
 MAX_SHOTS = 64
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
+#: A bundle holds a script and a reference and a mask per character; nothing else is unpacked.
+MAX_BUNDLE_ENTRIES = 2 * MAX_CHARACTERS + 1
+MAX_ENTRY_BYTES = 10 * 1024 * 1024
+#: Script text (a long story is a few tens of KB) and its nesting (a script is 4 levels deep).
+MAX_SCRIPT_BYTES = 512 * 1024
+MAX_SCRIPT_DEPTH = 8
+MAX_TITLE_CHARS = 200
+MAX_TEXT_CHARS = 2000
+#: The form's ranges: an imported number obeys the same ones (``anystory/app/inputs.py``: seeds are 31-bit).
+SEED_RANGE = (-1, 2**31 - 1)
+STEPS_RANGE = (1, 100)
+GUIDANCE_RANGE = (0.0, 30.0)
+SIZE_RANGE = (64, 4096)
 
 CHARACTER_KEYS = ("alias", "description", "reference", "mask", "scale", "reference_scale")
 SHOT_KEYS = ("prompt", "characters", "seed", "negative_prompt", "regions")
@@ -103,15 +118,32 @@ def _number(v: Any, where: str, integer: bool = False):
     return check_number(v, where, integer=integer, typed=True, error=ScriptError)
 
 
+def _text(v: Any, where: str, limit: int = MAX_TEXT_CHARS) -> str:
+    """A text field: a string (or a number, written as text) of at most ``limit`` characters."""
+    if v is None:
+        return ""
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        raise ScriptError(f"{where} must be text, got {type(v).__name__}")
+    text = str(v).strip()
+    if len(text) > limit:
+        raise ScriptError(f"{where} is too long: {len(text)} characters, the limit is {limit}")
+    return text
+
+
+NUMBER_SETTINGS = {"seed": (SEED_RANGE, True), "steps": (STEPS_RANGE, True), "guidance": (GUIDANCE_RANGE, False),
+                   "width": (SIZE_RANGE, True), "height": (SIZE_RANGE, True)}
+
+
 def script_from_dict(data: Any) -> Script:
     """Build and validate a :class:`Script` from parsed JSON/YAML."""
     data = _check_keys(data, SCRIPT_KEYS, "the script")
     settings = dict(_check_keys(data.get("settings") or {}, SETTING_KEYS, "settings"))
-    for key in ("seed", "steps", "width", "height"):
-        if key in settings and settings[key] is not None:
-            settings[key] = _number(settings[key], f"settings.{key}", integer=True)
-    if settings.get("guidance") is not None:
-        settings["guidance"] = _number(settings["guidance"], "settings.guidance")
+    for key, ((lo, hi), integer) in NUMBER_SETTINGS.items():
+        if settings.get(key) is not None:
+            settings[key] = check_number(settings[key], f"settings.{key}", lo, hi, integer=integer, typed=True,
+                                         error=ScriptError)
+    if settings.get("negative_prompt") is not None:
+        settings["negative_prompt"] = _text(settings["negative_prompt"], "settings.negative_prompt")
     chars_raw = data.get("characters") or []
     if not isinstance(chars_raw, list):
         raise ScriptError("characters must be a list")
@@ -120,13 +152,15 @@ def script_from_dict(data: Any) -> Script:
     characters = []
     for i, c in enumerate(chars_raw):
         c = _check_keys(c, CHARACTER_KEYS, f"character {i + 1}")
-        alias = str(c.get("alias") or "").strip()
+        alias = _text(c.get("alias"), f"character {i + 1} alias", 64)
         if not ALIAS_RE.match(alias):
             raise ScriptError(f"character {i + 1}: alias {alias!r} must start with a letter and use only letters, "
                               "digits, '_' or '-' (at most 32)")
         if any(alias == o.alias for o in characters):
             raise ScriptError(f"character {i + 1}: alias '{alias}' is used twice")
-        characters.append(Character(alias, str(c.get("description") or "").strip(), c.get("reference"), c.get("mask"),
+        characters.append(Character(alias, _text(c.get("description"), f"character '{alias}' description"),
+                                    _path(c.get("reference"), f"character '{alias}' reference"),
+                                    _path(c.get("mask"), f"character '{alias}' mask"),
                                     _number(c.get("scale", 1.0), f"character '{alias}' scale"),
                                     _number(c.get("reference_scale", 1.0), f"character '{alias}' reference_scale")))
     shots_raw = data.get("shots") or []
@@ -139,7 +173,7 @@ def script_from_dict(data: Any) -> Script:
         if isinstance(s, str):
             s = {"prompt": s}
         s = _check_keys(s, SHOT_KEYS, f"shot {i + 1}")
-        prompt = str(s.get("prompt") or "").strip()
+        prompt = _text(s.get("prompt"), f"shot {i + 1} prompt")
         if not prompt:
             raise ScriptError(f"shot {i + 1} has no prompt")
         cast = s.get("characters")
@@ -148,10 +182,14 @@ def script_from_dict(data: Any) -> Script:
                 cast = [a.strip() for a in cast.split(",") if a.strip()]
             if not isinstance(cast, list) or not all(isinstance(a, str) for a in cast):
                 raise ScriptError(f"shot {i + 1}: characters must be a list of aliases")
+            if len(cast) > MAX_CHARACTERS:
+                raise ScriptError(f"shot {i + 1}: {len(cast)} characters listed, the limit is {MAX_CHARACTERS}")
         seed = s.get("seed")
-        shots.append(Shot(prompt, cast, None if seed is None else _number(seed, f"shot {i + 1} seed", integer=True),
-                          str(s.get("negative_prompt") or ""), _shot_regions(s.get("regions"), i)))
-    script = Script(characters, shots, str(data.get("title") or ""), settings)
+        if seed is not None:
+            seed = check_number(seed, f"shot {i + 1} seed", *SEED_RANGE, integer=True, typed=True, error=ScriptError)
+        shots.append(Shot(prompt, cast, seed, _text(s.get("negative_prompt"), f"shot {i + 1} negative_prompt"),
+                          _shot_regions(s.get("regions"), i)))
+    script = Script(characters, shots, _text(data.get("title"), "the title", MAX_TITLE_CHARS), settings)
     for i in range(len(shots)):
         cast = shot_cast(script, i)  # unknown aliases, duplicates
         stray = [a for a in shots[i].regions if a not in cast]
@@ -161,12 +199,22 @@ def script_from_dict(data: Any) -> Script:
     return script
 
 
+def _path(v: Any, where: str) -> Any:
+    """A reference or mask: a relative path in a script (an image object when the page built the script)."""
+    if isinstance(v, str):
+        return _text(v, where, 1024) or None
+    if isinstance(v, (bytes, int, float, list, dict, tuple, bool)):
+        raise ScriptError(f"{where} must be a file name (relative to the script), got {type(v).__name__}")
+    return v
+
+
 def _shot_regions(raw: Any, i: int) -> Dict[str, tuple]:
     """A shot's ``regions``: alias -> box in fractions of the frame, each checked by the one region rule."""
     if raw is None:
         return {}
-    if not isinstance(raw, dict):
-        raise ScriptError(f"shot {i + 1}: regions must map character aliases to boxes [x0, y0, x1, y1]")
+    if not isinstance(raw, dict) or len(raw) > MAX_CHARACTERS:
+        raise ScriptError(f"shot {i + 1}: regions must map character aliases to boxes [x0, y0, x1, y1], at most "
+                          f"{MAX_CHARACTERS}")
     out = {}
     for alias, box in raw.items():
         if not isinstance(box, (list, tuple)):
@@ -217,26 +265,68 @@ def script_to_dict(script: Script, references: Optional[Dict[str, str]] = None) 
 
 # ---- text formats -------------------------------------------------------------------------------------------------
 def parse_script(text: str, fmt: Optional[str] = None) -> Script:
-    """Parse JSON or YAML (``fmt``: 'json', 'yaml' or None to detect: JSON if it parses as JSON)."""
-    import yaml
+    """Parse JSON or YAML (``fmt``: 'json', 'yaml' or None to detect: JSON if it parses as JSON).
 
+    Bounded before anything is built: at most :data:`MAX_SCRIPT_BYTES` of text, :data:`MAX_SCRIPT_DEPTH` levels,
+    and no YAML aliases (438 bytes of nested aliases expanded to gigabytes)."""
     if not text or not text.strip():
         raise ScriptError("the script is empty")
+    if len(text) > MAX_SCRIPT_BYTES:
+        raise ScriptError(f"the script is {len(text) // 1024} KB of text; the limit is {MAX_SCRIPT_BYTES // 1024} KB")
     fmt = (fmt or "").lower().lstrip(".")
     if fmt in ("", "json"):
         try:
-            return script_from_dict(json.loads(text))
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             if fmt == "json":
                 raise ScriptError(f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        except RecursionError:
+            raise ScriptError(f"the script is nested too deeply (the limit is {MAX_SCRIPT_DEPTH} levels)") from None
+        else:
+            _check_depth(data)
+            return script_from_dict(data)
+    return script_from_dict(_load_yaml(text))
+
+
+def _check_depth(data: Any) -> None:
+    """Refuse parsed data nested deeper than a script ever is (walked without recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_SCRIPT_DEPTH:
+            raise ScriptError(f"the script is nested too deeply (the limit is {MAX_SCRIPT_DEPTH} levels)")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((v, depth + 1) for v in children if isinstance(v, (dict, list)))
+
+
+def _load_yaml(text: str) -> Any:
+    """YAML with the safe loader, refusing aliases and nesting deeper than :data:`MAX_SCRIPT_DEPTH` as the
+    document is composed, before any value is built."""
+    import yaml
+
+    class BoundedLoader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise ScriptError(f"YAML aliases (*name) are not allowed in a script (line {mark.line + 1}); write "
+                                  "the value out")
+            self.depth += 1
+            if self.depth > MAX_SCRIPT_DEPTH:
+                raise ScriptError(f"the script is nested too deeply (the limit is {MAX_SCRIPT_DEPTH} levels)")
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
     try:
-        data = yaml.safe_load(text)
+        return yaml.load(text, Loader=BoundedLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ScriptError(f"invalid YAML{where}: {getattr(e, 'problem', None) or e}. Quote prompts that start "
                           "with '{', e.g. prompt: \"{cat} sleeps\"") from None
-    return script_from_dict(data)
 
 
 def _dump(data: dict, fmt: str) -> str:
@@ -256,8 +346,16 @@ def load_script_file(path: str) -> Script:
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".json", ".yaml", ".yml"):
         raise ScriptError(f"unsupported script file '{ext or os.path.basename(path)}'; use .json, .yaml, .yml or a .zip bundle")
-    with open(path, encoding="utf-8") as f:
-        return parse_script(f.read(), "json" if ext == ".json" else "yaml")
+    if os.path.getsize(path) > MAX_SCRIPT_BYTES:
+        raise ScriptError(f"{os.path.basename(path)} is {os.path.getsize(path) // 1024} KB; a script may have at most "
+                          f"{MAX_SCRIPT_BYTES // 1024} KB")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ScriptError(f"{os.path.basename(path)} is not UTF-8 text (byte {e.start}); save the script as UTF-8") from None
+    return parse_script(text, "json" if ext == ".json" else "yaml")
 
 
 def resolve_references(script: Script, base_dir: str) -> List[str]:
@@ -320,23 +418,42 @@ def import_bundle(path: str, dest_dir: str) -> tuple:
     """Unpack a bundle safely (no paths outside ``dest_dir``, size-limited) -> (Script, missing aliases)."""
     try:
         z = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
         raise ScriptError(f"{os.path.basename(path)} is not a valid .zip bundle") from None
     with z:
-        infos = z.infolist()
-        if sum(i.file_size for i in infos) > MAX_BUNDLE_BYTES:
-            raise ScriptError(f"the bundle unpacks to more than {MAX_BUNDLE_BYTES // 2**20} MB")
+        infos = [i for i in z.infolist() if not i.is_dir()]
+        _check_bundle(infos)
         root = os.path.realpath(dest_dir)
         for info in infos:
             target = os.path.realpath(os.path.join(root, info.filename))
             if not target.startswith(root + os.sep):
                 raise ScriptError(f"the bundle contains an unsafe path: {info.filename}")
-        z.extractall(root)
+        try:
+            for info in infos:
+                z.extract(info, root)
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, OSError) as e:
+            raise ScriptError(f"{os.path.basename(path)} is damaged and cannot be unpacked "
+                              f"({type(e).__name__}); export the bundle again") from None
     for name in SCRIPT_NAMES:
         if os.path.isfile(os.path.join(root, name)):
             script = load_script_file(os.path.join(root, name))
             return script, resolve_references(script, root)
     raise ScriptError(f"the bundle has no script ({', '.join(SCRIPT_NAMES)})")
+
+
+def _check_bundle(infos: List[zipfile.ZipInfo]) -> None:
+    """Entry count, sizes (as the archive declares them, and zipfile stops at the declared size) and kinds."""
+    if len(infos) > MAX_BUNDLE_ENTRIES:
+        raise ScriptError(f"the bundle has {len(infos)} files; a bundle holds a script and at most a reference and a "
+                          f"mask per character ({MAX_BUNDLE_ENTRIES} files)")
+    if sum(i.file_size for i in infos) > MAX_BUNDLE_BYTES:
+        raise ScriptError(f"the bundle unpacks to more than {MAX_BUNDLE_BYTES // 2**20} MB")
+    for info in infos:
+        if info.file_size > MAX_ENTRY_BYTES:
+            raise ScriptError(f"{info.filename} in the bundle is {info.file_size / 2**20:.1f} MB; the limit per file is "
+                              f"{MAX_ENTRY_BYTES // 2**20} MB")
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise ScriptError(f"the bundle contains a link ({info.filename}); only files are allowed")
 
 
 def import_script(path: str, dest_dir: str) -> tuple:

@@ -13,7 +13,8 @@ from typing import Any, Dict, Iterator, List, Optional
 from ..errors import InvalidInputError
 from ..subjects import AlphaOrWholeImageSegmenter, Subject
 from .generation import CheckedRequest, Progress, Request, check_request, generate
-from .inputs import InputError, SubjectSlot, collect_subjects, load_image_file, resolve_seed
+from .inputs import InputError, SubjectSlot, check_number, collect_subjects, load_image_file, resolve_seed
+from .jobs import check_work
 from .models import ModelHandle
 from .storyboard import Frame, Script, ShotPlan, plan_shots, shot_cast
 from .visualize import contrasting_colors, dominant_color, legend_html, thumbnail_uri
@@ -70,6 +71,8 @@ def check_story(handle: ModelHandle, segmenter, script: Script, seed: Any = -1, 
     story_seed = resolve_seed(script.settings.get("seed", seed) if seed in (None, "", -1) else seed)
     steps, guidance = _setting(steps, script, "steps"), _setting(guidance, script, "guidance")
     width, height = _setting(width, script, "width"), _setting(height, script, "height")
+    check_work(check_number(handle.defaults.steps if steps in (None, "") else steps, "Steps", 1, 100, integer=True),
+               1, len(script.shots))  # before any matting is spent
     subjects = story_subjects(script, segmenter)
     palette = story_colors(script)
     plans = plan_shots(script, subjects, story_seed, handle.max_subjects)

@@ -9,14 +9,15 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
-from .inputs import InputError
+from .inputs import InputError, check_number
 from .region_canvas import region_text
-from .storyboard import Script, ScriptError, dump_script, export_bundle, script_from_dict
+from .storyboard import NUMBER_SETTINGS, Script, ScriptError, dump_script, export_bundle, script_from_dict
 
 STORY_SLOTS = 6
 STORY_FIELDS = ("alias", "description", "reference")
 #: The shots table's columns; "regions" reads ``alias: x0, y0, x1, y1`` entries separated by ``;``.
 SHOT_COLUMNS = ("prompt", "characters", "regions")
+FORM_NAMES = {"seed": "Story seed", "steps": "Steps"}
 
 
 def _cell(row: Sequence[Any], k: int) -> str:
@@ -67,7 +68,12 @@ def script_from_ui(char_values: Sequence[Any], shot_rows: Any, title: str = "", 
             shot["regions"] = parse_shot_regions(regions, len(shots) + 1)
         shots.append(shot)
     references = {c["alias"]: c.pop("reference") for c in chars}
-    data = {"title": title or "", "settings": {k: v for k, v in (settings or {}).items() if v not in (None, "")},
+    settings = {k: v for k, v in (settings or {}).items() if v not in (None, "")}
+    for key, value in settings.items():  # the form's fields, named as the page names them
+        if key in NUMBER_SETTINGS:
+            (lo, hi), integer = NUMBER_SETTINGS[key]
+            settings[key] = check_number(value, FORM_NAMES.get(key, key.capitalize()), lo, hi, integer=integer)
+    data = {"title": title or "", "settings": settings,
             "characters": chars, "shots": shots}
     try:
         script = script_from_dict(data)
@@ -92,6 +98,21 @@ def ui_from_script(script: Script, slots: int = STORY_SLOTS) -> tuple:
     rows = [[s.prompt, ", ".join(s.characters) if s.characters is not None else "",
              "; ".join(f"{alias}: {region_text(box)}" for alias, box in s.regions.items())] for s in script.shots]
     return values, rows
+
+
+def unused_fields(script: Script) -> List[str]:
+    """The script's fields this page has no place for (they would be lost on generate or export), named as in the
+    script, so an import can say which it could not use."""
+    unused = [f"settings.{k}" for k in ("guidance", "width", "height", "negative_prompt")
+              if script.settings.get(k) not in (None, "")]
+    for c in script.characters:
+        unused += [f"character '{c.alias}' {what}" for what, used in (
+            ("mask", c.mask is not None), ("scale", c.scale != 1.0), ("reference_scale", c.reference_scale != 1.0))
+            if used]
+    for i, shot in enumerate(script.shots):
+        unused += [f"shot {i + 1} {what}" for what, used in (("seed", shot.seed is not None),
+                                                             ("negative_prompt", bool(shot.negative_prompt))) if used]
+    return unused
 
 
 def export_script_files(script: Script, out_dir: str) -> List[str]:

@@ -14,13 +14,15 @@ from typing import Optional
 
 import gradio as gr
 
-from .inputs import InputError, load_image_file
+from .inputs import InputError, UploadPath, load_image_file
 
 
 def _path_as_is(self, payload):
     path = getattr(payload, "path", None)
     if payload is not None and path and not (getattr(payload, "url", None) or "").startswith("data:"):
-        return str(path)
+        upload = UploadPath(path)
+        upload.orig_name = getattr(payload, "orig_name", None)
+        return upload
     return gr.Image.preprocess(self, payload)
 
 

@@ -79,6 +79,12 @@ def test_uploads_reach_the_app_checks_undecoded(tmp_path):
     upload = UploadImage(label="x", image_mode="RGB")
     assert upload.preprocess(payload) == str(fake) and upload.get_block_name() == "image"
     assert upload.preprocess(None) is None
+    stored = tmp_path / "upload.png"  # on disk an upload has no name of the visitor's; messages still use theirs
+    stored.write_text("not a picture")
+    from anystory.app.inputs import InputError, load_image_file
+
+    with pytest.raises(InputError, match="cannot read holiday.png as an image"):
+        load_image_file(upload.preprocess(ImageData(path=str(stored), orig_name="holiday.png")), "Subject 1 image")
     assert editor_background(str(fake)) is None  # the mask editor stays empty; Generate names the problem
     good = tmp_path / "good.png"
     Image.new("RGB", (6, 4)).save(good)
@@ -158,9 +164,10 @@ def test_generate_tells_a_bug_from_bad_input_and_keeps_the_outputs(demo, monkeyp
 
     monkeypatch.setattr(app.generate_tab, "run_generation", fails)
     slot = [STAR, None, None, "star", 1.0, 1.0, "", None]
-    out = list(_handler(blocks, "on_generate")(1, "a star", "", 1, 2, 3.0, 64, 64, 1, *(slot * handle.max_subjects)))
+    out = list(_handler(blocks, "on_generate")(None, 1, "a star", "", 1, 2, 3.0, 64, 64, 1, *(slot * handle.max_subjects)))
     assert out[-1][:6] == [gr.skip()] * 6 and "earlier results are kept" in out[-1][6]
     assert len(told) == 1 and told[0][0] == title and words in told[0][1]
+    assert "latents" not in told[0][1] and "broadcast" not in told[0][1]  # internals stay in the server log
 
 
 def test_storyboard_tells_a_bug_from_bad_input(demo, monkeypatch):
@@ -176,7 +183,7 @@ def test_storyboard_tells_a_bug_from_bad_input(demo, monkeypatch):
 
     monkeypatch.setattr(app.storyboard_run, "storyboard_frames", fails)
     chars = ["star", "a red star", STAR] + ["", "", None] * 5
-    out = list(_handler(blocks, "on_storyboard")("t", [["{star} on sand", "", ""]], 1, 2, *chars))
+    out = list(_handler(blocks, "on_storyboard")(None, "t", [["{star} on sand", "", ""]], 1, 2, *chars))
     assert out[-1][:4] == [gr.skip()] * 4
     assert told == [("Internal error", told[0][1])] and "AttributeError" in told[0][1]
 

@@ -126,3 +126,24 @@ def test_a_normal_run_prints_no_warning(tmp_path):
     progress_bars = re.compile(r"(it/s\]|s/it\]|\|\s*\d+/\d+ \[)")  # tqdm lines: loading, denoising
     noisy = [ln for ln in run.stderr.splitlines() if ln.strip() and not progress_bars.search(ln)]
     assert noisy == [], noisy  # nothing else on stderr: no warning, no notice
+
+
+def test_out_is_never_overwritten_unasked_nor_written_through_a_link(tmp_path, capsys):
+    """Checked before a model loads: an existing --out needs --overwrite, a link is refused either way."""
+    from anystory.output_files import save_image
+    from PIL import Image
+
+    existing = tmp_path / "mine.png"
+    existing.write_bytes(b"precious")
+    assert generate.main(["--prompt", "a star", "--subject", STAR, "--out", str(existing)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err and existing.read_bytes() == b"precious"
+    target = tmp_path / "target.txt"
+    target.write_text("keep me")
+    link = tmp_path / "link.png"
+    link.symlink_to(target)
+    for extra in ([], ["--overwrite"]):
+        assert generate.main(["--prompt", "a star", "--subject", STAR, "--out", str(link)] + extra) == 2
+        assert "is a symbolic link; refusing to write through it" in capsys.readouterr().err
+    assert target.read_text() == "keep me"
+    save_image(Image.new("RGB", (4, 4)), str(existing), overwrite=True)
+    assert Image.open(existing).size == (4, 4) and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
