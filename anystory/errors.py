@@ -53,6 +53,10 @@ class GenerationError(AnyStoryError, RuntimeError):
     """Generation failed for a reason the user can act on (the message says how); not an input error."""
 
 
+class Cancelled(AnyStoryError):
+    """The visitor's browser went away (or the session ended): the app's job stopped early, by design."""
+
+
 class StageStopped(AnyStoryError):
     """A training stage reached its ``stop_after`` step: the checkpoint is saved, the next run resumes it."""
 

@@ -15,9 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Optional
 
-class Cancelled(Exception):
-    """The visitor's browser went away (or the session ended): the job stopped early, by design."""
-
+from ..errors import Cancelled
 
 STAGES = ("loading", "matting", "encoding subjects", "denoising", "decoding", "done")
 

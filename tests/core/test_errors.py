@@ -111,6 +111,7 @@ _RAISED_WHERE = [
     ("anystory.errors", "InvalidInputError", ValueError),
     ("anystory.app.inputs", "InputError", ValueError),
     ("anystory.app.storyboard", "ScriptError", ValueError),
+    ("anystory.app.progress", "Cancelled", Exception),
     ("anystory.loading", "ModelUnavailableError", RuntimeError),
     ("anystory.app.models", "NoModelError", RuntimeError),
     ("anystory.flux.weights_flux", "AnyStoryWeightsError", ValueError),
