@@ -13,8 +13,8 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 
 import yaml
 
-from .flux_config import FLUX_STAGES, FluxModelConfig, FluxStageConfig, flux_router_defaults, flux_subject_defaults
-from .typed_config import Section, StageConfig, build, merge, refuse_unknown
+from .flux_config import FLUX_ROUTER, FLUX_STAGES, FLUX_SUBJECT, FluxModelConfig, FluxStageConfig
+from .typed_config import Section, StageConfig, build, merge, refuse_unknown, section
 
 STAGES = ("vae", "clip", "base", "stage1", "stage2", "background", "export")
 
@@ -43,23 +43,13 @@ class ModelConfig(Section):
 
 @dataclass
 class VaeConfig(StageConfig):
-    steps: int = 1000
-    batch_size: int = 8
-    lr: float = 2e-3
     basis_images: int = 512  # images whose 4x4 patches give the PCA encoder (pca_encoder.py)
     whiten: float = 0.5
 
 
 @dataclass
-class ClipConfig(StageConfig):
-    steps: int = 400
-    batch_size: int = 64
-    lr: float = 1e-3
-
-
-@dataclass
 class DiffusionStageConfig(StageConfig):
-    """What the denoising stages share: caption drop-out and the Min-SNR loss weight."""
+    """What the denoising stages share (``base``): caption drop-out and the Min-SNR loss weight."""
 
     drop_text: float = 0.1  # share of empty captions (classifier-free guidance)
     generic_caption: float = 0.15  # share of captions that name a subject's class, not its looks
@@ -67,28 +57,16 @@ class DiffusionStageConfig(StageConfig):
 
 
 @dataclass
-class BaseConfig(DiffusionStageConfig):
-    steps: int = 1000
-    batch_size: int = 16
-    lr: float = 1e-3
-    ema: float = 0.99
-
-
-@dataclass
 class SubjectStageConfig(DiffusionStageConfig):
     """What the stages with subjects share."""
 
     subjects: List[float] = field(default_factory=lambda: [0.5, 0.3, 0.2])  # weights of 1, 2, ... subjects
-    generic_caption: float = 0.6
     drop_semantic: float = 0.1  # share of samples without the semantic tokens
 
 
 @dataclass
 class Stage1Config(SubjectStageConfig):
-    steps: int = 500
-    batch_size: int = 12
-    lr: float = 5e-4
-    train_unet: bool = False  # the miniature's UNet trained too; real SDXL stays frozen (the paper)
+    train_unet: bool = False  # also fine-tune the UNet; off in every shipped config (stage1.py says why)
 
 
 @dataclass
@@ -110,12 +88,6 @@ class TrajectoryConfig(Section):
 
 @dataclass
 class Stage2Config(SubjectStageConfig):
-    steps: int = 300
-    batch_size: int = 12
-    lr: float = 1e-3
-    subjects: List[float] = field(default_factory=lambda: [0.2, 0.4, 0.4])
-    drop_text: float = 0.0
-    drop_semantic: float = 0.0
     routing_weight: float = 0.1
     logit_adjustment_tau: float = 1.0  # inference background logit adjustment: tau x log(prior ratio)
     single_region: bool = False  # inference: one connected region per subject
@@ -126,11 +98,6 @@ class Stage2Config(SubjectStageConfig):
 class BackgroundConfig(SubjectStageConfig):
     """The background reference (anystory/sdxl/background.py); steps 0 = not trained, the weights ship without it."""
 
-    steps: int = 0
-    batch_size: int = 12
-    lr: float = 2e-3
-    subjects: List[float] = field(default_factory=lambda: [0.3, 0.4, 0.3])
-    generic_caption: float = 0.5
     rank: int = 4
     gate: bool = False  # a learned log-scale per attention layer
     token_rank: int = 0  # a low-rank correction of its semantic tokens
@@ -164,15 +131,17 @@ class TrainingConfig(Section):
     model: ModelConfig = field(default_factory=ModelConfig)
     base_model: Optional[str] = None  # a diffusers folder or hub id; None = build the miniature (vae/clip/base)
     image_encoder: Optional[str] = None  # with base_model: its CLIP image encoder (None: load_sdxl_base's default)
-    vae: VaeConfig = field(default_factory=VaeConfig)
-    clip: ClipConfig = field(default_factory=ClipConfig)
-    base: BaseConfig = field(default_factory=BaseConfig)
-    stage1: Stage1Config = field(default_factory=Stage1Config)
-    stage2: Stage2Config = field(default_factory=Stage2Config)
-    background: BackgroundConfig = field(default_factory=BackgroundConfig)
+    vae: VaeConfig = section(VaeConfig, steps=1000, batch_size=8, lr=2e-3)
+    clip: StageConfig = section(StageConfig, steps=400, batch_size=64, lr=1e-3)
+    base: DiffusionStageConfig = section(DiffusionStageConfig, steps=1000, batch_size=16, lr=1e-3, ema=0.99)
+    stage1: Stage1Config = section(Stage1Config, steps=500, batch_size=12, lr=5e-4, generic_caption=0.6)
+    stage2: Stage2Config = section(Stage2Config, steps=300, batch_size=12, lr=1e-3, subjects=[0.2, 0.4, 0.4],
+                                   generic_caption=0.6, drop_text=0.0, drop_semantic=0.0)
+    background: BackgroundConfig = section(BackgroundConfig, steps=0, batch_size=12, lr=2e-3,
+                                           subjects=[0.3, 0.4, 0.3], generic_caption=0.5)
     flux: FluxModelConfig = field(default_factory=FluxModelConfig)
-    flux_subject: FluxStageConfig = field(default_factory=flux_subject_defaults)
-    flux_router: FluxStageConfig = field(default_factory=flux_router_defaults)
+    flux_subject: FluxStageConfig = FLUX_SUBJECT
+    flux_router: FluxStageConfig = FLUX_ROUTER
 
 
 def _open_keys(cfg: TrainingConfig) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from .typed_config import Section, StageConfig
+from .typed_config import Section, StageConfig, section
 
 FLUX_STAGES = ("flux_subject", "flux_router")
 
@@ -48,14 +48,10 @@ class FluxStageConfig(StageConfig):
     heldout_batches: int = 4  # held-out batches of 4 measured before and after the stage
 
 
-def flux_subject_defaults() -> FluxStageConfig:
-    """The subject path: reference LoRA and Redux projection; one subject mostly, several routed by the masks."""
-    return FluxStageConfig()
-
-
-def flux_router_defaults() -> FluxStageConfig:
-    """The router: its LoRA, token embedder and routing-map projections; several subjects, routed by the router."""
-    return FluxStageConfig(subjects=[0.0, 0.6, 0.4], train=["router"], routing_weight=1.0)
+#: the subject path: reference LoRA and Redux projection; one subject mostly, several routed by the masks
+FLUX_SUBJECT = section(FluxStageConfig)
+#: the router: its LoRA, token embedder and routing-map projections; several subjects, routed by the router
+FLUX_ROUTER = section(FluxStageConfig, subjects=[0.0, 0.6, 0.4], train=["router"], routing_weight=1.0)
 
 
 def trained_parts(names) -> tuple:

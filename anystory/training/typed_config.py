@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Mapping, MutableMapping
 from typing import Any, Dict, Iterable, Optional, Union, get_args, get_origin, get_type_hints
 
@@ -66,6 +66,12 @@ def merge(base: Mapping, override: Mapping | None) -> dict:
     for k, v in (override or {}).items():
         out[k] = merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else plain(v)
     return out
+
+
+def section(cls, **values):
+    """A dataclass field whose default is ``cls(**values)``, a fresh copy each time (stages share a class, not
+    their defaults)."""
+    return field(default_factory=lambda: cls(**copy.deepcopy(values)))
 
 
 def _join(path: str, key) -> str:
