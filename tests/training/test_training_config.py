@@ -152,3 +152,11 @@ def test_shipped_configs_load_to_the_values_the_stages_read(path):
         for part in dotted.split("."):
             node = node[part]
         assert node == expected and type(node) is type(expected), (dotted, node, expected)
+
+
+def test_the_command_names_a_bad_key_without_a_traceback(tmp_path):
+    from anystory.training.runner import run_stages
+
+    with pytest.raises(SystemExit, match="error: training config .*smoke.yaml: stage1.stpes: unknown key"):
+        run_stages(["--config", SMOKE, "--set", "stage1.stpes=3", "--set", f"work_dir={tmp_path}"])
+    assert not os.listdir(tmp_path)  # stopped before anything ran
