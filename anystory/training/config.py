@@ -150,7 +150,7 @@ def _open_keys(cfg: TrainingConfig) -> None:
     from ..sdxl.adapter_sdxl import AnyStorySDXLAdapter
     from ..sdxl.tiny_sdxl import TinySpec
 
-    refuse_unknown(cfg.world, [f.name for f in WorldConfig.__dataclass_fields__.values()], "world")
+    refuse_unknown(cfg.world, list(WorldConfig.__dataclass_fields__), "world")
     refuse_unknown(cfg.model.tiny_spec, list(TinySpec.__dataclass_fields__), "model.tiny_spec")
     adapter = list(inspect.signature(AnyStorySDXLAdapter.__init__).parameters)[4:]  # after unet config, layers, dim
     refuse_unknown(cfg.model.anystory, adapter, "model.anystory")
