@@ -114,8 +114,17 @@ def _type_name(tp) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def check(value, tp, path: str):
-    """``value`` checked against the annotation ``tp`` (ints pass as floats); nested sections are built."""
+    """``value`` checked against the annotation ``tp`` (ints and numeric strings pass as floats); nested sections
+    are built."""
     origin, args = get_origin(tp), get_args(tp)
     if tp is Any:
         return value
@@ -143,6 +152,8 @@ def check(value, tp, path: str):
         return plain(value)
     ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and _number(value):  # PyYAML reads 1e-4 (no dot) as a string
         return float(value)
     if not ok:
         raise ValueError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
