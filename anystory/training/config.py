@@ -1,74 +1,181 @@
-"""Training configuration: one YAML file describes every stage (see ``configs/miniature.yaml``)."""
+"""Training configuration: one YAML file describes every stage (see ``configs/miniature.yaml``).
+
+:class:`TrainingConfig` is the typed form: a dataclass per stage and per top-level group, built from the YAML and
+the ``--set`` overrides; a key that no dataclass declares, at any depth, and a value of the wrong type are errors
+naming their full path. Each section also reads as a dict (``cfg["stage2"]["lr"]``, ``.get``; typed_config.py).
+"""
 from __future__ import annotations
 
-import copy
+import inspect
 import os
-from typing import Any, Dict
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import yaml
 
-from .flux_config import FLUX_DEFAULTS, FLUX_STAGES
+from .flux_config import FLUX_ROUTER, FLUX_STAGES, FLUX_SUBJECT, FluxModelConfig, FluxStageConfig
+from .typed_config import Section, StageConfig, build, merge, refuse_unknown, section
 
 STAGES = ("vae", "clip", "base", "stage1", "stage2", "background", "export")
 
-DEFAULTS: Dict[str, Any] = {
-    "seed": 0,
-    "threads": 1,  # CPU threads; on a shared CPU one busy thread beats two oversubscribed ones
-    "work_dir": "runs/miniature",
-    "export_dir": "assets/miniature",
-    "mixed_precision": None,  # "no" / "bf16" / "fp16"; None = the accelerate launch config's (else "no")
-    "frozen_dtype": None,  # "bf16" / "fp16": UNet (when not trained), VAE, text and image encoders in half precision
-    "gradient_checkpointing": False,  # UNet and ReferenceNet recompute activations in backward (stages 1-2)
-    "find_unused_parameters": True,  # DDP: the ReferenceNet's layers after its last self-attention get no gradient
-    "trackers": "auto",  # TensorBoard (+ W&B when set up); see anystory/training/tracking.py
-    "sample_every": 0,  # stages 1-2: log a held-out sample + routing map to the trackers every N steps (0 = never)
-    "data": {"stage1": None, "stage2": None, "heldout": None, "resolution": None},  # None = the synthetic world
-    "world": {},
-    "model": {
-        "tiny_spec": {},
-        "tokenizer_max_length": 77,
-        "anystory": {},
-        "save_dtype": "float32",
-    },
-    "base_model": None,  # a diffusers folder or hub id; None = build the miniature (vae/clip/base stages)
-    "vae": {"steps": 1000, "batch_size": 8, "lr": 2e-3, "basis_images": 512, "whiten": 0.5},
-    "clip": {"steps": 400, "batch_size": 64, "lr": 1e-3},
-    "base": {"steps": 1000, "batch_size": 16, "lr": 1e-3, "drop_text": 0.1, "generic_caption": 0.15,
-             "snr_gamma": 5.0, "ema": 0.99},
-    "stage1": {"steps": 500, "batch_size": 12, "lr": 5e-4, "subjects": [0.5, 0.3, 0.2], "drop_text": 0.1,
-               "generic_caption": 0.6, "drop_semantic": 0.1, "snr_gamma": 5.0, "ema": 0.0, "gradient_accumulation": 1},
-    "stage2": {"steps": 300, "batch_size": 12, "lr": 1e-3, "subjects": [0.2, 0.4, 0.4], "routing_weight": 0.1,
-               "generic_caption": 0.6, "drop_text": 0.0, "snr_gamma": 5.0, "ema": 0.0, "gradient_accumulation": 1},
-    # the background reference (anystory/sdxl/background.py): steps 0 = not trained, the weights ship without it
-    # gate: a learned log-scale per attention layer; token_rank: a low-rank correction of its semantic tokens;
-    # ip_rank: rank of its own corrections of the semantic key/value projections (0: the subjects' projections);
-    # offset_noise: std of a per-sample, per-channel constant added to the training noise (0: none);
-    # start: the background_start stored with the weights (inference: the reference's mean latent in the first latent);
-    # background_loss_weight: the loss's weight on backdrop pixels; x0_colour_weight: weight of the backdrop-colour
-    # loss on the predicted clean image, at timesteps below x0_max_t
-    "background": {"steps": 0, "batch_size": 12, "lr": 2e-3, "rank": 4, "gate": False, "token_rank": 0, "ip_rank": 0,
-                   "offset_noise": 0.0, "start": 0.0,
-                   "background_loss_weight": 1.0, "x0_colour_weight": 0.0, "x0_max_t": 1000,
-                   "subjects": [0.3, 0.4, 0.3],
-                   "generic_caption": 0.5, "drop_text": 0.1, "drop_semantic": 0.1, "snr_gamma": 5.0, "ema": 0.0,
-                   "gradient_accumulation": 1},
-    "log_every": 10,
-    "save_every": 100,
-}
-DEFAULTS.update(FLUX_DEFAULTS)  # backbone, flux, flux_subject, flux_router
+
+@dataclass
+class DataConfig(Section):
+    """Dataset folders / shards / URLs per stage (anystory/data/formats.py); None = the synthetic world."""
+
+    stage1: Optional[str] = None
+    stage2: Optional[str] = None
+    heldout: Optional[str] = None
+    resolution: Optional[int] = None
 
 
-def _merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in (override or {}).items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
+@dataclass
+class ModelConfig(Section):
+    """The miniature's architecture (``tiny_spec``: TinySpec's fields) and AnyStory's sizes (``anystory``: the
+    SDXL adapter's constructor arguments); with ``base_model`` set only ``anystory`` and ``save_dtype`` apply."""
+
+    tiny_spec: Dict[str, Any] = field(default_factory=dict)
+    tokenizer_max_length: int = 77
+    anystory: Dict[str, Any] = field(default_factory=dict)
+    save_dtype: str = "float32"
+    vae: Optional[Dict[str, Any]] = None  # AutoencoderKL config entries over the tiny VAE's (None: no mid attention)
 
 
-def load_config(path: str, overrides: Dict[str, Any] | None = None) -> dict:
+@dataclass
+class VaeConfig(StageConfig):
+    basis_images: int = 512  # images whose 4x4 patches give the PCA encoder (pca_encoder.py)
+    whiten: float = 0.5
+
+
+@dataclass
+class DiffusionStageConfig(StageConfig):
+    """What the denoising stages share (``base``): caption drop-out and the Min-SNR loss weight."""
+
+    drop_text: float = 0.1  # share of empty captions (classifier-free guidance)
+    generic_caption: float = 0.15  # share of captions that name a subject's class, not its looks
+    snr_gamma: float = 5.0
+
+
+@dataclass
+class SubjectStageConfig(DiffusionStageConfig):
+    """What the stages with subjects share."""
+
+    subjects: List[float] = field(default_factory=lambda: [0.5, 0.3, 0.2])  # weights of 1, 2, ... subjects
+    drop_semantic: float = 0.1  # share of samples without the semantic tokens
+
+
+@dataclass
+class Stage1Config(SubjectStageConfig):
+    train_unet: bool = False  # also fine-tune the UNet; off in every shipped config (stage1.py says why)
+
+
+@dataclass
+class TrajectoryConfig(Section):
+    """``stage2.trajectory``: the routers retrained on the model's own sampling trajectories (trajectory.py)."""
+
+    classifier: str = ""  # the identity classifier that labels the drawn objects (required)
+    samples: int = 240
+    iterations: int = 600
+    lr: float = 1e-3
+    batch_size: int = 16
+    first_index: int = 100_000  # first training-world scene sampled
+    sample_steps: int = 20
+    guidance: float = 3.0
+    seed: int = 0
+    logit_adjustment_tau: Optional[float] = None  # the retrained routers' own background logit adjustment
+    combine_weight: Optional[float] = None  # keep stage 2's routers, add the trajectory routers' logits with it
+
+
+@dataclass
+class Stage2Config(SubjectStageConfig):
+    routing_weight: float = 0.1
+    logit_adjustment_tau: float = 1.0  # inference background logit adjustment: tau x log(prior ratio)
+    single_region: bool = False  # inference: one connected region per subject
+    trajectory: Optional[TrajectoryConfig] = None
+
+
+@dataclass
+class BackgroundConfig(SubjectStageConfig):
+    """The background reference (anystory/sdxl/background.py); steps 0 = not trained, the weights ship without it."""
+
+    rank: int = 4
+    gate: bool = False  # a learned log-scale per attention layer
+    token_rank: int = 0  # a low-rank correction of its semantic tokens
+    ip_rank: int = 0  # rank of its own corrections of the semantic key/value projections (0: the subjects')
+    offset_noise: float = 0.0  # std of a per-sample, per-channel constant added to the training noise
+    start: float = 0.0  # the background_start stored with the weights (inference: mean latent in the first latent)
+    background_loss_weight: float = 1.0  # the loss's weight on backdrop pixels
+    x0_colour_weight: float = 0.0  # backdrop-colour loss on the predicted clean image, at timesteps below x0_max_t
+    x0_max_t: int = 1000
+
+
+@dataclass
+class TrainingConfig(Section):
+    """A whole training config (``configs/*.yaml``)."""
+
+    backbone: str = "sdxl"  # "flux": the FLUX stages
+    seed: int = 0
+    threads: int = 1  # CPU threads; on a shared CPU one busy thread beats two oversubscribed ones
+    work_dir: str = "runs/miniature"
+    export_dir: str = "assets/miniature"
+    mixed_precision: Optional[str] = None  # "no" / "bf16" / "fp16"; None = the accelerate launch config's
+    frozen_dtype: Optional[str] = None  # "bf16" / "fp16": UNet (when not trained), VAE, text and image encoders
+    gradient_checkpointing: bool = False  # activations recomputed in backward (stages 1-2, FLUX stages)
+    find_unused_parameters: bool = True  # DDP: the ReferenceNet's layers after its last self-attention get no grad
+    trackers: Union[str, List[str]] = "auto"  # TensorBoard (+ W&B when set up); see tracking.py
+    sample_every: int = 0  # stages 1-2: a held-out sample + routing map to the trackers every N steps (0 = never)
+    log_every: int = 10
+    save_every: int = 100
+    data: DataConfig = field(default_factory=DataConfig)
+    world: Dict[str, Any] = field(default_factory=dict)  # WorldConfig's fields (anystory/data/synthetic.py)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    base_model: Optional[str] = None  # a diffusers folder or hub id; None = build the miniature (vae/clip/base)
+    image_encoder: Optional[str] = None  # with base_model: its CLIP image encoder (None: load_sdxl_base's default)
+    vae: VaeConfig = section(VaeConfig, steps=1000, batch_size=8, lr=2e-3)
+    clip: StageConfig = section(StageConfig, steps=400, batch_size=64, lr=1e-3)
+    base: DiffusionStageConfig = section(DiffusionStageConfig, steps=1000, batch_size=16, lr=1e-3, ema=0.99)
+    stage1: Stage1Config = section(Stage1Config, steps=500, batch_size=12, lr=5e-4, generic_caption=0.6)
+    stage2: Stage2Config = section(Stage2Config, steps=300, batch_size=12, lr=1e-3, subjects=[0.2, 0.4, 0.4],
+                                   generic_caption=0.6, drop_text=0.0, drop_semantic=0.0)
+    background: BackgroundConfig = section(BackgroundConfig, steps=0, batch_size=12, lr=2e-3,
+                                           subjects=[0.3, 0.4, 0.3], generic_caption=0.5)
+    flux: FluxModelConfig = field(default_factory=FluxModelConfig)
+    flux_subject: FluxStageConfig = FLUX_SUBJECT
+    flux_router: FluxStageConfig = FLUX_ROUTER
+
+
+def _open_keys(cfg: TrainingConfig) -> None:
+    """The free-form mappings' keys against what receives them as keyword arguments."""
+    from ..data.synthetic import WorldConfig
+    from ..sdxl.adapter_sdxl import AnyStorySDXLAdapter
+    from ..sdxl.tiny_sdxl import TinySpec
+
+    refuse_unknown(cfg.world, list(WorldConfig.__dataclass_fields__), "world")
+    refuse_unknown(cfg.model.tiny_spec, list(TinySpec.__dataclass_fields__), "model.tiny_spec")
+    adapter = list(inspect.signature(AnyStorySDXLAdapter.__init__).parameters)[4:]  # after unet config, layers, dim
+    refuse_unknown(cfg.model.anystory, adapter, "model.anystory")
+
+
+def _check_values(cfg: TrainingConfig) -> None:
+    if cfg.backbone not in ("sdxl", "flux"):
+        raise ValueError(f"backbone must be 'sdxl' or 'flux', got {cfg.backbone!r}")
+    for stage in ("stage1", "stage2", "background") + FLUX_STAGES:
+        probs = cfg[stage].subjects
+        if not probs or any(p < 0 for p in probs) or sum(probs) <= 0 or len(probs) > 4:
+            raise ValueError(f"{stage}.subjects must be 1-4 non-negative weights for 1, 2, ... subjects, got {probs}")
+    if cfg.stage2.trajectory is not None and not cfg.stage2.trajectory.classifier:
+        raise ValueError("stage2.trajectory.classifier: required (the identity classifier's safetensors file)")
+
+
+def build_config(data: Mapping, overrides: Optional[Mapping] = None) -> TrainingConfig:
+    """A :class:`TrainingConfig` from ``data`` (the YAML's mapping) with ``overrides`` (same shape) over it."""
+    cfg = build(TrainingConfig, merge(data, overrides))
+    _open_keys(cfg)
+    _check_values(cfg)
+    return cfg
+
+
+def load_config(path: str, overrides: Optional[Mapping] = None) -> TrainingConfig:
     """Read ``path`` over the defaults; ``overrides`` (e.g. ``{"stage1": {"steps": 5}}``) win over both."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"training config {path} not found")
@@ -76,23 +183,16 @@ def load_config(path: str, overrides: Dict[str, Any] | None = None) -> dict:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
         raise ValueError(f"training config {path} must be a mapping, got {type(data).__name__}")
-    unknown = set(data) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"training config {path}: unknown keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    cfg = _merge(_merge(DEFAULTS, data), overrides or {})
-    if cfg["backbone"] not in ("sdxl", "flux"):
-        raise ValueError(f"training config {path}: backbone must be 'sdxl' or 'flux', got {cfg['backbone']!r}")
-    for stage in ("stage1", "stage2", "background") + FLUX_STAGES:
-        probs = cfg[stage]["subjects"]
-        if not probs or any(p < 0 for p in probs) or sum(probs) <= 0 or len(probs) > 4:
-            raise ValueError(f"{stage}.subjects must be 1-4 non-negative weights for 1, 2, ... subjects, got {probs}")
-    return cfg
+    try:
+        return build_config(data, overrides)
+    except ValueError as e:
+        raise ValueError(f"training config {path}: {e}") from None
 
 
-def stages_of(cfg: dict) -> tuple:
+def stages_of(cfg: Mapping) -> tuple:
     """The stages a config's backbone runs, in order."""
     return FLUX_STAGES if cfg["backbone"] == "flux" else STAGES
 
 
-def stage_dir(cfg: dict, stage: str) -> str:
+def stage_dir(cfg: Mapping, stage: str) -> str:
     return os.path.join(cfg["work_dir"], stage)

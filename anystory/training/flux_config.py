@@ -1,9 +1,15 @@
-"""The FLUX stages' configuration: the defaults ``config.DEFAULTS`` takes in, and the stage names.
+"""The FLUX stages' configuration: the typed sections :class:`~anystory.training.config.TrainingConfig` takes in,
+and the stage names.
 
 ``backbone: flux`` in a training config runs :data:`FLUX_STAGES` instead of the SDXL stages (``configs/flux.yaml``,
 ``configs/flux_tiny.yaml``). ``train`` lists what a stage trains (:data:`PARTS`); everything else stays frozen.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from .typed_config import Section, StageConfig, section
 
 FLUX_STAGES = ("flux_subject", "flux_router")
 
@@ -11,31 +17,41 @@ FLUX_STAGES = ("flux_subject", "flux_router")
 PARTS = ("ref", "redux", "router_lora", "router_embedder", "routing_map")
 ALIASES = {"router": ("router_lora", "router_embedder", "routing_map")}
 
-_STAGE = {"batch_size": 1, "lr": 1e-4, "redux_scale": 1.0, "guidance": 3.5, "generic_caption": 0.3,
-          "drop_text": 0.1, "ema": 0.0, "gradient_accumulation": 1, "weight_decay": 0.0,
-          "heldout_batches": 4}  # held-out batches of 4 measured before and after the stage
 
-FLUX_DEFAULTS = {
-    "backbone": "sdxl",  # "flux": the FLUX stages
-    "flux": {
-        "base": "black-forest-labs/FLUX.1-dev",  # a diffusers folder / hub id, or "tiny" (built in code, tests)
-        "redux": "black-forest-labs/FLUX.1-Redux-dev",  # SigLIP and the Redux projection the release builds on
-        "init_from": None,  # a released anystory_flux.bin (file, folder or hub id) to fine-tune; None = fresh start
-        "rank": 128,  # the release's rank (fresh start only; a loaded file keeps its own)
-        "lora_bias": False,  # fresh start: lora_B biases on the two transformer LoRAs
-        "dtype": "float32",  # the whole pipeline's dtype ("bfloat16" at full size; trained weights stay float32)
-        "save_dtype": "float32",
-        "max_sequence_length": 512,
-        "reference_size": 512,  # the release's reference resolution (base "tiny": its own, 32)
-        "single_blocks": 2,  # base "tiny" only: single blocks of the tiny transformer
-    },
-    # the subject path: reference LoRA and Redux projection; one subject mostly, several routed by the masks
-    "flux_subject": {**_STAGE, "steps": 1000, "subjects": [0.6, 0.3, 0.1], "train": ["ref", "redux"],
-                     "routing_weight": 0.0},
-    # the router: its LoRA, token embedder and routing-map projections; several subjects, routed by the router
-    "flux_router": {**_STAGE, "steps": 1000, "subjects": [0.0, 0.6, 0.4], "train": ["router"],
-                    "routing_weight": 1.0},
-}
+@dataclass
+class FluxModelConfig(Section):
+    """``flux``: the model the FLUX stages train on."""
+
+    base: str = "black-forest-labs/FLUX.1-dev"  # a diffusers folder / hub id, or "tiny" (built in code, tests)
+    redux: str = "black-forest-labs/FLUX.1-Redux-dev"  # SigLIP and the Redux projection the release builds on
+    init_from: Optional[str] = None  # a released anystory_flux.bin (file, folder or hub id) to fine-tune
+    rank: int = 128  # the release's rank (fresh start only; a loaded file keeps its own)
+    lora_bias: bool = False  # fresh start: lora_B biases on the two transformer LoRAs
+    dtype: str = "float32"  # the whole pipeline's dtype ("bfloat16" at full size; trained weights stay float32)
+    save_dtype: str = "float32"
+    max_sequence_length: int = 512
+    reference_size: int = 512  # the release's reference resolution (base "tiny": its own, 32)
+    single_blocks: int = 2  # base "tiny" only: single blocks of the tiny transformer
+
+
+@dataclass
+class FluxStageConfig(StageConfig):
+    """``flux_subject`` / ``flux_router``: one FLUX stage (the loop's keys, the step's and what it trains)."""
+
+    subjects: List[float] = field(default_factory=lambda: [0.6, 0.3, 0.1])  # weights of 1, 2, ... subjects
+    train: List[str] = field(default_factory=lambda: ["ref", "redux"])  # PARTS / ALIASES
+    routing_weight: float = 0.0
+    redux_scale: float = 1.0
+    guidance: float = 3.5
+    generic_caption: float = 0.3
+    drop_text: float = 0.1
+    heldout_batches: int = 4  # held-out batches of 4 measured before and after the stage
+
+
+#: the subject path: reference LoRA and Redux projection; one subject mostly, several routed by the masks
+FLUX_SUBJECT = section(FluxStageConfig)
+#: the router: its LoRA, token embedder and routing-map projections; several subjects, routed by the router
+FLUX_ROUTER = section(FluxStageConfig, subjects=[0.0, 0.6, 0.4], train=["router"], routing_weight=1.0)
 
 
 def trained_parts(names) -> tuple:

@@ -145,7 +145,10 @@ def run_stages(argv=None, only=None, log=print) -> int:
     from accelerate import PartialState
 
     args, stages, overrides = _parse(argv, only)
-    cfg = load_config(args.config, overrides)
+    try:
+        cfg = load_config(args.config, overrides)
+    except (ValueError, FileNotFoundError) as e:  # a typo in the file or a --set: the message, no traceback
+        raise SystemExit(f"error: {e}") from None
     order = stages_of(cfg)
     stages = stages or list(order)
     foreign = [s for s in stages if s not in order]

@@ -2,8 +2,8 @@
 
 Trained: the ReferenceNet (initialised from the UNet), the semantic QFormer and the decoupled key/value
 projections of every cross-attention layer. Frozen: UNet, VAE, text encoders, CLIP image encoder, router.
-``stage1.train_unet: true`` also fine-tunes the UNet: the miniature sets it, because its base model has seen
-only some ten thousand images; with SDXL it stays off, as in the paper.
+``stage1.train_unet: true`` would also fine-tune the UNet; every shipped config leaves it off (the default): with
+SDXL as in the paper, and in the miniature because a tuned UNet forgets how to draw from text alone.
 Routing is the ground truth (teacher routing), so the encoder learns in the regime inference uses it in.
 
     python -m anystory.training.stage1 --config configs/miniature.yaml
@@ -110,7 +110,7 @@ def train_stage1(cfg: dict, pipe, log=print) -> dict:
     freeze_all(pipe)
     params = stage1_parameters(pipe.anystory)
     modules = {"anystory": pipe.anystory}
-    if scfg.get("train_unet"):  # miniature only: its base saw few images; real SDXL stays frozen (the paper)
+    if scfg.get("train_unet"):  # off in the shipped configs (the docstring says why)
         params.update({f"unet.{n}": p for n, p in pipe.unet.named_parameters()})
         modules["unet"] = pipe.unet
     for p in params.values():

@@ -118,7 +118,7 @@ def test_routing_loss_and_miou_are_right_on_known_maps():
 def test_config_errors_name_the_problem(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("stage3: {steps: 1}\n")
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="stage3: unknown key; known: backbone, seed"):
         load_config(str(bad))
     with pytest.raises(FileNotFoundError):
         load_config(str(tmp_path / "none.yaml"))
