@@ -1,0 +1,68 @@
+"""The miniature diagnosis's own pieces: its held-out cases, the VAE round trip, a candidate base's weights, the
+summary's arithmetic and its argument checks."""
+import numpy as np
+import pytest
+import torch
+
+from anystory.data.synthetic import IDENTITIES, SyntheticWorld
+from anystory.sdxl.pipeline_sdxl import AnyStorySDXLPipeline
+from anystory.sdxl.tiny_sdxl import tiny_sdxl_components
+from anystory.weights import save_tensors
+from benchmarks.miniature_diagnosis import load_base, markdown, one_subject_cases, parse, summarise, vae_roundtrip
+
+
+def test_one_subject_cases_are_each_identity_alone_on_its_background():
+    world = SyntheticWorld(424242, image_size=32)
+    cases = one_subject_cases(world, 2, offset=500)
+    assert [c[0] for c in cases] == list(range(500, 532))
+    assert [c[1] for c in cases] == [i for i in IDENTITIES for _ in range(2)]
+    for index, identity, bg, scene in cases[:4]:
+        assert scene.identities == [identity] and scene.background == bg and scene.masks.shape == (1, 32, 32)
+        assert scene.masks[0].sum() > 20
+    assert len({c[2] for c in cases}) == len(world.config.backgrounds)
+
+
+def test_vae_roundtrip_returns_an_image_of_the_same_size():
+    pipe = AnyStorySDXLPipeline(**tiny_sdxl_components(seed=0))
+    image = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    out = vae_roundtrip(pipe, image)
+    assert out.shape == image.shape and out.dtype == np.uint8
+
+
+def test_load_base_applies_a_checkpoints_ema_tensors_and_refuses_ones_that_do_not_fit(tmp_path):
+    AnyStorySDXLPipeline(**tiny_sdxl_components(seed=0)).save_pretrained(tmp_path / "base")
+    other = tiny_sdxl_components(seed=5)
+    ema = {f"{name}.{n}": t for name in ("unet", "text_encoder", "text_encoder_2")
+           for n, t in other[name].state_dict().items()}
+    save_tensors(ema, str(tmp_path / "ema.safetensors"))
+    plain = load_base(str(tmp_path / "base"), None)
+    loaded = load_base(str(tmp_path / "base"), str(tmp_path / "ema.safetensors"))
+    key = "conv_in.weight"
+    assert torch.equal(loaded.unet.state_dict()[key], other["unet"].state_dict()[key])
+    assert not torch.equal(plain.unet.state_dict()[key], loaded.unet.state_dict()[key])
+    save_tensors({"unet.not_a_layer": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="does not fit"):
+        load_base(str(tmp_path / "base"), str(tmp_path / "bad.safetensors"))
+
+
+def _row(identity, shape):
+    return {"identity": [identity], "shape": [shape], "colour": [True], "texture": [False], "found": [True]}
+
+
+def test_summary_reads_the_fraction_right_and_the_table_prints_it():
+    rows = {"base": [_row(True, True), _row(False, True), _row(False, False), _row(False, True)]}
+    res = summarise(rows)
+    assert res["base"]["units"] == 4 and res["base"]["identity"]["value"] == 0.25
+    assert res["base"]["shape"]["value"] == 0.75 and res["base"]["colour"]["value"] == 1.0
+    report = {"command": "x", "date": "d", "commit": "c", "seconds_total": 1.0, "steps": 20, "guidance": 3.0,
+              "model": "m", "base": None, "base_weights": None, "vae": None, "results": res}
+    table = markdown(report)
+    assert "| base model, prompt naming the identity, no reference | 4 | 0.25 [" in table and "0.75 [" in table
+
+
+def test_arguments_are_checked():
+    with pytest.raises(SystemExit):
+        parse(["--parts", "vae,nonsense"])
+    with pytest.raises(SystemExit):
+        parse(["--base-weights", "ema.safetensors"])
+    assert parse(["--parts", "vae,base"])[1] == ["vae", "base"]
