@@ -15,7 +15,9 @@ Rows, each a stage a subject's identity has to pass through (every figure: value
 - *one subject, learned router*: the same with the model's inference rule (stage 2's routers);
 - *two subjects, ground-truth routing* / *learned router*: the routing study's pairs, each routed to the
   subjects' masks in the held-out scene of the same index, or by the router; objects matched to subjects as in
-  the study (``drawn_objects``).
+  the study (``drawn_objects``);
+- *captions* (teacher-forced, no sampling): how much the base model's denoising error on a render's object grows
+  when its caption names a wrong shape, colour or texture: whether the model uses each word at all.
 
 One-subject images are the routing study's (the 16 named identities x ``--per-identity`` references, seeds
 ``--offset + i``, backgrounds in turn); the renders are the held-out scene of that index with that identity
@@ -32,16 +34,18 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from anystory import Subject
 from anystory.data.identity_classifier import IdentityClassifier
 from anystory.data.object_finder import find_objects
-from anystory.data.synthetic import IDENTITIES, SyntheticWorld, WorldConfig, caption_for
+from anystory.data.synthetic import (COLOURS, IDENTITIES, SHAPES, TEXTURES, Identity, SyntheticWorld, WorldConfig,
+                                     caption_for)
 from anystory.training.trajectory import drawn_objects
 from benchmarks.routing_study import (STUDY_SEED, _generate, _to_uint8, bootstrap, ci, fidelity, held_out_pairs,
                                       mean_of, oracle_maps)
 
-PARTS = ("render", "vae", "base", "generic", "one_gt", "one_on", "two_gt", "two_on")
+PARTS = ("render", "vae", "base", "generic", "one_gt", "one_on", "two_gt", "two_on", "captions")
 LABELS = {"render": "held-out renders (classifier ceiling)", "vae": "VAE reconstruction of the renders",
           "base": "base model, prompt naming the identity, no reference",
           "generic": "base model, generic prompt, no reference (chance)",
@@ -49,6 +53,8 @@ LABELS = {"render": "held-out renders (classifier ceiling)", "vae": "VAE reconst
           "one_on": "one subject, learned router (stage 2, shipped rule)",
           "two_gt": "two subjects, ground-truth routing", "two_on": "two subjects, learned router (shipped rule)"}
 KEYS = ("identity", "shape", "colour", "texture", "found")
+SWAPS = ("shape", "colour", "texture", "generic")
+CAPTION_T = (100, 300, 500, 700, 900)
 
 
 def one_subject_cases(world: SyntheticWorld, per_identity: int, offset: int) -> list:
@@ -108,6 +114,8 @@ def one_subject_rows(pipe, base, vae, world, classifier, cases, parts, steps: in
                                             seed=index, override=override).images[0])
                 masks = largest(image)
             rows[part].append(fidelity(image, masks, subject, classifier))
+    if "captions" in parts:
+        rows["captions"] = caption_sensitivity(base, cases)
     return rows
 
 
@@ -127,10 +135,53 @@ def two_subject_rows(pipe, world, classifier, pairs, parts, steps: int, guidance
     return rows
 
 
+def swapped(identity: Identity, attribute: str) -> Identity:
+    """The identity with one attribute moved to the next value of its list (a wrong word in the caption)."""
+    shape, colour, texture = identity.labels
+    if attribute == "shape":
+        return Identity.from_labels((shape + 1) % len(SHAPES), colour, texture)
+    if attribute == "colour":
+        return Identity.from_labels(shape, (colour + 1) % len(COLOURS), texture)
+    return Identity.from_labels(shape, colour, (texture + 1) % len(TEXTURES))
+
+
+@torch.no_grad()
+def caption_sensitivity(base, cases) -> list:
+    """Teacher-forced: per held-out render, how much the base's denoising error on the object (latent cells
+    weighted by the object's area) grows when the caption names a wrong shape, colour or texture, or no
+    identity ("an object on sand"), relative to the right caption; mean over ``CAPTION_T``, same noise.
+    Zero: the model does not use that word where the object is."""
+    from anystory.training.diffusion import encode_images, text_conditioning, training_scheduler
+
+    scheduler = training_scheduler(base)
+    out = []
+    for index, identity, bg, scene in cases:
+        pixels = torch.from_numpy(scene.image).permute(2, 0, 1)[None].float() / 127.5 - 1
+        latents = encode_images(base, pixels)
+        weight = F.adaptive_avg_pool2d(torch.from_numpy(scene.masks[:1, None]).float(), latents.shape[-2:])
+        captions = [caption_for([identity], bg)] + [caption_for([swapped(identity, a)], bg) for a in SWAPS[:3]]
+        captions.append(f"an object on {bg}")
+        embeds, added = text_conditioning(base, captions, None, *scene.image.shape[:2])
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(index))
+        errors = torch.zeros(len(captions))
+        for t in CAPTION_T:
+            tt = torch.tensor([t])
+            noisy = scheduler.add_noise(latents, noise, tt).expand(len(captions), -1, -1, -1)
+            pred = base.unet(noisy, tt, embeds, added_cond_kwargs=added).sample
+            errors += (((pred - noise) ** 2).mean(1, keepdim=True) * weight).sum((1, 2, 3)) / weight.sum()
+        out.append({a: float(errors[i + 1] / errors[0] - 1) for i, a in enumerate(SWAPS)})
+    return out
+
+
 def summarise(rows: dict) -> dict:
     """Every key of every part with its bootstrap interval over the part's units (images or pairs)."""
-    return {part: {key: bootstrap(units, lambda u, key=key: mean_of([v for r in u for v in r[key]])) for key in KEYS}
-            | {"units": len(units)} for part, units in rows.items()}
+    out = {part: {key: bootstrap(units, lambda u, key=key: mean_of([v for r in u for v in r[key]])) for key in KEYS}
+           | {"units": len(units)} for part, units in rows.items() if part != "captions"}
+    if "captions" in rows:
+        units = rows["captions"]
+        out["captions"] = {a: bootstrap(units, lambda u, a=a: mean_of([r[a] for r in u])) for a in SWAPS}
+        out["captions"]["units"] = len(units)
+    return out
 
 
 def load_base(path: str, weights: Optional[str]):
@@ -164,6 +215,12 @@ def markdown(report: dict) -> str:
         if part in res:
             r = res[part]
             lines.append(f"| {LABELS[part]} | {r['units']} | " + " | ".join(ci(r[k], "{:.2f}") for k in KEYS) + " |")
+    c = res.get("captions")
+    if c:
+        lines += ["", f"Base model, teacher-forced ({c['units']} renders, t in {', '.join(map(str, CAPTION_T))}): "
+                  "growth of the denoising error on the object when the caption names a wrong ...", "",
+                  "| shape | colour | texture | nothing (generic caption) |", "|---|---|---|---|",
+                  "| " + " | ".join(ci(c[a], "{:+.3f}") for a in SWAPS) + " |"]
     return "\n".join(lines) + "\n"
 
 

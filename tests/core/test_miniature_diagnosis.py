@@ -66,3 +66,32 @@ def test_arguments_are_checked():
     with pytest.raises(SystemExit):
         parse(["--base-weights", "ema.safetensors"])
     assert parse(["--parts", "vae,base"])[1] == ["vae", "base"]
+
+
+def test_swapped_changes_exactly_one_attribute():
+    from benchmarks.miniature_diagnosis import swapped
+
+    star = IDENTITIES[0]
+    for attribute, index in (("shape", 0), ("colour", 1), ("texture", 2)):
+        other = swapped(star, attribute)
+        changed = [i for i in range(3) if other.labels[i] != star.labels[i]]
+        assert changed == [index]
+
+
+def test_caption_sensitivity_is_zero_for_a_model_that_ignores_its_caption():
+    from benchmarks.miniature_diagnosis import caption_sensitivity
+
+    pipe = AnyStorySDXLPipeline(**tiny_sdxl_components(seed=0))
+    world = SyntheticWorld(424242, image_size=32)
+    cases = one_subject_cases(world, 1, offset=0)[:2]
+    real = caption_sensitivity(pipe, cases)
+    assert len(real) == 2 and set(real[0]) == {"shape", "colour", "texture", "generic"}
+    assert any(abs(v) > 1e-6 for r in real for v in r.values())  # an untrained UNet still reads its text
+    with torch.no_grad():
+        for block in pipe.unet.modules():
+            if hasattr(block, "attn2") and block.attn2 is not None:
+                block.attn2.to_out[0].weight.zero_()
+                block.attn2.to_out[0].bias.zero_()
+        pipe.unet.add_embedding.linear_1.weight.zero_()  # the pooled text embedding enters here too
+    blind = caption_sensitivity(pipe, cases)
+    assert all(abs(v) < 1e-5 for r in blind for v in r.values())
