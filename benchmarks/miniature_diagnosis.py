@@ -78,6 +78,26 @@ def vae_roundtrip(pipe, image: np.ndarray) -> np.ndarray:
     return ((out.clip(-1, 1) + 1) * 127.5).round().astype(np.uint8)
 
 
+def pca_roundtrips(size: int, codes, cases) -> dict:
+    """``{k: [uint8 image per case]}``: each render through the linear PCA of 4x4 patches with ``k`` codes (basis
+    fitted as the VAE stage fits its encoder: 512 training-world images, a quarter reference views): what a fixed
+    PCA encoder with ``k`` channels keeps, read without any learned decoder."""
+    from anystory.training.pca_encoder import PATCH, fit_basis, patches
+    from anystory.training.vae import _images
+
+    world = SyntheticWorld(0, WorldConfig(image_size=size, reference_size=size))
+    train = np.concatenate([_images(world, "vae", 10_000 + k, 64) for k in range(8)]).astype(np.float32) / 127.5 - 1
+    renders = np.stack([c[3].image for c in cases]).astype(np.float64) / 127.5 - 1
+    n, h, w, _ = renders.shape
+    out = {}
+    for k in codes:
+        mean, basis, _ = fit_basis(train, k)
+        x = ((patches(renders) - mean) @ basis.T) @ basis + mean
+        x = x.reshape(n, h // PATCH, w // PATCH, PATCH, PATCH, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n, h, w, 3)
+        out[k] = list(((x.clip(-1, 1) + 1) * 127.5).round().astype(np.uint8))
+    return out
+
+
 def text_only(pipe, prompt: str, steps: int, guidance: float, seed: int) -> np.ndarray:
     """The base model alone (no subject, so no AnyStory weights are needed): uint8 ``[H, W, 3]``."""
     out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
@@ -90,7 +110,8 @@ def largest(image: np.ndarray) -> list:
     return [objects[0] if objects else None]
 
 
-def one_subject_rows(pipe, base, vae, world, classifier, cases, parts, steps: int, guidance: float) -> dict:
+def one_subject_rows(pipe, base, vae, world, classifier, cases, parts, steps: int, guidance: float,
+                     pca_codes=()) -> dict:
     """Per part, one fidelity row per image (see :func:`benchmarks.routing_study.fidelity`)."""
     size = world.config.image_size
     latent = size // pipe.vae_scale_factor
@@ -116,6 +137,8 @@ def one_subject_rows(pipe, base, vae, world, classifier, cases, parts, steps: in
             rows[part].append(fidelity(image, masks, subject, classifier))
     if "captions" in parts:
         rows["captions"] = caption_sensitivity(base, cases)
+    for k, images in pca_roundtrips(size, pca_codes, cases).items():
+        rows[f"pca{k}"] = [fidelity(im, [c[3].masks[0]], [c[1]], classifier) for im, c in zip(images, cases)]
     return rows
 
 
@@ -211,10 +234,11 @@ def markdown(report: dict) -> str:
                 if report["base"] else "") + (f"; VAE row: {report['vae']}" if report["vae"] else "") + ")", "",
              "| where | units | exact identity (chance .005) | shape (chance .125) | colour (chance .167) "
              "| texture (chance .25) | object drawn |", "|---|---|---|---|---|---|---|"]
-    for part in PARTS:
-        if part in res:
+    for part in list(PARTS) + sorted((p for p in res if p.startswith("pca")), key=lambda p: int(p[3:])):
+        if part in res and part != "captions":
             r = res[part]
-            lines.append(f"| {LABELS[part]} | {r['units']} | " + " | ".join(ci(r[k], "{:.2f}") for k in KEYS) + " |")
+            label = LABELS.get(part) or f"linear PCA round trip of the renders, {part[3:]} codes per 4x4 patch"
+            lines.append(f"| {label} | {r['units']} | " + " | ".join(ci(r[k], "{:.2f}") for k in KEYS) + " |")
     c = res.get("captions")
     if c:
         lines += ["", f"Base model, teacher-forced ({c['units']} renders, t in {', '.join(map(str, CAPTION_T))}): "
@@ -232,6 +256,7 @@ def parse(argv=None):
     p.add_argument("--base", default=None, help="diffusers folder of a candidate base model for the base rows")
     p.add_argument("--base-weights", default=None, help="a base-stage checkpoint's ema.safetensors, over --base")
     p.add_argument("--vae", default=None, help="folder of a candidate VAE (diffusers AutoencoderKL) for the VAE row")
+    p.add_argument("--pca-codes", default="", help="e.g. 8,16: rows of linear PCA round trips with k codes")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--per-identity", type=int, default=2, help="images per named identity in the one-subject rows")
     p.add_argument("--offset", type=int, default=10_000, help="first seed index of the one-subject rows")
@@ -274,7 +299,8 @@ def main(argv=None) -> int:
     started = time.time()
     cases = one_subject_cases(world, args.per_identity, args.offset)
     vae = SimpleNamespace(vae=AutoencoderKL.from_pretrained(args.vae).eval()) if args.vae else pipe
-    rows = one_subject_rows(pipe, base, vae, world, classifier, cases, parts, args.steps, args.guidance)
+    rows = one_subject_rows(pipe, base, vae, world, classifier, cases, parts, args.steps, args.guidance,
+                            [int(k) for k in args.pca_codes.split(",") if k])
     pairs = held_out_pairs(world, args.first_pair + args.pairs)[args.first_pair:]
     rows.update(two_subject_rows(pipe, world, classifier, pairs, parts, args.steps, args.guidance))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

@@ -95,3 +95,13 @@ def test_caption_sensitivity_is_zero_for_a_model_that_ignores_its_caption():
         pipe.unet.add_embedding.linear_1.weight.zero_()  # the pooled text embedding enters here too
     blind = caption_sensitivity(pipe, cases)
     assert all(abs(v) < 1e-5 for r in blind for v in r.values())
+
+
+def test_pca_roundtrip_with_every_code_is_the_render_and_with_few_codes_is_not():
+    from benchmarks.miniature_diagnosis import pca_roundtrips
+
+    cases = one_subject_cases(SyntheticWorld(424242, image_size=32), 1, offset=0)[:3]
+    out = pca_roundtrips(32, (2, 48), cases)
+    for full, case in zip(out[48], cases):
+        assert np.abs(full.astype(int) - case[3].image.astype(int)).max() <= 1
+    assert max(np.abs(a.astype(int) - c[3].image.astype(int)).max() for a, c in zip(out[2], cases)) > 20
