@@ -173,7 +173,8 @@ def caption_sensitivity(base, cases) -> list:
     """Teacher-forced: per held-out render, how much the base's denoising error on the object (latent cells
     weighted by the object's area) grows when the caption names a wrong shape, colour or texture, or no
     identity ("an object on sand"), relative to the right caption; mean over ``CAPTION_T``, same noise.
-    Zero: the model does not use that word where the object is."""
+    Zero: the model does not use that word where the object is. Beside it (``text_<attribute>``): how far the
+    wrong word moves the prompt embeddings the UNet reads (relative L2): whether the text encoders tell them apart."""
     from anystory.training.diffusion import encode_images, text_conditioning, training_scheduler
 
     scheduler = training_scheduler(base)
@@ -192,7 +193,10 @@ def caption_sensitivity(base, cases) -> list:
             noisy = scheduler.add_noise(latents, noise, tt).expand(len(captions), -1, -1, -1)
             pred = base.unet(noisy, tt, embeds, added_cond_kwargs=added).sample
             errors += (((pred - noise) ** 2).mean(1, keepdim=True) * weight).sum((1, 2, 3)) / weight.sum()
-        out.append({a: float(errors[i + 1] / errors[0] - 1) for i, a in enumerate(SWAPS)})
+        row = {a: float(errors[i + 1] / errors[0] - 1) for i, a in enumerate(SWAPS)}
+        row.update({f"text_{a}": float((embeds[i + 1] - embeds[0]).norm() / embeds[0].norm())
+                    for i, a in enumerate(SWAPS[:3])})
+        out.append(row)
     return out
 
 
@@ -202,7 +206,8 @@ def summarise(rows: dict) -> dict:
            | {"units": len(units)} for part, units in rows.items() if part != "captions"}
     if "captions" in rows:
         units = rows["captions"]
-        out["captions"] = {a: bootstrap(units, lambda u, a=a: mean_of([r[a] for r in u])) for a in SWAPS}
+        keys = list(SWAPS) + [f"text_{a}" for a in SWAPS[:3]]
+        out["captions"] = {a: bootstrap(units, lambda u, a=a: mean_of([r[a] for r in u])) for a in keys}
         out["captions"]["units"] = len(units)
     return out
 
@@ -243,8 +248,10 @@ def markdown(report: dict) -> str:
     if c:
         lines += ["", f"Base model, teacher-forced ({c['units']} renders, t in {', '.join(map(str, CAPTION_T))}): "
                   "growth of the denoising error on the object when the caption names a wrong ...", "",
-                  "| shape | colour | texture | nothing (generic caption) |", "|---|---|---|---|",
-                  "| " + " | ".join(ci(c[a], "{:+.3f}") for a in SWAPS) + " |"]
+                  "| | shape | colour | texture | nothing (generic caption) |", "|---|---|---|---|---|",
+                  "| denoising error on the object | " + " | ".join(ci(c[a], "{:+.3f}") for a in SWAPS) + " |",
+                  "| prompt embeddings (relative L2 change) | "
+                  + " | ".join(ci(c[f"text_{a}"], "{:.3f}") for a in SWAPS[:3]) + " | - |"]
     return "\n".join(lines) + "\n"
 
 

@@ -85,7 +85,9 @@ def test_caption_sensitivity_is_zero_for_a_model_that_ignores_its_caption():
     world = SyntheticWorld(424242, image_size=32)
     cases = one_subject_cases(world, 1, offset=0)[:2]
     real = caption_sensitivity(pipe, cases)
-    assert len(real) == 2 and set(real[0]) == {"shape", "colour", "texture", "generic"}
+    assert len(real) == 2 and set(real[0]) == {"shape", "colour", "texture", "generic", "text_shape", "text_colour",
+                                                "text_texture"}
+    assert all(r[f"text_{a}"] > 0 for r in real for a in ("shape", "colour", "texture"))
     assert any(abs(v) > 1e-6 for r in real for v in r.values())  # an untrained UNet still reads its text
     with torch.no_grad():
         for block in pipe.unet.modules():
@@ -94,7 +96,7 @@ def test_caption_sensitivity_is_zero_for_a_model_that_ignores_its_caption():
                 block.attn2.to_out[0].bias.zero_()
         pipe.unet.add_embedding.linear_1.weight.zero_()  # the pooled text embedding enters here too
     blind = caption_sensitivity(pipe, cases)
-    assert all(abs(v) < 1e-5 for r in blind for v in r.values())
+    assert all(abs(r[a]) < 1e-5 for r in blind for a in ("shape", "colour", "texture", "generic"))
 
 
 def test_pca_roundtrip_with_every_code_is_the_render_and_with_few_codes_is_not():
