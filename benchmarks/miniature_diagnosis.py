@@ -239,6 +239,8 @@ def markdown(report: dict) -> str:
                 if report["base"] else "") + (f"; VAE row: {report['vae']}" if report["vae"] else "") + ")", "",
              "| where | units | exact identity (chance .005) | shape (chance .125) | colour (chance .167) "
              "| texture (chance .25) | object drawn |", "|---|---|---|---|---|---|---|"]
+    if set(res) == {"captions"}:
+        lines = lines[:2]
     for part in list(PARTS) + sorted((p for p in res if p.startswith("pca")), key=lambda p: int(p[3:])):
         if part in res and part != "captions":
             r = res[part]
