@@ -231,6 +231,25 @@ def load_base(path: str, weights: Optional[str]):
     return pipe
 
 
+def load_vae(path: str, model_vae):
+    """A candidate VAE: a diffusers folder, or a vae-stage checkpoint whose decoder replaces ``model_vae``'s (the
+    encoder is the fixed PCA of the config, the same in every run of one config)."""
+    import copy
+
+    from diffusers import AutoencoderKL
+
+    from anystory.weights import load_tensors
+
+    if os.path.isdir(path):
+        return AutoencoderKL.from_pretrained(path).eval()
+    vae = copy.deepcopy(model_vae).float()
+    tensors = {n[len("vae."):]: t for n, t in load_tensors(path, "vae checkpoint").items() if n.startswith("vae.")}
+    missing, unexpected = vae.load_state_dict(tensors, strict=False)
+    if unexpected or not tensors or any(not m.startswith(("encoder.", "quant_conv.")) for m in missing):
+        raise ValueError(f"{path} is not a decoder of this VAE: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return vae.eval()
+
+
 def markdown(report: dict) -> str:
     res = report["results"]
     lines = [f"`{report['command']}` ({report['date']}, commit {report['commit']}, {report['seconds_total']:.0f} s; "
@@ -264,7 +283,8 @@ def parse(argv=None):
     p.add_argument("--classifier", default=None, help="default: <model>/identity_classifier.safetensors")
     p.add_argument("--base", default=None, help="diffusers folder of a candidate base model for the base rows")
     p.add_argument("--base-weights", default=None, help="a base-stage checkpoint's ema.safetensors, over --base")
-    p.add_argument("--vae", default=None, help="folder of a candidate VAE (diffusers AutoencoderKL) for the VAE row")
+    p.add_argument("--vae", default=None, help="a candidate VAE for the VAE row: a diffusers AutoencoderKL folder, or "
+                   "a vae-stage checkpoint's trainable.safetensors (its decoder over the model's VAE: same encoder)")
     p.add_argument("--pca-codes", default="", help="e.g. 8,16: rows of linear PCA round trips with k codes")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--per-identity", type=int, default=2, help="images per named identity in the one-subject rows")
@@ -289,8 +309,6 @@ def main(argv=None) -> int:
     import subprocess
     from types import SimpleNamespace
 
-    from diffusers import AutoencoderKL
-
     args, parts = parse(argv)
     torch.set_num_threads(args.threads)
     from diffusers.utils import logging as dlog
@@ -307,7 +325,7 @@ def main(argv=None) -> int:
     world = SyntheticWorld(STUDY_SEED, WorldConfig(image_size=size, reference_size=pipe.anystory.config.reference_size))
     started = time.time()
     cases = one_subject_cases(world, args.per_identity, args.offset)
-    vae = SimpleNamespace(vae=AutoencoderKL.from_pretrained(args.vae).eval()) if args.vae else pipe
+    vae = SimpleNamespace(vae=load_vae(args.vae, pipe.vae)) if args.vae else pipe
     rows = one_subject_rows(pipe, base, vae, world, classifier, cases, parts, args.steps, args.guidance,
                             [int(k) for k in args.pca_codes.split(",") if k])
     pairs = held_out_pairs(world, args.first_pair + args.pairs)[args.first_pair:]

@@ -107,3 +107,19 @@ def test_pca_roundtrip_with_every_code_is_the_render_and_with_few_codes_is_not()
     for full, case in zip(out[48], cases):
         assert np.abs(full.astype(int) - case[3].image.astype(int)).max() <= 1
     assert max(np.abs(a.astype(int) - c[3].image.astype(int)).max() for a, c in zip(out[2], cases)) > 20
+
+
+def test_load_vae_takes_a_checkpoints_decoder_and_keeps_the_encoder(tmp_path):
+    from benchmarks.miniature_diagnosis import load_vae
+
+    vae = tiny_sdxl_components(seed=0)["vae"]
+    other = tiny_sdxl_components(seed=7)["vae"]
+    save_tensors({f"vae.{n}": t for n, t in other.state_dict().items() if n.startswith(("decoder.", "post_quant_conv."))},
+                 str(tmp_path / "trainable.safetensors"))
+    loaded = load_vae(str(tmp_path / "trainable.safetensors"), vae)
+    assert torch.equal(loaded.decoder.conv_in.weight, other.decoder.conv_in.weight)
+    assert torch.equal(loaded.encoder.conv_in.weight, vae.encoder.conv_in.weight)
+    assert not torch.equal(vae.decoder.conv_in.weight, other.decoder.conv_in.weight)  # the model's own is untouched
+    save_tensors({"unet.conv_in.weight": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="not a decoder"):
+        load_vae(str(tmp_path / "bad.safetensors"), vae)
