@@ -22,7 +22,9 @@ Rows, each a stage a subject's identity has to pass through (every figure: value
 One-subject images are the routing study's (the 16 named identities x ``--per-identity`` references, seeds
 ``--offset + i``, backgrounds in turn); the renders are the held-out scene of that index with that identity
 alone. ``--base DIR`` (a diffusers folder) and ``--base-weights FILE`` (a base-stage checkpoint's
-``ema.safetensors``, applied over ``--base``) measure a candidate base model in the base rows instead.
+``ema.safetensors``, applied over ``--base``) measure a candidate base model in the base rows instead; ``--vae``
+(a folder, or a vae-stage checkpoint's decoder) replaces the VAE in every row: a decoder trained longer on the same
+fixed encoder fits every model trained on its latents.
 """
 from __future__ import annotations
 
@@ -110,7 +112,7 @@ def largest(image: np.ndarray) -> list:
     return [objects[0] if objects else None]
 
 
-def one_subject_rows(pipe, base, vae, world, classifier, cases, parts, steps: int, guidance: float,
+def one_subject_rows(pipe, base, world, classifier, cases, parts, steps: int, guidance: float,
                      pca_codes=()) -> dict:
     """Per part, one fidelity row per image (see :func:`benchmarks.routing_study.fidelity`)."""
     size = world.config.image_size
@@ -124,7 +126,7 @@ def one_subject_rows(pipe, base, vae, world, classifier, cases, parts, steps: in
             if part == "render":
                 image, masks = scene.image, [mask]
             elif part == "vae":
-                image, masks = vae_roundtrip(vae, scene.image), [mask]
+                image, masks = vae_roundtrip(pipe, scene.image), [mask]
             elif part in ("base", "generic"):
                 prompt = caption_for(subject, bg) if part == "base" else f"an object on {bg}"
                 image = text_only(base, prompt, steps, guidance, seed=index)
@@ -255,7 +257,7 @@ def markdown(report: dict) -> str:
     lines = [f"`{report['command']}` ({report['date']}, commit {report['commit']}, {report['seconds_total']:.0f} s; "
              f"{report['steps']} steps, guidance {report['guidance']:g}; model {report['model']}"
              + (f"; base rows: {report['base']}" + (f" + {report['base_weights']}" if report['base_weights'] else "")
-                if report["base"] else "") + (f"; VAE row: {report['vae']}" if report["vae"] else "") + ")", "",
+                if report["base"] else "") + (f"; VAE (every row): {report['vae']}" if report["vae"] else "") + ")", "",
              "| where | units | exact identity (chance .005) | shape (chance .125) | colour (chance .167) "
              "| texture (chance .25) | object drawn |", "|---|---|---|---|---|---|---|"]
     if set(res) == {"captions"}:
@@ -283,7 +285,7 @@ def parse(argv=None):
     p.add_argument("--classifier", default=None, help="default: <model>/identity_classifier.safetensors")
     p.add_argument("--base", default=None, help="diffusers folder of a candidate base model for the base rows")
     p.add_argument("--base-weights", default=None, help="a base-stage checkpoint's ema.safetensors, over --base")
-    p.add_argument("--vae", default=None, help="a candidate VAE for the VAE row: a diffusers AutoencoderKL folder, or "
+    p.add_argument("--vae", default=None, help="a candidate VAE for every row: a diffusers AutoencoderKL folder, or "
                    "a vae-stage checkpoint's trainable.safetensors (its decoder over the model's VAE: same encoder)")
     p.add_argument("--pca-codes", default="", help="e.g. 8,16: rows of linear PCA round trips with k codes")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
@@ -307,7 +309,6 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     import subprocess
-    from types import SimpleNamespace
 
     args, parts = parse(argv)
     torch.set_num_threads(args.threads)
@@ -325,8 +326,10 @@ def main(argv=None) -> int:
     world = SyntheticWorld(STUDY_SEED, WorldConfig(image_size=size, reference_size=pipe.anystory.config.reference_size))
     started = time.time()
     cases = one_subject_cases(world, args.per_identity, args.offset)
-    vae = SimpleNamespace(vae=load_vae(args.vae, pipe.vae)) if args.vae else pipe
-    rows = one_subject_rows(pipe, base, vae, world, classifier, cases, parts, args.steps, args.guidance,
+    if args.vae:  # every row decodes with it (the encoder, hence every latent the models saw, is unchanged)
+        for target in {id(pipe): pipe, id(base): base}.values():
+            target.vae = load_vae(args.vae, pipe.vae)
+    rows = one_subject_rows(pipe, base, world, classifier, cases, parts, args.steps, args.guidance,
                             [int(k) for k in args.pca_codes.split(",") if k])
     pairs = held_out_pairs(world, args.first_pair + args.pairs)[args.first_pair:]
     rows.update(two_subject_rows(pipe, world, classifier, pairs, parts, args.steps, args.guidance))
