@@ -29,7 +29,8 @@ DEFAULTS: Dict[str, Any] = {
         "save_dtype": "float32",
     },
     "base_model": None,  # a diffusers folder or hub id; None = build the miniature (vae/clip/base stages)
-    "vae": {"steps": 1000, "batch_size": 8, "lr": 2e-3, "basis_images": 512, "whiten": 0.5},
+    # object_weight: subject pixels weigh 1 + object_weight in the decoder's L1 (0: a plain L1)
+    "vae": {"steps": 1000, "batch_size": 8, "lr": 2e-3, "basis_images": 512, "whiten": 0.5, "object_weight": 0.0},
     "clip": {"steps": 400, "batch_size": 64, "lr": 1e-3},
     "base": {"steps": 1000, "batch_size": 16, "lr": 1e-3, "drop_text": 0.1, "generic_caption": 0.15,
              "snr_gamma": 5.0, "ema": 0.99},
