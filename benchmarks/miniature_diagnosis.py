@@ -29,8 +29,8 @@ fixed encoder fits every model trained on its latents.
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import time
 from typing import Optional
 
@@ -44,6 +44,7 @@ from anystory.data.object_finder import find_objects
 from anystory.data.synthetic import (COLOURS, IDENTITIES, SHAPES, TEXTURES, Identity, SyntheticWorld, WorldConfig,
                                      caption_for)
 from anystory.training.trajectory import drawn_objects
+from benchmarks.common import write_report
 from benchmarks.routing_study import (STUDY_SEED, _generate, _to_uint8, bootstrap, ci, fidelity, held_out_pairs,
                                       mean_of, oracle_maps)
 
@@ -334,20 +335,13 @@ def main(argv=None) -> int:
     pairs = held_out_pairs(world, args.first_pair + args.pairs)[args.first_pair:]
     rows.update(two_subject_rows(pipe, world, classifier, pairs, parts, args.steps, args.guidance))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    report = {"command": "python -m benchmarks.miniature_diagnosis " + " ".join(argv if argv is not None else
-                                                                              __import__("sys").argv[1:]),
+    report = {"command": "python -m benchmarks.miniature_diagnosis " + " ".join(sys.argv[1:] if argv is None else argv),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit or "?",
               "model": model, "base": args.base, "base_weights": args.base_weights, "vae": args.vae, "steps": args.steps,
               "guidance": args.guidance, "pairs": [args.first_pair, args.first_pair + args.pairs],
               "one_subject_seeds": [args.offset, args.offset + len(cases)],
               "results": summarise(rows), "seconds_total": time.time() - started}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    table = markdown(report)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(table)
-    print(table)
+    write_report(args.out, report, markdown(report))
     return 0
 
 
