@@ -312,6 +312,7 @@ def main(argv=None) -> int:
     import subprocess
 
     args, parts = parse(argv)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     torch.set_num_threads(args.threads)
     from diffusers.utils import logging as dlog
 
@@ -334,7 +335,6 @@ def main(argv=None) -> int:
                             [int(k) for k in args.pca_codes.split(",") if k])
     pairs = held_out_pairs(world, args.first_pair + args.pairs)[args.first_pair:]
     rows.update(two_subject_rows(pipe, world, classifier, pairs, parts, args.steps, args.guidance))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     report = {"command": "python -m benchmarks.miniature_diagnosis " + " ".join(sys.argv[1:] if argv is None else argv),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit or "?",
               "model": model, "base": args.base, "base_weights": args.base_weights, "vae": args.vae, "steps": args.steps,
