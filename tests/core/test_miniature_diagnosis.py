@@ -123,3 +123,14 @@ def test_load_vae_takes_a_checkpoints_decoder_and_keeps_the_encoder(tmp_path):
     save_tensors({"unet.conv_in.weight": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match="not a decoder"):
         load_vae(str(tmp_path / "bad.safetensors"), vae)
+
+
+def test_write_report_writes_both_files_and_prints_the_table(tmp_path, capsys):
+    import json
+
+    from benchmarks.common import write_report
+
+    write_report(str(tmp_path / "out"), {"a": 1}, "| t |\n")
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == {"a": 1}
+    assert (tmp_path / "out" / "results.md").read_text() == "| t |\n"
+    assert "| t |" in capsys.readouterr().out
