@@ -137,3 +137,15 @@ def interleaved(configs, module: torch.nn.Module, device: str, repeats: int, pas
         row["step_ratio"] = row["step_ms"] / rows[0]["step_ms"]
         row["step_min_ratio"] = row["step_min_ms"] / rows[0]["step_min_ms"]
     return rows
+
+
+def write_report(out_dir: str, report: dict, table: str) -> None:
+    """A study's ``results.json`` (every number) and ``results.md`` (its table) in ``out_dir``; prints the table."""
+    import json
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(table)
+    print(table)

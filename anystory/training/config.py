@@ -45,6 +45,7 @@ class ModelConfig(Section):
 class VaeConfig(StageConfig):
     basis_images: int = 512  # images whose 4x4 patches give the PCA encoder (pca_encoder.py)
     whiten: float = 0.5
+    object_weight: float = 0.0  # subject pixels weigh 1 + object_weight in the decoder's L1 (0: a plain L1)
 
 
 @dataclass

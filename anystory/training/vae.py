@@ -16,15 +16,34 @@ from .loop import StageLoop, make_accelerator
 from .pca_encoder import fit_basis, set_pca_encoder
 
 
-def _images(world, stage: str, step: int, batch: int) -> list:
-    images = []
+def _batch(world, stage: str, step: int, batch: int) -> tuple:
+    """(images, subject masks): scenes, and a quarter reference views (subjects large, on white)."""
+    images, masks = [], []
     for k, i in enumerate(indices(stage, step, batch)):
-        if k % 4 == 3:  # a quarter reference views: subjects large, on white
-            ident = world.scene(i).placements[0].identity
-            images.append(np.asarray(world.reference(ident, i).image.convert("RGB")))
+        scene = world.scene(i)
+        if k % 4 == 3:
+            reference = world.reference(scene.placements[0].identity, i)
+            images.append(np.asarray(reference.image.convert("RGB")))
+            masks.append(reference.mask)
         else:
-            images.append(world.scene(i).image)
-    return images
+            images.append(scene.image)
+            masks.append(scene.masks.any(axis=0))
+    return images, masks
+
+
+def _images(world, stage: str, step: int, batch: int) -> list:
+    return _batch(world, stage, step, batch)[0]
+
+
+def reconstruction_loss(decoded: torch.Tensor, x: torch.Tensor, masks: torch.Tensor, object_weight: float) -> torch.Tensor:
+    """L1; with ``object_weight`` > 0, subject pixels (``masks`` ``[B, H, W]``) weigh ``1 + object_weight`` against
+    the background's 1 (normalised to a weighted mean). Subjects cover a few percent of a scene, so a plain L1
+    learns the backdrop first and a subject's edges and texture last."""
+    error = (decoded.float() - x).abs()
+    if not object_weight:
+        return error.mean()
+    weight = 1.0 + object_weight * masks.to(error.dtype)[:, None]
+    return (error * weight).sum() / (weight.sum() * error.shape[1])
 
 
 def fit_encoder(cfg: dict, vae) -> None:
@@ -49,12 +68,15 @@ def train_vae(cfg: dict, pipe, log=print) -> dict:
     loop = StageLoop(cfg, "vae", decoder, acc, log)
     loop.resume()
     world = world_for(cfg)
+    object_weight = float(scfg.get("object_weight", 0.0))
     while loop.running():
-        x = images_to_tensor(_images(world, "vae", loop.step, int(scfg["batch_size"]))).to(acc.device)
+        images, masks = _batch(world, "vae", loop.step, int(scfg["batch_size"]))
+        x = images_to_tensor(images).to(acc.device)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mode()
         with acc.autocast():
-            l1 = (vae.decode(z).sample.float() - x).abs().mean()
+            l1 = reconstruction_loss(vae.decode(z).sample, x, torch.from_numpy(np.stack(masks)).to(acc.device),
+                                     object_weight)
         loop.update(l1, l1=l1.item())
     vae.eval().requires_grad_(False)
     with torch.no_grad():
