@@ -85,7 +85,8 @@ def test_sections_read_and_write_as_mappings_with_checks():
     assert isinstance(cfg, TrainingConfig) and isinstance(cfg["stage2"], Stage2Config)
     assert cfg["stage2"] is cfg.stage2 and cfg.get("image_encoder") is None and cfg["stage1"].get("stop_after") is None
     assert dict(cfg["vae"]) == {"steps": 3, "batch_size": 4, "lr": 2e-3, "ema": 0.0, "gradient_accumulation": 1,
-                                "weight_decay": 0.0, "stop_after": None, "basis_images": 64, "whiten": 0.5}
+                                "weight_decay": 0.0, "stop_after": None, "basis_images": 64, "whiten": 0.5,
+                                "object_weight": 0.0}
     cfg["stage1"]["lr"] = 1  # ints pass as numbers
     assert cfg.stage1.lr == 1.0 and isinstance(cfg.stage1.lr, float)
     with pytest.raises(ValueError, match="steps: expected an integer"):
@@ -122,6 +123,12 @@ def _values_the_stages_read(name):
                            "background.offset_noise": 0.1, "background.start": 1.0, "background.x0_max_t": 1000,
                            "background.background_loss_weight": 1.0, "background.subjects": [0.3, 0.4, 0.3],
                            "backbone": "sdxl"},
+        "miniature_v2a.yaml": {**common, "threads": 1, "work_dir": "runs/miniature_v2a", "vae.steps": 3000,
+                               "vae.object_weight": 0.0, "base.steps": 6000, "base.ema": 0.99,
+                               "model.tiny_spec.block_out_channels": [32, 64], "stage2.logit_adjustment_tau": 1.15},
+        "miniature_v2b.yaml": {**common, "threads": 1, "work_dir": "runs/miniature_v2b", "vae.steps": 3000,
+                               "base.steps": 6000, "model.tiny_spec.block_out_channels": [48, 96],
+                               "model.tiny_spec.attention_head_dim": [3, 6]},
         "smoke.yaml": {**common, "work_dir": "runs/smoke", "export_dir": "runs/smoke/export", "save_every": 2,
                        "log_every": 1, "vae.basis_images": 64, "stage1.steps": 3, "stage1.lr": 5e-4,
                        "stage2.lr": 1e-3, "stage2.trajectory": None, "background.steps": 0,
