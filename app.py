@@ -19,6 +19,7 @@ from anystory.app import generate_tab, storyboard_run, storyboard_tab
 from anystory.app.jobs import SessionJobs, one_job_per_session
 from anystory.app.retention import (DEFAULT_RETENTION_S, RETENTION_ENV, SessionFiles, anonymize_uploads, private_root,
                                     retention_seconds)
+from anystory.app.background import background_controls
 from anystory.app.gallery import captioned, frame_items, routing_items
 from anystory.app.editor_limits import LimitedEditor
 from anystory.app.environment import probe_environment
@@ -264,7 +265,8 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                         height = gr.Slider(d.min_size, d.max_size, value=d.size, step=d.size_step, label="Height",
                                            info=SLIDER_HELP["height"])
                         num_images = gr.Slider(1, 4, value=1, step=1, label="Images", info=SLIDER_HELP["num_images"])
-                    for field in (count, seed, steps, guidance, width, height, num_images):
+                    background, background_start = background_controls()
+                    for field in (count, seed, steps, guidance, width, height, num_images, background_start):
                         raw_number(field)  # a bad value reaches the app's checks, which name the field
                     run_btn = gr.Button("Generate", variant="primary", elem_id="generate")
 
@@ -291,19 +293,20 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
 
             @gpu
             def on_generate(request: gr.Request, c, prompt_text, negative_text, seed_v, steps_v, guidance_v, width_v,
-                            height_v, num_v, *slot_values):
+                            height_v, num_v, background_v, background_start_v, *slot_values):
                 """A generator: the stage and this run's ETA stream into #run-progress while the model runs. The
                 session's job from the first line to the last (the queue admits no other meanwhile)."""
                 cancel = jobs.start(request)
                 try:
                     yield from run_generate(request, cancel, c, prompt_text, negative_text, seed_v, steps_v,
-                                            guidance_v, width_v, height_v, num_v, *slot_values)
+                                            guidance_v, width_v, height_v, num_v, background_v, background_start_v,
+                                            *slot_values)
                 finally:  # done, failed, or closed by Gradio for a client that went away
                     jobs.finish(request, cancel)
 
             def run_generate(request, cancel, c, prompt_text, negative_text, seed_v, steps_v, guidance_v, width_v,
-                             height_v, num_v, *slot_values):
-                kept.claim(request, *slot_values)
+                             height_v, num_v, background_v, background_start_v, *slot_values):
+                kept.claim(request, background_v, *slot_values)
                 try:
                     slots = generate_tab.slots_from_values(slot_values)[: check_number(c or 1, "Subjects", 1, n_slots,
                                                                                        integer=True)]
@@ -316,7 +319,7 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                     return generate_tab.run_generation(
                         handle, StagedSegmenter(segmenter, tracker), slots, prompt_text, negative_text, seed_v, steps_v,
                         guidance_v, width_v, height_v, num_v, progress=tracker.step,
-                        out_dir=out_dir)
+                        out_dir=out_dir, background=background_v, background_start=background_start_v)
 
                 yield [gr.skip()] * 6 + [Status("starting", "", 0.0).html()]
                 try:
@@ -336,8 +339,8 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                        kept.as_files(request, routing_items(result)), result.legend, result.files, segmenter.status,
                        gr.skip())
 
-            run_btn.click(on_generate, [count, prompt, negative, seed, steps, guidance, width, height, num_images]
-                          + slot_inputs, [gallery, info, routing, legend, files, matting_status, run_progress],
+            run_btn.click(on_generate, [count, prompt, negative, seed, steps, guidance, width, height, num_images,
+                                        background, background_start] + slot_inputs, [gallery, info, routing, legend, files, matting_status, run_progress],
                           show_progress="hidden")
             fields = len(generate_tab.SLOT_FIELDS)
             ex_images = [slot_inputs[k * fields] for k in range(n_slots)]

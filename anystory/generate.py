@@ -5,6 +5,9 @@ subjects; ``--mask`` values pair with subjects in order (use ``-`` for "no mask"
 where in the output the subject may go, a box ``x0,y0,x1,y1`` in fractions of the output size or a mask file of
 the output's size (``-`` for "anywhere").
 
+``--background`` gives an image of the scene's backdrop (SDXL and the miniature; refused with ``--flux``), and
+``--background-start`` how much of its mean colour the starting latent gets (default: the weights' value).
+
 ``--flux`` runs FLUX.1-dev with the authors' released AnyStory weights (``--flux-weights``: a local
 ``anystory_flux.bin``, default the hub's); ``--vram auto|16|24|40`` picks quantization and offload for the GPU
 (``--quantization`` / ``--offload`` override it), and the choice is printed.
@@ -40,6 +43,10 @@ def parse_args(argv=None):
                         "file of the output's size, or - (anywhere)")
     p.add_argument("--scale", type=float, default=1.0, help="semantic condition strength (eta)")
     p.add_argument("--reference-scale", type=float, default=1.0, help="ReferenceNet condition strength")
+    p.add_argument("--background", default=None,
+                   help="image of the scene's backdrop, applied where the router puts background (SDXL only)")
+    p.add_argument("--background-start", type=float, default=None,
+                   help="strength of the background's mean colour in the starting latent; None: the weights' value")
     p.add_argument("--anystory-weights", default=os.environ.get("ANYSTORY_SDXL_WEIGHTS"),
                    help="AnyStory SDXL weights (folder); default: the shipped miniature")
     p.add_argument("--base-model", default=None, help="SDXL base, hub id or folder (with --anystory-weights)")
@@ -97,7 +104,8 @@ def _region(text, index: int):
 
 def _as_flags(error: Exception) -> str:
     """The library counts subjects from 0; name the flag as typed."""
-    return re.sub(r"^subject (\d+)", lambda m: f"--subject #{int(m.group(1)) + 1}", str(error))
+    text = re.sub(r"^subject (\d+)", lambda m: f"--subject #{int(m.group(1)) + 1}", str(error))
+    return re.sub(r"^background(_start)?\b", lambda m: "--background" + ("-start" if m.group(1) else ""), text)
 
 
 def check_inputs(args) -> list:
@@ -121,6 +129,7 @@ def check_inputs(args) -> list:
     ext = os.path.splitext(args.out)[1].lower()
     if ext not in Image.registered_extensions():
         raise InvalidInputError(f"--out {args.out}: unknown image extension '{ext or 'none'}'; use .png, .jpg or .webp")
+    check_background_flags(args)
     masks = _paired(args.mask, len(args.subject))
     try:  # files, masks, regions, sizes and scales, with no model
         regions = [_region(r, i) for i, r in enumerate(_paired(args.region, len(args.subject)))]
@@ -137,6 +146,30 @@ def check_inputs(args) -> list:
     if not os.access(out_dir, os.W_OK):
         raise InvalidInputError(f"--out {args.out}: {out_dir} is not writable")
     return subjects
+
+
+def check_background_flags(args) -> None:
+    """``--background`` and ``--background-start``: readable, a number >= 0, and not with ``--flux`` (the released
+    FLUX router has no background class; the pipeline refuses it too, but only after minutes of loading)."""
+    if args.background_start is not None:
+        if args.background is None:
+            raise InvalidInputError("--background-start needs --background (the image whose colour it starts from)")
+        check_number(args.background_start, "--background-start", 0.0)
+    if args.background is None:
+        return
+    if args.flux:
+        raise InvalidInputError("--background: the background reference is SDXL-only (the released FLUX router "
+                                "has no background class to route it to); drop --background or --flux")
+    from .images import read_rgb
+
+    read_rgb(args.background, "--background")
+
+
+def background_call(args) -> dict:
+    """The pipeline keywords of the background flags (none without ``--background``: FLUX takes no such key)."""
+    if args.background is None:
+        return {}
+    return {"background": args.background, "background_start": args.background_start}
 
 
 def main(argv=None) -> int:
@@ -173,7 +206,7 @@ def main(argv=None) -> int:
     try:
         out = pipe(args.prompt, subjects=subjects, negative_prompt=args.negative_prompt, height=args.height,
                    width=args.width, generator=torch.Generator("cpu").manual_seed(args.seed),
-                   return_routing_maps=args.save_routing, **call)
+                   return_routing_maps=args.save_routing, **background_call(args), **call)
     except ValueError as e:  # what only the call can check (a region mask against the output size, diffusers' sizes)
         print(f"error: {_as_flags(e)}", file=sys.stderr)
         return 2

@@ -22,11 +22,12 @@ def slots_from_values(values: Sequence[Any]) -> List[SubjectSlot]:
 def run_generation(handle: ModelHandle, segmenter, slots: Sequence[SubjectSlot], prompt: str, negative_prompt: str = "",
                    seed: Any = -1, steps: Any = None, guidance: Any = None, width: Any = None, height: Any = None,
                    num_images: Any = 1, progress: Optional[Progress] = None,
-                   out_dir: Optional[str] = None) -> Result:
-    """Subjects from the slots (validated, masks resolved), the request checked once, then :func:`generate`."""
+                   out_dir: Optional[str] = None, background: Any = None, background_start: Any = None) -> Result:
+    """Subjects from the slots (validated, masks resolved), the request checked once, then :func:`generate`.
+    ``background`` / ``background_start``: the optional backdrop image and its strength (``background.py``)."""
     subjects, sources = collect_subjects(slots, handle.max_subjects, segmenter)
     checked = check_request(handle, Request(prompt, subjects, negative_prompt, seed, steps, guidance, height, width,
-                                            num_images))
+                                            num_images, background=background, background_start=background_start))
     result = generate(handle, checked, progress, out_dir)
     result.info += "  \nMasks: " + "; ".join(sources) + "."
     return result

@@ -18,6 +18,7 @@ from PIL import Image
 from ..errors import GenerationError, InvalidInputError
 from ..images import read_mask
 from ..subjects import AlphaOrWholeImageSegmenter, Subject
+from .background import background_call
 from .inputs import InputError, check_number, check_prompt, resolve_seed
 from .jobs import check_work
 from .models import ModelHandle
@@ -39,6 +40,9 @@ class Request:
     width: Any = None
     num_images: Any = 1
     colors: Optional[List[tuple]] = None  # one per subject; default: the palette in subject order
+    background: Any = None  # an image of the backdrop (``anystory/app/background.py``), SDXL only
+    background_start: Any = None  # its strength; None: the weights' own
+    background_field: str = "Background image"  # how an error names it (a storyboard names the shot)
 
 
 @dataclass
@@ -94,9 +98,10 @@ def check_request(handle: ModelHandle, req: Request) -> CheckedRequest:
     check_work(steps, num)
     if len(req.subjects) > handle.max_subjects:
         raise InputError(f"Too many subjects: {len(req.subjects)} given, this model takes at most {handle.max_subjects}.")
+    background = background_call(handle, req.background, req.background_start, req.background_field)
     seed = resolve_seed(req.seed)
     kwargs = dict(prompt=prompt, negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=guidance,
-                  height=sizes[0], width=sizes[1], num_images_per_prompt=num)
+                  height=sizes[0], width=sizes[1], num_images_per_prompt=num, **background)
     return CheckedRequest(list(req.subjects), kwargs, seed, req.colors)
 
 
@@ -169,7 +174,8 @@ def generate(handle: ModelHandle, checked: CheckedRequest, progress: Optional[Pr
         if overlays:
             files.append(save_png(side_by_side([image, overlays[b]]), out_dir, f"anystory_seed{seed}_{b}_routing"))
     info = (f"Seed **{seed}** - {steps} steps, guidance {kwargs['guidance_scale']:g}, {size}, "
-            f"{len(subjects)} subject(s) - {seconds:.1f} s on {handle.device}." + ignored)
+            f"{len(subjects)} subject(s){' and a background reference' if 'background' in kwargs else ''} - "
+            f"{seconds:.1f} s on {handle.device}." + ignored)
     return Result(images, overlays, legend, seed, files, info, note, route_maps, per_subject, names)
 
 

@@ -22,7 +22,11 @@ Scripts are JSON or YAML with English keys::
 ``regions`` (optional, per shot): where a character may appear, a box ``[x0, y0, x1, y1]`` in fractions of the
 frame (``anystory/regions.py``); characters without one go where the router puts them.
 
-``reference`` paths are relative to the script's folder. A ``.zip`` bundle carries the script with its images.
+``background`` (optional, in ``settings`` for the whole story and per shot, a shot's own winning): an image of the
+scene's backdrop (SDXL only, ``anystory/sdxl/background.py``); ``background_start`` its strength (the share of its
+mean colour in the starting latent; absent: the weights' own value).
+
+``reference`` and ``background`` paths are relative to the script's folder. A ``.zip`` bundle carries the script with its images.
 YAML note: a prompt that *starts* with ``{`` must be quoted (YAML would read a mapping).
 """
 from __future__ import annotations
@@ -52,7 +56,7 @@ MAX_CHARACTERS = 16
 MAX_SHOTS = 64
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 #: A bundle holds a script and a reference and a mask per character; nothing else is unpacked.
-MAX_BUNDLE_ENTRIES = 2 * MAX_CHARACTERS + 1
+MAX_BUNDLE_ENTRIES = 2 * MAX_CHARACTERS + 1 + (1 + MAX_SHOTS)  # ... and a background for the story and each shot
 MAX_ENTRY_BYTES = 10 * 1024 * 1024
 #: Script text (a long story is a few tens of KB) and its nesting (a script is 4 levels deep).
 MAX_SCRIPT_BYTES = 512 * 1024
@@ -64,10 +68,11 @@ SEED_RANGE = (-1, 2**31 - 1)
 STEPS_RANGE = (1, 100)
 GUIDANCE_RANGE = (0.0, 30.0)
 SIZE_RANGE = (64, 4096)
+BACKGROUND_START_RANGE = (0.0, 5.0)  # the Generate tab's (``anystory/app/background.py``)
 
 CHARACTER_KEYS = ("alias", "description", "reference", "mask", "scale", "reference_scale")
-SHOT_KEYS = ("prompt", "characters", "seed", "negative_prompt", "regions")
-SETTING_KEYS = ("seed", "steps", "guidance", "width", "height", "negative_prompt")
+SHOT_KEYS = ("prompt", "characters", "seed", "negative_prompt", "regions", "background", "background_start")
+SETTING_KEYS = ("seed", "steps", "guidance", "width", "height", "negative_prompt", "background", "background_start")
 SCRIPT_KEYS = ("title", "settings", "characters", "shots")
 
 
@@ -88,6 +93,8 @@ class Shot:
     seed: Optional[int] = None
     negative_prompt: str = ""
     regions: Dict[str, tuple] = field(default_factory=dict)  # alias -> box (x0, y0, x1, y1), fractions
+    background: Any = None  # path (relative to the script) or an image; None: the story's
+    background_start: Optional[float] = None  # None: the story's, else the weights' own
 
 
 @dataclass
@@ -144,6 +151,8 @@ def script_from_dict(data: Any) -> Script:
                                          error=ScriptError)
     if settings.get("negative_prompt") is not None:
         settings["negative_prompt"] = _text(settings["negative_prompt"], "settings.negative_prompt")
+    background = dict(zip(("background", "background_start"), _background(settings, "settings")))
+    settings.update({k: v for k, v in background.items() if v is not None})
     chars_raw = data.get("characters") or []
     if not isinstance(chars_raw, list):
         raise ScriptError("characters must be a list")
@@ -188,7 +197,7 @@ def script_from_dict(data: Any) -> Script:
         if seed is not None:
             seed = check_number(seed, f"shot {i + 1} seed", *SEED_RANGE, integer=True, typed=True, error=ScriptError)
         shots.append(Shot(prompt, cast, seed, _text(s.get("negative_prompt"), f"shot {i + 1} negative_prompt"),
-                          _shot_regions(s.get("regions"), i)))
+                          _shot_regions(s.get("regions"), i), *_background(s, f"shot {i + 1}")))
     script = Script(characters, shots, _text(data.get("title"), "the title", MAX_TITLE_CHARS), settings)
     for i in range(len(shots)):
         cast = shot_cast(script, i)  # unknown aliases, duplicates
@@ -206,6 +215,14 @@ def _path(v: Any, where: str) -> Any:
     if isinstance(v, (bytes, int, float, list, dict, tuple, bool)):
         raise ScriptError(f"{where} must be a file name (relative to the script), got {type(v).__name__}")
     return v
+
+
+def _background(d: dict, where: str) -> tuple:
+    """``(background, background_start)`` of the settings or a shot: a file name and a number, each optional."""
+    start = d.get("background_start")
+    if start is not None:
+        start = check_number(start, f"{where} background_start", *BACKGROUND_START_RANGE, typed=True, error=ScriptError)
+    return _path(d.get("background"), f"{where} background"), start
 
 
 def _shot_regions(raw: Any, i: int) -> Dict[str, tuple]:
@@ -227,9 +244,11 @@ def _shot_regions(raw: Any, i: int) -> Dict[str, tuple]:
     return out
 
 
-def script_to_dict(script: Script, references: Optional[Dict[str, str]] = None) -> dict:
-    """Plain data for JSON/YAML. ``references``: alias -> path to write (images themselves are not text)."""
-    references = references or {}
+def script_to_dict(script: Script, references: Optional[Dict[str, str]] = None,
+                   backgrounds: Optional[Dict[int, str]] = None) -> dict:
+    """Plain data for JSON/YAML. ``references``: alias -> path to write (images themselves are not text);
+    ``backgrounds``: the same for backgrounds, 0 the story's, k shot k's."""
+    references, backgrounds = references or {}, backgrounds or {}
     chars = []
     for c in script.characters:
         d = {"alias": c.alias, "description": c.description}
@@ -244,7 +263,7 @@ def script_to_dict(script: Script, references: Optional[Dict[str, str]] = None) 
             d["reference_scale"] = c.reference_scale
         chars.append(d)
     shots = []
-    for s in script.shots:
+    for i, s in enumerate(script.shots):
         d = {"prompt": s.prompt}
         if s.characters is not None:
             d["characters"] = list(s.characters)
@@ -254,13 +273,28 @@ def script_to_dict(script: Script, references: Optional[Dict[str, str]] = None) 
             d["negative_prompt"] = s.negative_prompt
         if s.regions:
             d["regions"] = {a: list(box) for a, box in s.regions.items()}
+        d.update(_background_fields(s.background, s.background_start, backgrounds.get(i + 1)))
         shots.append(d)
     out = {"title": script.title} if script.title else {}
-    if script.settings:
-        out["settings"] = {k: v for k, v in script.settings.items() if v is not None}
+    settings = {k: v for k, v in script.settings.items() if v is not None and not k.startswith("background")}
+    settings.update(_background_fields(script.settings.get("background"), script.settings.get("background_start"),
+                                       backgrounds.get(0)))
+    if settings:
+        out["settings"] = settings
     out["characters"] = chars
     out["shots"] = shots
     return out
+
+
+def _background_fields(image: Any, start: Optional[float], written: Optional[str]) -> dict:
+    """A background's script fields: its file name (the bundle's, else the script's own) and strength."""
+    d = {}
+    name = written or (image if isinstance(image, str) else None)
+    if name:
+        d["background"] = name
+    if start is not None:
+        d["background_start"] = start
+    return d
 
 
 # ---- text formats -------------------------------------------------------------------------------------------------
@@ -376,7 +410,21 @@ def resolve_references(script: Script, base_dir: str) -> List[str]:
                     setattr(c, attr, None)
         if c.reference is None and c.alias not in missing:
             missing.append(c.alias)
+    if isinstance(script.settings.get("background"), str):
+        script.settings["background"] = _inside(root, script.settings["background"], "settings background")
+    for i, shot in enumerate(script.shots):
+        if isinstance(shot.background, str):
+            shot.background = _inside(root, shot.background, f"shot {i + 1} background")
     return missing
+
+
+def _inside(root: str, name: str, where: str) -> str:
+    """A script's file name as a path under ``root`` (the script's folder), or a :class:`ScriptError` naming it:
+    a background has no upload field to fill in later, so a missing one is an error, not a gap."""
+    path = os.path.realpath(os.path.join(root, name))
+    if not (path.startswith(root + os.sep) and os.path.isfile(path)):
+        raise ScriptError(f"{where}: file not found: {name} (paths are relative to the script's folder)")
+    return path
 
 
 # ---- bundles ------------------------------------------------------------------------------------------------------
@@ -391,7 +439,8 @@ def _image_of(value: Any, attr: str = "reference") -> Optional[Image.Image]:
 
 
 def export_bundle(script: Script, path: str, fmt: str = "yaml") -> str:
-    """A .zip with ``script.yaml`` (or .json) and every character's reference (and mask) as PNG."""
+    """A .zip with ``script.yaml`` (or .json), every character's reference (and mask) and the story's and each
+    shot's background as PNG."""
     refs, files = {}, {}
     for c in script.characters:
         for attr, suffix in (("reference", ""), ("mask", "_mask")):
@@ -403,7 +452,15 @@ def export_bundle(script: Script, path: str, fmt: str = "yaml") -> str:
                 files[name] = buf.getvalue()
                 if attr == "reference":
                     refs[c.alias] = name
-    data = script_to_dict(script, refs)
+    backgrounds = {}
+    for k, image in enumerate([script.settings.get("background")] + [s.background for s in script.shots]):
+        picture = _image_of(image, "settings background" if k == 0 else f"shot {k} background")
+        if picture is not None:
+            backgrounds[k] = f"backgrounds/{'story' if k == 0 else f'shot{k}'}.png"
+            buf = io.BytesIO()
+            picture.save(buf, format="PNG")
+            files[backgrounds[k]] = buf.getvalue()
+    data = script_to_dict(script, refs, backgrounds)
     for c, d in zip(script.characters, data["characters"]):
         if f"references/{c.alias}_mask.png" in files:
             d["mask"] = f"references/{c.alias}_mask.png"
@@ -444,8 +501,9 @@ def import_bundle(path: str, dest_dir: str) -> tuple:
 def _check_bundle(infos: List[zipfile.ZipInfo]) -> None:
     """Entry count, sizes (as the archive declares them, and zipfile stops at the declared size) and kinds."""
     if len(infos) > MAX_BUNDLE_ENTRIES:
-        raise ScriptError(f"the bundle has {len(infos)} files; a bundle holds a script and at most a reference and a "
-                          f"mask per character ({MAX_BUNDLE_ENTRIES} files)")
+        raise ScriptError(f"the bundle has {len(infos)} files; a bundle holds a script, at most a reference and a "
+                          f"mask per character and a background for the story and each shot ({MAX_BUNDLE_ENTRIES} "
+                          "files)")
     if sum(i.file_size for i in infos) > MAX_BUNDLE_BYTES:
         raise ScriptError(f"the bundle unpacks to more than {MAX_BUNDLE_BYTES // 2**20} MB")
     for info in infos:
@@ -512,7 +570,8 @@ def shot_subjects(script: Script, index: int, subjects: Dict[str, Subject]) -> L
 @dataclass
 class ShotPlan:
     """One shot ready to render: its prompt with descriptions in, its cast and their subjects (with the shot's
-    regions), its seed (the shot's own, else the story's) and negative prompt (the shot's, else the settings')."""
+    regions), its seed (the shot's own, else the story's), negative prompt and background (the shot's, else the
+    settings')."""
 
     index: int
     prompt: str
@@ -520,6 +579,9 @@ class ShotPlan:
     subjects: List[Subject]
     seed: Any
     negative_prompt: str
+    background: Any = None  # the shot's own, else the story's
+    background_start: Optional[float] = None
+    background_field: str = ""  # how an error names it: the shot, and whose background it is
 
 
 def plan_shots(script: Script, subjects: Dict[str, Subject], seed: Any,
@@ -533,8 +595,18 @@ def plan_shots(script: Script, subjects: Dict[str, Subject], seed: Any,
         if max_subjects is not None and len(cast) > max_subjects:
             raise ScriptError(f"shot {i + 1}: {len(cast)} characters act, the model takes at most {max_subjects}")
         plans.append(ShotPlan(i, shot_prompt(script, i), cast, shot_subjects(script, i, subjects),
-                              seed if shot.seed is None else shot.seed, shot.negative_prompt or default_negative))
+                              seed if shot.seed is None else shot.seed, shot.negative_prompt or default_negative,
+                              *_shot_background(script, i)))
     return plans
+
+
+def _shot_background(script: Script, i: int) -> tuple:
+    """(image, strength, field name) of shot ``i``'s background: each the shot's own, else the story's."""
+    shot, settings = script.shots[i], script.settings
+    own = shot.background is not None
+    image = shot.background if own else settings.get("background")
+    start = shot.background_start if shot.background_start is not None else settings.get("background_start")
+    return image, start, f"Shot {i + 1} background" + ("" if own else " (settings.background)")
 
 
 @dataclass

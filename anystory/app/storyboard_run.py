@@ -2,7 +2,7 @@
 
 Everything a story can get wrong is found before the first frame is spent, by one rule set: the script's
 structure and casts (:func:`~anystory.app.storyboard.plan_shots`), each acting character's reference
-(:func:`story_subjects`) and each shot's request, with its own seed and negative prompt, by the Generate tab's own
+(:func:`story_subjects`) and each shot's request, with its own seed, negative prompt and background, by the Generate tab's own
 :func:`~anystory.app.generation.check_request`. Frames are then yielded as they finish, so a failure in shot k
 keeps shots 1..k-1.
 """
@@ -77,7 +77,8 @@ def check_story(handle: ModelHandle, segmenter, script: Script, seed: Any = -1, 
     palette = story_colors(script)
     plans = plan_shots(script, subjects, story_seed, handle.max_subjects)
     return [(plan, check_request(handle, Request(plan.prompt, plan.subjects, plan.negative_prompt, plan.seed, steps,
-                                                 guidance, height, width, 1, [palette[s.name] for s in plan.subjects])))
+                                                 guidance, height, width, 1, [palette[s.name] for s in plan.subjects],
+                                                 plan.background, plan.background_start, plan.background_field)))
             for plan in plans]
 
 

@@ -103,7 +103,8 @@ def ui_from_script(script: Script, slots: int = STORY_SLOTS) -> tuple:
 def unused_fields(script: Script) -> List[str]:
     """The script's fields this page has no place for (they would be lost on generate or export), named as in the
     script, so an import can say which it could not use."""
-    unused = [f"settings.{k}" for k in ("guidance", "width", "height", "negative_prompt")
+    unused = [f"settings.{k}" for k in ("guidance", "width", "height", "negative_prompt", "background",
+                                        "background_start")
               if script.settings.get(k) not in (None, "")]
     for c in script.characters:
         unused += [f"character '{c.alias}' {what}" for what, used in (
@@ -111,7 +112,10 @@ def unused_fields(script: Script) -> List[str]:
             if used]
     for i, shot in enumerate(script.shots):
         unused += [f"shot {i + 1} {what}" for what, used in (("seed", shot.seed is not None),
-                                                             ("negative_prompt", bool(shot.negative_prompt))) if used]
+                                                             ("negative_prompt", bool(shot.negative_prompt)),
+                                                             ("background", shot.background is not None),
+                                                             ("background_start", shot.background_start is not None))
+                   if used]
     return unused
 
 

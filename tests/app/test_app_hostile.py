@@ -307,7 +307,7 @@ def test_generate_names_the_field_of_every_bad_value(page, monkeypatch, count, s
     demo, handle = page
     told = _told(monkeypatch)
     slot = [STAR, None, None, name, 1.0, 1.0, "", None]
-    list(_handler(demo, "on_generate")(None, count, "a star", "", seed, steps, 3.0, None, None, 1,
+    list(_handler(demo, "on_generate")(None, count, "a star", "", seed, steps, 3.0, None, None, 1, None, None,
                                        *(slot * handle.max_subjects)))
     assert len(told) == 1 and words in told[0], told
 

@@ -164,7 +164,8 @@ def test_generate_tells_a_bug_from_bad_input_and_keeps_the_outputs(demo, monkeyp
 
     monkeypatch.setattr(app.generate_tab, "run_generation", fails)
     slot = [STAR, None, None, "star", 1.0, 1.0, "", None]
-    out = list(_handler(blocks, "on_generate")(None, 1, "a star", "", 1, 2, 3.0, 64, 64, 1, *(slot * handle.max_subjects)))
+    out = list(_handler(blocks, "on_generate")(None, 1, "a star", "", 1, 2, 3.0, 64, 64, 1, None, None,
+                                               *(slot * handle.max_subjects)))
     assert out[-1][:6] == [gr.skip()] * 6 and "earlier results are kept" in out[-1][6]
     assert len(told) == 1 and told[0][0] == title and words in told[0][1]
     assert "latents" not in told[0][1] and "broadcast" not in told[0][1]  # internals stay in the server log
