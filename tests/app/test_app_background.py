@@ -9,7 +9,7 @@ from anystory.app.background import background_call
 from anystory.app.generate_tab import run_generation
 from anystory.app.inputs import InputError, SubjectSlot
 from anystory.app.models import Defaults, ModelHandle
-from anystory.sdxl.miniature import load_miniature, miniature_available
+from helpers.background import miniature_with_background
 from anystory.subjects import AlphaOrWholeImageSegmenter
 
 STAR = "assets/examples/red_striped_star.png"
@@ -18,12 +18,7 @@ SEG = AlphaOrWholeImageSegmenter()
 
 @pytest.fixture(scope="module")
 def mini():
-    if not miniature_available():
-        pytest.skip("the miniature is not installed (assets/miniature)")
-    pipe = load_miniature()
-    if pipe.anystory.background is None:
-        pytest.skip("the installed miniature has no background reference weights")
-    return ModelHandle("miniature", pipe, "cpu", "test")
+    return ModelHandle("miniature", miniature_with_background(), "cpu", "test")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from anystory import generate, loading
-from anystory.sdxl.miniature import load_miniature, miniature_available
+from helpers.background import miniature_with_background
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STAR = os.path.join(ROOT, "assets", "examples", "red_striped_star.png")
@@ -45,12 +45,7 @@ def test_a_transparent_background_is_named(no_model, capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def miniature():
-    if not miniature_available():
-        pytest.skip("the miniature is not installed (assets/miniature)")
-    pipe = load_miniature()
-    if pipe.anystory.background is None:
-        pytest.skip("the installed miniature has no background reference weights")
-    return pipe
+    return miniature_with_background()
 
 
 def test_background_reaches_the_pipeline_and_changes_the_output(miniature, monkeypatch, tmp_path):

@@ -15,3 +15,17 @@ def subject_and_background(pipe) -> dict:
     background = encode_background(pipe, **background_tensors(pipe, read_background(noise_image(7), size), "cpu",
                                                               torch.float32))
     return with_background(subjects, background)
+
+
+def miniature_with_background():
+    """The shipped miniature, skipping the test where it is not installed or ships no background weights."""
+    import pytest
+
+    from anystory.sdxl.miniature import load_miniature, miniature_available
+
+    if not miniature_available():
+        pytest.skip("the miniature is not installed (assets/miniature)")
+    pipe = load_miniature()
+    if pipe.anystory.background is None:
+        pytest.skip("the installed miniature has no background reference weights")
+    return pipe

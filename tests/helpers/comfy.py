@@ -24,7 +24,8 @@ def import_comfy():
     if not os.path.isfile(os.path.join(COMFYUI, "comfy", "model_patcher.py")):
         pytest.skip(f"ComfyUI snapshot not found at {COMFYUI}")
     if COMFYUI not in sys.path:
-        sys.path.insert(0, COMFYUI)
+        # last: ComfyUI's top-level `app` package must not shadow the demo's app.py for the tests that follow
+        sys.path.append(COMFYUI)
     try:
         import comfy.cli_args
 
