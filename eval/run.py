@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Sequence
 
 import pandas as pd
 
-from anystory.errors import RunError
+from anystory.errors import NoMetricError, RunError
 
 from .atomic import remove_stale_temporaries, write_json, write_with
 from .data import DataIntegrityError, DataNotFoundError
@@ -86,10 +86,6 @@ class EvalResult:
     unavailable: Dict[str, str]
     generation: dict
     missing: Dict[str, dict] = field(default_factory=dict)
-
-
-class NoMetricError(RunError):
-    """Not one requested metric could load: a table of counts alone is not an evaluation."""
 
 
 def check_device(device: str) -> None:
