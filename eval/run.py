@@ -13,7 +13,9 @@ atomically; scoring writes atomic parquet parts and assembles them into ``rows.p
 per image and subject), ``per_method``, ``per_subject`` and ``per_prompt_type`` tables (parquet + CSV),
 ``report.md`` and ``chart.png``. ``run_config.json`` records the benchmark, protocol, methods, seeds, models and
 versions. A metric whose model cannot be loaded is reported as not computed, with the reason; the others still
-run. Under ``accelerate launch`` each process generates its share and the main process scores once
+run; when none can, the run fails in one line naming what to install or which file to put where, keeping the
+images. ``--device`` and the hub (``eval.offline``: off or unreachable, never retried) are settled before any
+model loads. Under ``accelerate launch`` each process generates its share and the main process scores once
 (``eval.distributed``). See docs/evaluation.md.
 """
 from __future__ import annotations
