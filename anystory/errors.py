@@ -86,6 +86,11 @@ class RunError(AnyStoryError, RuntimeError):
     overwritten."""
 
 
+class NoMetricError(RunError):
+    """Not one requested evaluation metric could load: a table of counts alone is not an evaluation. The
+    message says what to install or which file to put where; generated images are kept."""
+
+
 def check_number(value, what: str, low: float = -math.inf, high: float = math.inf, *, integer: bool = False,
                  typed: bool = False, error: Type[InvalidInputError] = InvalidInputError) -> Union[int, float]:
     """``value`` as a finite float (an int when ``integer``) in ``[low, high]``, else ``error`` naming ``what``.

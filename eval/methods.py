@@ -239,7 +239,12 @@ class PipelineMethod(OutputFolderMethod):
         from anystory.subjects import Subject
 
         if self.pipe is None:
-            self.pipe = self._load()
+            try:
+                self.pipe = self._load()
+            except MethodError:
+                raise
+            except Exception as e:  # a model that cannot load is a setup problem: never load it again per image
+                raise MethodError(f"{self.name} could not be loaded ({type(e).__name__}: {str(e)[:300]})") from e
             if hasattr(self.pipe, "set_progress_bar_config"):
                 self.pipe.set_progress_bar_config(disable=True)
         several = len(entry.subjects) > 1

@@ -13,7 +13,9 @@ atomically; scoring writes atomic parquet parts and assembles them into ``rows.p
 per image and subject), ``per_method``, ``per_subject`` and ``per_prompt_type`` tables (parquet + CSV),
 ``report.md`` and ``chart.png``. ``run_config.json`` records the benchmark, protocol, methods, seeds, models and
 versions. A metric whose model cannot be loaded is reported as not computed, with the reason; the others still
-run. Under ``accelerate launch`` each process generates its share and the main process scores once
+run; when none can, the run fails in one line naming what to install or which file to put where, keeping the
+images. ``--device`` and the hub (``eval.offline``: off or unreachable, never retried) are settled before any
+model loads. Under ``accelerate launch`` each process generates its share and the main process scores once
 (``eval.distributed``). See docs/evaluation.md.
 """
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Dict, List, Optional, Sequence
 
 import pandas as pd
 
-from anystory.errors import RunError
+from anystory.errors import NoMetricError, RunError
 
 from .atomic import remove_stale_temporaries, write_json, write_with
 from .data import DataIntegrityError, DataNotFoundError
@@ -40,8 +42,9 @@ from .distributed import Processes
 from .generate import run_generation
 from .loaders import BENCHMARKS, PEOPLE_BENCHMARKS, Benchmark, load_benchmark
 from .methods import LAYOUTS, Method, MethodError, PipelineMethod, image_seed, make_method
-from .metrics import METRIC_NAMES, Metric, MetricSettings, build_metrics, load_metrics
+from .metrics import METRIC_NAMES, Metric, MetricSettings, build_metrics, load_metrics, what_to_do
 from .metrics.openclip_embedder import ACTIVATIONS
+from .offline import settle_hub
 from .protocols import DEFAULT_PROTOCOL, PROTOCOLS, get_protocol
 from .report import bar_chart, write_report
 from .score import absent_images, assemble, expected_units, read_parts, score_units
@@ -85,6 +88,18 @@ class EvalResult:
     unavailable: Dict[str, str]
     generation: dict
     missing: Dict[str, dict] = field(default_factory=dict)
+
+
+def check_device(device: str) -> None:
+    """``cuda`` needs a GPU torch can use, checked before any model loads (not after minutes of loading it)."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
+        raise RunError(f"--device {device}: torch {torch.__version__} ({build}) finds no usable NVIDIA GPU or driver "
+                       "here; run with --device cpu")
 
 
 def default_metric_names(bench: str) -> List[str]:
@@ -251,6 +266,10 @@ def run_eval(cfg: RunConfig, *, metrics: Optional[Sequence[Metric]] = None, benc
         raise ValueError(f"unknown layout '{cfg.layout}'; choose one of {', '.join(LAYOUTS)}")
     if cfg.metrics.names is None:
         cfg = replace(cfg, metrics=replace(cfg.metrics, names=default_metric_names(cfg.bench)))
+    check_device(cfg.device)
+    hub_note = settle_hub()
+    if hub_note and cfg.progress:
+        print(f"note: {hub_note}", file=sys.stderr)
     full = benchmark or load_benchmark(cfg.bench, cfg.data_dir)
     bench = full.subset(cfg.subset) if cfg.subset else full
     procs = Processes(cfg.device)
@@ -320,6 +339,10 @@ def run_eval(cfg: RunConfig, *, metrics: Optional[Sequence[Metric]] = None, benc
         if "copy_paste" in cfg.metrics.names and metrics is None and not any(
                 m.name.startswith("copy_paste") for m in usable):
             unavailable["copy_paste"] = "needs at least one of dino, clip_i, face_id computed"
+        if not usable and (metrics is None or requested):
+            config.update(scoring={"metrics": {}, "unavailable": unavailable}, hub=hub_note)
+            write_json(os.path.join(cfg.out, CONFIG), config)
+            raise NoMetricError(_no_metric_line(cfg, requested, unavailable))
         _check_signature(cfg.out, _signature(usable, unavailable))
         labels = _settings_labels(cfg, usable, len(bench.entries), len(full.entries))
         config.update(scoring={"metrics": {m.name: m.describe() for m in usable}, "unavailable": unavailable},
@@ -339,6 +362,13 @@ def run_eval(cfg: RunConfig, *, metrics: Optional[Sequence[Metric]] = None, benc
         tables["rows"] = rows
         write_report(cfg.out, config, tables, columns)
         return EvalResult(cfg.out, rows, tables, unavailable, generation, missing)
+
+
+def _no_metric_line(cfg: RunConfig, requested: Sequence[Metric], unavailable: Dict[str, str]) -> str:
+    """The images are kept and nothing is scored, so the same command with ``--resume`` scores them later."""
+    todo = what_to_do(requested, unavailable) or "choose metrics with --metrics " + ",".join(METRIC_NAMES)
+    return (f"no metric could be computed ({', '.join(cfg.metrics.names) or 'none requested'}): {todo}; then rerun with "
+            f"--resume{'' if cfg.metrics.weights_dir else ' --weights-dir <weights-dir>'} (images kept in {cfg.out})")
 
 
 def _write_table(run_dir: str, name: str, table: pd.DataFrame) -> None:
@@ -482,11 +512,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if not args.method:
         p.error("give at least one --method")
-    from anystory.hub import hub_offline, hub_reachable
-
-    if not hub_offline() and not hub_reachable():
-        os.environ["HF_HUB_OFFLINE"] = "1"  # fail fast on absent weights instead of minutes of retries
-        print("note: huggingface.co is unreachable; models load from local files and caches only", file=sys.stderr)
     names = None if args.metrics is None else [n.strip() for n in args.metrics.split(",") if n.strip()]
     settings = MetricSettings(names=names, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
                               dino_model=args.dino_model, face_backend=args.face_backend, device=args.device,

@@ -74,6 +74,13 @@ def load_metrics(metrics: Sequence[Metric]) -> Tuple[List[Metric], Dict[str, str
     return usable, unavailable
 
 
+def what_to_do(metrics: Sequence[Metric], unavailable: Dict[str, str]) -> str:
+    """One line for the metrics that could not load: what to install, which file to put where (each once)."""
+    fixes = [m.remedy() or f"{m.name}: {unavailable[m.name]}" for m in metrics if m.name in unavailable]
+    return "; ".join(dict.fromkeys(fixes))
+
+
 __all__ = ["BatchContext", "ClipImageMetric", "ClipTextMetric", "CopyPasteMetric", "DinoEmbedder", "DinoMetric",
            "Embedder", "EmbeddingMetric", "FaceIdMetric", "METRIC_NAMES", "Metric", "MetricSettings",
-           "MetricUnavailable", "OpenClipEmbedder", "ScoreItem", "build_metrics", "face_embedder", "load_metrics"]
+           "MetricUnavailable", "OpenClipEmbedder", "ScoreItem", "build_metrics", "face_embedder", "load_metrics",
+           "what_to_do"]

@@ -65,9 +65,11 @@ class ScoreItem:
 
 
 class Embedder(abc.ABC):
-    """Images -> L2-normalised float32 rows; a row is NaN where the image has nothing to embed (no face)."""
+    """Images -> L2-normalised float32 rows; a row is NaN where the image has nothing to embed (no face).
+    ``remedy``: after a failed ``load()``, the one thing to do about it (what to install, which file to put where)."""
 
     key: str = ""
+    remedy: str = ""
 
     @abc.abstractmethod
     def load(self) -> None:
@@ -117,6 +119,10 @@ class Metric(abc.ABC):
     @abc.abstractmethod
     def score(self, items: Sequence[ScoreItem], ctx: BatchContext) -> List[Dict[str, object]]:
         ...
+
+    def remedy(self) -> str:
+        """After a failed ``load()``: what to install or which file to put where ("" when unknown)."""
+        return ""
 
 
 class PhotoCache:
@@ -172,6 +178,9 @@ class EmbeddingMetric(Metric):
 
     def load(self) -> None:
         self.embedder.load()
+
+    def remedy(self) -> str:
+        return self.embedder.remedy
 
     def describe(self) -> Dict[str, str]:
         return dict(self.embedder.describe(), metric=self.name)

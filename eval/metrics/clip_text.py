@@ -25,6 +25,9 @@ class ClipTextMetric(Metric):
     def load(self) -> None:
         self.embedder.load()
 
+    def remedy(self) -> str:
+        return self.embedder.remedy
+
     def describe(self) -> Dict[str, str]:
         return dict(self.embedder.describe(), metric=self.name, protocol="cosine(prompt, whole image)")
 

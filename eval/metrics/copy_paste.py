@@ -29,6 +29,9 @@ class CopyPasteMetric(Metric):
     def load(self) -> None:
         self.base.load()
 
+    def remedy(self) -> str:
+        return self.base.remedy()
+
     def describe(self) -> Dict[str, str]:
         return dict(self.base.describe(), metric=self.name,
                     definition=f"cos(out, reference) - mean cos(out, other real photos), {self.base.name} embeddings")

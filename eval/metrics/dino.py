@@ -47,6 +47,7 @@ class DinoEmbedder(Embedder):
                  weights_dir: Optional[str] = None, batch_size: int = 16):
         self.model_name, self.pretrained, self.device, self.batch_size = model, pretrained, device, batch_size
         self.local = local_dino_checkpoint(weights_dir, model) if pretrained else None
+        self.weights_dir = weights_dir
         self.key = f"timm:{model}:{self.local or pretrained}"
         self.model = None
         self._failure: Optional[MetricUnavailable] = None  # DINO and its copy-paste share one attempt
@@ -56,16 +57,22 @@ class DinoEmbedder(Embedder):
             return
         if self._failure is not None:
             raise self._failure
-        import timm
-
+        try:
+            import timm
+        except ImportError as e:
+            self.remedy = "pip install timm"
+            self._failure = MetricUnavailable(f"DINO needs timm, which is not installed ({e}): {self.remedy}")
+            raise self._failure from e
         kwargs = {"pretrained_cfg_overlay": {"file": self.local}} if self.local else {}
         try:
             model = timm.create_model(self.model_name, pretrained=self.pretrained, num_classes=0, **kwargs)
         except Exception as e:
+            folder = os.path.join(self.weights_dir or "<weights-dir>", "dino")
+            self.remedy = (f"put model.safetensors of hf.co/timm/{self.model_name} at "
+                           f"{folder}/{self.model_name}.safetensors")
             self._failure = MetricUnavailable(
                 f"DINO {self.model_name} weights could not be loaded ({type(e).__name__}: {str(e)[:200]}); run once "
-                f"with internet access to fill the hub cache, or put them at <weights-dir>/dino/{self.model_name}"
-                ".safetensors and pass --weights-dir")
+                f"with internet access to fill the hub cache, or {self.remedy} and pass --weights-dir")
             raise self._failure from e
         if getattr(model, "global_pool", "token") != "token":
             raise MetricUnavailable(f"{self.model_name} does not pool the CLS token; DINO needs a ViT with one")

@@ -66,6 +66,7 @@ class OpenClipEmbedder(Embedder):
         if activation not in ACTIVATIONS:
             raise ValueError(f"CLIP activation must be one of {', '.join(ACTIVATIONS)} (got {activation!r})")
         self.model_name, self.pretrained, self.device, self.batch_size = model, pretrained, device, batch_size
+        self.weights_dir = weights_dir
         is_file = pretrained is not None and os.path.isfile(pretrained)
         self.tag = (tag_in_file_name(model, pretrained) if is_file else pretrained)
         self.source = None if pretrained is None else (pretrained if is_file else (
@@ -94,8 +95,12 @@ class OpenClipEmbedder(Embedder):
             return
         if self._failure is not None:
             raise self._failure
-        import open_clip
-
+        try:
+            import open_clip
+        except ImportError as e:
+            self.remedy = "pip install open_clip_torch"
+            self._failure = MetricUnavailable(f"CLIP needs open_clip, which is not installed ({e}): {self.remedy}")
+            raise self._failure from e
         if self.quick_gelu is None:
             self._failure = MetricUnavailable(
                 f"cannot tell whether {self.source} holds OpenAI CLIP weights (QuickGELU) or others (GELU): its name "
@@ -113,14 +118,22 @@ class OpenClipEmbedder(Embedder):
             model, _, preprocess = open_clip.create_model_and_transforms(self.model_name, pretrained=self.source,
                                                                          force_quick_gelu=self.quick_gelu)
         except Exception as e:
+            self.remedy = self._where_to_put(open_clip)
             self._failure = MetricUnavailable(
                 f"open_clip {self.model_name} weights '{self.source}' could not be loaded ({type(e).__name__}: "
-                f"{str(e)[:200]}); run once with internet access to fill the hub cache, or put the checkpoint at "
-                f"<weights-dir>/open_clip/{self.model_name}-{self.pretrained}.bin and pass --weights-dir")
+                f"{str(e)[:200]}); run once with internet access to fill the hub cache, or {self.remedy} and pass "
+                "--weights-dir")
             raise self._failure from e
         self.model = model.to(self.device).eval()
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(self.model_name)
+
+    def _where_to_put(self, open_clip) -> str:
+        """Which file to fetch (on the hub) and where ``local_clip_checkpoint`` will find it."""
+        hub = ((open_clip.get_pretrained_cfg(self.model_name, self.tag or "") or {}).get("hf_hub") or "").strip("/")
+        origin = f"open_clip_model.safetensors of hf.co/{hub}" if hub else "the checkpoint"
+        folder = os.path.join(self.weights_dir or "<weights-dir>", "open_clip")
+        return f"put {origin} at {folder}/{self.model_name}-{self.tag or self.pretrained}.safetensors"
 
     def describe(self) -> Dict[str, str]:
         weights = "RANDOM-INIT" if self.pretrained is None else (self.tag or os.path.basename(self.source))

@@ -124,6 +124,7 @@ _RAISED_WHERE = [
     ("eval.metrics.base", "MetricUnavailable", RuntimeError),
     ("eval.methods", "MethodError", RuntimeError),
     ("eval.run", "RunError", RuntimeError),
+    ("eval.run", "NoMetricError", RuntimeError),
 ]
 
 
