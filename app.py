@@ -77,6 +77,8 @@ SELECT_BRUSH_JS = """
   return args;
 }
 """
+#: Lets the page lay out a section just opened before a component inside it receives a value.
+WAIT_FOR_LAYOUT_JS = "() => new Promise(done => setTimeout(done, 400))"
 SLIDER_HELP = {
     "scale": "How strongly the subject's identity (CLIP + QFormer tokens) steers the picture; 0 turns it off.",
     "reference_scale": "How much fine detail is copied from the reference (ReferenceNet); lower it if the subject "
@@ -130,6 +132,241 @@ def _report_bug(error: Exception, n_outputs: int):
     return gr.skip() if n_outputs == 1 else [gr.skip()] * n_outputs
 
 
+def _subject_slot(i: int, visible: bool, d, kept: SessionFiles, segmenter) -> tuple:
+    """One subject's card: its upload, mask preview, name and strengths first; the optional Region and "Replace the
+    mask" sections start folded so that the first card, the prompt and Generate fit one screen. Returns (group,
+    values in ``generate_tab.SLOT_FIELDS`` order, region canvas)."""
+    with gr.Group(visible=visible, elem_id=f"subject-{i + 1}") as group:
+        with gr.Row():
+            image = UploadImage(label=f"Subject {i + 1}: reference image", type="filepath", image_mode=None,
+                                sources=["upload", "clipboard"], height=200, elem_id=f"subject-{i + 1}-image")
+            mask_view = gr.Image(label="Mask used (preview)", interactive=False, height=200,
+                                 elem_id=f"subject-{i + 1}-mask-preview")
+            with gr.Column():
+                name = gr.Textbox(label="Name", placeholder=f"subject {i + 1}", elem_id=f"subject-{i + 1}-name")
+                scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Semantic strength", info=SLIDER_HELP["scale"])
+                ref_scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Detail strength",
+                                      info=SLIDER_HELP["reference_scale"])
+                raw_number(scale), raw_number(ref_scale)  # checked by the app, field named
+        mask_note = gr.Markdown(elem_id=f"subject-{i + 1}-mask-note")
+        canvas, region, region_box = _region_section(i, d)
+        with gr.Accordion("Replace the mask: draw over the subject or upload one", open=False,
+                          elem_id=f"subject-{i + 1}-mask-editor") as mask_box:
+            with gr.Tab("Draw"):
+                drawn = LimitedEditor(label="Paint over the subject (the brush is selected)", type="pil", sources=[],
+                                      layers=False, height=300, transforms=[], elem_id=f"subject-{i + 1}-draw",
+                                      brush=gr.Brush(colors=["#ff0000"], color_mode="fixed"))
+            with gr.Tab("Upload"):
+                mask = UploadImage(label="Mask (white = subject, same size as the image)", type="filepath",
+                                   image_mode=None, sources=["upload"], height=200, elem_id=f"subject-{i + 1}-mask")
+
+    def on_new_image(request: gr.Request, path):
+        kept.claim(request, path)
+        return kept.as_files(request, editor_background(path))
+
+    brush_js = SELECT_BRUSH_JS % f"subject-{i + 1}-draw"
+    # an editor that receives its image while folded away never reports strokes: a new image opens the section
+    # first, then reaches the editor
+    image.change(lambda: gr.Accordion(open=True), None, mask_box, queue=False).then(
+        None, None, None, js=WAIT_FOR_LAYOUT_JS).then(on_new_image, image, drawn, queue=False).then(None, None, None, js=brush_js)
+
+    def on_mask_inputs(request: gr.Request, img, msk, drw, index=i):
+        kept.claim(request, img, msk)
+        try:
+            return kept.as_files(request, mask_preview(SubjectSlot(img, msk, drw), segmenter, index))
+        except USER_ERRORS as e:
+            return None, f"Mask: {e}"
+
+    # a new image clears the strokes: its preview needs no editor value. The editor's own change events (strokes,
+    # and the new image arriving) may meet a half-rewritten upload when several slots load at once (an example):
+    # those fail quietly, the next one shows
+    def on_image_mask(request: gr.Request, img, msk, index=i):
+        return on_mask_inputs(request, img, msk, None, index)
+
+    image.change(on_image_mask, [image, mask], [mask_view, mask_note], trigger_mode="always_last")
+    for source in (drawn, mask):
+        source.change(on_mask_inputs, [image, mask, drawn], [mask_view, mask_note], trigger_mode="always_last",
+                      show_progress="hidden")
+    return group, [image, mask, drawn, name, scale, ref_scale, region, canvas], canvas, region_box
+
+
+def _region_section(i: int, d) -> tuple:
+    """The folded Region section: a canvas of the output's shape in the slot's colour, and the typed box."""
+    with gr.Accordion("Region (optional): where this subject may appear", open=False,
+                      elem_id=f"subject-{i + 1}-region-box") as box:
+        with gr.Row():
+            canvas = LimitedEditor(value=region_canvas(d.size, d.size), label="Draw a box (the output's shape)",
+                                   type="pil", sources=[], layers=False, height=260, transforms=[],
+                                   elem_id=f"subject-{i + 1}-region-canvas",
+                                   brush=gr.Brush(colors=[REGION_COLORS[i % len(REGION_COLORS)]], color_mode="fixed"))
+            region = gr.Textbox(label="Region (x0, y0, x1, y1)", placeholder="anywhere",
+                                info="A box in fractions of the output, e.g. 0, 0, 0.5, 1 = the left half. Drawing "
+                                     "fills it in; typed text wins.", elem_id=f"subject-{i + 1}-region")
+    # input: the user's strokes (a canvas with a value from the start sends no change for them); a canvas remade
+    # for a new output size leaves the field alone
+    canvas.input(_canvas_region, canvas, region, trigger_mode="always_last", show_progress="hidden")
+    return canvas, region, box
+
+
+def _subject_count_controls(n_slots: int, count, groups) -> None:
+    """"+ Add subject" / "- Remove last subject": the hidden count shows that many cards."""
+    with gr.Row():
+        add_btn = gr.Button("+ Add subject", size="sm", elem_id="add-subject")
+        remove_btn = gr.Button("- Remove last subject", size="sm", elem_id="remove-subject")
+    limit_note = f"Subject limit reached: this model takes at most {n_slots} subjects per image."
+
+    def _add(c):
+        if subject_count(c, n_slots) >= n_slots:
+            gr.Info(limit_note, title="Subject limit")
+        return min(n_slots, subject_count(c, n_slots) + 1)
+
+    def _show(c):
+        c = subject_count(c, n_slots)
+        at_limit = c >= n_slots
+        return [gr.Group(visible=i < c) for i in range(n_slots)] + [
+            gr.Button(f"Limit: {n_slots} subjects" if at_limit else "+ Add subject")]
+
+    add_btn.click(_add, count, count)
+    remove_btn.click(lambda c: max(1, subject_count(c, n_slots) - 1), count, count, queue=False)
+    count.change(_show, count, groups + [add_btn], queue=False)
+
+
+def _settings_section(d) -> list:
+    """The folded Settings: negative prompt, seed, steps, guidance, size, images (in the handler's order)."""
+    with gr.Accordion("Settings", open=False, elem_id="settings"):
+        negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
+        seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, minimum=-1, maximum=MAX_SEED, elem_id="seed",
+                         info="The same seed and settings give the same image.")
+        steps = gr.Slider(1, 100, value=d.steps, step=1, label="Steps", info=SLIDER_HELP["steps"])
+        guidance = gr.Slider(0.0, 15.0, value=d.guidance, step=0.1, label="Guidance", info=SLIDER_HELP["guidance"])
+        width = gr.Slider(d.min_size, d.max_size, value=d.size, step=d.size_step, label="Width",
+                          info=SLIDER_HELP["width"])
+        height = gr.Slider(d.min_size, d.max_size, value=d.size, step=d.size_step, label="Height",
+                           info=SLIDER_HELP["height"])
+        num_images = gr.Slider(1, 4, value=1, step=1, label="Images", info=SLIDER_HELP["num_images"])
+    for field in (seed, steps, guidance, width, height, num_images):
+        raw_number(field)  # a bad value reaches the app's checks, which name the field
+    return [negative, seed, steps, guidance, width, height, num_images]
+
+
+def _follow_output_shape(demo, n_slots: int, width, height, canvases, boxes) -> None:
+    """The region canvases follow the output's shape (strokes scaled along), with the brush selected; opening a
+    folded Region section hands its canvas the grid again (one laid out while folded away may show none)."""
+    def _reshape(w, h, *values):
+        return [region_canvas(w, h, v) for v in values]
+
+    for k, (box, canvas) in enumerate(zip(boxes, canvases)):
+        box.expand(lambda w, h, v: region_canvas(w, h, v), [width, height, canvas], canvas, queue=False,
+                   show_progress="hidden").then(None, None, None, js=SELECT_BRUSH_JS % f"subject-{k + 1}-region-canvas")
+
+    for size in (width, height):
+        reshaped = size.change(_reshape, [width, height] + canvases, canvases, trigger_mode="always_last",
+                               show_progress="hidden")
+        for k in range(n_slots):
+            reshaped = reshaped.then(None, None, None, js=SELECT_BRUSH_JS % f"subject-{k + 1}-region-canvas")
+    for k in range(n_slots):  # drawing works straight away, as on the mask editor
+        demo.load(None, None, None, js=SELECT_BRUSH_JS % f"subject-{k + 1}-region-canvas")
+
+
+def _generate_tab(demo, handle: ModelHandle, segmenter, kept: SessionFiles, jobs: SessionJobs, matting_status):
+    """Subjects and settings on the left; prompt, Generate and the results right beside them (one screen at
+    1280x800). Returns the heavy handler."""
+    n_slots, d = max(1, handle.max_subjects), handle.defaults
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            # a hidden number, not a State, so that the examples can set how many subjects they use
+            count = gr.Number(min(2, n_slots), visible=False, precision=0, label="Subjects", elem_id="subject-count")
+            raw_number(count)
+            groups, slot_inputs, canvases, boxes = [], [], [], []
+            for i in range(n_slots):
+                group, values, canvas, region_box = _subject_slot(i, i < min(2, n_slots), d, kept, segmenter)
+                groups.append(group)
+                slot_inputs += values
+                canvases.append(canvas)
+                boxes.append(region_box)
+            _subject_count_controls(n_slots, count, groups)
+            settings = _settings_section(d)
+        with gr.Column(scale=2):
+            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
+                                placeholder="e.g. a red striped star and a blue dotted moon on sand")
+            run_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+            outputs = _output_panel()
+    _follow_output_shape(demo, n_slots, settings[4], settings[5], canvases, boxes)
+    on_generate = _generate_handler(handle, segmenter, kept, jobs, n_slots)
+    run_btn.click(on_generate, [count, prompt] + settings + slot_inputs, outputs[:5] + [matting_status, outputs[5]],
+                  show_progress="hidden")
+    fields = len(generate_tab.SLOT_FIELDS)
+    ex_images = [slot_inputs[k * fields] for k in range(n_slots)]
+    gr.Examples(examples=[[row[6]] + row[2: 2 + n_slots] + [row[1], row[7], row[0]] for row in EXAMPLES
+                          if row[0] <= n_slots],
+                inputs=[prompt] + ex_images + [slot_inputs[1], settings[1], count],
+                label="Examples: 1 to 4 subjects, each with a fixed seed (synthetic subjects of the miniature's world; "
+                      "public-domain / CC0 photos from scikit-image)", elem_id="examples")
+    return on_generate
+
+
+def _output_panel() -> list:
+    """[gallery, info, routing, legend, files, progress]: right under the Generate button."""
+    run_progress = gr.HTML(elem_id="run-progress")
+    gallery = gr.Gallery(label="Output", columns=2, object_fit="contain", format="png", height=280,
+                         elem_id="output-gallery")
+    info = gr.Markdown(elem_id="run-info")
+    routing = gr.Gallery(label="Routing: all subjects, then each subject alone, then the map", columns=3,
+                         object_fit="contain", format="png", elem_id="routing-gallery")
+    legend = gr.HTML(elem_id="routing-legend")
+    files = gr.File(label="Download (PNG)", file_count="multiple", interactive=False, elem_id="downloads")
+    return [gallery, info, routing, legend, files, run_progress]
+
+
+def _generate_handler(handle: ModelHandle, segmenter, kept: SessionFiles, jobs: SessionJobs, n_slots: int):
+    """The Generate button's handler (a generator streaming the stage into #run-progress)."""
+    @gpu
+    def on_generate(request: gr.Request, c, prompt_text, negative_text, seed_v, steps_v, guidance_v, width_v,
+                    height_v, num_v, *slot_values):
+        """The session's job from the first line to the last (the queue admits no other meanwhile)."""
+        cancel = jobs.start(request)
+        try:
+            yield from run_generate(request, cancel, c, prompt_text, negative_text, seed_v, steps_v, guidance_v,
+                                    width_v, height_v, num_v, *slot_values)
+        finally:  # done, failed, or closed by Gradio for a client that went away
+            jobs.finish(request, cancel)
+
+    def run_generate(request, cancel, c, prompt_text, negative_text, seed_v, steps_v, guidance_v, width_v, height_v,
+                     num_v, *slot_values):
+        kept.claim(request, *slot_values)
+        try:
+            slots = generate_tab.slots_from_values(slot_values)[: check_number(c or 1, "Subjects", 1, n_slots,
+                                                                               integer=True)]
+        except USER_ERRORS as e:
+            yield _refuse(e, 7)
+            return
+        out_dir = kept.folder(request)
+
+        def work(tracker):
+            return generate_tab.run_generation(
+                handle, StagedSegmenter(segmenter, tracker), slots, prompt_text, negative_text, seed_v, steps_v,
+                guidance_v, width_v, height_v, num_v, progress=tracker.step, out_dir=out_dir)
+
+        yield [gr.skip()] * 6 + [Status("starting", "", 0.0).html()]
+        try:
+            for item in follow(work, cancel):
+                if isinstance(item, Status):
+                    yield [gr.skip()] * 6 + [item.html()]
+                else:
+                    result = item[1]
+        except Cancelled:  # the session ended: there is no one to tell
+            return
+        except Exception as e:  # the user's mistake or advice, else a bug: both keep earlier results
+            told = _refuse(e, 6) if isinstance(e, USER_ERRORS) else _report_bug(e, 6)
+            yield told + ['<div class="anystory-progress" data-stage="stopped">Stopped: nothing was '
+                          "generated; earlier results are kept.</div>"]
+            return
+        yield (kept.as_files(request, captioned(result.images)), result.info + "  \n" + result.routing_note,
+               kept.as_files(request, routing_items(result)), result.legend, result.files, segmenter.status, gr.skip())
+
+    return on_generate
+
+
 def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: str | None = None,
                kept: SessionFiles | None = None, jobs: SessionJobs | None = None) -> gr.Blocks:
     """The whole UI around an already loaded model. ``kept``: where each session's files go and when they are
@@ -148,205 +385,7 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
         matting_status = gr.Markdown(lambda: segmenter.status, elem_id="matting-status")  # per page load
 
         with gr.Tab("Generate"):
-            with gr.Row():
-                with gr.Column(scale=3):
-                    # a hidden number, not a State, so that the examples can set how many subjects they use
-                    count = gr.Number(min(2, n_slots), visible=False, precision=0, label="Subjects",
-                                      elem_id="subject-count")
-                    groups, slot_inputs, canvases = [], [], []
-                    for i in range(n_slots):
-                        with gr.Group(visible=i < min(2, n_slots), elem_id=f"subject-{i + 1}") as group:
-                            with gr.Row():
-                                image = UploadImage(label=f"Subject {i + 1}: reference image", type="filepath",
-                                                    image_mode=None, sources=["upload", "clipboard"], height=220,
-                                                    elem_id=f"subject-{i + 1}-image")
-                                mask_view = gr.Image(label="Mask used (preview)", interactive=False, height=220,
-                                                     elem_id=f"subject-{i + 1}-mask-preview")
-                                with gr.Column():
-                                    name = gr.Textbox(label="Name", placeholder=f"subject {i + 1}",
-                                                      elem_id=f"subject-{i + 1}-name")
-                                    scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Semantic strength",
-                                                      info=SLIDER_HELP["scale"])
-                                    ref_scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Detail strength",
-                                                          info=SLIDER_HELP["reference_scale"])
-                                    raw_number(scale), raw_number(ref_scale)  # checked by the app, field named
-                            with gr.Accordion("Region (optional): where this subject may appear", open=True,
-                                              elem_id=f"subject-{i + 1}-region-box"):
-                                with gr.Row():
-                                    canvas = LimitedEditor(
-                                        value=region_canvas(d.size, d.size), label="Draw a box (the output's shape)",
-                                        type="pil", sources=[], layers=False, height=260, transforms=[],
-                                        elem_id=f"subject-{i + 1}-region-canvas",
-                                        brush=gr.Brush(colors=[REGION_COLORS[i % len(REGION_COLORS)]],
-                                                       color_mode="fixed"))
-                                    region = gr.Textbox(label="Region (x0, y0, x1, y1)", placeholder="anywhere",
-                                                        info="A box in fractions of the output, e.g. 0, 0, 0.5, 1 = "
-                                                             "the left half. Drawing fills it in; typed text wins.",
-                                                        elem_id=f"subject-{i + 1}-region")
-                            # input: the user's strokes (a canvas with a value from the start sends no change
-                            # for them); a canvas remade for a new output size leaves the field alone
-                            canvas.input(_canvas_region, canvas, region, trigger_mode="always_last",
-                                         show_progress="hidden")
-                            canvases.append(canvas)
-                            mask_note = gr.Markdown(elem_id=f"subject-{i + 1}-mask-note")
-                            # open: an editor that receives its image while folded away never reports its strokes
-                            with gr.Accordion("Replace the mask: draw over the subject or upload one", open=True,
-                                              elem_id=f"subject-{i + 1}-mask-editor"):
-                                with gr.Tab("Draw"):
-                                    drawn = LimitedEditor(label="Paint over the subject (the brush is selected)",
-                                                           type="pil", sources=[], layers=False, height=300,
-                                                           transforms=[], elem_id=f"subject-{i + 1}-draw",
-                                                           brush=gr.Brush(colors=["#ff0000"], color_mode="fixed"))
-                                with gr.Tab("Upload"):
-                                    mask = UploadImage(label="Mask (white = subject, same size as the image)",
-                                                       type="filepath", image_mode=None, sources=["upload"], height=200,
-                                                       elem_id=f"subject-{i + 1}-mask")
-                            def on_new_image(request: gr.Request, path):
-                                kept.claim(request, path)
-                                return kept.as_files(request, editor_background(path))
-
-                            image.change(on_new_image,
-                                         image, drawn, queue=False).then(
-                                None, None, None, js=SELECT_BRUSH_JS % f"subject-{i + 1}-draw")
-
-                            def on_mask_inputs(request: gr.Request, img, msk, drw, index=i):
-                                kept.claim(request, img, msk)
-                                try:
-                                    return kept.as_files(request, mask_preview(SubjectSlot(img, msk, drw), segmenter,
-                                                                               index))
-                                except USER_ERRORS as e:
-                                    return None, f"Mask: {e}"
-
-                            # a new image clears the strokes: its preview needs no editor value. The editor's own
-                            # change events (strokes, and the new image arriving) may meet a half-rewritten upload
-                            # when several slots load at once (an example): those fail quietly, the next one shows
-                            def on_image_mask(request: gr.Request, img, msk, index=i):
-                                return on_mask_inputs(request, img, msk, None, index)
-
-                            image.change(on_image_mask, [image, mask],
-                                         [mask_view, mask_note], trigger_mode="always_last")
-                            for source in (drawn, mask):
-                                source.change(on_mask_inputs, [image, mask, drawn], [mask_view, mask_note],
-                                              trigger_mode="always_last", show_progress="hidden")
-                        groups.append(group)
-                        slot_inputs += [image, mask, drawn, name, scale, ref_scale, region, canvas]
-                    with gr.Row():
-                        add_btn = gr.Button("+ Add subject", size="sm", elem_id="add-subject")
-                        remove_btn = gr.Button("- Remove last subject", size="sm", elem_id="remove-subject")
-                    limit_note = f"Subject limit reached: this model takes at most {n_slots} subjects per image."
-
-                    def _add(c):
-                        if subject_count(c, n_slots) >= n_slots:
-                            gr.Info(limit_note, title="Subject limit")
-                        return min(n_slots, subject_count(c, n_slots) + 1)
-
-                    def _show(c):
-                        c = subject_count(c, n_slots)
-                        at_limit = c >= n_slots
-                        return [gr.Group(visible=i < c) for i in range(n_slots)] + [
-                            gr.Button(f"Limit: {n_slots} subjects" if at_limit else "+ Add subject")]
-
-                    add_btn.click(_add, count, count)
-                    remove_btn.click(lambda c: max(1, subject_count(c, n_slots) - 1), count, count, queue=False)
-                    count.change(_show, count, groups + [add_btn], queue=False)
-
-                    prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
-                                        placeholder="e.g. a red striped star and a blue dotted moon on sand")
-                    negative = gr.Textbox(label="Negative prompt", lines=1)
-                    with gr.Accordion("Settings", open=False, elem_id="settings"):
-                        seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, minimum=-1, maximum=MAX_SEED,
-                                         elem_id="seed", info="The same seed and settings give the same image.")
-                        steps = gr.Slider(1, 100, value=d.steps, step=1, label="Steps", info=SLIDER_HELP["steps"])
-                        guidance = gr.Slider(0.0, 15.0, value=d.guidance, step=0.1, label="Guidance",
-                                             info=SLIDER_HELP["guidance"])
-                        width = gr.Slider(d.min_size, d.max_size, value=d.size, step=d.size_step, label="Width",
-                                          info=SLIDER_HELP["width"])
-                        height = gr.Slider(d.min_size, d.max_size, value=d.size, step=d.size_step, label="Height",
-                                           info=SLIDER_HELP["height"])
-                        num_images = gr.Slider(1, 4, value=1, step=1, label="Images", info=SLIDER_HELP["num_images"])
-                    for field in (count, seed, steps, guidance, width, height, num_images):
-                        raw_number(field)  # a bad value reaches the app's checks, which name the field
-                    run_btn = gr.Button("Generate", variant="primary", elem_id="generate")
-
-                    def _reshape(w, h, *values):
-                        """The region canvases follow the output's shape, their strokes scaled along."""
-                        return [region_canvas(w, h, v) for v in values]
-
-                    for size in (width, height):
-                        reshaped = size.change(_reshape, [width, height] + canvases, canvases,
-                                               trigger_mode="always_last", show_progress="hidden")
-                        for k in range(n_slots):
-                            reshaped = reshaped.then(None, None, None, js=SELECT_BRUSH_JS % f"subject-{k + 1}-region-canvas")
-                    for k in range(n_slots):  # drawing works straight away, as on the mask editor
-                        demo.load(None, None, None, js=SELECT_BRUSH_JS % f"subject-{k + 1}-region-canvas")
-                with gr.Column(scale=2):
-                    run_progress = gr.HTML(elem_id="run-progress")
-                    gallery = gr.Gallery(label="Output", columns=2, object_fit="contain", format="png",
-                                         elem_id="output-gallery")
-                    info = gr.Markdown(elem_id="run-info")
-                    routing = gr.Gallery(label="Routing: all subjects, then each subject alone, then the map",
-                                         columns=3, object_fit="contain", format="png", elem_id="routing-gallery")
-                    legend = gr.HTML(elem_id="routing-legend")
-                    files = gr.File(label="Download (PNG)", file_count="multiple", interactive=False, elem_id="downloads")
-
-            @gpu
-            def on_generate(request: gr.Request, c, prompt_text, negative_text, seed_v, steps_v, guidance_v, width_v,
-                            height_v, num_v, *slot_values):
-                """A generator: the stage and this run's ETA stream into #run-progress while the model runs. The
-                session's job from the first line to the last (the queue admits no other meanwhile)."""
-                cancel = jobs.start(request)
-                try:
-                    yield from run_generate(request, cancel, c, prompt_text, negative_text, seed_v, steps_v,
-                                            guidance_v, width_v, height_v, num_v, *slot_values)
-                finally:  # done, failed, or closed by Gradio for a client that went away
-                    jobs.finish(request, cancel)
-
-            def run_generate(request, cancel, c, prompt_text, negative_text, seed_v, steps_v, guidance_v, width_v,
-                             height_v, num_v, *slot_values):
-                kept.claim(request, *slot_values)
-                try:
-                    slots = generate_tab.slots_from_values(slot_values)[: check_number(c or 1, "Subjects", 1, n_slots,
-                                                                                       integer=True)]
-                except USER_ERRORS as e:
-                    yield _refuse(e, 7)
-                    return
-                out_dir = kept.folder(request)
-
-                def work(tracker):
-                    return generate_tab.run_generation(
-                        handle, StagedSegmenter(segmenter, tracker), slots, prompt_text, negative_text, seed_v, steps_v,
-                        guidance_v, width_v, height_v, num_v, progress=tracker.step,
-                        out_dir=out_dir)
-
-                yield [gr.skip()] * 6 + [Status("starting", "", 0.0).html()]
-                try:
-                    for item in follow(work, cancel):
-                        if isinstance(item, Status):
-                            yield [gr.skip()] * 6 + [item.html()]
-                        else:
-                            result = item[1]
-                except Cancelled:  # the session ended: there is no one to tell
-                    return
-                except Exception as e:  # the user's mistake or advice, else a bug: both keep earlier results
-                    told = _refuse(e, 6) if isinstance(e, USER_ERRORS) else _report_bug(e, 6)
-                    yield told + ['<div class="anystory-progress" data-stage="stopped">Stopped: nothing was '
-                                  "generated; earlier results are kept.</div>"]
-                    return
-                yield (kept.as_files(request, captioned(result.images)), result.info + "  \n" + result.routing_note,
-                       kept.as_files(request, routing_items(result)), result.legend, result.files, segmenter.status,
-                       gr.skip())
-
-            run_btn.click(on_generate, [count, prompt, negative, seed, steps, guidance, width, height, num_images]
-                          + slot_inputs, [gallery, info, routing, legend, files, matting_status, run_progress],
-                          show_progress="hidden")
-            fields = len(generate_tab.SLOT_FIELDS)
-            ex_images = [slot_inputs[k * fields] for k in range(n_slots)]
-            gr.Examples(
-                examples=[row[: 2 + n_slots] + row[6:] for row in EXAMPLES if row[0] <= n_slots],
-                inputs=[count, slot_inputs[1]] + ex_images + [prompt, seed],
-                label="Examples: 1 to 4 subjects, each with a fixed seed (synthetic subjects of the miniature's world; "
-                      "public-domain / CC0 photos from scikit-image)", elem_id="examples")
-
+            on_generate = _generate_tab(demo, handle, segmenter, kept, jobs, matting_status)
         with gr.Tab("Storyboard"):
             gr.Markdown("Characters once, then shots. Refer to a character in a prompt as `{alias}`: it is replaced by "
                         "the description, and the character acts in that shot with its own reference. Leave a shot's "

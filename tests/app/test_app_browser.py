@@ -241,6 +241,7 @@ def test_mask_editor_opens_with_the_brush_and_every_mask_is_previewed(page):
     note = page.locator("#subject-1-mask-note")
     sync_api.expect(note).to_contain_text("Mask: automatic (alpha)", timeout=30_000)  # shown before generating
     sync_api.expect(page.locator("#subject-1-mask-preview img")).to_be_visible()
+    # the section starts folded (one screen for a newcomer); a new image opens it, then reaches the editor
     canvas = page.locator("#subject-1-draw canvas").first
     sync_api.expect(canvas).to_be_visible(timeout=10_000)
     brush = page.locator("#subject-1-draw button[aria-label=Brush]")
@@ -349,6 +350,7 @@ def test_one_click_story_example_renders_captioned_frames(page):
 
 def test_a_box_drawn_on_the_region_canvas_fills_the_region_field(page):
     """Issue 18: each subject's region drawn on a canvas of the output's shape; the drawing's box is the region."""
+    page.locator("#subject-1-region-box").get_by_text("Region (optional)").click()  # folded at first
     canvas = page.locator("#subject-1-region-canvas canvas").first
     sync_api.expect(canvas).to_be_visible(timeout=30_000)
     sync_api.expect(page.locator("#subject-1-region-canvas button[aria-label=Brush]")).to_have_class(
@@ -367,3 +369,32 @@ def test_a_box_drawn_on_the_region_canvas_fills_the_region_field(page):
     assert x_0 < 0.5 < x_1 and y_0 < 0.5 < y_1, field.input_value()  # the box around the stroke
     assert 0.1 < x_1 - x_0 < 0.9 and 0.05 < y_1 - y_0 < 0.6 and x_1 - x_0 > y_1 - y_0, field.input_value()
     page.screenshot(path=os.path.join(OUT, "app_browser_region.png"), full_page=False)
+
+
+@pytest.mark.parametrize("size", [(1280, 800), (1920, 1080)])
+def test_prompt_first_upload_generate_and_output_fit_one_screen(app, browser, size):
+    """A newcomer's first screen, no scrolling: the prompt, subject 1's upload, Generate and the output panel all
+    lie wholly (the output: its top 200 px) inside the viewport; the optional sections start folded."""
+    width, height = size
+    pg = browser.new_page(viewport={"width": width, "height": height})
+    try:
+        pg.goto(app[0])
+        pg.wait_for_selector("#generate", timeout=60_000)
+        pg.wait_for_timeout(500)
+        assert pg.evaluate("window.scrollY") == 0
+        boxes = {sel: pg.locator(sel).first.bounding_box() for sel in
+                 ("#prompt", "#subject-1-image", "#generate", "#output-gallery")}
+        pg.screenshot(path=os.path.join(OUT, f"app_browser_first_screen_{width}x{height}.png"))
+        for sel, box in boxes.items():
+            assert box is not None, f"{sel} is not shown"
+            bottom = box["y"] + (min(box["height"], 200) if sel == "#output-gallery" else box["height"])
+            assert box["x"] >= 0 and box["x"] + box["width"] <= width, f"{sel} is cut off sideways at {size}: {box}"
+            assert box["y"] >= 0 and bottom <= height, f"{sel} needs scrolling at {size}: {box}"
+        out, button = boxes["#output-gallery"], boxes["#generate"]
+        beside = out["x"] >= button["x"] + button["width"] - 1
+        under = out["y"] >= button["y"] + button["height"] - 1 and out["y"] - (button["y"] + button["height"]) < 150
+        assert beside or under, f"the output is neither beside nor right under Generate: {out} vs {button}"
+        sync_api.expect(pg.locator("#subject-1-draw")).to_be_hidden()  # the optional sections start folded
+        sync_api.expect(pg.locator("#subject-1-region-canvas")).to_be_hidden()
+    finally:
+        pg.close()
