@@ -13,13 +13,15 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 from PIL import Image
 
 import app as demo_app
 from anystory.app.environment import miniature_status
 from anystory.subjects import AlphaOrWholeImageSegmenter
-from anystory.app.visualize import PALETTE, cielab, dominant_color
+from anystory.app.colours import MIN_DISTANCE, distances
+from anystory.app.visualize import PALETTE, dominant_color
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUT = os.path.join(ROOT, "tests", "outputs")
@@ -290,7 +292,8 @@ def test_four_subjects_sharp_outputs_per_subject_overlays_contrasting_legend_and
     for path, key in zip(images, keys):
         with Image.open(path) as im:
             own = dominant_color(im, AlphaOrWholeImageSegmenter()(im))
-        assert float(((cielab(own) - cielab(key)) ** 2).sum() ** 0.5) > 40, (path, own, key)
+        assert distances([own], [key])[0, 0] >= MIN_DISTANCE, (path, own, key)  # CIEDE2000
+    assert (distances(keys, keys) + np.eye(4) * 1e9).min() >= MIN_DISTANCE, keys
     page.screenshot(path=os.path.join(OUT, "app_browser_four_subjects.png"), full_page=True)
 
     # a second run: its line starts afresh and never shows a timer carried over from the first run
