@@ -55,11 +55,17 @@ REGION_COLORS = ["#%02x%02x%02x" % c for c in PALETTE]
 
 
 EXAMPLE_STORY = os.path.join(EXAMPLES_DIR, "storyboard.yaml")
-#: Gallery captions wrap instead of being cut to one line. Gradio's own timer over the progress line is hidden: its
+#: Gallery captions sit below their picture (Gradio lays them over its bottom corner, where they hid much of a small
+#: routing map) and wrap instead of being cut to one line. Gradio's own timer over the progress line is hidden: its
 #: ETA is the average of earlier runs (any settings); the line itself gives this run's.
 CSS = """
-#story-frames .caption-label, #output-gallery .caption-label, #routing-gallery .caption-label {
-    white-space: normal; max-width: calc(100% - 2 * var(--block-label-margin)); opacity: 0.9; }
+:is(#story-frames, #output-gallery, #routing-gallery, #story-routes) .thumbnail-item {
+    display: flex; flex-direction: column; aspect-ratio: auto; height: auto; }
+:is(#story-frames, #output-gallery, #routing-gallery, #story-routes) .thumbnail-item > img {
+    aspect-ratio: 1; height: auto; min-height: 0; flex: none; }
+:is(#story-frames, #output-gallery, #routing-gallery, #story-routes) .caption-label {
+    position: static; white-space: normal; max-width: 100%; border: none; border-radius: 0;
+    border-top: 1px solid var(--border-color-primary); }
 #run-progress .wrap, #story-progress .wrap { display: none !important; }
 """
 #: The editor selects its crop tool whenever it receives an image, so strokes did nothing until the user found the
@@ -361,6 +367,8 @@ def _generate_handler(handle: ModelHandle, segmenter, kept: SessionFiles, jobs: 
             yield told + ['<div class="anystory-progress" data-stage="stopped">Stopped: nothing was '
                           "generated; earlier results are kept.</div>"]
             return
+        # the galleries empty first: none of their thumbnails keeps a picture of the previous run while this one's load
+        yield [], gr.skip(), [], "", gr.skip(), gr.skip(), gr.skip()
         yield (kept.as_files(request, captioned(result.images)), result.info + "  \n" + result.routing_note,
                kept.as_files(request, routing_items(result)), result.legend, result.files, segmenter.status, gr.skip())
 
@@ -429,7 +437,8 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
             story_progress = gr.HTML(elem_id="story-progress")
             frames = gr.Gallery(label="Frames (captioned with their shot)", columns=3, object_fit="contain",
                                 format="png", elem_id="story-frames")
-            frame_routes = gr.Gallery(label="Routing per frame", columns=3, object_fit="contain", format="png")
+            frame_routes = gr.Gallery(label="Routing per frame", columns=3, object_fit="contain", format="png",
+                                      elem_id="story-routes")
             story_legend = gr.HTML()
 
             def on_import(request: gr.Request, path):

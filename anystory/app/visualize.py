@@ -84,7 +84,10 @@ def legend_html(names: Sequence[str], shares: Optional[Sequence[float]] = None,
                      f'<span style="display:inline-block;width:1em;height:1em;margin-right:.35em;'
                      f'background:rgb({r},{g},{b});border:1px solid #0006"></span>{label}</span>')
     if shares is not None and len(shares) > len(names):
-        items.append(f"<span>uncoloured: background &mdash; {100 * shares[len(names)]:.0f}%</span>")
+        items.append('<span class="anystory-legend-item anystory-legend-background" style="display:inline-flex;'
+                     'align-items:center;margin-right:1em"><span style="display:inline-block;width:1em;height:1em;'
+                     'margin-right:.35em;border:1px dashed #0006"></span>'
+                     f"uncoloured: background &mdash; {100 * shares[len(names)]:.0f}%</span>")
     return '<div class="anystory-legend">' + "".join(items) + "</div>"
 
 

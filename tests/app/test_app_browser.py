@@ -401,3 +401,36 @@ def test_prompt_first_upload_generate_and_output_fit_one_screen(app, browser, si
         sync_api.expect(pg.locator("#subject-1-region-canvas")).to_be_hidden()
     finally:
         pg.close()
+
+
+def _gallery_srcs(page, selector):
+    return page.locator(f"{selector} img").evaluate_all("els => els.map(e => e.getAttribute('src'))")
+
+
+def test_a_finished_run_shows_only_its_own_pictures_with_captions_below_them(page):
+    """Two runs in a row: once the second says done, every output and routing thumbnail is one of its own (none of
+    the first run's files), each decoded, and each caption lies below its picture, not over it."""
+    page.locator("#settings").get_by_text("Settings").click()
+    page.locator("#seed input").fill("1")
+    _generate_one(page)
+    sync_api.expect(page.locator("#run-progress")).to_contain_text("done", timeout=60_000)
+    first = set(_gallery_srcs(page, "#output-gallery") + _gallery_srcs(page, "#routing-gallery"))
+    assert first
+    page.locator("#seed input").fill("2")
+    page.locator("#prompt textarea").fill("a red striped star on snow")
+    page.click("#generate")
+    page.wait_for_function("() => document.querySelector('#run-info').innerText.match(/Seed\\D*2\\b/)",
+                           timeout=240_000)
+    for selector in ("#output-gallery", "#routing-gallery"):
+        imgs = page.locator(f"{selector} img")
+        assert imgs.count() > 0
+        for k in range(imgs.count()):
+            _loaded(imgs.nth(k))
+            assert imgs.nth(k).evaluate("el => el.naturalWidth") > 0
+        srcs = _gallery_srcs(page, selector)
+        assert not first & set(srcs), f"{selector} still shows the first run's pictures"
+    items = page.locator("#routing-gallery .thumbnail-item")
+    for k in range(items.count()):
+        img, caption = items.nth(k).locator("img").bounding_box(), items.nth(k).locator(".caption-label").bounding_box()
+        assert caption["y"] >= img["y"] + img["height"] - 1, (k, img, caption)  # below the map, not over it
+    page.screenshot(path=os.path.join(OUT, "app_browser_second_run.png"), full_page=True)
