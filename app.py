@@ -123,19 +123,27 @@ def _canvas_region(value):
     return gr.skip() if text is None else text
 
 
-def _refuse(error: Exception, n_outputs: int, title: str = "Cannot generate"):
-    """Show the problem and leave every output as it was (a raised gr.Error would cover earlier results)."""
+def _refuse(error: Exception, n_outputs: int, title: str = "Cannot generate", status_at: int | None = None):
+    """Show the problem and leave every output as it was (a raised gr.Error would cover earlier results); with
+    ``status_at``, that output (a status line) says it too, so it stays on the page after the toast is closed."""
     gr.Warning(str(error), title=title, duration=None)
-    return gr.skip() if n_outputs == 1 else [gr.skip()] * n_outputs
+    return _with_status([gr.skip()] * n_outputs, status_at, f"**{title}:** {error}")
 
 
-def _report_bug(error: Exception, n_outputs: int):
+def _report_bug(error: Exception, n_outputs: int, status_at: int | None = None):
     """A programming error: logged with its traceback, said to be a bug (not the user's input), outputs kept."""
     ref = secrets.token_hex(4)  # the page shows no server internals (paths, values): the log has them under this
     LOG.error("internal error %s while serving a request", ref, exc_info=error)
-    gr.Warning(f"This is a bug in AnyStory, not a problem with your input ({type(error).__name__}, reference {ref}). "
-               "Earlier results are kept; the details are in the server log.", title="Internal error", duration=None)
-    return gr.skip() if n_outputs == 1 else [gr.skip()] * n_outputs
+    message = (f"This is a bug in AnyStory, not a problem with your input ({type(error).__name__}, reference {ref}). "
+               "Earlier results are kept; the details are in the server log.")
+    gr.Warning(message, title="Internal error", duration=None)
+    return _with_status([gr.skip()] * n_outputs, status_at, f"**Internal error:** {message}")
+
+
+def _with_status(outputs: list, status_at: int | None, text: str):
+    if status_at is not None:
+        outputs[status_at] = text
+    return outputs[0] if len(outputs) == 1 else outputs
 
 
 def _subject_slot(i: int, visible: bool, d, kept: SessionFiles, segmenter) -> tuple:
@@ -375,6 +383,24 @@ def _generate_handler(handle: ModelHandle, segmenter, kept: SessionFiles, jobs: 
     return on_generate
 
 
+def _shot_table():
+    """The shots, one row each, with its own "Add shot" / "Remove last shot" buttons: the table's columns are fixed
+    (no column can be added or deleted), rows come and go only through the buttons' clear names."""
+    n = len(storyboard_tab.SHOT_COLUMNS)
+    # (n, "fixed"): the page's table then offers no column insert/delete (Gradio's column_limits is a no-op yet)
+    shots = gr.Dataframe(headers=list(storyboard_tab.SHOT_COLUMNS), datatype=["str"] * n, column_count=(n, "fixed"),
+                         value=[[""] * n for _ in range(3)], row_count=3,
+                         label="Shots (characters: comma-separated aliases, optional; regions: optional, "
+                               "'alias: x0, y0, x1, y1' in fractions of the frame, ';' between characters)",
+                         interactive=True, elem_id="shots")
+    with gr.Row():
+        add = gr.Button("+ Add shot", size="sm", elem_id="add-shot")
+        remove = gr.Button("- Remove last shot", size="sm", elem_id="remove-shot")
+    add.click(storyboard_tab.add_shot, shots, shots, queue=False)
+    remove.click(storyboard_tab.remove_shot, shots, shots, queue=False)
+    return shots
+
+
 def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: str | None = None,
                kept: SessionFiles | None = None, jobs: SessionJobs | None = None) -> gr.Blocks:
     """The whole UI around an already loaded model. ``kept``: where each session's files go and when they are
@@ -414,11 +440,7 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                                               sources=["upload", "clipboard"], height=160, elem_id=f"char-{i + 1}-ref")
                             ref.upload(on_reference, ref, None, queue=False, show_progress="hidden")
                             char_inputs += [alias, desc, ref]
-            shots = gr.Dataframe(headers=list(storyboard_tab.SHOT_COLUMNS), datatype=["str", "str", "str"],
-                                 column_count=len(storyboard_tab.SHOT_COLUMNS), row_count=3,
-                                 label="Shots (characters: comma-separated aliases, optional; regions: optional, "
-                                       "'alias: x0, y0, x1, y1' in fractions of the frame, ';' between characters)",
-                                 interactive=True, elem_id="shots")
+            shots = _shot_table()
             with gr.Row():
                 story_title = gr.Textbox(label="Title")
                 story_seed = gr.Number(-1, label="Story seed (-1 = random, one seed for all shots)", precision=0,
@@ -449,7 +471,7 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                     script, missing = import_script(path, kept.folder(request))
                     values, rows = storyboard_tab.ui_from_script(script)
                 except USER_ERRORS as e:
-                    return _refuse(e, len(char_inputs) + 5, "Import failed")
+                    return _refuse(e, len(char_inputs) + 5, "Import failed", status_at=-1)
                 note = f"Imported '{script.title or os.path.basename(path)}': {len(script.characters)} characters, " \
                        f"{len(script.shots)} shots."
                 if missing:
@@ -478,11 +500,12 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                 kept.claim(request, *values)
                 try:
                     script = storyboard_tab.script_from_ui(values, rows, title, _settings(seed_v, steps_v))
-                    return storyboard_tab.export_script_files(script, kept.folder(request))
+                    return storyboard_tab.export_script_files(script, kept.folder(request)), ""
                 except USER_ERRORS as e:
-                    return _refuse(e, 1, "Cannot export")
+                    return _refuse(e, 2, "Cannot export", status_at=1)
 
-            export_btn.click(on_export, [story_title, shots, story_seed, story_steps] + char_inputs, script_files)
+            export_btn.click(on_export, [story_title, shots, story_seed, story_steps] + char_inputs,
+                             [script_files, story_status])
 
             @gpu
             def on_storyboard(request: gr.Request, title, rows, seed_v, steps_v, *values):
@@ -500,7 +523,7 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                 try:
                     script = storyboard_tab.script_from_ui(values, rows, title, _settings(seed_v, steps_v))
                 except USER_ERRORS as e:
-                    yield _refuse(e, 5)
+                    yield _refuse(e, 5, "Cannot generate the storyboard", status_at=2)
                     return
                 made = []  # appended by the worker thread, read here
                 out_dir = kept.folder(request)
@@ -533,7 +556,8 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
                     return
                 except Exception as e:  # the user's mistake or advice, else a bug: both keep the frames made
                     new_frames()
-                    told = _refuse(e, 4) if isinstance(e, USER_ERRORS) else _report_bug(e, 4)
+                    told = (_refuse(e, 4, "Cannot generate the storyboard", status_at=2) if isinstance(e, USER_ERRORS)
+                            else _report_bug(e, 4, status_at=2))
                     stopped = '<div class="anystory-progress" data-stage="stopped">Stopped.</div>'
                     if shown:
                         yield shown, routes, f"Stopped after {len(shown)} frame(s): {e}", legend_text, stopped

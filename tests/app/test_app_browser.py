@@ -434,3 +434,27 @@ def test_a_finished_run_shows_only_its_own_pictures_with_captions_below_them(pag
         img, caption = items.nth(k).locator("img").bounding_box(), items.nth(k).locator(".caption-label").bounding_box()
         assert caption["y"] >= img["y"] + img["height"] - 1, (k, img, caption)  # below the map, not over it
     page.screenshot(path=os.path.join(OUT, "app_browser_second_run.png"), full_page=True)
+
+
+def test_storyboard_add_and_remove_shot_and_no_column_menu(page):
+    """Shots come and go with the named buttons; the cell menu offers no column insert or delete."""
+    page.get_by_role("tab", name="Storyboard").click()
+    rows = page.locator("#shots [role=row].virtual-row")
+    sync_api.expect(rows).to_have_count(3, timeout=10_000)
+    page.locator("#shots [data-testid=cell-0-0]").dblclick()
+    page.keyboard.type("{star} on sand")
+    page.keyboard.press("Enter")
+    page.click("#add-shot")
+    sync_api.expect(rows).to_have_count(4, timeout=10_000)
+    page.click("#add-shot")
+    sync_api.expect(rows).to_have_count(5, timeout=10_000)
+    sync_api.expect(page.locator("#shots [data-testid=cell-0-0]")).to_contain_text("{star} on sand")  # kept
+    page.click("#remove-shot")
+    sync_api.expect(rows).to_have_count(4, timeout=10_000)
+    page.locator("#shots [data-testid=cell-0-1]").click(button="right")
+    page.wait_for_timeout(500)
+    sync_api.expect(page.get_by_text("Add column", exact=False)).to_have_count(0)
+    sync_api.expect(page.get_by_text("Delete column", exact=False)).to_have_count(0)
+    page.keyboard.press("Escape")
+    page.click("#generate-storyboard")  # an empty story: the status line says so, not only the toast
+    sync_api.expect(page.locator("#story-status")).to_contain_text("Cannot generate the storyboard", timeout=30_000)
