@@ -12,6 +12,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+from types import SimpleNamespace
 
 import gradio as gr
 
@@ -401,6 +402,182 @@ def _shot_table():
     return shots
 
 
+
+def _story_settings(seed_v, steps_v) -> dict:
+    """The form's story seed and steps as sent (the script's rules name a bad one); -1 is "random"."""
+    return {"seed": None if random_seed(seed_v) else seed_v, "steps": steps_v}
+
+
+def _story_form(d, kept: SessionFiles) -> SimpleNamespace:
+    """The Storyboard tab's fields: characters, shots, title, seed, steps, buttons and what shows the results."""
+    gr.Markdown("Characters once, then shots. Refer to a character in a prompt as `{alias}`: it is replaced by "
+                "the description, and the character acts in that shot with its own reference. Leave a shot's "
+                "*characters* empty to use those named in its prompt. One seed for the whole story keeps the "
+                "characters consistent.")
+
+    def on_reference(request: gr.Request, path):
+        """A character's reference is the session's as soon as it is uploaded (deleted with the session)."""
+        kept.claim(request, path)
+
+    char_inputs = []
+    for row in range(0, storyboard_tab.STORY_SLOTS, 3):
+        with gr.Row():
+            for i in range(row, min(row + 3, storyboard_tab.STORY_SLOTS)):
+                with gr.Column(min_width=200):
+                    alias = gr.Textbox(label=f"Character {i + 1}: alias", elem_id=f"char-{i + 1}-alias")
+                    desc = gr.Textbox(label="Description", placeholder="e.g. a ginger cat")
+                    ref = UploadImage(label="Reference", type="filepath", image_mode=None,
+                                      sources=["upload", "clipboard"], height=160, elem_id=f"char-{i + 1}-ref")
+                    ref.upload(on_reference, ref, None, queue=False, show_progress="hidden")
+                    char_inputs += [alias, desc, ref]
+    shots = _shot_table()
+    with gr.Row():
+        story_title = gr.Textbox(label="Title")
+        story_seed = gr.Number(-1, label="Story seed (-1 = random, one seed for all shots)", precision=0,
+                               minimum=-1, maximum=MAX_SEED)
+        story_steps = gr.Slider(1, 100, value=d.steps, step=1, label="Steps", info=SLIDER_HELP["story_steps"])
+        raw_number(story_seed), raw_number(story_steps)
+    with gr.Row():
+        story_btn = gr.Button("Generate storyboard", variant="primary", elem_id="generate-storyboard")
+        example_btn = gr.Button("Load the example story (references included)", elem_id="story-example")
+        export_btn = gr.Button("Export script")
+    with gr.Row():
+        script_upload = gr.File(label="Import script (.yaml, .yml, .json, or a .zip bundle with images)",
+                                file_types=[".yaml", ".yml", ".json", ".zip"], elem_id="import-script")
+        script_files = gr.File(label="Exported script", file_count="multiple", interactive=False)
+    story_status = gr.Markdown(elem_id="story-status")
+    story_progress = gr.HTML(elem_id="story-progress")
+    frames = gr.Gallery(label="Frames (captioned with their shot)", columns=3, object_fit="contain",
+                        format="png", elem_id="story-frames")
+    frame_routes = gr.Gallery(label="Routing per frame", columns=3, object_fit="contain", format="png",
+                              elem_id="story-routes")
+    story_legend = gr.HTML()
+    return SimpleNamespace(char_inputs=char_inputs, shots=shots, title=story_title, seed=story_seed,
+                           steps=story_steps, run_btn=story_btn, example_btn=example_btn, export_btn=export_btn,
+                           upload=script_upload, exported=script_files, status=story_status,
+                           progress=story_progress, frames=frames, routes=frame_routes, legend=story_legend)
+
+
+def _story_import(f: SimpleNamespace, kept: SessionFiles, d) -> None:
+    """Import (an upload, or the shipped example) fills the form; what the page cannot use is named."""
+    char_inputs = f.char_inputs
+
+    def on_import(request: gr.Request, path):
+        if not path:
+            return [gr.update()] * (len(char_inputs) + 5)
+        kept.claim(request, path)
+        try:
+            script, missing = import_script(path, kept.folder(request))
+            values, rows = storyboard_tab.ui_from_script(script)
+        except USER_ERRORS as e:
+            return _refuse(e, len(char_inputs) + 5, "Import failed", status_at=-1)
+        note = f"Imported '{script.title or os.path.basename(path)}': {len(script.characters)} characters, " \
+               f"{len(script.shots)} shots."
+        if missing:
+            note += " Upload the reference image for: " + ", ".join(missing) + "."
+        unused = storyboard_tab.unused_fields(script)
+        if unused:
+            note += (" This page has no field for, and will not use: " + ", ".join(unused[:12])
+                     + (f" and {len(unused) - 12} more" if len(unused) > 12 else "") + ".")
+        return values + [rows, script.title, script.settings.get("seed", -1),
+                         script.settings.get("steps") or d.steps, note]
+
+    story_fields = char_inputs + [f.shots, f.title, f.seed, f.steps, f.status]
+    f.upload.upload(on_import, f.upload, story_fields)
+    # the shipped script is read where it lies, so its relative reference paths resolve (an upload of the
+    # bare YAML cannot carry its images: that is what the exported .zip bundle is for)
+    def on_example(request: gr.Request):
+        return on_import(request, EXAMPLE_STORY)
+
+    f.example_btn.click(on_example, None, story_fields)
+
+
+def _story_export(f: SimpleNamespace, kept: SessionFiles) -> None:
+    """Export: the form as script.yaml, script.json and a .zip bundle with the references."""
+    def on_export(request: gr.Request, title, rows, seed_v, steps_v, *values):
+        kept.claim(request, *values)
+        try:
+            script = storyboard_tab.script_from_ui(values, rows, title, _story_settings(seed_v, steps_v))
+            return storyboard_tab.export_script_files(script, kept.folder(request)), ""
+        except USER_ERRORS as e:
+            return _refuse(e, 2, "Cannot export", status_at=1)
+
+    f.export_btn.click(on_export, [f.title, f.shots, f.seed, f.steps] + f.char_inputs, [f.exported, f.status])
+
+
+def _storyboard_handler(handle: ModelHandle, segmenter, kept: SessionFiles, jobs: SessionJobs):
+    """The Generate storyboard button's handler: frames appear as they are made."""
+    @gpu
+    def on_storyboard(request: gr.Request, title, rows, seed_v, steps_v, *values):
+        """A generator: frames appear as they are made, the stage and ETA stream into #story-progress. The
+        session's job from the first line to the last."""
+        cancel = jobs.start(request)
+        try:
+            yield from run_storyboard(request, cancel, title, rows, seed_v, steps_v, *values)
+        finally:
+            jobs.finish(request, cancel)
+
+    def run_storyboard(request, cancel, title, rows, seed_v, steps_v, *values):
+        kept.claim(request, *values)
+        shown, routes, legend_text = [], [], ""
+        try:
+            script = storyboard_tab.script_from_ui(values, rows, title, _story_settings(seed_v, steps_v))
+        except USER_ERRORS as e:
+            yield _refuse(e, 5, "Cannot generate the storyboard", status_at=2)
+            return
+        made = []  # appended by the worker thread, read here
+        out_dir = kept.folder(request)
+
+        def work(tracker):
+            tracker.label = f"frame 1/{len(script.shots)}"
+            for frame in storyboard_run.storyboard_frames(
+                    handle, StagedSegmenter(segmenter, tracker), script, seed_v, steps_v,
+                    progress=tracker.step, out_dir=out_dir):
+                made.append(frame)
+                tracker.label = f"frame {min(len(made) + 1, len(script.shots))}/{len(script.shots)}"
+
+        def new_frames():
+            nonlocal legend_text
+            while len(shown) < len(made):
+                image, overlays = kept.as_files(request, frame_items(made[len(shown)]))
+                shown.extend(image)
+                routes.extend(overlays)
+                legend_text = storyboard_run.story_legend(script)
+            return f"{len(shown)} of {len(script.shots)} frames, seed {made[-1].seed}." if made else gr.skip()
+
+        try:
+            for item in follow(work, cancel):
+                status = item.html() if isinstance(item, Status) else gr.skip()
+                if len(shown) < len(made):
+                    yield shown, routes, new_frames(), legend_text, status
+                else:
+                    yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), status
+        except Cancelled:  # the session ended: there is no one to tell
+            return
+        except Exception as e:  # the user's mistake or advice, else a bug: both keep the frames made
+            new_frames()
+            told = (_refuse(e, 4, "Cannot generate the storyboard", status_at=2) if isinstance(e, USER_ERRORS)
+                    else _report_bug(e, 4, status_at=2))
+            stopped = '<div class="anystory-progress" data-stage="stopped">Stopped.</div>'
+            if shown:
+                yield shown, routes, f"Stopped after {len(shown)} frame(s): {e}", legend_text, stopped
+                return
+            yield told + [stopped]
+
+    return on_storyboard
+
+
+def _storyboard_tab(handle: ModelHandle, segmenter, kept: SessionFiles, jobs: SessionJobs):
+    """Characters once, then shots; returns the heavy handler."""
+    f = _story_form(handle.defaults, kept)
+    _story_import(f, kept, handle.defaults)
+    _story_export(f, kept)
+    on_storyboard = _storyboard_handler(handle, segmenter, kept, jobs)
+    f.run_btn.click(on_storyboard, [f.title, f.shots, f.seed, f.steps] + f.char_inputs,
+                    [f.frames, f.routes, f.status, f.legend, f.progress], show_progress="hidden")
+    return on_storyboard
+
+
 def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: str | None = None,
                kept: SessionFiles | None = None, jobs: SessionJobs | None = None) -> gr.Blocks:
     """The whole UI around an already loaded model. ``kept``: where each session's files go and when they are
@@ -421,151 +598,7 @@ def build_demo(handle: ModelHandle, segmenter: LazyBiRefNetSegmenter, out_root: 
         with gr.Tab("Generate"):
             on_generate = _generate_tab(demo, handle, segmenter, kept, jobs, matting_status)
         with gr.Tab("Storyboard"):
-            gr.Markdown("Characters once, then shots. Refer to a character in a prompt as `{alias}`: it is replaced by "
-                        "the description, and the character acts in that shot with its own reference. Leave a shot's "
-                        "*characters* empty to use those named in its prompt. One seed for the whole story keeps the "
-                        "characters consistent.")
-            def on_reference(request: gr.Request, path):
-                """A character's reference is the session's as soon as it is uploaded (deleted with the session)."""
-                kept.claim(request, path)
-
-            char_inputs = []
-            for row in range(0, storyboard_tab.STORY_SLOTS, 3):
-                with gr.Row():
-                    for i in range(row, min(row + 3, storyboard_tab.STORY_SLOTS)):
-                        with gr.Column(min_width=200):
-                            alias = gr.Textbox(label=f"Character {i + 1}: alias", elem_id=f"char-{i + 1}-alias")
-                            desc = gr.Textbox(label="Description", placeholder="e.g. a ginger cat")
-                            ref = UploadImage(label="Reference", type="filepath", image_mode=None,
-                                              sources=["upload", "clipboard"], height=160, elem_id=f"char-{i + 1}-ref")
-                            ref.upload(on_reference, ref, None, queue=False, show_progress="hidden")
-                            char_inputs += [alias, desc, ref]
-            shots = _shot_table()
-            with gr.Row():
-                story_title = gr.Textbox(label="Title")
-                story_seed = gr.Number(-1, label="Story seed (-1 = random, one seed for all shots)", precision=0,
-                                       minimum=-1, maximum=MAX_SEED)
-                story_steps = gr.Slider(1, 100, value=d.steps, step=1, label="Steps", info=SLIDER_HELP["story_steps"])
-                raw_number(story_seed), raw_number(story_steps)
-            with gr.Row():
-                story_btn = gr.Button("Generate storyboard", variant="primary", elem_id="generate-storyboard")
-                example_btn = gr.Button("Load the example story (references included)", elem_id="story-example")
-                export_btn = gr.Button("Export script")
-            with gr.Row():
-                script_upload = gr.File(label="Import script (.yaml, .yml, .json, or a .zip bundle with images)",
-                                        file_types=[".yaml", ".yml", ".json", ".zip"], elem_id="import-script")
-                script_files = gr.File(label="Exported script", file_count="multiple", interactive=False)
-            story_status = gr.Markdown(elem_id="story-status")
-            story_progress = gr.HTML(elem_id="story-progress")
-            frames = gr.Gallery(label="Frames (captioned with their shot)", columns=3, object_fit="contain",
-                                format="png", elem_id="story-frames")
-            frame_routes = gr.Gallery(label="Routing per frame", columns=3, object_fit="contain", format="png",
-                                      elem_id="story-routes")
-            story_legend = gr.HTML()
-
-            def on_import(request: gr.Request, path):
-                if not path:
-                    return [gr.update()] * (len(char_inputs) + 5)
-                kept.claim(request, path)
-                try:
-                    script, missing = import_script(path, kept.folder(request))
-                    values, rows = storyboard_tab.ui_from_script(script)
-                except USER_ERRORS as e:
-                    return _refuse(e, len(char_inputs) + 5, "Import failed", status_at=-1)
-                note = f"Imported '{script.title or os.path.basename(path)}': {len(script.characters)} characters, " \
-                       f"{len(script.shots)} shots."
-                if missing:
-                    note += " Upload the reference image for: " + ", ".join(missing) + "."
-                unused = storyboard_tab.unused_fields(script)
-                if unused:
-                    note += (" This page has no field for, and will not use: " + ", ".join(unused[:12])
-                             + (f" and {len(unused) - 12} more" if len(unused) > 12 else "") + ".")
-                return values + [rows, script.title, script.settings.get("seed", -1),
-                                 script.settings.get("steps") or d.steps, note]
-
-            story_fields = char_inputs + [shots, story_title, story_seed, story_steps, story_status]
-            script_upload.upload(on_import, script_upload, story_fields)
-            # the shipped script is read where it lies, so its relative reference paths resolve (an upload of the
-            # bare YAML cannot carry its images: that is what the exported .zip bundle is for)
-            def on_example(request: gr.Request):
-                return on_import(request, EXAMPLE_STORY)
-
-            example_btn.click(on_example, None, story_fields)
-
-            def _settings(seed_v, steps_v):
-                """The form's story seed and steps as sent (the script's rules name a bad one); -1 is "random"."""
-                return {"seed": None if random_seed(seed_v) else seed_v, "steps": steps_v}
-
-            def on_export(request: gr.Request, title, rows, seed_v, steps_v, *values):
-                kept.claim(request, *values)
-                try:
-                    script = storyboard_tab.script_from_ui(values, rows, title, _settings(seed_v, steps_v))
-                    return storyboard_tab.export_script_files(script, kept.folder(request)), ""
-                except USER_ERRORS as e:
-                    return _refuse(e, 2, "Cannot export", status_at=1)
-
-            export_btn.click(on_export, [story_title, shots, story_seed, story_steps] + char_inputs,
-                             [script_files, story_status])
-
-            @gpu
-            def on_storyboard(request: gr.Request, title, rows, seed_v, steps_v, *values):
-                """A generator: frames appear as they are made, the stage and ETA stream into #story-progress. The
-                session's job from the first line to the last."""
-                cancel = jobs.start(request)
-                try:
-                    yield from run_storyboard(request, cancel, title, rows, seed_v, steps_v, *values)
-                finally:
-                    jobs.finish(request, cancel)
-
-            def run_storyboard(request, cancel, title, rows, seed_v, steps_v, *values):
-                kept.claim(request, *values)
-                shown, routes, legend_text = [], [], ""
-                try:
-                    script = storyboard_tab.script_from_ui(values, rows, title, _settings(seed_v, steps_v))
-                except USER_ERRORS as e:
-                    yield _refuse(e, 5, "Cannot generate the storyboard", status_at=2)
-                    return
-                made = []  # appended by the worker thread, read here
-                out_dir = kept.folder(request)
-
-                def work(tracker):
-                    tracker.label = f"frame 1/{len(script.shots)}"
-                    for frame in storyboard_run.storyboard_frames(
-                            handle, StagedSegmenter(segmenter, tracker), script, seed_v, steps_v,
-                            progress=tracker.step, out_dir=out_dir):
-                        made.append(frame)
-                        tracker.label = f"frame {min(len(made) + 1, len(script.shots))}/{len(script.shots)}"
-
-                def new_frames():
-                    nonlocal legend_text
-                    while len(shown) < len(made):
-                        image, overlays = kept.as_files(request, frame_items(made[len(shown)]))
-                        shown.extend(image)
-                        routes.extend(overlays)
-                        legend_text = storyboard_run.story_legend(script)
-                    return f"{len(shown)} of {len(script.shots)} frames, seed {made[-1].seed}." if made else gr.skip()
-
-                try:
-                    for item in follow(work, cancel):
-                        status = item.html() if isinstance(item, Status) else gr.skip()
-                        if len(shown) < len(made):
-                            yield shown, routes, new_frames(), legend_text, status
-                        else:
-                            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), status
-                except Cancelled:  # the session ended: there is no one to tell
-                    return
-                except Exception as e:  # the user's mistake or advice, else a bug: both keep the frames made
-                    new_frames()
-                    told = (_refuse(e, 4, "Cannot generate the storyboard", status_at=2) if isinstance(e, USER_ERRORS)
-                            else _report_bug(e, 4, status_at=2))
-                    stopped = '<div class="anystory-progress" data-stage="stopped">Stopped.</div>'
-                    if shown:
-                        yield shown, routes, f"Stopped after {len(shown)} frame(s): {e}", legend_text, stopped
-                        return
-                    yield told + [stopped]
-
-            story_btn.click(on_storyboard, [story_title, shots, story_seed, story_steps] + char_inputs,
-                            [frames, frame_routes, story_status, story_legend, story_progress], show_progress="hidden")
+            on_storyboard = _storyboard_tab(handle, segmenter, kept, jobs)
 
         gr.Markdown(f"Uploads: PNG, JPEG, WebP, BMP or TIFF, at most {MAX_UPLOAD_MB} MB each. Subjects: at most "
                     f"{handle.max_subjects}. Masks from: uploaded or drawn, else automatic matting "
