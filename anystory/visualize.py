@@ -29,7 +29,7 @@ PALETTE: Tuple[Color, ...] = (
     (60, 180, 75),    # green
     (145, 30, 180),   # purple
     (70, 220, 220),   # cyan
-    (240, 50, 230),   # magenta
+    (220, 190, 255),  # lavender (magenta was 21 CIEDE2000 from purple)
     (128, 80, 0),     # brown
 )
 BACKGROUND_COLOR: Color = (40, 40, 40)

@@ -24,6 +24,12 @@ def _cell(row: Sequence[Any], k: int) -> str:
     return str(row[k] if len(row) > k and row[k] is not None else "").strip()
 
 
+def _rows(shot_rows: Any) -> List[List[str]]:
+    """The table's value (a DataFrame, or a list of rows) -> rows of stripped strings, one per column."""
+    rows = shot_rows.values.tolist() if hasattr(shot_rows, "values") else list(shot_rows or [])
+    return [[_cell(row, k) for k in range(len(SHOT_COLUMNS))] for row in rows]
+
+
 def parse_shot_regions(text: str, shot: int) -> Dict[str, List[float]]:
     """``"cat: 0, 0.3, 0.5, 1; dog: 0.5, 0, 1, 1"`` -> alias -> the box's numbers, unchecked: the script's own
     region rule checks them, so a bad box gets the same message wherever the script came from."""
@@ -55,10 +61,8 @@ def script_from_ui(char_values: Sequence[Any], shot_rows: Any, title: str = "", 
         if not (alias or "").strip():
             raise InputError(f"Character {i // n + 1}: give it an alias (a short name used as {{alias}} in prompts).")
         chars.append({"alias": alias.strip(), "description": description or "", "reference": reference})
-    rows = shot_rows.values.tolist() if hasattr(shot_rows, "values") else list(shot_rows or [])
     shots = []
-    for row in rows:
-        prompt, cast, regions = (_cell(row, k) for k in range(len(SHOT_COLUMNS)))
+    for prompt, cast, regions in _rows(shot_rows):
         if not prompt and not cast and not regions:
             continue
         shot: Dict[str, Any] = {"prompt": prompt}
@@ -131,3 +135,14 @@ def export_script_files(script: Script, out_dir: str) -> List[str]:
         paths.append(path)
     paths.append(export_bundle(script, os.path.join(out_dir, "storyboard.zip")))
     return paths
+
+
+def add_shot(shot_rows: Any) -> List[List[str]]:
+    """The shots table with one empty row added at the end (the rows typed so far kept as they are)."""
+    return _rows(shot_rows) + [[""] * len(SHOT_COLUMNS)]
+
+
+def remove_shot(shot_rows: Any) -> List[List[str]]:
+    """The shots table without its last row; one row always stays (an empty table has nowhere to type)."""
+    rows = _rows(shot_rows)
+    return rows[:-1] if len(rows) > 1 else [[""] * len(SHOT_COLUMNS)]

@@ -9,13 +9,13 @@ from __future__ import annotations
 import base64
 import html
 import io
-import itertools
 import os
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
+from .colours import pick_colours
 from ..visualize import (BACKGROUND_COLOR, PALETTE, Color, _colors, routing_colormap, routing_overlay,  # noqa: F401
                          side_by_side, subject_colors, subject_overlays, subject_shares)
 
@@ -47,27 +47,9 @@ def dominant_color(image: Image.Image, mask: Optional[np.ndarray] = None) -> Col
 
 
 def contrasting_colors(dominant: Sequence[Color], palette: Sequence[Color] = PALETTE) -> List[Color]:
-    """One distinct palette colour per subject, as far as possible from that subject's own dominant colour.
-
-    Maximises the smallest CIELAB distance over subjects (then the sum): every subject's region stays visible
-    over the subject itself. Exhaustive for up to 4 subjects, greedy beyond; palette order breaks ties.
-    """
-    n = len(dominant)
-    if n == 0:
-        return []
-    colors = list(palette) if n <= len(palette) else subject_colors(n)
-    dist = np.linalg.norm(cielab(np.array(dominant))[:, None] - cielab(np.array(colors))[None], axis=-1)  # [n, K]
-    if n <= 4:
-        def score(pick):
-            d = [dist[i, k] for i, k in enumerate(pick)]
-            return round(min(d), 6), sum(d)
-
-        return [tuple(colors[k]) for k in max(itertools.permutations(range(len(colors)), n), key=score)]
-    picks: dict = {}
-    for i in np.argsort(dist.max(axis=1)):  # subjects with the fewest good options pick first
-        free = [k for k in range(len(colors)) if k not in picks.values()]
-        picks[int(i)] = max(free, key=lambda k: dist[i, k])
-    return [tuple(colors[picks[i]]) for i in range(n)]
+    """One distinct palette colour per subject, CIEDE2000 >= 25 from each other and from the subject's own
+    dominant colour (see :mod:`anystory.app.colours`)."""
+    return pick_colours(dominant, palette)
 
 
 def thumbnail_uri(image: Image.Image, mask: Optional[np.ndarray] = None, size: int = 40) -> str:
@@ -102,7 +84,10 @@ def legend_html(names: Sequence[str], shares: Optional[Sequence[float]] = None,
                      f'<span style="display:inline-block;width:1em;height:1em;margin-right:.35em;'
                      f'background:rgb({r},{g},{b});border:1px solid #0006"></span>{label}</span>')
     if shares is not None and len(shares) > len(names):
-        items.append(f"<span>uncoloured: background &mdash; {100 * shares[len(names)]:.0f}%</span>")
+        items.append('<span class="anystory-legend-item anystory-legend-background" style="display:inline-flex;'
+                     'align-items:center;margin-right:1em"><span style="display:inline-block;width:1em;height:1em;'
+                     'margin-right:.35em;border:1px dashed #0006"></span>'
+                     f"uncoloured: background &mdash; {100 * shares[len(names)]:.0f}%</span>")
     return '<div class="anystory-legend">' + "".join(items) + "</div>"
 
 

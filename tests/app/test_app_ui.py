@@ -185,8 +185,44 @@ def test_storyboard_tells_a_bug_from_bad_input(demo, monkeypatch):
     monkeypatch.setattr(app.storyboard_run, "storyboard_frames", fails)
     chars = ["star", "a red star", STAR] + ["", "", None] * 5
     out = list(_handler(blocks, "on_storyboard")(None, "t", [["{star} on sand", "", ""]], 1, 2, *chars))
-    assert out[-1][:4] == [gr.skip()] * 4
+    assert out[-1][:2] == [gr.skip()] * 2 and out[-1][3] == gr.skip()
     assert told == [("Internal error", told[0][1])] and "AttributeError" in told[0][1]
+    assert "Internal error" in out[-1][2] and "AttributeError" in out[-1][2]  # the status line says it too
+
+
+def test_every_storyboard_script_error_is_in_the_status_line_as_well_as_the_toast(demo, monkeypatch, tmp_path):
+    """Generate, export and import: the toast can be closed, the status line keeps the message."""
+    blocks, _ = demo
+    told = []
+    monkeypatch.setattr(app.gr, "Warning", lambda message, title=None, duration=None: told.append(message))
+    chars = ["star", "a red star", STAR] + ["", "", None] * 5
+    bad_rows = [["{moon} on sand", "", ""]]  # an alias no character has
+    out = list(_handler(blocks, "on_storyboard")(None, "t", bad_rows, 1, 2, *chars))
+    assert len(told) == 1 and told[0] in out[-1][2] and "moon" in out[-1][2]
+    files, status = _handler(blocks, "on_export")(None, "t", bad_rows, 1, 2, *chars)
+    assert len(told) == 2 and told[1] in status
+    bad_yaml = tmp_path / "story.yaml"
+    bad_yaml.write_text("title: t\nshots: [{prompt: '{moon} on sand'}]\n")
+    imported = _handler(blocks, "on_import")(None, str(bad_yaml))
+    assert len(told) == 3 and told[2] in imported[-1] and imported[-1].startswith("**Import failed:**")
+    files, status = _handler(blocks, "on_export")(None, "t", [["{star} on sand", "", ""]], 1, 2, *chars)
+    assert status == "" and len(files) == 3  # a good export clears the earlier message
+
+
+def test_add_and_remove_shot_keep_the_typed_rows_and_the_three_columns(demo):
+    from anystory.app.storyboard_tab import SHOT_COLUMNS, add_shot, remove_shot
+
+    rows = [["{star} on sand", "star", ""], ["{star} in snow", None, "star: 0, 0, 0.5, 1"]]
+    added = add_shot(rows)
+    assert added == [["{star} on sand", "star", ""], ["{star} in snow", "", "star: 0, 0, 0.5, 1"], ["", "", ""]]
+    assert remove_shot(added) == added[:2] and remove_shot(remove_shot(added)) == added[:1]
+    assert remove_shot([["only", "", ""]]) == [["", "", ""]]  # one row always stays to type in
+    table = next(b for b in blocks_of(demo) if getattr(b, "elem_id", None) == "shots")
+    assert table.col_count == (len(SHOT_COLUMNS), "fixed")  # no column can be added or deleted
+
+
+def blocks_of(demo):
+    return demo[0].blocks.values()
 
 
 def test_each_slot_has_a_region_canvas_of_the_output_shape_beside_its_region_field(demo):
