@@ -257,15 +257,8 @@ def run_eval(cfg: RunConfig, *, metrics: Optional[Sequence[Metric]] = None, benc
 
     Launched on several processes, every process generates its share and returns without rows; the main
     process alone records the run, scores and writes the tables."""
-    if cfg.stage not in ("all", "generate", "score"):
-        raise ValueError(f"stage must be all, generate or score (got {cfg.stage!r})")
-    if cfg.images_per_prompt < 1:
-        raise ValueError(f"--images-per-prompt must be >= 1 (got {cfg.images_per_prompt})")
+    cfg = _checked(cfg)
     protocol = get_protocol(cfg.protocol)
-    if cfg.layout not in LAYOUTS:
-        raise ValueError(f"unknown layout '{cfg.layout}'; choose one of {', '.join(LAYOUTS)}")
-    if cfg.metrics.names is None:
-        cfg = replace(cfg, metrics=replace(cfg.metrics, names=default_metric_names(cfg.bench)))
     check_device(cfg.device)
     hub_note = settle_hub()
     if hub_note and cfg.progress:
@@ -298,33 +291,7 @@ def run_eval(cfg: RunConfig, *, metrics: Optional[Sequence[Metric]] = None, benc
             config["methods"] = [m.describe() for m in methods]
             write_json(os.path.join(cfg.out, CONFIG), config)
 
-        generation = {}
-        if cfg.stage in ("all", "generate"):
-            mine, error = {}, None
-            try:
-                mine = run_generation(methods, bench.entries, cfg.images_per_prompt, cfg.seed,
-                                      cfg.progress and procs.is_main,
-                                      owns=lambda e, k: procs.owns(e.index, k, cfg.images_per_prompt))
-            except Exception as e:  # reported on every process, so none waits forever for the others
-                if procs.world == 1:
-                    raise
-                error = f"process {procs.rank}: {type(e).__name__}: {e}"
-            gathered = procs.gather((mine, error))
-            errors = [err for _, err in gathered if err]
-            if errors:
-                raise MethodError("; ".join(errors))
-            generation = _merge_generation([summary for summary, _ in gathered])
-            if procs.is_main:
-                failures = _load_failures(cfg.out)
-                for method_name, summary in generation.items():
-                    for key in list(failures):
-                        if key.startswith(method_name + "/"):
-                            del failures[key]
-                    failures.update({f"{method_name}/{k}": v for k, v in summary["failed"].items()})
-                write_json(os.path.join(cfg.out, FAILURES), failures)
-                config["generation"] = {"processes": procs.world, **{
-                    name: {"made_by_process": g["made_by_process"]} for name, g in generation.items()}}
-                write_json(os.path.join(cfg.out, CONFIG), config)
+        generation = _generate(cfg, methods, bench, procs, config) if cfg.stage in ("all", "generate") else {}
         if cfg.stage == "generate" or not procs.is_main:
             return EvalResult(cfg.out, None, {}, {}, generation)
 
@@ -362,6 +329,48 @@ def run_eval(cfg: RunConfig, *, metrics: Optional[Sequence[Metric]] = None, benc
         tables["rows"] = rows
         write_report(cfg.out, config, tables, columns)
         return EvalResult(cfg.out, rows, tables, unavailable, generation, missing)
+
+
+def _checked(cfg: RunConfig) -> RunConfig:
+    """The settings no model is needed to check, and the bench's default metrics filled in."""
+    if cfg.stage not in ("all", "generate", "score"):
+        raise ValueError(f"stage must be all, generate or score (got {cfg.stage!r})")
+    if cfg.images_per_prompt < 1:
+        raise ValueError(f"--images-per-prompt must be >= 1 (got {cfg.images_per_prompt})")
+    if cfg.layout not in LAYOUTS:
+        raise ValueError(f"unknown layout '{cfg.layout}'; choose one of {', '.join(LAYOUTS)}")
+    if cfg.metrics.names is None:
+        cfg = replace(cfg, metrics=replace(cfg.metrics, names=default_metric_names(cfg.bench)))
+    return cfg
+
+
+def _generate(cfg: RunConfig, methods, bench, procs, config: dict) -> dict:
+    """Every process makes its share of the images; the main process records failures and who made what."""
+    mine, error = {}, None
+    try:
+        mine = run_generation(methods, bench.entries, cfg.images_per_prompt, cfg.seed, cfg.progress and procs.is_main,
+                              owns=lambda e, k: procs.owns(e.index, k, cfg.images_per_prompt))
+    except Exception as e:  # reported on every process, so none waits forever for the others
+        if procs.world == 1:
+            raise
+        error = f"process {procs.rank}: {type(e).__name__}: {e}"
+    gathered = procs.gather((mine, error))
+    errors = [err for _, err in gathered if err]
+    if errors:
+        raise MethodError("; ".join(errors))
+    generation = _merge_generation([summary for summary, _ in gathered])
+    if procs.is_main:
+        failures = _load_failures(cfg.out)
+        for method_name, summary in generation.items():
+            for key in list(failures):
+                if key.startswith(method_name + "/"):
+                    del failures[key]
+            failures.update({f"{method_name}/{k}": v for k, v in summary["failed"].items()})
+        write_json(os.path.join(cfg.out, FAILURES), failures)
+        config["generation"] = {"processes": procs.world, **{
+            name: {"made_by_process": g["made_by_process"]} for name, g in generation.items()}}
+        write_json(os.path.join(cfg.out, CONFIG), config)
+    return generation
 
 
 def _no_metric_line(cfg: RunConfig, requested: Sequence[Metric], unavailable: Dict[str, str]) -> str:
