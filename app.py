@@ -86,7 +86,18 @@ SELECT_BRUSH_JS = """
 }
 """
 #: Lets the page lay out a section just opened before a component inside it receives a value.
-WAIT_FOR_LAYOUT_JS = "() => new Promise(done => setTimeout(done, 400))"
+#: Wait until the opened section's editor canvas has a size (a busy browser lays it out late), then a little more;
+#: at most 10 s. %s: the editor's elem_id.
+WAIT_FOR_LAYOUT_JS = """() => new Promise(done => {
+  const start = Date.now();
+  const tick = () => {
+    const canvas = document.querySelector('#%s canvas');
+    const box = canvas && canvas.getBoundingClientRect();
+    if ((box && box.width > 0 && box.height > 0) || Date.now() - start > 10000) setTimeout(done, 400);
+    else setTimeout(tick, 50);
+  };
+  tick();
+})"""
 SLIDER_HELP = {
     "scale": "How strongly the subject's identity (CLIP + QFormer tokens) steers the picture; 0 turns it off.",
     "reference_scale": "How much fine detail is copied from the reference (ReferenceNet); lower it if the subject "
@@ -184,7 +195,8 @@ def _subject_slot(i: int, visible: bool, d, kept: SessionFiles, segmenter) -> tu
     # an editor that receives its image while folded away never reports strokes: a new image opens the section
     # first, then reaches the editor
     image.change(lambda: gr.Accordion(open=True), None, mask_box, queue=False).then(
-        None, None, None, js=WAIT_FOR_LAYOUT_JS).then(on_new_image, image, drawn, queue=False).then(None, None, None, js=brush_js)
+        None, None, None, js=WAIT_FOR_LAYOUT_JS % f"subject-{i + 1}-draw").then(
+        on_new_image, image, drawn, queue=False).then(None, None, None, js=brush_js)
 
     def on_mask_inputs(request: gr.Request, img, msk, drw, index=i):
         kept.claim(request, img, msk)
