@@ -9,7 +9,6 @@ state is put back as it was. Random draws (Gumbel noise) repeat because torch's 
 from __future__ import annotations
 
 import copy
-import dataclasses
 from contextlib import contextmanager, nullcontext
 from typing import Callable
 
@@ -17,7 +16,9 @@ from torch.utils.checkpoint import checkpoint
 
 
 def _snapshot(state) -> dict:
-    return {f.name: copy.copy(getattr(state, f.name)) for f in dataclasses.fields(state)}
+    """A shallow copy of every attribute the state holds (its conditioning's read-only fields and what the
+    processors write), so a re-run can start from it and the forward's end be put back."""
+    return {name: copy.copy(value) for name, value in vars(state).items()}
 
 
 def _restore(state, values: dict) -> None:
@@ -27,7 +28,7 @@ def _restore(state, values: dict) -> None:
 
 def stateful_checkpointing(current_state: Callable[[], object]):
     """A ``gradient_checkpointing_func`` for diffusers' ``enable_gradient_checkpointing`` that re-runs each block
-    from the state (a dataclass, mutated in place by the processors) it saw in the forward pass.
+    from the state (an object mutated in place by the processors) it saw in the forward pass.
     ``current_state()`` gives the state of the call running now (each call has its own)."""
 
     def run(module, *args):

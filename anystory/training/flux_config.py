@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from ..hub import FLUX_BASE, FLUX_REDUX
 from .typed_config import Section, StageConfig, section
 
 FLUX_STAGES = ("flux_subject", "flux_router")
@@ -22,8 +23,8 @@ ALIASES = {"router": ("router_lora", "router_embedder", "routing_map")}
 class FluxModelConfig(Section):
     """``flux``: the model the FLUX stages train on."""
 
-    base: str = "black-forest-labs/FLUX.1-dev"  # a diffusers folder / hub id, or "tiny" (built in code, tests)
-    redux: str = "black-forest-labs/FLUX.1-Redux-dev"  # SigLIP and the Redux projection the release builds on
+    base: str = FLUX_BASE  # a diffusers folder / hub id, or "tiny" (built in code, tests)
+    redux: str = FLUX_REDUX  # SigLIP and the Redux projection the release builds on
     init_from: Optional[str] = None  # a released anystory_flux.bin (file, folder or hub id) to fine-tune
     rank: int = 128  # the release's rank (fresh start only; a loaded file keeps its own)
     lora_bias: bool = False  # fresh start: lora_B biases on the two transformer LoRAs

@@ -14,6 +14,7 @@ from anystory.app import storyboard_tab
 from anystory.app.editor_limits import MAX_LAYERS, EditorValueError, LimitedEditor
 from anystory.app.inputs import InputError
 from anystory.app.storyboard import (MAX_BUNDLE_ENTRIES, MAX_SCRIPT_DEPTH, ScriptError, import_script, parse_script)
+from helpers.hostile import alias_bomb
 
 GOOD = {"characters": [{"alias": "cat", "description": "a cat"}], "shots": [{"prompt": "{cat} sleeps"}]}
 
@@ -28,22 +29,15 @@ def _peak_mb(fn) -> float:
     return peak / 2**20
 
 
-def _alias_bomb(levels: int) -> str:
-    """The 438-byte script that took the server past 7 GB (each level ten times the one before)."""
-    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
-    lines += [f"a{k}: &a{k} [" + ",".join([f"*a{k - 1}"] * 10) + "]" for k in range(1, levels + 1)]
-    return "\n".join(lines) + f"\ntitle: *a{levels}\nshots: [x]\n"
-
-
 def test_yaml_aliases_are_refused_before_anything_is_built():
     errors = []
 
     def parse():
         with pytest.raises(ScriptError, match=r"aliases \(\*name\) are not allowed") as info:
-            parse_script(_alias_bomb(7), "yaml")
+            parse_script(alias_bomb(7), "yaml")
         errors.append(info)
 
-    assert len(_alias_bomb(7)) < 1000 and _peak_mb(parse) < 5 and errors
+    assert len(alias_bomb(7)) < 1000 and _peak_mb(parse) < 5 and errors
 
 
 @pytest.mark.parametrize("fmt, text", [

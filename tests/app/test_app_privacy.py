@@ -99,12 +99,12 @@ def test_small_hostile_requests_cost_the_server_little_memory(server, tmp_path):
     from gradio_client.exceptions import AppError
     from PIL import Image
 
-    from tests.app.test_app_hostile import _alias_bomb
+    from helpers.hostile import alias_bomb
 
     config = httpx.get(server.url + "/config", timeout=10).json()
     editor = next(c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "subject-1-draw")
     bomb = tmp_path / "story.yaml"
-    bomb.write_text(_alias_bomb(7))
+    bomb.write_text(alias_bomb(7))
     big = tmp_path / "big.png"
     Image.new("1", (8000, 8000)).save(big)
     assert bomb.stat().st_size < 1000 and big.stat().st_size < 2**20
