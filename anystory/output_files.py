@@ -8,10 +8,10 @@ between is replaced, never written through, and a failed write leaves no half fi
 from __future__ import annotations
 
 import os
-import tempfile
 
 from PIL import Image
 
+from .atomic import atomic_path
 from .errors import InvalidInputError
 
 
@@ -27,19 +27,10 @@ def check_output(path: str, overwrite: bool = False, flag: str = "--out") -> str
 
 
 def save_image(image: Image.Image, path: str, overwrite: bool = False) -> str:
-    """Write ``image`` to ``path`` (format by extension) via a temporary file renamed into place."""
+    """Write ``image`` to ``path`` (format by extension) through :func:`~anystory.atomic.atomic_path`."""
     check_output(path, overwrite)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".anystory_", suffix=os.path.splitext(path)[1], dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG"))
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG"))
         if not overwrite and os.path.lexists(path):  # appeared while the image was written
             raise InvalidInputError(f"--out {path} appeared while writing; pass --overwrite to replace it")
-        os.replace(tmp, path)  # replaces a link itself, never its target
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path

@@ -6,32 +6,11 @@ with ``os.replace`` (atomic on POSIX within one file system). A killed process l
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
-from typing import Callable, Iterator
+from typing import Callable
 
-TMP_MARK = ".tmp-"
-
-
-@contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    base = os.path.basename(path)
-    stem, ext = os.path.splitext(base)
-    fd, tmp = tempfile.mkstemp(prefix=f"{stem}{TMP_MARK}", suffix=ext, dir=folder)
-    os.close(fd)
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+from anystory.atomic import TMP_MARK, atomic_path
 
 
 def write_with(path: str, writer: Callable[[str], None]) -> None:
