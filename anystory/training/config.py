@@ -58,6 +58,13 @@ class DiffusionStageConfig(StageConfig):
 
 
 @dataclass
+class BaseStageConfig(DiffusionStageConfig):
+    """``base``: the text-to-image model; subjects can weigh more than the backdrop in its loss."""
+
+    object_weight: float = 0.0  # latent cells weigh 1 + object_weight x (their share of subject pixels)
+
+
+@dataclass
 class SubjectStageConfig(DiffusionStageConfig):
     """What the stages with subjects share."""
 
@@ -134,7 +141,7 @@ class TrainingConfig(Section):
     image_encoder: Optional[str] = None  # with base_model: its CLIP image encoder (None: load_sdxl_base's default)
     vae: VaeConfig = section(VaeConfig, steps=1000, batch_size=8, lr=2e-3)
     clip: StageConfig = section(StageConfig, steps=400, batch_size=64, lr=1e-3)
-    base: DiffusionStageConfig = section(DiffusionStageConfig, steps=1000, batch_size=16, lr=1e-3, ema=0.99)
+    base: BaseStageConfig = section(BaseStageConfig, steps=1000, batch_size=16, lr=1e-3, ema=0.99)
     stage1: Stage1Config = section(Stage1Config, steps=500, batch_size=12, lr=5e-4, generic_caption=0.6)
     stage2: Stage2Config = section(Stage2Config, steps=300, batch_size=12, lr=1e-3, subjects=[0.2, 0.4, 0.4],
                                    generic_caption=0.6, drop_text=0.0, drop_semantic=0.0)
