@@ -281,6 +281,7 @@ class WorldConfig:
     reference_size: int = 64
     min_radius: float = 8.5  # pixels at image_size 64 (scaled for other sizes)
     max_radius: float = 14.0
+    max_rotation: float = 180.0  # degrees a subject in a scene turns at most, either way (references: always freely)
     min_subjects: int = 1
     max_subjects: int = 3
     identities: str = "all"  # "all" (every shape x colour x texture) or "named" (the 16 of IDENTITIES)
@@ -290,6 +291,8 @@ class WorldConfig:
     def __post_init__(self):
         if self.identities not in ("all", "named"):
             raise ValueError(f"identities must be 'all' or 'named', got {self.identities!r}")
+        if not 0.0 <= self.max_rotation <= 180.0:
+            raise ValueError(f"max_rotation must be in [0, 180] degrees, got {self.max_rotation}")
         if not 1 <= self.min_subjects <= self.max_subjects <= 4:
             raise ValueError(f"need 1 <= min_subjects <= max_subjects <= 4, got {self.min_subjects}, {self.max_subjects}")
         self.backgrounds = tuple(self.backgrounds)
@@ -320,6 +323,7 @@ class SyntheticWorld:
         cfg = self.config
         unit = cfg.image_size / 64.0
         lo, hi = cfg.min_radius * unit, cfg.max_radius * unit
+        turn = math.radians(cfg.max_rotation)
         for attempt in range(200):
             shrink = 1.0 - 0.3 * min(attempt / 100.0, 1.0)
             placed: List[Placement] = []
@@ -328,7 +332,7 @@ class SyntheticWorld:
                 for _ in range(50):
                     c = rng.uniform(r + 1, cfg.image_size - r - 1, size=2)
                     if all(math.dist(c, p.center) > r + p.radius + 2 * unit for p in placed):
-                        placed.append(Placement(ident, (float(c[0]), float(c[1])), float(r), float(rng.uniform(-math.pi, math.pi))))
+                        placed.append(Placement(ident, (float(c[0]), float(c[1])), float(r), float(rng.uniform(-turn, turn))))
                         break
                 else:
                     break

@@ -116,3 +116,19 @@ def test_object_finder_recovers_rendered_subjects():
             best = max((mask & f).sum() / (mask | f).sum() for f in found)
             assert best > 0.9
     assert not foreground_mask(np.full((64, 64, 3), 128, np.uint8)).any()
+
+
+def test_max_rotation_bounds_scene_poses_only_and_keeps_the_rest_of_the_scene():
+    free, upright = SyntheticWorld(0), SyntheticWorld(0, WorldConfig(max_rotation=15))
+    assert SyntheticWorld(0, WorldConfig(max_rotation=180)).scene(5).placements == free.scene(5).placements
+    turns = [p.rotation for i in range(40) for p in free.scene(i).placements]
+    assert max(abs(t) for t in turns) > np.radians(90)
+    for i in range(40):
+        a, b = free.scene(i), upright.scene(i)
+        assert [p.identity for p in a.placements] == [p.identity for p in b.placements]
+        assert [p.center for p in a.placements] == [p.center for p in b.placements]
+        assert all(abs(p.rotation) <= np.radians(15) for p in b.placements)
+    ref_a, ref_b = free.reference(ALL_IDENTITIES[9], 3), upright.reference(ALL_IDENTITIES[9], 3)
+    assert np.array_equal(np.asarray(ref_a.image), np.asarray(ref_b.image))  # references turn freely in both
+    with pytest.raises(ValueError, match="max_rotation"):
+        WorldConfig(max_rotation=200)
