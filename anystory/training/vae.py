@@ -1,6 +1,6 @@
 """Miniature stage "vae": a PCA encoder (fixed) and a small decoder trained to invert it.
 
-The encoder of the ``AutoencoderKL`` is set, not trained (see :mod:`.pca_encoder`): PCA of 4x4 patches of
+The encoder of the ``AutoencoderKL`` is set, not trained (see :mod:`.pca_encoder`): PCA of 4x4 (or 2x2) patches of
 synthetic scenes and reference views. Only the decoder learns, with an L1 loss on whole 64px images (the
 GroupNorms make crops a different problem). ``scaling_factor`` = 1 / std of the latents, as in SDXL's config.
 
@@ -13,7 +13,7 @@ import torch
 
 from .data import images_to_tensor, indices, world_for
 from .loop import StageLoop, make_accelerator
-from .pca_encoder import fit_basis, set_pca_encoder
+from .pca_encoder import fit_basis, patch_of, set_pca_encoder
 
 
 def _batch(world, stage: str, step: int, batch: int) -> tuple:
@@ -52,7 +52,7 @@ def fit_encoder(cfg: dict, vae) -> None:
     world = world_for(cfg)
     count = int(scfg.get("basis_images", 512))
     images = np.concatenate([_images(world, "vae", 10_000 + k, 64) for k in range(max(1, count // 64))])
-    mean, basis, std = fit_basis(images.astype(np.float32) / 127.5 - 1.0, vae.config.latent_channels)
+    mean, basis, std = fit_basis(images.astype(np.float32) / 127.5 - 1.0, vae.config.latent_channels, patch_of(vae))
     set_pca_encoder(vae, mean, basis, std, whiten=float(scfg.get("whiten", 0.5)))
 
 
