@@ -38,9 +38,9 @@ from .loaders.base import Entry
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 LAYOUTS = {"ours": "PATH/<entry_id>/<k>.png", "uno": "PATH/<index>_<k>.png"}
-PIPELINE_METHODS = ("anystory-sdxl", "anystory-flux", "anystory-miniature")
-#: The preset (``anystory/presets.py``) each pipeline method runs with, unless the run sets steps or guidance.
+#: Each pipeline method and the preset (``anystory/presets.py``) it runs with, unless the run sets steps or guidance.
 METHOD_PRESETS = {"anystory-sdxl": "sdxl", "anystory-flux": "flux", "anystory-miniature": "miniature"}
+PIPELINE_METHODS = tuple(METHOD_PRESETS)
 REFERENCE_METHODS = ("real-images", "copy-reference")
 
 
