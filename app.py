@@ -35,6 +35,7 @@ from anystory.app.region_canvas import drawn_region_text, region_canvas
 from anystory.app.storyboard import import_script
 from anystory.app.upload_image import UploadImage, editor_background
 from anystory.app.visualize import PALETTE
+from anystory.cli_options import add_vram
 from anystory.errors import InvalidInputError
 
 try:  # Hugging Face Spaces (ZeroGPU): ask for a GPU only while generating
@@ -646,9 +647,7 @@ def parse_args(argv=None):
     p.add_argument("--sdxl-base", default=None, help="SDXL base, hub id or folder (or ANYSTORY_SDXL_BASE)")
     p.add_argument("--flux-weights", default=None, help="local anystory_flux.bin (or ANYSTORY_FLUX_WEIGHTS)")
     p.add_argument("--offload", action="store_true", help="CPU offload on CUDA (saves GPU memory, slower)")
-    p.add_argument("--vram", default=os.environ.get("ANYSTORY_VRAM", "auto"), choices=("auto", "16", "24", "40"),
-                   help="FLUX GPU memory preset: 40 bf16 on the GPU, 24 8-bit + model offload, 16 4-bit + model "
-                        "offload; auto: from the GPU's memory (the page says which)")
+    add_vram(p, os.environ.get("ANYSTORY_VRAM", "auto"))
     p.add_argument("--segmenter", default=BIREFNET_ID, help="matting model for subjects without a mask (hub id)")
     p.add_argument("--host", default=None, help="server address (default 127.0.0.1, or GRADIO_SERVER_NAME)")
     p.add_argument("--port", type=int, default=None, help="server port (default 7860, or GRADIO_SERVER_PORT)")

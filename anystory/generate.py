@@ -25,6 +25,8 @@ from PIL import Image
 from .errors import InvalidInputError, check_number
 from .output_files import check_output, save_image
 from .hub import FLUX_ANYSTORY_REPO
+from .cli_options import add_device, add_generation, add_seed, add_vram, add_weights
+from .presets import preset
 from .regions import parse_region_text
 
 
@@ -47,15 +49,10 @@ def parse_args(argv=None):
                    help="image of the scene's backdrop, applied where the router puts background (SDXL only)")
     p.add_argument("--background-start", type=float, default=None,
                    help="strength of the background's mean colour in the starting latent; None: the weights' value")
-    p.add_argument("--anystory-weights", default=os.environ.get("ANYSTORY_SDXL_WEIGHTS"),
-                   help="AnyStory SDXL weights (folder); default: the shipped miniature")
-    p.add_argument("--base-model", default=None, help="SDXL base, hub id or folder (with --anystory-weights)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps; None: 30 for SDXL, 20 for the miniature")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale; None: 5.0 for SDXL, 3.0 for the miniature")
-    p.add_argument("--height", type=int, default=None, help="image height in pixels; None: the model's native size")
-    p.add_argument("--width", type=int, default=None, help="image width in pixels; None: the model's native size")
-    p.add_argument("--seed", type=int, default=0, help="random seed (the same seed gives the same image)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    add_weights(p, os.environ.get("ANYSTORY_SDXL_WEIGHTS"), without="the shipped miniature")
+    add_generation(p)
+    add_seed(p)
+    add_device(p)
     p.add_argument("--out", default="outputs/anystory.png", help="output image (PNG, JPEG or WebP by extension)")
     p.add_argument("--overwrite", action="store_true", help="replace --out (and its routing file) if they exist")
     p.add_argument("--save-routing", action="store_true", help="also save the last step's routing map overlay")
@@ -63,8 +60,7 @@ def parse_args(argv=None):
     flux.add_argument("--flux", action="store_true", help="use FLUX.1-dev + FLUX.1-Redux-dev + anystory_flux.bin")
     flux.add_argument("--flux-weights", default=os.environ.get("ANYSTORY_FLUX_WEIGHTS"),
                       help=f"anystory_flux.bin (file, folder or hub id); None: {FLUX_ANYSTORY_REPO}")
-    flux.add_argument("--vram", default="auto", choices=("auto", "16", "24", "40"),
-                      help="GPU memory preset: 40 bf16 on the GPU, 24 8-bit + model offload, 16 4-bit + model offload")
+    add_vram(flux)
     flux.add_argument("--quantization", default=None, choices=("none", "int8", "bnb-8bit", "bnb-4bit"),
                       help="transformer and T5 quantization; None: the --vram preset's")
     flux.add_argument("--offload", default=None, choices=("none", "model", "group", "sequential"),
@@ -88,6 +84,11 @@ def load_flux(args):
                              torch_dtype=torch.bfloat16 if args.device != "cpu" else torch.float32)
     apply_offload(pipe, offload, args.device)
     return pipe
+
+
+def model_kind(args) -> str:
+    """Which preset (``anystory/presets.py``) the flags run: ``flux``, ``sdxl`` or the shipped ``miniature``."""
+    return "flux" if args.flux else "sdxl" if args.anystory_weights else "miniature"
 
 
 def _paired(values: list, count: int) -> list:
@@ -187,18 +188,16 @@ def main(argv=None) -> int:
     try:
         if args.flux:
             pipe = load_flux(args)
-            defaults = dict(num_inference_steps=25, guidance_scale=3.5, subject_preprocessing=args.subject_preprocessing,
-                            reference_noise=args.reference_noise)
         elif args.anystory_weights:
             pipe = load_sdxl_anystory(args.anystory_weights, args.base_model, device=args.device)
-            defaults = dict(num_inference_steps=30, guidance_scale=5.0)
         else:
             pipe = load_default_pipeline(device=args.device)
-            defaults = dict(num_inference_steps=20, guidance_scale=3.0)
     except (ModelUnavailableError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    call = dict(defaults)
+    call = preset(model_kind(args)).call()
+    if args.flux:
+        call.update(subject_preprocessing=args.subject_preprocessing, reference_noise=args.reference_noise)
     if args.steps:
         call["num_inference_steps"] = args.steps
     if args.guidance is not None:

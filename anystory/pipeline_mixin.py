@@ -10,9 +10,10 @@ cannot share a denoiser, so each refuses while the other is there, naming the co
 The backbone contract. A backbone pipeline lists this mixin before its diffusers parent, implements its abstract
 members (a pipeline lacking one cannot be instantiated) and calls :meth:`_before_attach` before installing its
 processors. Per call it builds one immutable conditioning (SDXL: ``SDXLConditioning``, FLUX:
-``FluxConditioning``) with ``conditioning_inputs`` and runs the denoiser with a separate mutable call state that
-reads it (``anystory_state``: the conditioning as ``.conditioning``, plus what the processors write); the same
-names on both backbones, and ``tests/core/test_backbone_contract.py`` holds both to the same behaviour.
+``FluxConditioning``) with ``conditioning_inputs``, starts the call with ``start_anystory_call(conditioning)``
+and runs the denoiser with the separate mutable call state that starts (``anystory_state``: the conditioning as
+``.conditioning``, plus what the processors write); ``start_anystory_call()`` ends it. The same names on both
+backbones, and ``tests/core/test_backbone_contract.py`` holds both to the same behaviour.
 """
 from __future__ import annotations
 
@@ -72,6 +73,13 @@ class AnyStoryPipelineMixin(abc.ABC):
     def anystory_state(self):
         """The call state the processors share: ``.conditioning`` (the call's immutable conditioning, read by
         name on the state too) and what the processors write while the denoiser runs."""
+
+    @abc.abstractmethod
+    def start_anystory_call(self, conditioning=None):
+        """Start one call: a fresh call state for ``conditioning`` (from :meth:`conditioning_inputs`), handed to
+        the processors, exposed as :attr:`anystory_state` and returned; ``None`` ends the call (nothing
+        conditioned, nothing of the last call's state kept). The pipeline's ``__call__`` brackets the denoiser
+        with it; trainers and benchmarks that run the denoiser themselves call it the same way on both backbones."""
 
     @abc.abstractmethod
     def load_anystory_weights(self, *args, **kwargs):

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from anystory import Subject
+from anystory.cli_options import add_config, add_miniature_sampling
 from anystory.data.identity_classifier import IdentityClassifier
 from anystory.data.object_finder import foreground_mask
 from anystory.data.synthetic import BACKGROUNDS, SyntheticWorld, WorldConfig
@@ -178,18 +179,14 @@ def colour_table(by_t: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.background_study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="miniature folder (default: assets/miniature)")
+    add_miniature_sampling(p)
     p.add_argument("--pairs", type=int, default=40)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--background-start", type=float, default=None, help="the pipeline's background_start for the "
                    "reference modes (default: the weights' value)")
     p.add_argument("--out", default="runs/background_study")
     p.add_argument("--colour-timesteps", default="", help="comma-separated timesteps for the colour-error table")
-    p.add_argument("--config", default="configs/miniature.yaml", help="training config whose held-out world "
-                   "the colour-error table uses")
+    add_config(p, "configs/miniature.yaml")  # its held-out world is the colour-error table's
     args = p.parse_args(argv)
     modes = [m for m in MODES if m in args.modes.split(",")]
     torch.set_num_threads(args.threads)

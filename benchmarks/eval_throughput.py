@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from anystory.cli_options import DEVICES, add_device
+
 
 def _images(n: int) -> List[Image.Image]:
     from skimage import data
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.eval_throughput", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    add_device(p, "cpu", DEVICES)
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args(argv)

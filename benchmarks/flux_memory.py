@@ -193,8 +193,10 @@ def estimate(params: dict, act: dict, subjects: int) -> list:
 
 
 def main(argv=None) -> int:
+    from anystory.cli_options import add_subject_count  # here: the measured subprocess imports only what it builds
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--subjects", type=int, default=2)
+    add_subject_count(p)
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -15,6 +15,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from anystory.cli_options import add_device, add_subject_count
+
 
 def time_layouts(subjects: int, dtype, device: str, repeats: int = 3) -> dict:
     torch.manual_seed(0)
@@ -38,8 +40,8 @@ def time_layouts(subjects: int, dtype, device: str, repeats: int = 3) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--subjects", type=int, default=2)
+    add_device(p)
+    add_subject_count(p)
     args = p.parse_args(argv)
     for dtype in (torch.bfloat16, torch.float32):
         t = time_layouts(args.subjects, dtype, args.device)

@@ -35,6 +35,7 @@ from diffusers import FluxTransformer2DModel
 from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
 
 import anystory.flux.attention_processor_flux as processor_module
+from anystory.cli_options import add_subject_count
 from anystory.flux.conditioning_flux import FluxConditioning
 from anystory.flux.pipeline_flux import AnyStoryFluxPipeline
 from anystory.flux.tiny_flux import SIGLIP_HIDDEN, random_released_state_dict, tiny_flux_components
@@ -146,10 +147,10 @@ def _captured(pipe, subjects: int, grid: int, ref_grid: int, text_len: int, mode
     inputs = {}
     for mode in modes:  # the reference pass runs once per mode (once per call in a pipeline), its cache is kept
         if mode != "bare":
-            state.start(conditioning(pipe, subjects, grid, ref_grid, mode, in_mask))
+            pipe.start_anystory_call(conditioning(pipe, subjects, grid, ref_grid, mode, in_mask))
         with attention_form(mode):
             inputs[mode] = capture_blocks(t, state, call, blocks)
-        state.clear()
+        pipe.start_anystory_call()
     return blocks, inputs
 
 
@@ -171,7 +172,7 @@ def count(subjects: int = 2, grid: int = 32, ref_grid: int = 32, pipe=None, text
                 rows.append({"block": kind, "mode": mode, "attention_gflop": work.attention / 1e9,
                              "matmul_gflop": work.matmul / 1e9, "small_matmul_weights_mb": work.small_weight_bytes / 2**20})
     finally:
-        state.clear()
+        pipe.start_anystory_call()
     table = pd.DataFrame(rows)
     bare = table[table["mode"] == "bare"].set_index("block")
     for column in ("attention_gflop", "matmul_gflop"):
@@ -203,7 +204,7 @@ def run(subjects: int = 2, repeats: int = 5, grid: int = 32, ref_grid: int = 32,
                     if r:
                         times[(mode, kind)].append(elapsed)
     finally:
-        state.clear()
+        pipe.start_anystory_call()
     rows = []
     for kind in blocks:
         base = min(times[("bare", kind)])
@@ -233,7 +234,7 @@ def summary(table: pd.DataFrame) -> list:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.flux_step_layers", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--subjects", type=int, default=2)
+    add_subject_count(p)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--modes", default=";".join(MODES),
                    help="modes to run, separated by ';' (their names hold commas); the summary needs bare, "

@@ -68,7 +68,7 @@ def measure(pipe, cfg: dict, records: list, sigma: float) -> list:
         labels = subject_labels(token_cover(record.routing_target(), grid))
         if not all((labels == i).any() for i in range(2)):
             continue
-        pipe.anystory_state.clear()  # no subjects: the frozen base alone, the same before and after training
+        pipe.start_anystory_call()  # no subjects: the frozen base alone, the same before and after training
         plain = pipe.transformer(hidden_states=((1 - sigma) * latents + sigma * noise), timestep=torch.tensor([sigma]),
                                  guidance=torch.full((1,), float(scfg["guidance"])), pooled_projections=pooled,
                                  encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=img_ids, return_dict=False)[0]

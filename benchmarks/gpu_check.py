@@ -23,6 +23,8 @@ import time
 import numpy as np
 import torch
 
+from anystory.cli_options import add_device, add_shape, add_subject_count
+
 #: mode -> (quantization, offload)
 MODES = {"full": ("none", "none"), "model": ("none", "model"), "group": ("none", "group"),
          "8bit": ("bnb-8bit", "none"), "8bit-model": ("bnb-8bit", "model"), "4bit": ("bnb-4bit", "none"),
@@ -138,11 +140,11 @@ def run_mode(mode: str, paths: dict, shape: str, device: str, steps: int, subjec
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--shape", default="real", choices=("real", "tiny"))
+    add_device(p, "cuda")
+    add_shape(p, "real")
     p.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated, of {sorted(MODES)}")
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--subjects", type=int, default=2)
+    add_subject_count(p)
     p.add_argument("--root", default=None, help="where the random-weight folders go (default: a temporary folder)")
     args = p.parse_args(argv)
     modes = args.modes.split(",")

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 from anystory import Subject
 from anystory.data.synthetic import BACKGROUNDS, SyntheticWorld, WorldConfig
 from anystory.loading import load_miniature
+from anystory.presets import MINIATURE
 from anystory.subjects import prepare_subjects
 from anystory.visualize import routing_colormap, side_by_side, subject_colors
 from benchmarks.routing_study import STUDY_SEED, held_out_pairs, scene_boxes
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.layout_figure", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=3)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=MINIATURE.steps, help="denoising steps (the miniature's preset)")
     p.add_argument("--out", default="runs/layout_figure.png")
     args = p.parse_args(argv)
     pipe = load_miniature()

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from anystory import Subject
+from anystory.cli_options import add_miniature_sampling
 from anystory.data.identity_classifier import IdentityClassifier
 from anystory.data.object_finder import find_objects
 from anystory.data.synthetic import (COLOURS, IDENTITIES, SHAPES, TEXTURES, Identity, SyntheticWorld, WorldConfig,
@@ -282,8 +283,7 @@ def markdown(report: dict) -> str:
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.miniature_diagnosis", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="miniature folder (default: assets/miniature)")
-    p.add_argument("--classifier", default=None, help="default: <model>/identity_classifier.safetensors")
+    add_miniature_sampling(p)
     p.add_argument("--base", default=None, help="diffusers folder of a candidate base model for the base rows")
     p.add_argument("--base-weights", default=None, help="a base-stage checkpoint's ema.safetensors, over --base")
     p.add_argument("--vae", default=None, help="a candidate VAE for every row: a diffusers AutoencoderKL folder, or "
@@ -294,9 +294,6 @@ def parse(argv=None):
     p.add_argument("--offset", type=int, default=10_000, help="first seed index of the one-subject rows")
     p.add_argument("--pairs", type=int, default=80, help="study pairs in the two-subject rows")
     p.add_argument("--first-pair", type=int, default=0)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/miniature_diagnosis")
     args = p.parse_args(argv)
     parts = [x for x in args.parts.split(",") if x]

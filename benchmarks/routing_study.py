@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from anystory import Subject
+from anystory.cli_options import add_miniature_sampling
 from anystory.data.identity_classifier import IdentityClassifier, object_crop
 from anystory.data.object_finder import find_objects
 from anystory.data.synthetic import COLOURS, IDENTITIES, SHADE, SyntheticWorld, WorldConfig
@@ -127,12 +128,13 @@ def teacher_forced_miou(pipe, world: SyntheticWorld, scenes: int) -> dict:
         gen = torch.Generator().manual_seed(k)
         noise = torch.randn(latents.shape, generator=gen)
         for t in TIMESTEPS:
-            adapter.start(adapter.conditioning(**encoded, scales=torch.ones(n), reference_scales=torch.ones(n),
-                                               latent_hw=tuple(latents.shape[-2:]), collect_soft_maps=True))
+            state = pipe.start_anystory_call(adapter.conditioning(
+                **encoded, scales=torch.ones(n), reference_scales=torch.ones(n), latent_hw=tuple(latents.shape[-2:]),
+                collect_soft_maps=True))
             tt = torch.tensor([t])
             pipe.unet(scheduler.add_noise(latents, noise, tt), tt, embeds, added_cond_kwargs=added)
-            by_t[t].append(float(np.mean(list(router_miou(adapter.state, targets).values()))))
-        adapter.start()
+            by_t[t].append(float(np.mean(list(router_miou(state, targets).values()))))
+        pipe.start_anystory_call()
     per_scene = [{t: by_t[t][k] for t in TIMESTEPS} for k in range(scenes)]
     out = {f"t={t}": bootstrap(per_scene, lambda u, t=t: mean_of([s[t] for s in u])) for t in TIMESTEPS}
     out["mean"] = bootstrap(per_scene, lambda u: float(np.mean([np.mean(list(s.values())) for s in u])))
@@ -411,18 +413,14 @@ def _ratio(units, num: str, den: str) -> Optional[float]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.routing_study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="miniature folder (default: assets/miniature)")
-    p.add_argument("--classifier", default=None, help="identity classifier weights (default: <model>/identity_classifier.safetensors)")
+    add_miniature_sampling(p)
     p.add_argument("--pairs", type=int, default=80, help="held-out pairs for the two-subject part (0: skip)")
     p.add_argument("--first-pair", type=int, default=0,
                    help="skip the first pairs (e.g. 25: leave out the pairs that chose an inference rule)")
     p.add_argument("--scenes", type=int, default=40, help="held-out scenes for the teacher-forced mIoU (0: skip)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--single", type=int, default=2, help="references per identity in the one-subject part (0: skip)")
     p.add_argument("--layout", type=int, default=40, help="held-out pairs for the layout part (0: skip)")
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/routing_study")
     args = p.parse_args(argv)
     modes = [m for m in MODES if m in args.modes.split(",")]

@@ -13,6 +13,7 @@ import platform
 import pandas as pd
 import torch
 
+from anystory.cli_options import DEVICES, add_device, add_shape
 from anystory.subjects import MAX_SUBJECTS
 
 from .common import SUBJECTS
@@ -26,12 +27,13 @@ def device_name(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def main(argv=None) -> int:
+def parse(argv=None):
+    """(the parsed flags, the subject counts)."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    add_device(p, "cpu", DEVICES)
     p.add_argument("--backbone", default="sdxl", choices=["sdxl", "flux", "all"])
-    p.add_argument("--shape", default="tiny", choices=["tiny", "real"])
+    add_shape(p, "tiny")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--steps", type=int, default=None,
                    help="denoising steps per call (default 4; real shapes on a CPU: SDXL 2, FLUX 5, which gives "
@@ -56,6 +58,32 @@ def main(argv=None) -> int:
     if any(n < 0 or n > MAX_SUBJECTS for n in subjects):
         p.error(f"--subjects: each count must be between 0 and {MAX_SUBJECTS} (the pipelines' maximum), "
                 f"got {args.subjects!r}")
+    return args, subjects
+
+
+def summarise(table: pd.DataFrame, backbones) -> None:
+    """Per backbone, one line: the per-step ratio at 2 subjects against its goal, and the reference passes."""
+    two = table["subjects"] == 2
+    for backbone in backbones:
+        r = table[(table.backbone == backbone) & two]
+        if not len(r):
+            continue
+        ratio = float(r.step_ratio.iloc[0])
+        ok = table[table.backbone == backbone].passes_ok.dropna()
+        passes = bool(ok.all()) if len(ok) else "not measured (UNet step only)"
+        ours = table[(table.backbone == backbone) & (table.config != "bare diffusers")]
+        ratios = ours.set_index("subjects")[["step_ratio", "step_min_ratio"]]
+        beside = "".join(f"; {n} subjects {ratios.step_ratio[n]:.3f}x (fastest {ratios.step_min_ratio[n]:.3f}x)"
+                         + (" (the bare model's work: machine noise)" if n == 0 else "")
+                         for n in (0, 4) if n in ratios.index)
+        fastest = float(r.step_min_ratio.iloc[0])
+        print(f"{backbone}: per-step ratio at 2 subjects {ratio:.3f}x (median step; fastest step {fastest:.3f}x) "
+              f"vs goal <= {GOALS[backbone]:.2f}x ({'met' if ratio <= GOALS[backbone] else 'NOT met'}){beside}; "
+              f"reference passes per call == subjects: {passes}")
+
+
+def main(argv=None) -> int:
+    args, subjects = parse(argv)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     slow = args.shape == "real" and args.device == "cpu"
     steps = args.steps or ((5 if args.backbone == "flux" else 2) if slow else 4)
@@ -84,21 +112,7 @@ def main(argv=None) -> int:
     table.to_csv(os.path.join(args.out, f"latency_{name}.csv"), index=False)
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
         print(table.drop(columns=["goal_step_ratio_at_2"]).to_string(index=False))
-    for backbone in backbones:
-        r = table[(table.backbone == backbone) & two]
-        if len(r):
-            ratio = float(r.step_ratio.iloc[0])
-            ok = table[table.backbone == backbone].passes_ok.dropna()
-            passes = bool(ok.all()) if len(ok) else "not measured (UNet step only)"
-            ours = table[(table.backbone == backbone) & (table.config != "bare diffusers")]
-            ratios = ours.set_index("subjects")[["step_ratio", "step_min_ratio"]]
-            beside = "".join(f"; {n} subjects {ratios.step_ratio[n]:.3f}x (fastest {ratios.step_min_ratio[n]:.3f}x)"
-                             + (" (the bare model's work: machine noise)" if n == 0 else "")
-                             for n in (0, 4) if n in ratios.index)
-            fastest = float(r.step_min_ratio.iloc[0])
-            print(f"{backbone}: per-step ratio at 2 subjects {ratio:.3f}x (median step; fastest step {fastest:.3f}x) "
-                  f"vs goal <= {GOALS[backbone]:.2f}x ({'met' if ratio <= GOALS[backbone] else 'NOT met'}){beside}; "
-                  f"reference passes per call == subjects: {passes}")
+    summarise(table, backbones)
 
     if not args.skip_eval:
         try:

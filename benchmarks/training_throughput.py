@@ -18,6 +18,8 @@ import sys
 
 import torch
 
+from anystory.cli_options import add_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -67,7 +69,7 @@ def run(config: str, steps: int, batch: int, processes=(1, 2), out: str = "runs/
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=os.path.join(ROOT, "configs", "miniature.yaml"))
+    add_config(p, os.path.join(ROOT, "configs", "miniature.yaml"))
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int, default=6, help="per process")
     p.add_argument("--out", default="runs/training_throughput")

@@ -31,13 +31,16 @@ from PIL import Image
 
 from anystory.errors import MethodError
 from anystory.images import read_rgb
+from anystory.presets import preset
 
 from .atomic import save_image, write_json
 from .loaders.base import Entry
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 LAYOUTS = {"ours": "PATH/<entry_id>/<k>.png", "uno": "PATH/<index>_<k>.png"}
-PIPELINE_METHODS = ("anystory-sdxl", "anystory-flux", "anystory-miniature")
+#: Each pipeline method and the preset (``anystory/presets.py``) it runs with, unless the run sets steps or guidance.
+METHOD_PRESETS = {"anystory-sdxl": "sdxl", "anystory-flux": "flux", "anystory-miniature": "miniature"}
+PIPELINE_METHODS = tuple(METHOD_PRESETS)
 REFERENCE_METHODS = ("real-images", "copy-reference")
 
 
@@ -292,6 +295,12 @@ def _load_flux(weights: Optional[str], base: Optional[str], device: str):
     return pipe.to(device)
 
 
+def preset_call(spec: str) -> dict:
+    """The pipeline keywords a pipeline method runs with unless the run sets them (its model's preset); ``{}`` for
+    the other methods."""
+    return preset(METHOD_PRESETS[spec]).call() if spec in METHOD_PRESETS else {}
+
+
 def make_method(spec: str, run_dir: str, *, device: str = "cpu", anystory_weights: Optional[str] = None,
                 base_model: Optional[str] = None, call_kwargs: Optional[dict] = None, layout: str = "ours") -> Method:
     """A method from its command-line name (see the module docstring); ``layout`` is that of ``folder:`` ones."""
@@ -299,7 +308,10 @@ def make_method(spec: str, run_dir: str, *, device: str = "cpu", anystory_weight
         return FolderMethod(spec[len("folder:"):], layout=layout)
     if spec in REFERENCE_METHODS:
         return ReferenceMethod(spec, run_dir)
-    kwargs = {k: v for k, v in (call_kwargs or {}).items() if v is not None}
+    if spec not in PIPELINE_METHODS:
+        raise MethodError(f"unknown method '{spec}': use {', '.join(PIPELINE_METHODS + REFERENCE_METHODS)} or "
+                          "folder:PATH")
+    kwargs = dict(preset_call(spec), **{k: v for k, v in (call_kwargs or {}).items() if v is not None})
     if spec == "anystory-miniature":
         return PipelineMethod(spec, run_dir, lambda: _load_miniature(device), kwargs, {"weights": "shipped miniature"})
     weights = anystory_weights or (os.environ.get("ANYSTORY_SDXL_WEIGHTS") if spec == "anystory-sdxl" else None)
@@ -308,8 +320,5 @@ def make_method(spec: str, run_dir: str, *, device: str = "cpu", anystory_weight
             _load_sdxl(weights, base_model, device)
         return PipelineMethod(spec, run_dir, lambda: _load_sdxl(weights, base_model, device), kwargs,
                               {"weights": str(weights), "base": str(base_model or "default SDXL base")})
-    if spec == "anystory-flux":
-        return PipelineMethod(spec, run_dir, lambda: _load_flux(weights, base_model, device), kwargs,
-                              {"weights": str(weights or "released"), "base": str(base_model or "FLUX.1-dev")})
-    raise MethodError(f"unknown method '{spec}': use {', '.join(PIPELINE_METHODS + REFERENCE_METHODS)} or "
-                      "folder:PATH")
+    return PipelineMethod(spec, run_dir, lambda: _load_flux(weights, base_model, device), kwargs,
+                          {"weights": str(weights or "released"), "base": str(base_model or "FLUX.1-dev")})

@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Sequence
 
 import pandas as pd
 
+from anystory.cli_options import DEVICES, add_device, add_generation, add_seed, add_weights
 from anystory.errors import NoMetricError, RunError
 
 from .atomic import remove_stale_temporaries, write_json, write_with
@@ -41,7 +42,7 @@ from .data import DataIntegrityError, DataNotFoundError
 from .distributed import Processes
 from .generate import run_generation
 from .loaders import BENCHMARKS, PEOPLE_BENCHMARKS, Benchmark, load_benchmark
-from .methods import LAYOUTS, Method, MethodError, PipelineMethod, image_seed, make_method
+from .methods import LAYOUTS, Method, MethodError, PipelineMethod, image_seed, make_method, preset_call
 from .metrics import METRIC_NAMES, Metric, MetricSettings, build_metrics, load_metrics, what_to_do
 from .metrics.openclip_embedder import ACTIVATIONS
 from .offline import settle_hub
@@ -115,7 +116,8 @@ def _identity(cfg: RunConfig) -> dict:
             "clip_pretrained": m.clip_pretrained, "dino_model": m.dino_model, "face_backend": m.face_backend,
             "clip_activation": m.clip_activation, "protocol": cfg.protocol, "layout": cfg.layout,
             "generation": {"steps": cfg.steps, "guidance": cfg.guidance, "height": cfg.height, "width": cfg.width,
-                           "anystory_weights": cfg.anystory_weights, "base_model": cfg.base_model}}
+                           "anystory_weights": cfg.anystory_weights, "base_model": cfg.base_model,
+                           "presets": {spec: preset_call(spec) for spec in cfg.methods if preset_call(spec)}}}
 
 
 def _versions() -> Dict[str, str]:
@@ -452,7 +454,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-prompt", type=int, default=4)
     p.add_argument("--subset", type=int, default=None, help="score a fixed sample of N entries")
     p.add_argument("--out", default=None, help="run folder (default runs/<bench>)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    add_device(p, "cpu", DEVICES)
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--stage", default="all", choices=["all", "generate", "score"])
     p.add_argument("--data-dir", default=None, help="benchmark data folder (DreamBench: see docs/evaluation.md)")
@@ -470,13 +472,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dino-model", default=MetricSettings.dino_model, help="timm name, or vits16 / vits8")
     p.add_argument("--face-backend", default="auto", choices=["auto", "arcface", "sface"])
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--anystory-weights", default=None, help="AnyStory weights for anystory-sdxl / anystory-flux")
-    p.add_argument("--base-model", default=None, help="base model (hub id or folder) for anystory-sdxl / -flux")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    add_seed(p)
+    add_weights(p, backbones="SDXL / FLUX (anystory-sdxl / anystory-flux)")
+    add_generation(p)
     p.add_argument("--list-entries", action="store_true", help="print the benchmark's entries (CSV) and exit")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="join finished runs into one table")
     p.add_argument("--force", action="store_true", help="--compare runs of different benches/protocols/models")

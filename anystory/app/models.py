@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from ..errors import NoModelError
+from ..presets import Preset, preset_for
 from ..subjects import MAX_SUBJECTS
 from .environment import FLUX_MIN_GIB, Environment
 
@@ -34,38 +35,6 @@ TITLES = {
     "miniature": "the AnyStory miniature (SDXL-shaped, trained by us on a synthetic world; CPU, offline)",
     "tiny": "a tiny UNTRAINED test pipeline (random weights: the output is noise; for testing the app only)",
 }
-
-
-@dataclass
-class Defaults:
-    """Per-model generation defaults and limits for the UI's sliders."""
-
-    steps: int
-    guidance: float
-    size: int
-    min_size: int
-    max_size: int
-    size_step: int
-
-
-DEFAULTS = {
-    "flux": Defaults(steps=25, guidance=3.5, size=512, min_size=256, max_size=1024, size_step=64),
-    "sdxl": Defaults(steps=30, guidance=5.0, size=1024, min_size=512, max_size=1536, size_step=64),
-    "miniature": Defaults(steps=20, guidance=3.0, size=128, min_size=64, max_size=256, size_step=32),
-    "tiny": Defaults(steps=4, guidance=3.0, size=64, min_size=32, max_size=128, size_step=32),
-}
-
-
-def defaults_for(kind: str, pipe) -> Defaults:
-    """The kind's defaults; small models take their size from the pipeline itself (native size, UNet stride)."""
-    d = DEFAULTS[kind]
-    unet = getattr(pipe, "unet", None)
-    if kind in ("miniature", "tiny") and unet is not None and hasattr(pipe, "default_sample_size"):
-        factor = int(pipe.vae_scale_factor)
-        native = int(pipe.default_sample_size) * factor
-        step = factor * 2 ** (len(unet.config.block_out_channels) - 1)
-        d = Defaults(d.steps, d.guidance, native, max(step, native // 2), native * 2, step)
-    return d
 
 
 # ---- choice -------------------------------------------------------------------------------------------------------
@@ -176,12 +145,12 @@ class ModelHandle:
     skipped: List[str] = field(default_factory=list)
     load_seconds: float = 0.0
     weights: str = ""
-    defaults: Optional[Defaults] = None
+    defaults: Optional[Preset] = None  # the kind's preset (anystory/presets.py), sized for this pipeline
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self):
         if self.defaults is None:
-            self.defaults = defaults_for(self.kind, self.pipe)
+            self.defaults = preset_for(self.kind, self.pipe)
         if hasattr(self.pipe, "set_progress_bar_config"):
             self.pipe.set_progress_bar_config(disable=True)
 

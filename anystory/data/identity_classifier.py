@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ..cli_options import add_seed
 from ..weights import load_tensors, read_metadata, save_tensors
 from .synthetic import COLOURS, SHAPES, TEXTURES, Identity, SyntheticWorld
 
@@ -186,7 +187,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="assets/miniature/identity_classifier.safetensors")
     p.add_argument("--steps", type=int, default=2500)
-    p.add_argument("--seed", type=int, default=0)
+    add_seed(p)
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("ANYSTORY_THREADS", "1")))  # oversubscribed threads are far slower on a shared CPU
     model, metrics = train_identity_classifier(steps=args.steps, seed=args.seed)

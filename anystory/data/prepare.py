@@ -31,10 +31,11 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 from PIL import Image
 
+from ..cli_options import add_device, add_shard_options
 from ..hub import BIREFNET
 from ..subjects import MAX_SUBJECTS, Segmenter
 from .formats import IMAGE_EXTS, DataFormatError, encode_record_files, split_name
-from .shards import FORMATS, write_dataset
+from .shards import write_dataset
 
 MASK_MODES = ("auto", "given", "matting")
 
@@ -163,9 +164,8 @@ def main(argv=None) -> int:
     p.add_argument("out", help="output folder: <out>/stage1, <out>/stage2")
     p.add_argument("--masks", choices=MASK_MODES, default="auto")
     p.add_argument("--matting-model", default=BIREFNET)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--format", choices=FORMATS, default="tar")
-    p.add_argument("--per-shard", type=int, default=1000)
+    add_device(p, "cpu")
+    add_shard_options(p)
     p.add_argument("--max-subjects", type=int, default=MAX_SUBJECTS)
     p.add_argument("--min-area", type=float, default=0.01, help="smallest subject, as a share of the image")
     args = p.parse_args(argv)

@@ -17,6 +17,7 @@ import os
 import tarfile
 from typing import Dict, Iterable, Iterator, Tuple
 
+from ..cli_options import add_config, add_shard_options
 from .formats import INDEX, Dataset, encode_record_files
 
 Files = Dict[str, bytes]
@@ -144,14 +145,13 @@ def main(argv=None) -> int:
     pack.add_argument("out")
     syn = sub.add_parser("synthetic", help="the synthetic world's training samples of one stage -> shards")
     syn.add_argument("out")
-    syn.add_argument("--config", required=True)
+    add_config(syn)
     syn.add_argument("--stage", choices=("stage1", "stage2"), required=True)
     syn.add_argument("--samples-per-count", type=int, default=None,
                      help="default: steps x batch x processes x accumulation of the stage (one pass, no wrap-around)")
     syn.add_argument("--processes", type=int, default=1)
     for q in (pack, syn):
-        q.add_argument("--format", choices=FORMATS, default="tar")
-        q.add_argument("--per-shard", type=int, default=1000)
+        add_shard_options(q)
     args = p.parse_args(argv)
     if args.command == "pack":
         samples = folder_samples(args.src)

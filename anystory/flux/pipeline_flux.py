@@ -30,6 +30,7 @@ from ..errors import InvalidInputError, check_number
 from ..hub import FLUX_BASE as DEFAULT_FLUX
 from ..hub import FLUX_REDUX as DEFAULT_REDUX
 from ..pipeline_mixin import AnyStoryPipelineMixin, AnyStoryPipelineOutput
+from ..presets import FLUX
 from ..regions import closed_at_grid, routing_regions
 from ..subjects import MAX_SUBJECTS, PreparedSubject, Segmenter, Subject
 from .adapter_scope import ANYSTORY_ADAPTERS, REF_ADAPTER, ROUTER_ADAPTER, deactivate_anystory_adapters, \
@@ -95,6 +96,15 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
         """The call state the hooks and processors share: ``.conditioning`` (the running call's immutable
         ``FluxConditioning``, None between calls) and what the forwards write; counters ``ref_passes`` /
         ``ref_kv_writes`` for benchmarks and tests."""
+        return self._anystory
+
+    def start_anystory_call(self, conditioning: Optional[FluxConditioning] = None) -> AnyStoryFluxState:
+        """The call state started for ``conditioning`` (None: cleared, nothing conditioned); the hooks and
+        processors hold this one state object, so starting refills it."""
+        if conditioning is None:
+            self._anystory.clear()
+        else:
+            self._anystory.start(conditioning)
         return self._anystory
 
     # ---- loading -----------------------------------------------------------------------------------------------
@@ -328,8 +338,9 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
 
     # ---- call --------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, prompt=None, subjects: Optional[Sequence[Subject]] = None, *, height: Optional[int] = 512,
-                 width: Optional[int] = 512, num_inference_steps: int = 25, guidance_scale: float = 3.5,
+    def __call__(self, prompt=None, subjects: Optional[Sequence[Subject]] = None, *, height: Optional[int] = FLUX.size,
+                 width: Optional[int] = FLUX.size, num_inference_steps: int = FLUX.steps,
+                 guidance_scale: float = FLUX.guidance,
                  redux_scale: float = 0.6, redux_start_at: float = 0.1, redux_end_at: float = 0.3,
                  ref_start_at: Optional[float] = None, ref_end_at: float = 1.0, use_router: Optional[bool] = None,
                  confine_subjects: bool = False, num_images_per_prompt: int = 1, generator=None, latents=None,
@@ -338,8 +349,8 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
                  callback_on_step_end_tensor_inputs: Optional[List[str]] = None, return_routing_maps: bool = False,
                  subject_preprocessing: str = "app", reference_noise: str = "call", **kwargs):
         """Generate. ``subjects``: up to ``max_subjects`` :class:`Subject` (``scale`` multiplies the subject's redux
-        tokens, ``reference_scale`` its reference attention weights). Defaults are the authors': 25 steps,
-        guidance 3.5, 512x512, redux 0.6 in [0.1, 0.3) of the schedule, reference from the start (from 0.09
+        tokens, ``reference_scale`` its reference attention weights). Defaults are the authors': steps, guidance
+        and size of ``presets.FLUX``, redux 0.6 in [0.1, 0.3) of the schedule, reference from the start (from 0.09
         with >= 2 subjects) to the end, router on for >= 2 subjects. ``confine_subjects``: see
         ``attention_processor_flux`` (not in the release). ``subject_preprocessing``: ``"app"`` (the authors'
         demo: mask > 200, their square crop) or ``"none"`` (their ``generate()``: image and soft mask as given);
@@ -351,7 +362,7 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
                                     "no background class to route it to)")
         if reference_noise not in REFERENCE_NOISE:
             raise InvalidInputError(f"reference_noise must be one of {REFERENCE_NOISE}, got {reference_noise!r}")
-        height, width = height or 512, width or 512  # None: the authors' 512x512
+        height, width = height or FLUX.size, width or FLUX.size  # None: the authors' size
         prepared = self.check_subjects(subjects, subject_preprocessing)
         n = len(prepared)
         redux_scale = check_number(redux_scale, "redux_scale", 0.0)
@@ -391,7 +402,7 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
         try:
             if n:
                 steps = len(kwargs["sigmas"]) if kwargs.get("sigmas") is not None else num_inference_steps
-                state.start(self.conditioning_inputs(
+                self.start_anystory_call(self.conditioning_inputs(
                     prepared, self._execution_device, generator, steps=steps, grid=grid, redux_scale=redux_scale,
                     use_router=use_router, confine_subjects=confine_subjects, record_maps=return_routing_maps,
                     reference_noise=reference_noise, regions=regions, **fractions))
@@ -402,5 +413,5 @@ class AnyStoryFluxPipeline(AnyStoryPipelineMixin, FluxPipeline):
                 callback_on_step_end=on_step_end,
                 callback_on_step_end_tensor_inputs=tensor_inputs, **kwargs)
         finally:
-            state.clear()
+            self.start_anystory_call()
         return self._anystory_output(out.images, maps, return_routing_maps, return_dict)

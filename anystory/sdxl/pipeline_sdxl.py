@@ -21,6 +21,7 @@ from .background import background_tensors, check_background, encode_background,
 from ..errors import check_number
 from ..hub import SDXL_IMAGE_ENCODER as DEFAULT_IMAGE_ENCODER  # noqa: F401 (the paper's CLIP, kept by this name)
 from ..pipeline_mixin import AnyStoryPipelineMixin, AnyStoryPipelineOutput  # noqa: F401 (exported here)
+from ..presets import SDXL
 from ..regions import routing_regions
 from ..subjects import MAX_SUBJECTS, PreparedSubject, Segmenter, Subject, prepare_subjects
 
@@ -57,6 +58,16 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
         """The running call's state (its immutable ``conditioning`` and what the processors write); between calls,
         one with nothing conditioned. None without AnyStory weights."""
         return self.anystory.state if self.anystory is not None else None
+
+    def start_anystory_call(self, conditioning: Optional[SDXLConditioning] = None) -> Optional[AnyStoryState]:
+        """A fresh call state for ``conditioning`` (None: nothing conditioned), handed to every processor (the
+        adapter's :meth:`~AnyStorySDXLAdapter.start`). None without AnyStory weights and nothing to condition."""
+        if self.anystory is None:
+            if conditioning is None:
+                return None
+            raise ValueError("a conditioning was given but no AnyStory weights are loaded: call "
+                             f"{self._anystory_load_hint}")
+        return self.anystory.start(conditioning)
 
     # ---- our weights -------------------------------------------------------------------------------------------
     def _remove_anystory_modules(self) -> None:
@@ -192,7 +203,7 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
     # ---- call --------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, prompt=None, subjects: Optional[Sequence[Subject]] = None, *, background=None, height: Optional[int] = None,
-                 width: Optional[int] = None, num_inference_steps: int = 30, guidance_scale: float = 5.0,
+                 width: Optional[int] = None, num_inference_steps: int = SDXL.steps, guidance_scale: float = SDXL.guidance,
                  negative_prompt=None, num_images_per_prompt: int = 1, generator=None, latents=None,
                  output_type: str = "pil", return_dict: bool = True, callback_on_step_end: Optional[Callable] = None,
                  callback_on_step_end_tensor_inputs: Optional[List[str]] = None, return_routing_maps: bool = False,
@@ -226,7 +237,7 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
 
         try:
             if prepared or background is not None:
-                self.anystory.start(self.conditioning_inputs(
+                self.start_anystory_call(self.conditioning_inputs(
                     prepared, background, guidance_scale=guidance_scale, height=height, width=width,
                     regions=regions, record_maps=return_routing_maps, background_start=background_start,
                     routing_background_bias=routing_background_bias))
@@ -238,6 +249,5 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
                 callback_on_step_end=on_step_end,
                 callback_on_step_end_tensor_inputs=tensor_inputs, **kwargs)
         finally:
-            if self.anystory is not None:
-                self.anystory.start()
+            self.start_anystory_call()
         return self._anystory_output(out.images, maps, return_routing_maps, return_dict)

@@ -76,7 +76,7 @@ def background_step(cfg: dict, pipe, source: SyntheticSource, scheduler, step: i
         encoded["semantic_tokens"] = torch.where(drop, encoded["semantic_uncond_tokens"], encoded["semantic_tokens"])
     lat_hw = tuple(latents.shape[-2:])
     adapter = pipe.anystory
-    adapter.start(adapter.conditioning(**encoded, background=use_background,
+    pipe.start_anystory_call(adapter.conditioning(**encoded, background=use_background,
                                        scales=torch.ones(conditioned, device=device),
                                        reference_scales=torch.ones(conditioned, device=device), latent_hw=lat_hw,
                                        forced_maps=one_hot_targets(data.targets, lat_hw).to(latents.dtype)))
@@ -98,7 +98,7 @@ def background_step(cfg: dict, pipe, source: SyntheticSource, scheduler, step: i
             out["loss"] = loss + colour_weight * out["x0_colour"]
         return out
     finally:
-        adapter.start()
+        pipe.start_anystory_call()
 
 
 def backdrop_weight(targets: torch.Tensor, hw, weight: float) -> Optional[torch.Tensor]:
@@ -180,14 +180,12 @@ def train_background(cfg: dict, pipe, log=print) -> dict:
     pipe.anystory.eval()  # routing is forced (teacher) anyway; nothing else in the adapter trains
     scheduler = training_scheduler(pipe)
     loop = StageLoop(cfg, "background", params, acc, log)
-    loop.resume()
-    before = evaluate_background(cfg, pipe) if loop.step == 0 else None
-    while loop.running():
+
+    def step():
         out = background_step(cfg, pipe, source, scheduler, loop.step, loop.batch_size, loop.generator())
         loop.update(out["loss"], **{k: v.detach() for k, v in out.items() if k != "loss"})
-    if not loop.done:
-        loop.use_ema()
-        loop.finish()
+
+    before = loop.run(step, before=lambda: evaluate_background(cfg, pipe))
     freeze_all(pipe)
     after = evaluate_background(cfg, pipe)
     log(f"[background] held-out diffusion loss with the background reference {after['with_background']:.4f}, "

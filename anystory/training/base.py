@@ -54,16 +54,15 @@ def train_base(cfg: dict, pipe, log=print) -> dict:
         module = getattr(pipe, name).requires_grad_(True).train()
         params.update({f"{name}.{n}": p for n, p in module.named_parameters()})
     loop = StageLoop(cfg, "base", params, acc, log)
-    loop.resume()
     world = world_for(cfg)
     scheduler = training_scheduler(pipe)
-    while loop.running():
+
+    def step():
         with acc.autocast():
             loss = base_step(cfg, pipe, world, scheduler, loop.step, int(scfg["batch_size"]), loop.generator())
         loop.update(loss, diffusion=loss.item())
-    if not loop.done:
-        loop.use_ema()
-        loop.finish()
+
+    loop.run(step)
     for name in ("unet", "text_encoder", "text_encoder_2"):
         getattr(pipe, name).requires_grad_(False).eval()
     with torch.no_grad():

@@ -61,16 +61,16 @@ def train_clip(cfg: dict, pipe, log=print) -> dict:
     params.update({f"text_encoder_2.{n}": p for n, p in pipe.text_encoder_2.named_parameters()})
     params["logit_scale"] = logit_scale
     loop = StageLoop(cfg, "clip", params, acc, log)
-    loop.resume()
     world = world_for(cfg)
     size = int(cfg["model"]["anystory"].get("reference_size", 512))
-    while loop.running():
+
+    def step():
         pixels, names = clip_batch(pipe, world, loop.step, int(scfg["batch_size"]), device, size)
         with acc.autocast():
             loss, accuracy = contrastive_loss(pipe, pixels, names, logit_scale)
         loop.update(loss, accuracy=accuracy.item())
-    if not loop.done:
-        loop.finish()
+
+    loop.run(step, ema=False)  # the encoders are used as trained (EMA is not read here)
     pipe.image_encoder.eval().requires_grad_(False)
     pipe.text_encoder_2.eval().requires_grad_(False)
     with torch.no_grad():

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 
 import yaml
 
+from ..presets import MINIATURE
 from .flux_config import FLUX_ROUTER, FLUX_STAGES, FLUX_SUBJECT, FluxModelConfig, FluxStageConfig
 from .typed_config import Section, StageConfig, build, merge, refuse_unknown, section
 
@@ -87,8 +88,8 @@ class TrajectoryConfig(Section):
     lr: float = 1e-3
     batch_size: int = 16
     first_index: int = 100_000  # first training-world scene sampled
-    sample_steps: int = 20
-    guidance: float = 3.0
+    sample_steps: int = MINIATURE.steps  # the miniature's sampling (anystory/presets.py)
+    guidance: float = MINIATURE.guidance
     seed: int = 0
     logit_adjustment_tau: Optional[float] = None  # the retrained routers' own background logit adjustment
     combine_weight: Optional[float] = None  # keep stage 2's routers, add the trajectory routers' logits with it

@@ -142,13 +142,7 @@ def train_flux_stage(cfg: dict, pipe, log, stage: str) -> dict:
                           transformer=pipe.transformer, redux_embedder=pipe.redux_embedder,
                           router_embedder=pipe.router_embedder)
     loop = StageLoop(cfg, stage, params, acc, log, module=step)
-    loop.resume()
-    before = evaluate(cfg, stage, pipe) if loop.step == 0 else None
-    while loop.running():
-        loop.train_step(lambda micro: loop.module(loop.step, micro, loop.generator()))
-    if not loop.done:
-        loop.use_ema()
-        loop.finish()
+    before = loop.run(before=lambda: evaluate(cfg, stage, pipe))
     freeze_all(pipe)
     after = evaluate(cfg, stage, pipe)
     if after:

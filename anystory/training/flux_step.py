@@ -131,8 +131,7 @@ def conditioned_prediction(pipe, scfg: dict, record, inputs: StepInputs, teacher
     if n > 1 and teacher:
         cond = dataclasses.replace(cond, forced_maps=truth_maps(token_cover(record.routing_target(), inputs.grid))
                                    .to(device), use_router=False)
-    state = pipe.anystory_state
-    state.start(cond)
+    state = pipe.start_anystory_call(cond)
     routed = cond.use_router
     state.router_logits = [] if routed else None
     noisy = (1 - inputs.sigma) * inputs.latents + inputs.sigma * inputs.noise

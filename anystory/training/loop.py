@@ -199,6 +199,31 @@ class StageLoop:
     def seconds(self) -> float:
         return self.seconds_before + time.time() - self.started
 
+    # ---- the loop -------------------------------------------------------------------------------------------
+    def run(self, step: Optional[Callable[[], None]] = None, before: Optional[Callable[[], object]] = None,
+            ema: bool = True):
+        """The loop every stage runs: resume from the checkpoint, call ``step()`` (one optimizer step, ending in
+        :meth:`update` or :meth:`train_step`) while steps remain, then, unless the checkpoint had already finished,
+        copy in the EMA weights (``ema``) and finish. ``step`` None: the prepared module's step over
+        ``gradient_accumulation`` micro-batches, each re-drawing the step's global noise and taking its own rows.
+        ``before``: measured once on a fresh start (step 0, after resuming found nothing), its result returned;
+        None on a resumed run."""
+        if step is None:
+            step = self.module_step
+        self.resume()
+        measured = before() if before is not None and self.step == 0 else None
+        while self.running():
+            step()
+        if not self.done:
+            if ema:
+                self.use_ema()
+            self.finish()
+        return measured
+
+    def module_step(self) -> None:
+        """One optimizer step through the prepared module (``TrainedModules``), called as ``(step, micro, gen)``."""
+        self.train_step(lambda micro: self.module(self.step, micro, self.generator()))
+
     # ---- steps -----------------------------------------------------------------------------------------------
     def running(self) -> bool:
         """True while steps remain; at ``stop_after`` saves and raises :class:`StageStopped`."""

@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from ..cli_options import add_config
 from ..sdxl.adapter_sdxl import CONFIG_NAME, WEIGHTS_NAME
 from ..weights import load_tensors, read_metadata, save_tensors
 from .config import load_config, stage_dir
@@ -50,7 +51,7 @@ def merge_background(source: str, target: str, dtype: torch.dtype = torch.float1
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m anystory.training.merge_background", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True)
+    add_config(p)
     p.add_argument("--work-dir", default=None, help="the training run's work_dir (default: the config's)")
     args = p.parse_args(argv)
     cfg = load_config(args.config, {"work_dir": args.work_dir} if args.work_dir else None)

@@ -21,7 +21,7 @@ def routing_loss(state, targets: torch.Tensor) -> torch.Tensor:
     """Mean over cross-attention layers of mean((M - M_gt)^2); ``targets`` ``[B, N+1, H, W]`` at any resolution."""
     if not state.soft_maps:
         raise RuntimeError("no soft routing maps were recorded: start the call with "
-                           "adapter.start(adapter.conditioning(collect_soft_maps=True, ...)) before the UNet call")
+                           "pipe.start_anystory_call(pipe.anystory.conditioning(collect_soft_maps=True, ...)) before the UNet call")
     losses = []
     for soft in state.soft_maps.values():
         hw = _layer_hw(state, soft.shape[-1])

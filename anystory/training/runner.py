@@ -34,6 +34,7 @@ import time
 import torch
 import yaml
 
+from ..cli_options import add_config
 from .config import STAGES, load_config, stage_dir, stages_of
 from .flux_config import FLUX_STAGES
 from .loop import StageStopped
@@ -52,7 +53,7 @@ def _quiet() -> None:
 def _parse(argv=None, only=None):
     p = argparse.ArgumentParser(prog="python -m anystory.training", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML training config, e.g. configs/miniature.yaml")
+    add_config(p)
     if only is None:
         p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)} (SDXL) or "
                                                       f"{','.join(FLUX_STAGES)} (backbone: flux); default: all")

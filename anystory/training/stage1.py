@@ -122,15 +122,9 @@ def train_stage1(cfg: dict, pipe, log=print) -> dict:
         cfg, "stage1", pipe, source, scheduler, step, loop.global_batch, gen, teacher_routing=True,
         rows=loop.rows(micro)), **modules)
     loop = StageLoop(cfg, "stage1", params, acc, log, module=step)
-    loop.resume()
     if cfg.get("sample_every"):
         loop.images = sampler(cfg, "stage1", pipe)
-    before = evaluate(cfg, "stage1", pipe) if loop.step == 0 else None
-    while loop.running():  # every micro-batch re-draws the step's global noise and takes its own rows
-        loop.train_step(lambda micro: loop.module(loop.step, micro, loop.generator()))
-    if not loop.done:
-        loop.use_ema()
-        loop.finish()
+    before = loop.run(before=lambda: evaluate(cfg, "stage1", pipe))
     freeze_all(pipe)
     pipe.anystory.eval()
     after = evaluate(cfg, "stage1", pipe)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 from .data import SyntheticSource, source_for, subject_count
 from .diffusion import training_scheduler
@@ -66,16 +65,15 @@ def train_stage2(cfg: dict, pipe, log=print) -> dict:
         cfg, "stage2", pipe, source, scheduler, step, loop.global_batch, gen, teacher_routing=False,
         routing_weight=weight, rows=loop.rows(micro)), anystory=pipe.anystory)
     loop = StageLoop(cfg, "stage2", params, acc, log, module=step)
-    loop.resume()
     if cfg.get("sample_every"):
         loop.images = sampler(cfg, "stage2", pipe)
-    before = evaluate(cfg, "stage2", pipe, teacher_routing=False) if loop.step == 0 else None
-    pipe.anystory.train()
-    while loop.running():  # every micro-batch re-draws the step's global noise and takes its own rows
-        loop.train_step(lambda micro: loop.module(loop.step, micro, loop.generator()))
-    if not loop.done:
-        loop.use_ema()
-        loop.finish()
+
+    def measure_before():
+        out = evaluate(cfg, "stage2", pipe, teacher_routing=False)
+        pipe.anystory.train()
+        return out
+
+    before = loop.run(before=measure_before)
     freeze_all(pipe)
     pipe.anystory.train()  # held-out losses with the training-time (Gumbel) routing, comparable to the log
     after = evaluate(cfg, "stage2", pipe, teacher_routing=False)

@@ -49,7 +49,7 @@ def subject_step(cfg: dict, stage: str, pipe, source, scheduler, step: int, batc
         drop = torch.from_numpy(rng.random(batch)[rows] < drop_sem).to(device)[:, None, None, None]
         encoded["semantic_tokens"] = torch.where(drop, encoded["semantic_uncond_tokens"], encoded["semantic_tokens"])
     lat_hw = tuple(latents.shape[-2:])
-    adapter.start(adapter.conditioning(
+    pipe.start_anystory_call(adapter.conditioning(
         **encoded,
         scales=torch.ones(count, device=device), reference_scales=torch.ones(count, device=device),
         latent_hw=lat_hw,
@@ -62,11 +62,11 @@ def subject_step(cfg: dict, stage: str, pipe, source, scheduler, step: int, batc
         diff = diffusion_loss(scheduler, pred, noise, t, float(scfg["snr_gamma"]))
         out = {"diffusion": diff, "loss": diff}
         if not teacher_routing:
-            route = routing_loss(adapter.state, data.targets)
-            per_layer = router_miou(adapter.state, data.targets)
+            route = routing_loss(pipe.anystory_state, data.targets)
+            per_layer = router_miou(pipe.anystory_state, data.targets)
             out.update(routing=route, loss=diff + routing_weight * route,
                        miou=torch.tensor(float(np.mean(list(per_layer.values())))))
         return out
     finally:
         if not (torch.is_grad_enabled() and pipe.unet.is_gradient_checkpointing):
-            adapter.start()  # else backward re-runs the layers and needs the conditions: the next step resets
+            pipe.start_anystory_call()  # else backward re-runs the layers and needs the conditions: the next step resets

@@ -34,7 +34,9 @@ from scipy.optimize import linear_sum_assignment
 
 from ..data.identity_classifier import IdentityClassifier, object_crop
 from ..data.object_finder import find_objects
+from ..cli_options import add_miniature_sampling
 from ..data.synthetic import COLOURS, SHAPES, SyntheticWorld, WorldConfig
+from ..presets import MINIATURE
 from .data import area_targets
 
 
@@ -78,7 +80,8 @@ def router_parameters(adapter, kind: str = "router") -> dict:
 
 @torch.no_grad()
 def record_trajectories(pipe, classifier: IdentityClassifier, world: SyntheticWorld, indices: Sequence[int],
-                        subjects: int = 2, steps: int = 20, guidance: float = 3.0, log=print) -> List[Trajectory]:
+                        subjects: int = 2, steps: int = MINIATURE.steps, guidance: float = MINIATURE.guidance,
+                        log=print) -> List[Trajectory]:
     """Sample scene ``index`` of ``world`` (its references, its generic caption, seed ``index``) for every index;
     keep the samples where every subject's object was found."""
     from ..subjects import Subject
@@ -198,8 +201,8 @@ def retrain_routers(pipe, classifier: IdentityClassifier, world: SyntheticWorld,
         first = int(settings.get("first_index", 100_000))
         pipe.anystory.eval()
         data = record_trajectories(pipe, classifier, world, range(first, first + int(settings["samples"])),
-                                   steps=int(settings.get("sample_steps", 20)),
-                                   guidance=float(settings.get("guidance", 3.0)), log=log)
+                                   steps=int(settings.get("sample_steps", MINIATURE.steps)),
+                                   guidance=float(settings.get("guidance", MINIATURE.guidance)), log=log)
         if cache:
             torch.save([vars(d) for d in data], cache)
     if not data:
@@ -233,8 +236,7 @@ def main(argv=None) -> int:
     """Retrain the routers of a miniature folder in place (its other tensors and metadata are kept)."""
     p = argparse.ArgumentParser(prog="python -m anystory.training.trajectory", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a miniature folder; its anystory.safetensors router tensors are replaced")
-    p.add_argument("--classifier", default=None, help="default: <model>/identity_classifier.safetensors")
+    add_miniature_sampling(p, required=True)  # --model: its anystory.safetensors router tensors are replaced
     p.add_argument("--samples", type=int, default=240, help="scenes sampled (those with every object found are kept)")
     p.add_argument("--iterations", type=int, default=600)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -246,7 +248,6 @@ def main(argv=None) -> int:
                         "(with --combine-weight: the trajectory routers' own; required there)")
     p.add_argument("--combine-weight", type=float, default=None,
                    help="keep the routers, train a copy as trajectory routers and add their logits with this weight")
-    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     if args.combine_weight is not None and (args.combine_weight <= 0 or args.background_bias is None):
         p.error("--combine-weight needs a weight > 0 and --background-bias (the trajectory routers' adjustment)")
@@ -263,7 +264,7 @@ def main(argv=None) -> int:
     size = pipe.default_sample_size * pipe.vae_scale_factor
     world = SyntheticWorld(0, WorldConfig(image_size=size, reference_size=pipe.anystory.config.reference_size))
     settings = {"samples": args.samples, "iterations": args.iterations, "lr": args.lr, "batch_size": args.batch_size,
-                "first_index": args.first_index}
+                "first_index": args.first_index, "sample_steps": args.steps, "guidance": args.guidance}
     if args.combine_weight is not None:
         settings.update(combine_weight=args.combine_weight, trajectory_background_bias=args.background_bias)
     print(retrain_routers(pipe, classifier, world, settings, cache=args.cache))

@@ -66,10 +66,10 @@ def train_vae(cfg: dict, pipe, log=print) -> dict:
         p.requires_grad_(True)
     vae.train()
     loop = StageLoop(cfg, "vae", decoder, acc, log)
-    loop.resume()
     world = world_for(cfg)
     object_weight = float(scfg.get("object_weight", 0.0))
-    while loop.running():
+
+    def step():
         images, masks = _batch(world, "vae", loop.step, int(scfg["batch_size"]))
         x = images_to_tensor(images).to(acc.device)
         with torch.no_grad():
@@ -78,6 +78,8 @@ def train_vae(cfg: dict, pipe, log=print) -> dict:
             l1 = reconstruction_loss(vae.decode(z).sample, x, torch.from_numpy(np.stack(masks)).to(acc.device),
                                      object_weight)
         loop.update(l1, l1=l1.item())
+
+    loop.run(step, ema=False)  # the decoder is used as trained (EMA is not read here)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         held = images_to_tensor([world_for(cfg, "heldout").scene(i).image for i in range(64)]).to(acc.device)
@@ -85,8 +87,6 @@ def train_vae(cfg: dict, pipe, log=print) -> dict:
         std = z.std().item()
         rec_l1 = (vae.decode(z).sample - held).abs().mean().item()
     vae.register_to_config(scaling_factor=1.0 / std)
-    if not loop.done:
-        loop.finish()
     log(f"[vae] held-out L1 {rec_l1:.4f} (on [-1, 1]); scaling_factor {1 / std:.4f}")
     return {"heldout_l1": rec_l1, "latent_std": std, "scaling_factor": 1.0 / std, "seconds": loop.seconds}
 

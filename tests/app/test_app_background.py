@@ -8,7 +8,8 @@ from anystory.app import generation
 from anystory.app.background import background_call
 from anystory.app.generate_tab import run_generation
 from anystory.app.inputs import InputError, SubjectSlot
-from anystory.app.models import Defaults, ModelHandle
+from anystory.app.models import ModelHandle
+from anystory.presets import Preset
 from helpers.background import miniature_with_background
 from anystory.subjects import AlphaOrWholeImageSegmenter
 
@@ -73,7 +74,7 @@ def test_flux_and_weights_without_it_refuse_by_name_before_any_encoding(handle, 
         raise AssertionError("the pipeline ran")
 
     monkeypatch.setattr(generation, "_run_pipeline", never)
-    flux = ModelHandle("flux", object(), "cpu", "test", defaults=Defaults(3, 3.5, 32, 32, 64, 16))
+    flux = ModelHandle("flux", object(), "cpu", "test", defaults=Preset(3, 3.5, 32, 32, 64, 16))
     with pytest.raises(InputError, match="Background image: the background reference is SDXL-only"):
         run_generation(flux, SEG, [SubjectSlot(STAR)], "a star", steps=1, background=STAR)
     with pytest.raises(InputError, match="Background image: the loaded weights have no background reference"):

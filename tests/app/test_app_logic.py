@@ -10,7 +10,8 @@ from anystory.app.environment import FLUX_MIN_GIB, Environment, WeightsStatus, h
 from anystory.app.gallery import routing_items
 from anystory.app.generate_tab import run_generation
 from anystory.app.generation import GenerationError, is_out_of_memory
-from anystory.app.models import Defaults, ModelHandle, NoModelError, load_model, plan_models
+from anystory.app.models import ModelHandle, NoModelError, load_model, plan_models
+from anystory.presets import Preset
 from anystory.matting import BiRefNetSegmenter, LazyBiRefNetSegmenter
 from anystory.subjects import AlphaOrWholeImageSegmenter
 
@@ -154,7 +155,7 @@ def test_random_seed_is_shown_and_reproduces(handle, seg):
 def test_flux_pipeline_through_the_app(seg):
     tiny_flux = pytest.importorskip("anystory.flux.tiny_flux")
     pipe = tiny_flux.tiny_anystory_flux_pipeline(0, True)
-    flux = ModelHandle("flux", pipe, "cpu", "test", defaults=Defaults(3, 3.5, 32, 32, 64, 16))
+    flux = ModelHandle("flux", pipe, "cpu", "test", defaults=Preset(3, 3.5, 32, 32, 64, 16))
     r = run_generation(flux, seg, [SubjectSlot(STAR, name="star"), SubjectSlot(CAT, name="cat")], "a star and a cat",
                        negative_prompt="blurry", seed=1)
     assert [im.size for im in r.images] == [(32, 32)] and len(r.overlays) == 1

@@ -9,7 +9,8 @@ from PIL import Image
 
 from anystory.app import generation
 from anystory.app.inputs import InputError
-from anystory.app.models import Defaults, ModelHandle
+from anystory.app.models import ModelHandle
+from anystory.presets import Preset
 from anystory.app.storyboard import (ScriptError, dump_script, export_bundle, import_bundle, import_script,
                                      parse_script, plan_shots)
 from anystory.app.storyboard_run import check_story, story_subjects
@@ -91,7 +92,7 @@ def test_each_shot_reaches_the_pipeline_with_its_background_or_is_refused_by_sho
     seg = AlphaOrWholeImageSegmenter()
     with pytest.raises(InputError, match="^Shot 1 background \\(settings.background\\): the loaded weights have no"):
         check_story(handle, seg, script, steps=1)
-    flux = ModelHandle("flux", object(), "cpu", "test", defaults=Defaults(3, 3.5, 32, 32, 64, 16))
+    flux = ModelHandle("flux", object(), "cpu", "test", defaults=Preset(3, 3.5, 32, 32, 64, 16))
     with pytest.raises(InputError, match="^Shot 1 background \\(settings.background\\): the background reference is "
                                          "SDXL-only"):
         check_story(flux, seg, script, steps=1)

@@ -9,7 +9,8 @@ parametrised over both tiny pipelines (random weights: every code path, no train
 - IP-Adapter and AnyStory refuse each other;
 - ``Subject(region=...)`` confines a subject's routing to its region (the learned router still decides inside);
 - bad input is an ``InvalidInputError`` naming the problem, and leaves the pipeline usable;
-- the per-call conditioning is immutable and the call state is exposed under the same names.
+- the per-call conditioning is immutable, the call state is exposed under the same names, and a call starts and
+  ends through the mixin's ``start_anystory_call`` on both backbones.
 
 Backbone-specific details stay with their backbone (``tests/sdxl``, ``tests/flux``): equality with diffusers
 under guidance and negative prompts, the release formulation, FLUX's one-subject router and release inputs.
@@ -215,6 +216,25 @@ def test_the_call_state_and_its_immutable_conditioning(backbone, pipe):
     with pytest.raises(dataclasses.FrozenInstanceError):
         conditioning.num_subjects = 2
     assert not pipe.anystory_state.active  # the call ended: nothing conditioned
+
+
+def test_a_call_starts_and_ends_through_the_mixins_start(backbone, pipe, monkeypatch):
+    """Both pipelines start and end a call with the mixin's ``start_anystory_call`` (declared abstract there): the
+    pipeline's own call brackets the denoiser with it, and a caller running the denoiser itself (a trainer, a
+    benchmark) gets the started state back, exposed as ``anystory_state``, and ends it with no argument."""
+    from anystory.pipeline_mixin import AnyStoryPipelineMixin
+
+    assert "start_anystory_call" in AnyStoryPipelineMixin.__abstractmethods__
+    started, start = [], pipe.start_anystory_call
+    monkeypatch.setattr(pipe, "start_anystory_call", lambda c=None: started.append(c) or start(c))
+    backbone.run(pipe, subjects=[backbone.subject(1)])
+    conditioning = started[0]
+    assert dataclasses.is_dataclass(conditioning) and started[1:] == [None]  # started once, ended once
+    state = pipe.start_anystory_call(conditioning)
+    assert state is pipe.anystory_state and state.conditioning is conditioning and state.active
+    assert state.num_subjects == conditioning.num_subjects == 1
+    pipe.start_anystory_call()
+    assert not pipe.anystory_state.active
 
 
 def test_unload_gives_back_the_diffusers_pipeline(backbone, bare):

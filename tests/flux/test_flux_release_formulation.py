@@ -207,13 +207,13 @@ def ours_and_release(pipe, n, step, dtype=torch.float32, use_router=None, flips=
                 img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)
     with torch.no_grad():
         plain = t(**call)[0]
-        state.start(cond)
+        pipe.start_anystory_call(cond)
         state.step = step
         plan = state.plan_for(step)
         assert plan.ref and plan.redux == (step == 0) and plan.route == (n > 1 and use_router is not False)
         ours = t(**call)[0]
         our_maps = list(state.layer_maps)
-        state.clear()
+        pipe.start_anystory_call()
         release_maps = []
         expected = release_forward(
             t, hidden, text, pooled, timestep, guidance, txt_ids, img_ids, redux if plan.redux else None,

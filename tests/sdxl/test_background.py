@@ -68,9 +68,9 @@ def _capture_attention_inputs(pipe, encoded, count, lat_hw, maps):
     hooks = [module.register_forward_pre_hook(lambda m, a, k, name=name: keep(name, m, a, k), with_kwargs=True)
              for name, module in pipe.unet.named_modules() if name.endswith(("attn1", "attn2"))]
     try:
-        pipe.anystory.start(pipe.anystory.conditioning(**encoded, scales=torch.ones(count),
-                                                       reference_scales=torch.ones(count), latent_hw=lat_hw,
-                                                       forced_maps=maps))
+        pipe.start_anystory_call(pipe.anystory.conditioning(**encoded, scales=torch.ones(count),
+                                                            reference_scales=torch.ones(count), latent_hw=lat_hw,
+                                                            forced_maps=maps))
         latents = torch.randn(1, pipe.unet.config.in_channels, *lat_hw, generator=torch.Generator().manual_seed(0))
         embeds, _, pooled, _ = pipe.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False)
         time_ids = torch.tensor([[lat_hw[0] * 8, lat_hw[1] * 8, 0, 0, lat_hw[0] * 8, lat_hw[1] * 8]], dtype=embeds.dtype)
@@ -102,10 +102,11 @@ def test_background_acts_only_at_background_positions_in_every_layer(pipes):
         outs = []
         for conditions, background_on in ((encoded, False), (with_background(encoded, background), True)):
             count = 2 if background_on else 1
-            adapter.start(adapter.conditioning(**conditions, background=background_on, scales=torch.ones(count),
-                                               reference_scales=torch.ones(count), latent_hw=lat_hw, forced_maps=maps))
+            pipe.start_anystory_call(adapter.conditioning(
+                **conditions, background=background_on, scales=torch.ones(count), reference_scales=torch.ones(count),
+                latent_hw=lat_hw, forced_maps=maps))
             outs.append(attn.processor(attn, hidden, encoder_hidden_states=context))
-        adapter.start()
+        pipe.start_anystory_call()
         h, w = AnyStoryState(SDXLConditioning(latent_hw=lat_hw)).layer_hw(hidden.shape[1])
         region = torch.nn.functional.interpolate(maps[None], size=(h, w), mode="nearest")[0, 1].flatten().bool()
         diff = (outs[0] - outs[1]).abs().amax(dim=(0, 2))

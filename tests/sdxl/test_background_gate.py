@@ -36,9 +36,9 @@ def _maps() -> torch.Tensor:
 
 def _unet_out(pipe, encoded, scale: float = 1.0) -> torch.Tensor:
     """One UNet pass with one subject and the background (forced maps); the background's scales are ``scale``."""
-    pipe.anystory.start(pipe.anystory.conditioning(**encoded, background=True, scales=torch.tensor([1.0, scale]),
-                                                   reference_scales=torch.tensor([1.0, scale]), latent_hw=LAT_HW,
-                                                   forced_maps=_maps()))
+    pipe.start_anystory_call(pipe.anystory.conditioning(
+        **encoded, background=True, scales=torch.tensor([1.0, scale]), reference_scales=torch.tensor([1.0, scale]),
+        latent_hw=LAT_HW, forced_maps=_maps()))
     try:
         latents = torch.randn(1, pipe.unet.config.in_channels, *LAT_HW, generator=torch.Generator().manual_seed(0))
         embeds, _, pooled, _ = pipe.encode_prompt("a star", device="cpu", do_classifier_free_guidance=False)
@@ -46,7 +46,7 @@ def _unet_out(pipe, encoded, scale: float = 1.0) -> torch.Tensor:
         return pipe.unet(latents, torch.tensor([500]), embeds,
                          added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
     finally:
-        pipe.anystory.start()
+        pipe.start_anystory_call()
 
 
 def _set_gates(pipe, log_scale: float) -> None:

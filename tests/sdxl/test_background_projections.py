@@ -88,11 +88,11 @@ def test_projections_act_only_at_background_positions_and_train():
                         delta.up.weight.zero_()
                     for delta in pipe.anystory.background.ip_value.values():
                         delta.up.weight.zero_()
-            pipe.anystory.start(pipe.anystory.conditioning(
+            pipe.start_anystory_call(pipe.anystory.conditioning(
                 **subject_and_background(pipe), background=True, scales=torch.ones(2), reference_scales=torch.ones(2),
                 latent_hw=LAT_HW, forced_maps=maps))
             outs.append(attn.processor(attn, hidden, encoder_hidden_states=context))
-        pipe.anystory.start()
+        pipe.start_anystory_call()
         diff = (outs[0] - outs[1]).detach().abs().amax(dim=(0, 2))
         assert diff[~background_positions].max() == 0, f"{name}: the projections reached a subject position"
         assert diff[background_positions].min() > 0, f"{name}: the projections did not act on the background"

@@ -114,8 +114,9 @@ def test_gumbel_routing_trains_the_router(pipe):
     adapter.train()
     try:
         encoded = pipe.encode_subjects(**tensors)
-        state = adapter.start(adapter.conditioning(**encoded, scales=torch.ones(2), reference_scales=torch.ones(2),
-                                                   latent_hw=(32, 32), collect_soft_maps=True))
+        state = pipe.start_anystory_call(adapter.conditioning(
+            **encoded, scales=torch.ones(2), reference_scales=torch.ones(2), latent_hw=(32, 32),
+            collect_soft_maps=True))
         assert state.training
         latents = torch.randn(1, 4, 32, 32)
         text = torch.randn(1, 7, pipe.unet.config.cross_attention_dim)
@@ -140,7 +141,7 @@ def test_gumbel_routing_trains_the_router(pipe):
     finally:
         adapter.zero_grad(set_to_none=True)
         adapter.eval()
-        adapter.start()
+        pipe.start_anystory_call()
 
 
 def test_gumbel_gates_are_one_hot_in_training():
@@ -287,8 +288,8 @@ def test_processors_compile_without_graph_breaks(pipe):
     """torch.compile(fullgraph=True) raises on any graph break inside the UNet, our processors included."""
     enc = pipe.encode_subjects(**pipe.subject_tensors(pipe.check_subjects([Subject(_image(1)), Subject(_image(2))]),
                                                       "cpu", torch.float32))
-    pipe.anystory.start(pipe.anystory.conditioning(**enc, scales=torch.ones(2), reference_scales=torch.ones(2), cfg=True,
-                                                   latent_hw=(32, 32)))
+    pipe.start_anystory_call(pipe.anystory.conditioning(**enc, scales=torch.ones(2), reference_scales=torch.ones(2),
+                                                        cfg=True, latent_hw=(32, 32)))
     try:
         args = (torch.randn(2, 4, 32, 32), torch.tensor([500]), torch.randn(2, 7, 64))
         added = {"text_embeds": torch.randn(2, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
@@ -299,7 +300,7 @@ def test_processors_compile_without_graph_breaks(pipe):
             compiled = torch.compile(pipe.unet, backend="eager", fullgraph=True)(*args, added_cond_kwargs=added).sample
         assert torch.allclose(eager, compiled, atol=1e-5)
     finally:
-        pipe.anystory.start()
+        pipe.start_anystory_call()
         torch._dynamo.reset()
 
 
