@@ -8,11 +8,7 @@ import io
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -23,6 +19,7 @@ from anystory.app.environment import miniature_status
 from anystory.subjects import AlphaOrWholeImageSegmenter
 from anystory.app.colours import MIN_DISTANCE, distances
 from anystory.app.visualize import PALETTE, dominant_color
+from benchmarks.app_screenshots import serve_app
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUT = os.path.join(ROOT, "tests", "outputs")
@@ -46,44 +43,13 @@ pytestmark = pytest.mark.skipif(not os.path.isfile(CHROMIUM), reason=f"Chromium 
 sync_api = pytest.importorskip("playwright.sync_api")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app():
+    """``app.py`` on 127.0.0.1 as the docs' screenshot command starts it (benchmarks/app_screenshots.py)."""
     model = "miniature" if miniature_status().available else "tiny"
-    port = _free_port()
     os.makedirs(OUT, exist_ok=True)
-    log_path = os.path.join(OUT, "app_browser_server.log")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "app.py", "--model", model, "--host", "127.0.0.1", "--port", str(port)],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"app.py exited with {proc.returncode}:\n{open(log_path).read()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"app.py did not serve {url} within 180 s:\n{open(log_path).read()[-3000:]}")
-            time.sleep(0.5)
+    with serve_app(model, os.path.join(OUT, "app_browser_server.log")) as url:  # a failed start names its log
         yield url, model
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")
