@@ -40,29 +40,61 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: Gradio's own start check (5 HEAD requests, the first timeout ends it) fails on a starved CPU and leaves the server
+#: half up; the app is then started again, at most ``STARTS`` times. Gradio logs the second line once it passed.
+GRADIO_START_CHECK = "When localhost is not accessible"
+GRADIO_STARTED = "To create a public link"
+STARTS = 3
+
+
 @contextlib.contextmanager
 def serve_app(model: str, log_path: str, port: int | None = None, timeout_s: float = 600) -> Iterator[str]:
     """``python app.py --model MODEL`` on 127.0.0.1, offline; yields its URL once it answers, stops it after."""
     port = port or free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "app.py", "--model", model, "--host", "127.0.0.1", "--port", str(port)],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url, deadline = f"http://127.0.0.1:{port}/", time.time() + timeout_s
+    for _ in range(STARTS):
+        proc = _start_app(model, port, log_path)
+        if _wait_until_served(proc, url, log_path, deadline):
+            break
+        _stop(proc)
+    else:
+        raise RuntimeError(f"app.py failed Gradio's start check {STARTS} times (log: {log_path})")
     try:
-        while not _answers(url):
-            if proc.poll() is not None:
-                raise RuntimeError(f"app.py exited with {proc.returncode}:\n{open(log_path).read()[-3000:]}")
-            if time.time() > deadline:
-                raise RuntimeError(f"app.py did not serve {url} within {timeout_s:.0f} s (log: {log_path})")
-            time.sleep(0.5)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
+
+
+def _start_app(model: str, port: int, log_path: str) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, "app.py", "--model", model, "--host", "127.0.0.1", "--port", str(port)],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_until_served(proc: subprocess.Popen, url: str, log_path: str, deadline: float) -> bool:
+    """True once ``url`` answers; False when Gradio's start check failed (start again); raises on anything else."""
+    while True:
+        with open(log_path, errors="replace") as f:
+            log = f.read()
+        if GRADIO_START_CHECK in log:
+            return False
+        if GRADIO_STARTED in log and _answers(url):
+            return True
+        if proc.poll() is not None:
+            raise RuntimeError(f"app.py exited with {proc.returncode}:\n{log[-3000:]}")
+        if time.time() > deadline:
+            raise RuntimeError(f"app.py did not serve {url} in time (log: {log_path})")
+        time.sleep(0.5)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _answers(url: str) -> bool:
