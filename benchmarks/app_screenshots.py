@@ -191,6 +191,7 @@ def parse_args(argv=None):
                    help="the app's --model (tiny: the untrained test pipeline, for a quick check)")
     p.add_argument("--chromium", default=os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium",
                    help="the Chromium binary (Debian's package)")
+    p.add_argument("--start-timeout", type=float, default=600, help="seconds the app may take to start")
     return p.parse_args(argv)
 
 
@@ -200,7 +201,7 @@ def main(argv=None) -> int:
         print(f"error: Chromium not found at {args.chromium}: apt-get install chromium", file=sys.stderr)
         return 1
     log = os.path.join(tempfile.mkdtemp(prefix="anystory_shots_"), "app.log")
-    with serve_app(args.model, log) as url:
+    with serve_app(args.model, log, timeout_s=args.start_timeout) as url:
         paths = capture(url, args.out, args.chromium)
     total = sum(shrink(p) for p in paths)
     for p in paths:
