@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import os
 import shutil
 import socket
@@ -32,6 +33,8 @@ VIEWPORT = {"width": 1280, "height": 800}
 #: Colours each PNG keeps (a palette image: a screenshot of flat UI loses nothing visible, and a tenth of the bytes).
 COLOURS = 128
 GENERATE_WAIT_MS = 600_000
+#: Subject 1's colour (anystory.visualize.PALETTE[0]): its region box on the canvas.
+REGION_COLOUR = (230, 25, 75)
 
 
 def free_port() -> int:
@@ -133,8 +136,21 @@ def _generate_shots(page, out: str) -> None:
     _union_shot(page, ("#routing-gallery", "#routing-legend"), os.path.join(out, "routing.png"))
     page.locator("#subject-1-region-box").get_by_text("Region (optional)").click()
     page.locator("#subject-1-region textarea, #subject-1-region input").first.fill("0, 0, 0.5, 1")
-    page.wait_for_timeout(3000)  # the canvas is redrawn with the box by the server
+    _wait_for_colour(page.locator("#subject-1-region-canvas canvas").first, REGION_COLOUR)  # redrawn with the box
     page.locator("#subject-1-region-box").screenshot(path=os.path.join(out, "region_canvas.png"))
+
+
+def _wait_for_colour(element, colour, pixels: int = 400, timeout_s: float = 120) -> None:
+    """Until ``element`` shows at least ``pixels`` pixels of ``colour`` (the slot's box, drawn by the server)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        with Image.open(io.BytesIO(element.screenshot())) as shot:
+            found = sum(n for n, c in shot.convert("RGB").getcolors(1 << 20) if
+                        sum(abs(a - b) for a, b in zip(c, colour)) < 60)
+        if found >= pixels:
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"the region canvas did not show the typed box within {timeout_s:.0f} s")
 
 
 def _union_shot(page, selectors, path: str, margin: int = 8) -> None:
