@@ -427,7 +427,7 @@ def test_storyboard_add_and_remove_shot_and_no_column_menu(page):
     sync_api.expect(page.locator("#story-status")).to_contain_text("Cannot generate the storyboard", timeout=30_000)
 
 
-def _region_outline(canvas, color, timeout_s=30.0, want=None):
+def _region_outline(canvas, color, timeout_s=90.0, want=None):
     """The bounding box (x0, y0, x1, y1, in the canvas element's screen pixels) of the pixels of ``color`` on the
     region canvas as drawn on the page (the editor's buttons, whose colour icon has it too, left out), and those
     pixels; polled until ``want(found)`` holds (or the time is up); None if none."""
