@@ -57,7 +57,12 @@ def serve_app(model: str, log_path: str, port: int | None = None, timeout_s: flo
     url, deadline = f"http://127.0.0.1:{port}/", time.time() + timeout_s
     for _ in range(STARTS):
         proc = _start_app(model, port, log_path)
-        if _wait_until_served(proc, url, log_path, deadline):
+        try:
+            served = _wait_until_served(proc, url, log_path, deadline)
+        except BaseException:  # too slow, or exited: nothing is left running
+            _stop(proc)
+            raise
+        if served:
             break
         _stop(proc)
     else:
