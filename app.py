@@ -31,7 +31,7 @@ from anystory.app.progress import Cancelled, StagedSegmenter, Status, follow
 from anystory.app.raw_numbers import raw_number
 from anystory.app.mask_preview import preview as mask_preview
 from anystory.matting import BIREFNET_ID, LazyBiRefNetSegmenter
-from anystory.app.region_canvas import drawn_region_text, region_canvas
+from anystory.app.region_canvas import drawn_region_text, region_canvas, typed_box
 from anystory.app.storyboard import import_script
 from anystory.app.upload_image import UploadImage, editor_background
 from anystory.app.visualize import PALETTE
@@ -163,7 +163,7 @@ def _with_status(outputs: list, status_at: int | None, text: str):
 def _subject_slot(i: int, visible: bool, d, kept: SessionFiles, segmenter) -> tuple:
     """One subject's card: its upload, mask preview, name and strengths first; the optional Region and "Replace the
     mask" sections start folded so that the first card, the prompt and Generate fit one screen. Returns (group,
-    values in ``generate_tab.SLOT_FIELDS`` order, region canvas)."""
+    values in ``generate_tab.SLOT_FIELDS`` order, region canvas, Region section)."""
     with gr.Group(visible=visible, elem_id=f"subject-{i + 1}") as group:
         with gr.Row():
             image = UploadImage(label=f"Subject {i + 1}: reference image", type="filepath", image_mode=None,
@@ -220,17 +220,19 @@ def _subject_slot(i: int, visible: bool, d, kept: SessionFiles, segmenter) -> tu
 
 
 def _region_section(i: int, d) -> tuple:
-    """The folded Region section: a canvas of the output's shape in the slot's colour, and the typed box."""
+    """The folded Region section: a canvas of the output's shape in the slot's colour, the typed box under it.
+    Stacked, not side by side: beside the field the editor sized its drawing surface to the whole row and showed
+    only the middle of it (half the grid at 1400 px)."""
     with gr.Accordion("Region (optional): where this subject may appear", open=False,
                       elem_id=f"subject-{i + 1}-region-box") as box:
-        with gr.Row():
-            canvas = LimitedEditor(value=region_canvas(d.size, d.size), label="Draw a box (the output's shape)",
-                                   type="pil", sources=[], layers=False, height=260, transforms=[],
-                                   elem_id=f"subject-{i + 1}-region-canvas",
-                                   brush=gr.Brush(colors=[REGION_COLORS[i % len(REGION_COLORS)]], color_mode="fixed"))
-            region = gr.Textbox(label="Region (x0, y0, x1, y1)", placeholder="anywhere",
-                                info="A box in fractions of the output, e.g. 0, 0, 0.5, 1 = the left half. Drawing "
-                                     "fills it in; typed text wins.", elem_id=f"subject-{i + 1}-region")
+        canvas = LimitedEditor(value=region_canvas(d.size, d.size), label="Draw a box (the output's shape)",
+                               type="pil", sources=[], layers=False, height=260, transforms=[],
+                               elem_id=f"subject-{i + 1}-region-canvas",
+                               brush=gr.Brush(colors=[REGION_COLORS[i % len(REGION_COLORS)]], color_mode="fixed"))
+        region = gr.Textbox(label="Region (x0, y0, x1, y1)", placeholder="anywhere",
+                            info="A box in fractions of the output, e.g. 0, 0, 0.5, 1 = the left half. Drawing "
+                                 "fills it in; typed text wins; the canvas shows the box.",
+                            elem_id=f"subject-{i + 1}-region")
     # input: the user's strokes (a canvas with a value from the start sends no change for them); a canvas remade
     # for a new output size leaves the field alone
     canvas.input(_canvas_region, canvas, region, trigger_mode="always_last", show_progress="hidden")
@@ -280,21 +282,46 @@ def _settings_section(d) -> list:
     return [negative, seed, steps, guidance, width, height, num_images, background, background_start]
 
 
-def _follow_output_shape(demo, n_slots: int, width, height, canvases, boxes) -> None:
-    """The region canvases follow the output's shape (strokes scaled along), with the brush selected; opening a
-    folded Region section hands its canvas the grid again (one laid out while folded away may show none)."""
+def _slot_canvas(k: int):
+    """Slot ``k``'s canvas for an output size, its Region text and its current value: the typed box drawn on the
+    grid, else the strokes scaled along."""
+    def remake(w, h, text, value):
+        return region_canvas(w, h, value, typed_box(text)[1], PALETTE[k % len(PALETTE)])
+
+    return remake
+
+
+def _show_typed_regions(width, height, regions, canvases) -> None:
+    """The Region field, typed or filled in by a drawing, is shown as a box on its canvas (a half-typed box leaves
+    the canvas as it is), and the brush is selected again (a new value selects the editor's crop tool)."""
+    for k, (region, canvas) in enumerate(zip(regions, canvases)):
+        remake = _slot_canvas(k)
+
+        def on_text(w, h, text, value, remake=remake):
+            return remake(w, h, text, value) if typed_box(text)[0] else gr.skip()
+
+        region.change(on_text, [width, height, region, canvas], canvas, trigger_mode="always_last",
+                      show_progress="hidden").then(
+            None, None, None, js=SELECT_BRUSH_JS % f"subject-{k + 1}-region-canvas")
+
+
+def _follow_output_shape(demo, n_slots: int, width, height, canvases, regions, boxes) -> None:
+    """The region canvases follow the output's shape (the box or strokes along), with the brush selected; opening
+    a folded Region section hands its canvas the grid again (one laid out while folded away may show none)."""
     def _reshape(w, h, *values):
-        return [region_canvas(w, h, v) for v in values]
+        texts, current = values[:n_slots], values[n_slots:]
+        return [_slot_canvas(k)(w, h, t, v) for k, (t, v) in enumerate(zip(texts, current))]
 
     for k, (box, canvas) in enumerate(zip(boxes, canvases)):
-        box.expand(lambda w, h, v: region_canvas(w, h, v), [width, height, canvas], canvas, queue=False,
+        box.expand(_slot_canvas(k), [width, height, regions[k], canvas], canvas, queue=False,
                    show_progress="hidden").then(None, None, None, js=SELECT_BRUSH_JS % f"subject-{k + 1}-region-canvas")
 
     for size in (width, height):
-        reshaped = size.change(_reshape, [width, height] + canvases, canvases, trigger_mode="always_last",
+        reshaped = size.change(_reshape, [width, height] + regions + canvases, canvases, trigger_mode="always_last",
                                show_progress="hidden")
         for k in range(n_slots):
             reshaped = reshaped.then(None, None, None, js=SELECT_BRUSH_JS % f"subject-{k + 1}-region-canvas")
+    _show_typed_regions(width, height, regions, canvases)
     for k in range(n_slots):  # drawing works straight away, as on the mask editor
         demo.load(None, None, None, js=SELECT_BRUSH_JS % f"subject-{k + 1}-region-canvas")
 
@@ -322,11 +349,12 @@ def _generate_tab(demo, handle: ModelHandle, segmenter, kept: SessionFiles, jobs
                                 placeholder="e.g. a red striped star and a blue dotted moon on sand")
             run_btn = gr.Button("Generate", variant="primary", elem_id="generate")
             outputs = _output_panel()
-    _follow_output_shape(demo, n_slots, settings[4], settings[5], canvases, boxes)
+    fields = len(generate_tab.SLOT_FIELDS)
+    regions = [slot_inputs[k * fields + generate_tab.SLOT_FIELDS.index("region")] for k in range(n_slots)]
+    _follow_output_shape(demo, n_slots, settings[4], settings[5], canvases, regions, boxes)
     on_generate = _generate_handler(handle, segmenter, kept, jobs, n_slots)
     run_btn.click(on_generate, [count, prompt] + settings + slot_inputs, outputs[:5] + [matting_status, outputs[5]],
                   show_progress="hidden")
-    fields = len(generate_tab.SLOT_FIELDS)
     ex_images = [slot_inputs[k * fields] for k in range(n_slots)]
     gr.Examples(examples=[[row[6]] + row[2: 2 + n_slots] + [row[1], row[7], row[0]] for row in EXAMPLES
                           if row[0] <= n_slots],

@@ -43,7 +43,7 @@ from .distributed import Processes
 from .generate import run_generation
 from .loaders import BENCHMARKS, PEOPLE_BENCHMARKS, Benchmark, load_benchmark
 from .methods import LAYOUTS, Method, MethodError, PipelineMethod, image_seed, make_method, preset_call
-from .metrics import METRIC_NAMES, Metric, MetricSettings, build_metrics, load_metrics, what_to_do
+from .metrics import METRIC_NAMES, OPT_IN_METRICS, Metric, MetricSettings, build_metrics, load_metrics, what_to_do
 from .metrics.openclip_embedder import ACTIVATIONS
 from .offline import settle_hub
 from .protocols import DEFAULT_PROTOCOL, PROTOCOLS, get_protocol
@@ -104,8 +104,9 @@ def check_device(device: str) -> None:
 
 
 def default_metric_names(bench: str) -> List[str]:
-    """Face-ID only on benches of people: elsewhere the detector "finds" faces on dogs and teapots."""
-    return [n for n in METRIC_NAMES if n != "face_id" or bench in PEOPLE_BENCHMARKS]
+    """Face-ID only on benches of people: elsewhere the detector "finds" faces on dogs and teapots. The opt-in
+    metrics (colour) only when named."""
+    return [n for n in METRIC_NAMES if n not in OPT_IN_METRICS and (n != "face_id" or bench in PEOPLE_BENCHMARKS)]
 
 
 def _identity(cfg: RunConfig) -> dict:
@@ -460,7 +461,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="benchmark data folder (DreamBench: see docs/evaluation.md)")
     p.add_argument("--weights-dir", default=None, help="local copies of metric weights (layout: docs/evaluation.md)")
     p.add_argument("--metrics", default=None, help="comma-separated subset of " + ", ".join(METRIC_NAMES)
-                   + " (default: all; face_id only on benches of people)")
+                   + " (default: all but colour; face_id only on benches of people; colour needs no weights: "
+                     "docs/evaluation.md)")
     p.add_argument("--protocol", default=DEFAULT_PROTOCOL, choices=list(PROTOCOLS),
                    help="dreambooth: all real photos, [0, 1]; single-reference: the input reference, x100")
     p.add_argument("--layout", default="ours", choices=list(LAYOUTS),

@@ -7,13 +7,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .base import BatchContext, Embedder, EmbeddingMetric, Metric, MetricUnavailable, ScoreItem
 from .clip_image import ClipImageMetric
 from .clip_text import ClipTextMetric
+from .colour import ColourMetric
 from .copy_paste import CopyPasteMetric
 from .dino import DEFAULT_DINO_MODEL, DinoEmbedder, DinoMetric
 from .face_id import FaceIdMetric, face_embedder
 from ..protocols import dino_model_name
 from .openclip_embedder import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, OpenClipEmbedder
 
-METRIC_NAMES = ("clip_i", "clip_t", "dino", "face_id", "copy_paste")
+METRIC_NAMES = ("clip_i", "clip_t", "dino", "face_id", "copy_paste", "colour")
+#: Computed only when asked for by name (``--metrics``): colour needs no weights but sees only the palette.
+OPT_IN_METRICS = ("colour",)
 COPY_PASTE_BASES = ("dino", "clip_i", "face_id")
 
 
@@ -58,6 +61,8 @@ def build_metrics(s: MetricSettings) -> List[Metric]:
         metrics.append(ClipTextMetric(clip))
     if "copy_paste" in s.names:
         metrics += [CopyPasteMetric(by_name[b]) for b in COPY_PASTE_BASES if b in by_name]
+    if "colour" in s.names:
+        metrics.append(ColourMetric(batch_size=s.batch_size))
     return metrics
 
 
@@ -80,7 +85,7 @@ def what_to_do(metrics: Sequence[Metric], unavailable: Dict[str, str]) -> str:
     return "; ".join(dict.fromkeys(fixes))
 
 
-__all__ = ["BatchContext", "ClipImageMetric", "ClipTextMetric", "CopyPasteMetric", "DinoEmbedder", "DinoMetric",
-           "Embedder", "EmbeddingMetric", "FaceIdMetric", "METRIC_NAMES", "Metric", "MetricSettings",
-           "MetricUnavailable", "OpenClipEmbedder", "ScoreItem", "build_metrics", "face_embedder", "load_metrics",
-           "what_to_do"]
+__all__ = ["BatchContext", "ClipImageMetric", "ClipTextMetric", "ColourMetric", "CopyPasteMetric", "DinoEmbedder",
+           "DinoMetric", "Embedder", "EmbeddingMetric", "FaceIdMetric", "METRIC_NAMES", "Metric", "MetricSettings",
+           "MetricUnavailable", "OPT_IN_METRICS", "OpenClipEmbedder", "ScoreItem", "build_metrics", "face_embedder",
+           "load_metrics", "what_to_do"]

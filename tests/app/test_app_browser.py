@@ -4,14 +4,11 @@ Runs the miniature when it is installed (the tiny untrained pipeline otherwise, 
 code path). Skips when Chromium is absent; `.ci/run` installs it. Screenshots land in tests/outputs/. One server
 for the module; every test opens its own fresh page, so none depends on another's state.
 """
+import io
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -22,6 +19,7 @@ from anystory.app.environment import miniature_status
 from anystory.subjects import AlphaOrWholeImageSegmenter
 from anystory.app.colours import MIN_DISTANCE, distances
 from anystory.app.visualize import PALETTE, dominant_color
+from benchmarks.app_screenshots import serve_app
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUT = os.path.join(ROOT, "tests", "outputs")
@@ -45,44 +43,13 @@ pytestmark = pytest.mark.skipif(not os.path.isfile(CHROMIUM), reason=f"Chromium 
 sync_api = pytest.importorskip("playwright.sync_api")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app():
+    """``app.py`` on 127.0.0.1 as the docs' screenshot command starts it (benchmarks/app_screenshots.py)."""
     model = "miniature" if miniature_status().available else "tiny"
-    port = _free_port()
     os.makedirs(OUT, exist_ok=True)
-    log_path = os.path.join(OUT, "app_browser_server.log")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "app.py", "--model", model, "--host", "127.0.0.1", "--port", str(port)],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"app.py exited with {proc.returncode}:\n{open(log_path).read()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"app.py did not serve {url} within 180 s:\n{open(log_path).read()[-3000:]}")
-            time.sleep(0.5)
+    with serve_app(model, os.path.join(OUT, "app_browser_server.log")) as url:  # a failed start names its log
         yield url, model
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -458,3 +425,86 @@ def test_storyboard_add_and_remove_shot_and_no_column_menu(page):
     page.keyboard.press("Escape")
     page.click("#generate-storyboard")  # an empty story: the status line says so, not only the toast
     sync_api.expect(page.locator("#story-status")).to_contain_text("Cannot generate the storyboard", timeout=30_000)
+
+
+def _region_outline(canvas, color, timeout_s=90.0, want=None):
+    """The bounding box (x0, y0, x1, y1, in the canvas element's screen pixels) of the pixels of ``color`` on the
+    region canvas as drawn on the page (the editor's buttons, whose colour icon has it too, left out), and those
+    pixels; polled until ``want(found)`` holds (or the time is up); None if none."""
+    deadline, found = time.time() + timeout_s, None
+    while True:
+        shot = np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB")).astype(int)
+        near = np.abs(shot - np.array(color)).sum(axis=-1) < 60
+        origin = canvas.bounding_box()
+        for b in canvas.evaluate("""c => [...c.closest('[id$=region-canvas]').querySelectorAll('button')]
+                .map(e => e.getBoundingClientRect()).map(r => [r.x, r.y, r.right, r.bottom])"""):
+            bx0, by0 = (max(0, int(v - o) - 2) for v, o in zip(b[:2], (origin["x"], origin["y"])))
+            near[by0: int(b[3] - origin["y"]) + 2, bx0: int(b[2] - origin["x"]) + 2] = False  # the tools' icons
+        ys, xs = np.nonzero(near)
+        found = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1, near) if len(xs) else None
+        if (found is not None and (want is None or want(found))) or time.time() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def _square(found, ratio):
+    x0, y0, x1, y1, _ = found
+    return abs((x1 - x0) / (y1 - y0) - ratio) < 0.06
+
+
+@pytest.mark.parametrize("width", [1024, 1400, 1920])
+def test_the_region_canvas_is_whole_and_shows_the_region_as_a_box(app, browser, width):
+    """Issue 30: at 1400 px the canvas showed only the middle of its grid (its drawing surface twice as wide as its
+    box) and a drawn region stayed a scribble. At each width: the canvas lies inside its box and the viewport; a
+    typed region is shown as a box on it (0, 0, 1, 1: the whole grid's outline, all four sides in view; the left
+    half: half as wide, ending at the middle); a diagonal stroke is replaced by its box (all four corners drawn)."""
+    pg = browser.new_page(viewport={"width": width, "height": 1000})
+    try:
+        pg.goto(app[0])
+        pg.wait_for_selector("#generate", timeout=60_000)
+        pg.locator("#subject-1-region-box").get_by_text("Region (optional)").click()
+        canvas = pg.locator("#subject-1-region-canvas canvas").first
+        sync_api.expect(canvas).to_be_visible(timeout=30_000)
+        pg.wait_for_timeout(1000)
+        outer = pg.locator("#subject-1-region-canvas").bounding_box()
+        box = canvas.bounding_box()
+        assert outer["x"] - 1 <= box["x"] and box["x"] + box["width"] <= outer["x"] + outer["width"] + 1, (box, outer)
+        assert 0 <= box["x"] and box["x"] + box["width"] <= width, (box, width)
+        field = pg.locator("#subject-1-region textarea, #subject-1-region input").first
+        color = PALETTE[0]
+
+        field.fill("0, 0, 1, 1")
+        whole = _region_outline(canvas, color, want=lambda f: _square(f, 1.0))
+        assert whole is not None and _square(whole, 1.0), whole  # the square output's whole grid, outlined
+        x0, y0, x1, y1, near = whole
+        assert x0 > 0 and x1 < box["width"] - 1, (whole[:4], box)  # not cut at either side
+        for side in (slice(x0, x0 + 6), slice(x1 - 6, x1)):  # each side drawn down its whole height
+            assert near[y0:y1, side].any(axis=1).mean() > 0.9, f"the outline's side at x={side} is not whole"
+        field.fill("0, 0, 0.5, 1")
+        half = _region_outline(canvas, color, want=lambda f: _square(f, 0.5))
+        assert half is not None and _square(half, 0.5), half[:4]
+        assert abs(half[0] - x0) <= 2 and abs(half[2] - (x0 + x1) / 2) <= 3, (half[:4], whole[:4])
+
+        brush = pg.locator("#subject-1-region-canvas button[aria-label=Brush]")
+        sync_api.expect(brush).to_have_class(re.compile("highlight"), timeout=10_000)  # selected again, by the app
+        pg.wait_for_timeout(1000)
+        box = canvas.bounding_box()  # where it is now (taking its picture scrolled it into view)
+        cx, cy = box["x"] + (x0 + x1) / 2, box["y"] + (y0 + y1) / 2
+        pg.mouse.move(cx + 35, cy - 40)
+        pg.mouse.down()
+        for k in range(1, 21):  # a diagonal stroke, 40 x 80 screen pixels, in the right half
+            pg.mouse.move(cx + 35 + 2 * k, cy - 40 + 4 * k)
+        pg.mouse.up()
+        pg.mouse.move(1, 1)  # the brush's cursor off the canvas
+        sync_api.expect(field).not_to_have_value("0, 0, 0.5, 1", timeout=30_000)
+        fx0, fy0, fx1, fy1 = (float(v) for v in field.input_value().split(","))
+        assert fx0 > 0.5 and fy0 < 0.5 < fy1, field.input_value()
+        drawn = _region_outline(canvas, color, want=lambda f: _square(f, (fx1 - fx0) / (fy1 - fy0)))
+        assert drawn is not None and _square(drawn, (fx1 - fx0) / (fy1 - fy0)), (drawn[:4], field.input_value())
+        dx0, dy0, dx1, dy1, near = drawn
+        assert dx0 > (x0 + x1) / 2, (drawn[:4], whole[:4])
+        for y, x in ((dy0, dx1 - 1), (dy1 - 1, dx0), (dy0, dx0), (dy1 - 1, dx1 - 1)):  # a box, not the stroke
+            assert near[max(0, y - 2): y + 3, max(0, x - 2): x + 3].any(), (x, y, drawn[:4])
+        pg.locator("#subject-1-region-box").screenshot(path=os.path.join(OUT, f"app_browser_region_{width}.png"))
+    finally:
+        pg.close()

@@ -5,7 +5,7 @@ from PIL import Image
 
 from anystory.app.generate_tab import SLOT_FIELDS, slots_from_values
 from anystory.app.inputs import InputError, SubjectSlot, collect_subjects, drawn_region
-from anystory.app.region_canvas import CANVAS_SIDE, canvas_size, drawn_region_text, region_canvas
+from anystory.app.region_canvas import CANVAS_SIDE, canvas_size, drawn_region_text, region_canvas, typed_box
 from anystory.subjects import AlphaOrWholeImageSegmenter
 
 STAR = "assets/examples/red_striped_star.png"
@@ -60,3 +60,27 @@ def test_the_slot_takes_typed_text_first_then_the_drawing():
     odd = dict(drawn, layers=drawn["layers"] + [Image.new("RGBA", (10, 10), (255, 0, 0, 255))])
     with pytest.raises(InputError, match="Subject 1 \\(cat\\): the region canvas's layers differ in size"):
         collect_subjects([SubjectSlot(STAR, name="cat", region_drawn=odd)], 4, AlphaOrWholeImageSegmenter())
+
+
+def test_a_region_is_shown_as_a_box_on_the_grid_in_place_of_the_strokes():
+    """Issue 30: after drawing or typing, the canvas shows the region itself: outlined in the slot's colour and
+    tinted inside, on the same grid, at the same fractions whatever the output's shape."""
+    color = (0, 130, 200)
+    drawn = _draw(region_canvas(128, 128), (10, 10, 20, 200))
+    value = region_canvas(256, 128, drawn, box=(0.5, 0.0, 1.0, 0.5), color=color)
+    assert value["layers"] == []  # the scribble gives way to its box
+    pixels = np.asarray(value["background"]).astype(int)
+    assert pixels.shape == (CANVAS_SIDE // 2, CANVAS_SIDE, 3)
+    h, w = pixels.shape[:2]
+    assert (pixels[0, w // 2] == color).all() and (pixels[h // 2 - 1, w - 1] == color).all()  # the outline
+    inside = pixels[h // 8, 3 * w // 4 - 5]
+    assert (inside != 255).any() and (np.abs(inside - 255) < 60).all()  # lightly tinted, the grid still shows
+    assert (pixels[3 * h // 4 + 3, w // 4 + 3] == 255).all() and (pixels[h // 8, w // 8] == 255).all()  # outside
+    assert (np.asarray(value["composite"]) == pixels).all()
+    assert drawn_region(value, "s") is None  # the box lives in the Region field, which the canvas only shows
+
+
+def test_typed_text_reads_as_a_box_blank_as_none_and_half_typed_as_unreadable():
+    assert typed_box("0, 0, 0.5, 1") == (True, (0.0, 0.0, 0.5, 1.0))
+    assert typed_box("") == (True, None) and typed_box(None) == (True, None)
+    assert typed_box("0, 0, 0.5") == (False, None) and typed_box("0, 0, 0.5, x") == (False, None)

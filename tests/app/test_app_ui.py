@@ -3,6 +3,8 @@ import importlib
 import os
 import sys
 
+import gradio as gr
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -225,7 +227,7 @@ def blocks_of(demo):
     return demo[0].blocks.values()
 
 
-def test_each_slot_has_a_region_canvas_of_the_output_shape_beside_its_region_field(demo):
+def test_each_slot_has_a_region_canvas_of_the_output_shape_above_its_region_field(demo):
     from anystory.app.region_canvas import canvas_size
 
     blocks, handle = demo
@@ -235,6 +237,14 @@ def test_each_slot_has_a_region_canvas_of_the_output_shape_beside_its_region_fie
         canvas, field = editors[f"subject-{i}-region-canvas"], editors[f"subject-{i}-region"]
         assert type(canvas).__name__ == "ImageEditor" and type(field).__name__ == "Textbox"
         assert canvas.value["background"] is not None and canvas.value["layers"] == []
+    n = handle.max_subjects
     reshape = _handler(blocks, "_reshape")
-    wide = reshape(2 * size, size, *[None] * handle.max_subjects)
-    assert len(wide) == handle.max_subjects and all(v["background"].size == canvas_size(2, 1) for v in wide)
+    wide = reshape(2 * size, size, *[""] * n, *[None] * n)
+    assert len(wide) == n and all(v["background"].size == canvas_size(2, 1) for v in wide)
+    boxed = reshape(2 * size, size, "0, 0, 0.5, 1", *[""] * (n - 1), *wide)  # a typed box goes along
+    first = np.asarray(boxed[0]["background"]).astype(int)
+    assert (first[:, 0] < 225).any(axis=1).all() and (first[:, -1] >= 225).all()  # its left edge, not the right
+    assert (np.asarray(boxed[1]["background"]) == np.asarray(wide[1]["background"])).all()
+    on_text = _handler(blocks, "on_text")  # slot 1's: a typed box is shown; a half-typed one leaves the canvas
+    assert (np.asarray(on_text(2 * size, size, "0, 0, 0.5, 1", wide[0])["background"]) == first).all()
+    assert on_text(2 * size, size, "0, 0, 0.5", wide[0]) == gr.skip()
