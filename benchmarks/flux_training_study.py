@@ -12,11 +12,18 @@ Per held-out scene, one denoising prediction at noise level ``--sigma`` with a g
 - region error: distance between the predicted clean latent's mean over a subject's tokens and the true one's
   (the tiny VAE is random, so colour is read in its latent space, a fixed function of the pixels; lower is
   better);
-- leakage: share of subject regions whose predicted mean is nearer the *other* subject's true mean than its own,
-  with the router on and off (off: every image token sees both subjects' tokens).
+- leakage: share of subject regions whose predicted mean is nearer the *other* subject's true mean than its own;
+  leakage axis: where that mean lies from its own true mean (0) to the other's (1).
 
-Nothing is tuned on the held-out scenes: the training config (configs/flux_tiny.yaml, steps and batch from the
-command line) was fixed before measuring.
+Each with the router on, off (every image token sees both subjects' tokens), the ground-truth routing forced
+and the ground truth swapped (each region sees only the other subject's tokens). The last two are controls: a
+subject path that carries what a subject looks like leaks less under the ground truth than unrouted, and more
+under the swapped one; if it does not, no router can lower leakage. After training, these routings are also
+compared pairwise on the same scenes.
+
+Nothing is tuned on the held-out scenes: settings are chosen on ``--tuning`` scenes (another world seed) and
+passed with ``--set``; the training config is configs/flux_tiny.yaml, steps and batch from the command line.
+Results: docs/training-flux.md, "Tiny-scale proof".
 """
 from __future__ import annotations
 

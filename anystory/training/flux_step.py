@@ -162,9 +162,12 @@ def sample_forward(pipe, scfg: dict, record, inputs: StepInputs, teacher: bool) 
     """One sample's losses (the routing loss when the router ran); ``teacher``: several subjects routed by the
     ground truth instead of the router."""
     pred, logits = conditioned_prediction(pipe, scfg, record, inputs, teacher)
-    error = (pred.float() - (inputs.noise - inputs.latents).float()) ** 2
+    target = (inputs.noise - inputs.latents).float()
     weight = token_weights(token_cover(record.routing_target(), inputs.grid), float(scfg.get("object_weight", 0.0)))
-    out = {"diffusion": error.mean() if weight is None else (error[0] * weight.to(error.device)).mean()}
+    if weight is None:
+        out = {"diffusion": F.mse_loss(pred.float(), target)}
+    else:
+        out = {"diffusion": ((pred.float() - target)[0] ** 2 * weight.to(target.device)).mean()}
     if logits is not None:
         out["routing"], miou = routing_terms(logits, subject_labels(token_cover(record.routing_target(), inputs.grid)))
         out["miou"] = torch.tensor(miou)
