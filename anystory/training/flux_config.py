@@ -42,6 +42,7 @@ class FluxStageConfig(StageConfig):
     subjects: List[float] = field(default_factory=lambda: [0.6, 0.3, 0.1])  # weights of 1, 2, ... subjects
     train: List[str] = field(default_factory=lambda: ["ref", "redux"])  # PARTS / ALIASES
     routing_weight: float = 0.0
+    object_weight: float = 0.0  # image tokens weigh 1 + object_weight x (their share of subject pixels)
     redux_scale: float = 1.0
     guidance: float = 3.5
     generic_caption: float = 0.3

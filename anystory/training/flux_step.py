@@ -118,19 +118,22 @@ class StepInputs:
     reference_seed: int
 
 
-def conditioned_prediction(pipe, scfg: dict, record, inputs: StepInputs, teacher: bool, use_router: bool = True):
+def conditioned_prediction(pipe, scfg: dict, record, inputs: StepInputs, teacher: bool, use_router: bool = True,
+                           maps: Optional[torch.Tensor] = None):
     """The transformer's prediction for one sample with its subjects, and the routed blocks' logits (``None``
     when the router does not run). ``teacher``: several subjects routed by the ground truth; ``use_router``
-    False: not routed at all (every image token sees every subject)."""
+    False: not routed at all (every image token sees every subject); ``maps``: ``[N, I]`` 0/1, this routing
+    forced instead (a study's controls)."""
     device = pipe.transformer.device
     prepared = pipe.check_subjects(record.references, "app")
     n = len(prepared)
     cond = pipe.conditioning_inputs(prepared, device, torch.Generator().manual_seed(inputs.reference_seed), steps=1,
                                     grid=inputs.grid, redux_scale=float(scfg["redux_scale"]), redux_start_at=0.0,
                                     redux_end_at=1.0, ref_start_at=0.0, ref_end_at=1.0, use_router=n > 1 and use_router)
-    if n > 1 and teacher:
-        cond = dataclasses.replace(cond, forced_maps=truth_maps(token_cover(record.routing_target(), inputs.grid))
-                                   .to(device), use_router=False)
+    if n > 1 and teacher and maps is None:
+        maps = truth_maps(token_cover(record.routing_target(), inputs.grid))
+    if maps is not None:
+        cond = dataclasses.replace(cond, forced_maps=maps.to(device), use_router=False)
     state = pipe.start_anystory_call(cond)
     routed = cond.use_router
     state.router_logits = [] if routed else None
@@ -144,11 +147,26 @@ def conditioned_prediction(pipe, scfg: dict, record, inputs: StepInputs, teacher
     return pred, logits
 
 
+def token_weights(cover: torch.Tensor, object_weight: float) -> Optional[torch.Tensor]:
+    """``[I, 1]`` loss weights, mean 1: an image token weighs ``1 + object_weight`` x the share of it subjects
+    cover. Subjects cover a few percent of a scene, so a plain loss is spent on the backdrop, where the
+    references carry nothing; None when the weight is 0."""
+    if not object_weight:
+        return None
+    weight = 1.0 + object_weight * (1.0 - cover[-1])
+    return (weight / weight.mean())[:, None]
+
+
 def sample_forward(pipe, scfg: dict, record, inputs: StepInputs, teacher: bool) -> Dict[str, torch.Tensor]:
     """One sample's losses (the routing loss when the router ran); ``teacher``: several subjects routed by the
     ground truth instead of the router."""
     pred, logits = conditioned_prediction(pipe, scfg, record, inputs, teacher)
-    out = {"diffusion": F.mse_loss(pred.float(), (inputs.noise - inputs.latents).float())}
+    target = (inputs.noise - inputs.latents).float()
+    weight = token_weights(token_cover(record.routing_target(), inputs.grid), float(scfg.get("object_weight", 0.0)))
+    if weight is None:
+        out = {"diffusion": F.mse_loss(pred.float(), target)}
+    else:
+        out = {"diffusion": ((pred.float() - target)[0] ** 2 * weight.to(target.device)).mean()}
     if logits is not None:
         out["routing"], miou = routing_terms(logits, subject_labels(token_cover(record.routing_target(), inputs.grid)))
         out["miou"] = torch.tensor(miou)
