@@ -6,7 +6,8 @@ One row per scene of the routing study's held-out world (never seen in training;
 from the study's pairs and one-subject seeds): the subjects' reference views (framed in their map colours), the output for the prompt that
 names no subject ("two objects on sand" - so the looks can only come from the references), the same output with
 the last step's routing map over it (each subject in its map colour), and the routing map alone. The default
-sampling settings are the app's. Nothing is picked: rows are the first ``--rows`` scenes for each count.
+sampling settings are the miniature's preset (the app's). Nothing is picked: rows are the first ``--rows`` scenes
+for each count.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from anystory import Subject
+from anystory.cli_options import add_miniature_sampling
 from anystory.data.synthetic import IDENTITIES, SyntheticWorld, WorldConfig, generic_caption_for
 from anystory.loading import load_miniature
 from anystory.subjects import prepare_subjects
@@ -77,11 +79,8 @@ def figure_row(pipe, world: SyntheticWorld, index: int, count: int, steps: int, 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.miniature_figure", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="a miniature folder (default: the shipped assets/miniature)")
+    add_miniature_sampling(p)  # --model, --classifier (unused here), --steps, --guidance, --threads
     p.add_argument("--rows", type=int, default=2, help="scenes per subject count (1, 2 and 3 subjects)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/miniature_figure.png")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
