@@ -2,12 +2,12 @@
 
     python -m benchmarks.miniature_figure [--model assets/miniature] [--rows 2] [--out runs/miniature_figure.png]
 
-One row per scene of the routing study's held-out world (never seen in training; seed index 50000 + 10 x count + row, away from
-the study's pairs and one-subject seeds): the subjects' reference views (framed in their map colours), the output
-for the prompt that names no subject ("two objects on sand" - so the looks can only come from the references), the
-same output with the last step's routing map over it (each subject in its map colour), and the routing map alone.
-The default sampling settings are the miniature's preset (the app's). Nothing is picked: rows are the first
-``--rows`` scenes for each count.
+One row per scene of the routing study's held-out world (never seen in training; seed index 50000 + 10 x count +
+row, away from the study's pairs and one-subject seeds): the subjects' reference views (framed in their map
+colours), the output for the prompt that names no subject ("two objects on sand" - so the looks can only come from
+the references), the same output with the last step's routing map over it (each subject in its map colour), and the
+routing map alone. The default sampling settings are the miniature's preset (the app's). Nothing is picked: rows are
+the first ``--rows`` scenes for each count.
 """
 from __future__ import annotations
 
