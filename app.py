@@ -118,14 +118,18 @@ def _ex(name):
 
 STAR, MOON, HEART, TRIANGLE = (_ex(f"{n}.png") for n in ("red_striped_star", "blue_dotted_moon", "yellow_dotted_heart",
                                                          "orange_striped_triangle"))
-#: [subjects, subject 1's mask, subject 1..4 images, prompt, seed]; each row is reproducible (fixed seed).
+#: [subjects, subject 1's mask, subject 1..4 images, prompt, seed]; each row is reproducible (fixed seed). Subjects
+#: and backdrops of the miniature's world, so the miniature can draw them.
 EXAMPLES = [
-    [1, None, STAR, None, None, None, "a red striped star on grass", 1],
+    [1, None, STAR, None, None, None, "a red striped star on clay", 1],
     [2, None, STAR, MOON, None, None, "a red striped star and a blue dotted moon on sand", 7],
     [2, _ex("green_checkered_square_mask.png"), _ex("green_checkered_square.png"), STAR, None, None,
      "a green checkered square and a red striped star on snow", 3],
     [3, None, STAR, MOON, HEART, None, "a red striped star, a blue dotted moon and a yellow dotted heart on sand", 11],
-    [4, None, STAR, MOON, HEART, TRIANGLE, "four objects on grass: a star, a moon, a heart and a triangle", 21],
+    [4, None, STAR, MOON, HEART, TRIANGLE, "four objects on stone: a star, a moon, a heart and a triangle", 21],
+]
+#: Photos (public-domain / CC0, from scikit-image): for SDXL or FLUX weights; the miniature never saw a photo.
+PHOTO_EXAMPLES = [
     [2, None, _ex("astronaut.png"), _ex("cat.png"), None, None, "an astronaut holding a cat in a garden", 5],
     [2, None, _ex("cat.png"), _ex("coffee.png"), None, None, "a cat next to a cup of coffee on a wooden table", 9],
 ]
@@ -355,13 +359,22 @@ def _generate_tab(demo, handle: ModelHandle, segmenter, kept: SessionFiles, jobs
     on_generate = _generate_handler(handle, segmenter, kept, jobs, n_slots)
     run_btn.click(on_generate, [count, prompt] + settings + slot_inputs, outputs[:5] + [matting_status, outputs[5]],
                   show_progress="hidden")
-    ex_images = [slot_inputs[k * fields] for k in range(n_slots)]
-    gr.Examples(examples=[[row[6]] + row[2: 2 + n_slots] + [row[1], row[7], row[0]] for row in EXAMPLES
-                          if row[0] <= n_slots],
-                inputs=[prompt] + ex_images + [slot_inputs[1], settings[1], count],
-                label="Examples: 1 to 4 subjects, each with a fixed seed (synthetic subjects of the miniature's world; "
-                      "public-domain / CC0 photos from scikit-image)", elem_id="examples")
+    ex_inputs = [prompt] + [slot_inputs[k * fields] for k in range(n_slots)] + [slot_inputs[1], settings[1], count]
+    for rows, label, elem in ((EXAMPLES, "Examples: 1 to 4 subjects of the miniature's synthetic world, each with a "
+                                         "fixed seed", "examples"),
+                              (PHOTO_EXAMPLES, _photo_examples_label(handle.kind), "photo-examples")):
+        gr.Examples(examples=[[row[6]] + row[2: 2 + n_slots] + [row[1], row[7], row[0]] for row in rows
+                              if row[0] <= n_slots], inputs=ex_inputs, label=label, elem_id=elem)
     return on_generate
+
+
+def _photo_examples_label(kind: str) -> str:
+    """Said in the UI, not only in the docs: the miniature was trained on its synthetic world alone."""
+    label = "Photo examples (public-domain / CC0 photos from scikit-image)"
+    if kind in ("sdxl", "flux"):
+        return label
+    return label + (f": these need SDXL or FLUX weights - the model running now ({kind}) knows only the synthetic "
+                    "world and turns a photo into a coloured blob")
 
 
 def _output_panel() -> list:

@@ -122,11 +122,23 @@ def test_each_slot_shows_the_mask_it_will_use_and_an_editor_to_replace_it(demo):
 
 def test_examples_cover_one_to_four_subjects_each_with_a_seed_and_real_files():
     assert sorted({row[0] for row in app.EXAMPLES}) == [1, 2, 3, 4]
-    for subjects, mask, *images, prompt, seed in app.EXAMPLES:
+    for subjects, mask, *images, prompt, seed in app.EXAMPLES + app.PHOTO_EXAMPLES:
         assert isinstance(seed, int) and seed >= 0 and prompt
         given = [p for p in images if p]
         assert len(given) == subjects and images[:subjects] == given  # filled slots first, none skipped
         assert all(os.path.isfile(p) for p in given + ([mask] if mask else []))
+
+
+def test_synthetic_examples_name_backdrops_of_the_world_and_photo_examples_say_what_they_need(demo):
+    from anystory.data.synthetic import BACKGROUNDS
+
+    assert all(any(f"on {b}" in row[6] for b in BACKGROUNDS) for row in app.EXAMPLES)
+    blocks, handle = demo
+    labels = {c["props"].get("elem_id"): c["props"].get("label") for c in blocks.get_config_file()["components"]}
+    assert "synthetic world" in labels["examples"]
+    assert handle.kind not in ("sdxl", "flux") and "need SDXL or FLUX weights" in labels["photo-examples"]
+    assert "need SDXL or FLUX weights" in app._photo_examples_label("miniature")
+    assert "need" not in app._photo_examples_label("sdxl") and "need" not in app._photo_examples_label("flux")
 
 
 def test_the_example_story_ships_with_its_references():
