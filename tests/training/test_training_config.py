@@ -134,6 +134,8 @@ def _values_the_stages_read(name):
                                "model.tiny_spec.block_out_channels": [32, 64]},
         "miniature_v2d.yaml": {**common, "threads": 1, "work_dir": "runs/miniature_v2d", "base.object_weight": 6.0,
                                "world.max_rotation": 15, "model.tiny_spec.block_out_channels": [32, 64]},
+        "miniature_v2g.yaml": {**common, "threads": 1, "work_dir": "runs/miniature_v2g", "base.object_weight": 6.0,
+                               "world.max_rotation": 15, "base.steps": 30000},
         "miniature_v2e.yaml": {**common, "threads": 1, "work_dir": "runs/miniature_v2e", "base.object_weight": 6.0,
                                "world.max_rotation": 15, "model.tiny_spec.block_out_channels": [32, 64, 64],
                                "model.tiny_spec.attention_head_dim": [2, 4, 4]},
