@@ -20,7 +20,8 @@ from anystory.app import generate_tab, storyboard_run, storyboard_tab
 from anystory.app.jobs import SessionJobs, one_job_per_session
 from anystory.app.retention import (DEFAULT_RETENTION_S, RETENTION_ENV, SessionFiles, anonymize_uploads, private_root,
                                     retention_seconds)
-from anystory.app.background import background_controls
+from anystory.app.background import LABEL as BACKGROUND_LABEL
+from anystory.app.background import STRENGTH_LABEL, STRENGTH_RANGE, background_controls
 from anystory.app.gallery import captioned, frame_items, routing_items
 from anystory.app.editor_limits import LimitedEditor
 from anystory.app.environment import probe_environment
@@ -461,9 +462,10 @@ def _shot_table():
 
 
 
-def _story_settings(seed_v, steps_v) -> dict:
-    """The form's story seed and steps as sent (the script's rules name a bad one); -1 is "random"."""
-    return {"seed": None if random_seed(seed_v) else seed_v, "steps": steps_v}
+def _story_settings(seed_v, steps_v, background_v=None, background_start_v=None) -> dict:
+    """The form's story seed, steps and background as sent (the script's rules name a bad one); -1 is "random"."""
+    return {"seed": None if random_seed(seed_v) else seed_v, "steps": steps_v, "background": background_v,
+            "background_start": background_start_v}
 
 
 def _story_form(d, kept: SessionFiles) -> SimpleNamespace:
@@ -495,6 +497,7 @@ def _story_form(d, kept: SessionFiles) -> SimpleNamespace:
                                minimum=-1, maximum=MAX_SEED)
         story_steps = gr.Slider(1, 100, value=d.steps, step=1, label="Steps", info=SLIDER_HELP["story_steps"])
         raw_number(story_seed), raw_number(story_steps)
+    story_bg, story_bg_start = _story_background(on_reference)
     with gr.Row():
         story_btn = gr.Button("Generate storyboard", variant="primary", elem_id="generate-storyboard")
         example_btn = gr.Button("Load the example story (references included)", elem_id="story-example")
@@ -511,9 +514,22 @@ def _story_form(d, kept: SessionFiles) -> SimpleNamespace:
                               elem_id="story-routes")
     story_legend = gr.HTML()
     return SimpleNamespace(char_inputs=char_inputs, shots=shots, title=story_title, seed=story_seed,
-                           steps=story_steps, run_btn=story_btn, example_btn=example_btn, export_btn=export_btn,
+                           steps=story_steps, background=story_bg, background_start=story_bg_start, run_btn=story_btn, example_btn=example_btn, export_btn=export_btn,
                            upload=script_upload, exported=script_files, status=story_status,
                            progress=story_progress, frames=frames, routes=frame_routes, legend=story_legend)
+
+
+def _story_background(on_upload):
+    """The whole story's background reference (a script's ``settings.background``; a shot's own stays in scripts)."""
+    with gr.Accordion("Background reference for every shot (optional, SDXL only)", open=False,
+                      elem_id="story-background-reference"):
+        image = UploadImage(label=BACKGROUND_LABEL, type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                            height=160, elem_id="story-background")
+        image.upload(on_upload, image, None, queue=False, show_progress="hidden")
+        strength = gr.Number(label=f"{STRENGTH_LABEL} (empty: the model's own)", value=None,
+                             minimum=STRENGTH_RANGE[0], maximum=STRENGTH_RANGE[1], step=0.1,
+                             elem_id="story-background-strength")
+    return image, strength
 
 
 def _story_import(f: SimpleNamespace, kept: SessionFiles, d) -> None:
@@ -522,13 +538,13 @@ def _story_import(f: SimpleNamespace, kept: SessionFiles, d) -> None:
 
     def on_import(request: gr.Request, path):
         if not path:
-            return [gr.update()] * (len(char_inputs) + 5)
+            return [gr.update()] * (len(char_inputs) + 7)
         kept.claim(request, path)
         try:
             script, missing = import_script(path, kept.folder(request))
             values, rows = storyboard_tab.ui_from_script(script)
         except USER_ERRORS as e:
-            return _refuse(e, len(char_inputs) + 5, "Import failed", status_at=-1)
+            return _refuse(e, len(char_inputs) + 7, "Import failed", status_at=-1)
         note = f"Imported '{script.title or os.path.basename(path)}': {len(script.characters)} characters, " \
                f"{len(script.shots)} shots."
         if missing:
@@ -538,9 +554,10 @@ def _story_import(f: SimpleNamespace, kept: SessionFiles, d) -> None:
             note += (" This page has no field for, and will not use: " + ", ".join(unused[:12])
                      + (f" and {len(unused) - 12} more" if len(unused) > 12 else "") + ".")
         return values + [rows, script.title, script.settings.get("seed", -1),
-                         script.settings.get("steps") or d.steps, note]
+                         script.settings.get("steps") or d.steps, script.settings.get("background"),
+                         script.settings.get("background_start"), note]
 
-    story_fields = char_inputs + [f.shots, f.title, f.seed, f.steps, f.status]
+    story_fields = char_inputs + [f.shots, f.title, f.seed, f.steps, f.background, f.background_start, f.status]
     f.upload.upload(on_import, f.upload, story_fields)
     # the shipped script is read where it lies, so its relative reference paths resolve (an upload of the
     # bare YAML cannot carry its images: that is what the exported .zip bundle is for)
@@ -552,34 +569,43 @@ def _story_import(f: SimpleNamespace, kept: SessionFiles, d) -> None:
 
 def _story_export(f: SimpleNamespace, kept: SessionFiles) -> None:
     """Export: the form as script.yaml, script.json and a .zip bundle with the references."""
-    def on_export(request: gr.Request, title, rows, seed_v, steps_v, *values):
-        kept.claim(request, *values)
+    def on_export(request: gr.Request, title, rows, seed_v, steps_v, background_v, background_start_v, *values):
+        kept.claim(request, background_v, *values)
         try:
-            script = storyboard_tab.script_from_ui(values, rows, title, _story_settings(seed_v, steps_v))
+            script = storyboard_tab.script_from_ui(values, rows, title,
+                                                   _story_settings(seed_v, steps_v, background_v, background_start_v))
             return storyboard_tab.export_script_files(script, kept.folder(request)), ""
         except USER_ERRORS as e:
             return _refuse(e, 2, "Cannot export", status_at=1)
 
-    f.export_btn.click(on_export, [f.title, f.shots, f.seed, f.steps] + f.char_inputs, [f.exported, f.status])
+    f.export_btn.click(on_export, _story_inputs(f), [f.exported, f.status])
+
+
+def _story_inputs(f: SimpleNamespace) -> list:
+    """What export and generate read from the form, in their handlers' order."""
+    return [f.title, f.shots, f.seed, f.steps, f.background, f.background_start] + f.char_inputs
 
 
 def _storyboard_handler(handle: ModelHandle, segmenter, kept: SessionFiles, jobs: SessionJobs):
     """The Generate storyboard button's handler: frames appear as they are made."""
     @gpu
-    def on_storyboard(request: gr.Request, title, rows, seed_v, steps_v, *values):
+    def on_storyboard(request: gr.Request, title, rows, seed_v, steps_v, background_v, background_start_v, *values):
         """A generator: frames appear as they are made, the stage and ETA stream into #story-progress. The
         session's job from the first line to the last."""
         cancel = jobs.start(request)
         try:
-            yield from run_storyboard(request, cancel, title, rows, seed_v, steps_v, *values)
+            yield from run_storyboard(request, cancel, title, rows, (seed_v, steps_v, background_v, background_start_v),
+                                      *values)
         finally:
             jobs.finish(request, cancel)
 
-    def run_storyboard(request, cancel, title, rows, seed_v, steps_v, *values):
-        kept.claim(request, *values)
+    def run_storyboard(request, cancel, title, rows, form, *values):
+        """``form``: the story's (seed, steps, background, background strength) as sent."""
+        seed_v, steps_v, background_v, _ = form
+        kept.claim(request, background_v, *values)
         shown, routes, legend_text = [], [], ""
         try:
-            script = storyboard_tab.script_from_ui(values, rows, title, _story_settings(seed_v, steps_v))
+            script = storyboard_tab.script_from_ui(values, rows, title, _story_settings(*form))
         except USER_ERRORS as e:
             yield _refuse(e, 5, "Cannot generate the storyboard", status_at=2)
             return
@@ -631,7 +657,7 @@ def _storyboard_tab(handle: ModelHandle, segmenter, kept: SessionFiles, jobs: Se
     _story_import(f, kept, handle.defaults)
     _story_export(f, kept)
     on_storyboard = _storyboard_handler(handle, segmenter, kept, jobs)
-    f.run_btn.click(on_storyboard, [f.title, f.shots, f.seed, f.steps] + f.char_inputs,
+    f.run_btn.click(on_storyboard, _story_inputs(f),
                     [f.frames, f.routes, f.status, f.legend, f.progress], show_progress="hidden")
     return on_storyboard
 

@@ -107,8 +107,7 @@ def ui_from_script(script: Script, slots: int = STORY_SLOTS) -> tuple:
 def unused_fields(script: Script) -> List[str]:
     """The script's fields this page has no place for (they would be lost on generate or export), named as in the
     script, so an import can say which it could not use."""
-    unused = [f"settings.{k}" for k in ("guidance", "width", "height", "negative_prompt", "background",
-                                        "background_start")
+    unused = [f"settings.{k}" for k in ("guidance", "width", "height", "negative_prompt")
               if script.settings.get(k) not in (None, "")]
     for c in script.characters:
         unused += [f"character '{c.alias}' {what}" for what, used in (

@@ -316,7 +316,7 @@ def test_storyboard_names_a_bad_story_seed(page, monkeypatch):
     demo, _ = page
     told = _told(monkeypatch)
     chars = ["star", "a red star", STAR] + ["", "", None] * 5
-    list(_handler(demo, "on_storyboard")(None, "t", [["{star} on sand", "", ""]], "lucky", 2, *chars))
+    list(_handler(demo, "on_storyboard")(None, "t", [["{star} on sand", "", ""]], "lucky", 2, None, None, *chars))
     assert len(told) == 1 and "Story seed must be a" in told[0], told
 
 

@@ -47,7 +47,8 @@ def test_story_and_shot_backgrounds_parse_and_a_shot_overrides(story_dir):
     assert [p.background_start for p in plans] == [0.5, 2.0, 0.5]  # a shot's own strength, else the story's
     assert plans[0].background_field == "Shot 1 background (settings.background)"
     assert plans[1].background_field == "Shot 2 background"
-    assert "settings.background" in unused_fields(script) and "shot 2 background" in unused_fields(script)
+    assert "settings.background" not in unused_fields(script)  # the Storyboard tab has a field for the story's
+    assert "shot 2 background" in unused_fields(script)  # a shot's own: scripts only
 
 
 @pytest.mark.parametrize("fmt", ["yaml", "json"])
@@ -101,3 +102,26 @@ def test_each_shot_reaches_the_pipeline_with_its_background_or_is_refused_by_sho
     assert [Image.Image.getpixel(c.kwargs["background"], (0, 0)) for c in checked] == [(230, 210, 160),
                                                                                         (10, 10, 40), (10, 10, 40)]
     assert [c.kwargs["background_start"] for c in checked] == [0.5, 2.0, 0.5]
+
+
+def test_the_storyboard_tab_imports_exports_and_runs_the_story_background(story_dir, handle, monkeypatch, tmp_path):
+    import app
+    from anystory.matting import LazyBiRefNetSegmenter
+
+    blocks = app.build_demo(handle, LazyBiRefNetSegmenter(), out_root=str(tmp_path / "out"))
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in blocks.fns.values()}
+    imported = fns["on_import"](None, str(story_dir / "script.json"))
+    background, strength, note = imported[-3:]
+    assert os.path.basename(background) == "beach.png" and strength == 0.5
+    assert "settings.background" not in note and "shot 2 background" in note
+    chars = ["star", "a red star", str(story_dir / "star.png")] + ["", "", None] * 5
+    rows = [["{star} on sand", "", ""]]
+    files, status = fns["on_export"](None, "t", rows, 1, 2, background, 1.5, *chars)
+    exported = parse_script(open(next(f for f in files if f.endswith(".yaml"))).read(), "yaml")
+    assert status == "" and exported.settings["background_start"] == 1.5
+    assert os.path.basename(exported.settings["background"]) == "beach.png"
+    seen = []
+    monkeypatch.setattr(app.storyboard_run, "storyboard_frames",
+                        lambda handle, seg, script, *a, **k: seen.append(script.settings) or iter(()))
+    list(fns["on_storyboard"](None, "t", rows, 1, 2, background, 1.5, *chars))
+    assert seen and seen[0]["background"] == background and seen[0]["background_start"] == 1.5

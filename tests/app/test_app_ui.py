@@ -198,7 +198,7 @@ def test_storyboard_tells_a_bug_from_bad_input(demo, monkeypatch):
 
     monkeypatch.setattr(app.storyboard_run, "storyboard_frames", fails)
     chars = ["star", "a red star", STAR] + ["", "", None] * 5
-    out = list(_handler(blocks, "on_storyboard")(None, "t", [["{star} on sand", "", ""]], 1, 2, *chars))
+    out = list(_handler(blocks, "on_storyboard")(None, "t", [["{star} on sand", "", ""]], 1, 2, None, None, *chars))
     assert out[-1][:2] == [gr.skip()] * 2 and out[-1][3] == gr.skip()
     assert told == [("Internal error", told[0][1])] and "AttributeError" in told[0][1]
     assert "Internal error" in out[-1][2] and "AttributeError" in out[-1][2]  # the status line says it too
@@ -211,15 +211,15 @@ def test_every_storyboard_script_error_is_in_the_status_line_as_well_as_the_toas
     monkeypatch.setattr(app.gr, "Warning", lambda message, title=None, duration=None: told.append(message))
     chars = ["star", "a red star", STAR] + ["", "", None] * 5
     bad_rows = [["{moon} on sand", "", ""]]  # an alias no character has
-    out = list(_handler(blocks, "on_storyboard")(None, "t", bad_rows, 1, 2, *chars))
+    out = list(_handler(blocks, "on_storyboard")(None, "t", bad_rows, 1, 2, None, None, *chars))
     assert len(told) == 1 and told[0] in out[-1][2] and "moon" in out[-1][2]
-    files, status = _handler(blocks, "on_export")(None, "t", bad_rows, 1, 2, *chars)
+    files, status = _handler(blocks, "on_export")(None, "t", bad_rows, 1, 2, None, None, *chars)
     assert len(told) == 2 and told[1] in status
     bad_yaml = tmp_path / "story.yaml"
     bad_yaml.write_text("title: t\nshots: [{prompt: '{moon} on sand'}]\n")
     imported = _handler(blocks, "on_import")(None, str(bad_yaml))
     assert len(told) == 3 and told[2] in imported[-1] and imported[-1].startswith("**Import failed:**")
-    files, status = _handler(blocks, "on_export")(None, "t", [["{star} on sand", "", ""]], 1, 2, *chars)
+    files, status = _handler(blocks, "on_export")(None, "t", [["{star} on sand", "", ""]], 1, 2, None, None, *chars)
     assert status == "" and len(files) == 3  # a good export clears the earlier message
 
 
