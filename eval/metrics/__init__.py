@@ -22,7 +22,7 @@ COPY_PASTE_BASES = ("dino", "clip_i", "face_id")
 
 @dataclass
 class MetricSettings:
-    names: Optional[Sequence[str]] = None  # None: the bench's default (eval.run.default_metric_names); all here
+    names: Optional[Sequence[str]] = None  # None: every metric but the opt-in ones (a bench's own: eval.run)
     clip_model: str = DEFAULT_CLIP_MODEL
     clip_pretrained: str = DEFAULT_CLIP_PRETRAINED
     dino_model: str = DEFAULT_DINO_MODEL
@@ -36,7 +36,7 @@ class MetricSettings:
 def build_metrics(s: MetricSettings) -> List[Metric]:
     """The requested metrics (not loaded yet); copy-paste gets one column per fidelity metric it can build on."""
     if s.names is None:
-        s = replace(s, names=METRIC_NAMES)
+        s = replace(s, names=tuple(n for n in METRIC_NAMES if n not in OPT_IN_METRICS))
     unknown = sorted(set(s.names) - set(METRIC_NAMES))
     if unknown:
         raise ValueError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRIC_NAMES)}")
