@@ -529,6 +529,7 @@ def _story_background(on_upload):
         strength = gr.Number(label=f"{STRENGTH_LABEL} (empty: the model's own)", value=None,
                              minimum=STRENGTH_RANGE[0], maximum=STRENGTH_RANGE[1], step=0.1,
                              elem_id="story-background-strength")
+        raw_number(strength)
     return image, strength
 
 

@@ -328,4 +328,4 @@ def test_an_import_says_which_fields_the_page_cannot_use(page, tmp_path):
     path.write_text(json.dumps(script))
     out = _handler(demo, "on_import")(None, str(path))
     assert "will not use: settings.guidance, shot 1 seed, shot 1 negative_prompt." in out[-1]
-    assert out[-3] == 3  # the story seed is a field: kept
+    assert out[-5] == 3  # the story seed is a field: kept (then steps, background, its strength, the note)
