@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from .data import choose_captions, images_to_tensor, indices, world_for
-from .diffusion import diffusion_loss, encode_images, noisy_latents, text_conditioning, training_scheduler
+from .diffusion import (diffusion_loss, encode_images, noisy_latents, subject_weights, text_conditioning,
+                        training_scheduler)
 from .loop import StageLoop, make_accelerator
 
 
@@ -32,15 +33,13 @@ def base_step(cfg: dict, pipe, world, scheduler, step: int, batch: int, generato
 
 
 def object_weights(scenes, size, object_weight: float):
-    """``[B, 1, h, w]`` loss weights, mean 1 per sample: a latent cell weighs ``1 + object_weight`` x its share of
-    subject pixels. Subjects cover a few percent of a scene, so a plain loss spends itself on the backdrop and
-    the model learns colour (many pixels) long before shape (a few boundary pixels); None when the weight is 0."""
+    """``[B, 1, h, w]`` loss weights, mean 1 per sample (:func:`subject_weights` of each latent cell's share of
+    subject pixels): without them the model learns colour (many pixels) long before shape (a few boundary
+    pixels); None when the weight is 0."""
     if not object_weight:
         return None
     masks = torch.from_numpy(np.stack([s.masks.any(axis=0) for s in scenes]).astype(np.float32))[:, None]
-    share = torch.nn.functional.adaptive_avg_pool2d(masks, tuple(size))
-    weight = 1.0 + object_weight * share
-    return weight / weight.mean(dim=(1, 2, 3), keepdim=True)
+    return subject_weights(torch.nn.functional.adaptive_avg_pool2d(masks, tuple(size)), object_weight, (1, 2, 3))
 
 
 def train_base(cfg: dict, pipe, log=print) -> dict:

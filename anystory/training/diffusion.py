@@ -65,6 +65,16 @@ def noisy_latents(scheduler: DDPMScheduler, latents: torch.Tensor, generator: to
     return scheduler.add_noise(latents, noise, t), noise, t
 
 
+def subject_weights(share: torch.Tensor, object_weight: float, dims) -> Optional[torch.Tensor]:
+    """Loss weights from ``share`` (how much of each position subjects cover): ``1 + object_weight`` x share,
+    normalised to mean 1 over ``dims``. Subjects cover a few percent of a scene, so a plain loss spends itself on
+    the backdrop; None when the weight is 0 (the plain loss)."""
+    if not object_weight:
+        return None
+    weight = 1.0 + object_weight * share
+    return weight / weight.mean(dim=dims, keepdim=True)
+
+
 def diffusion_loss(scheduler: DDPMScheduler, pred: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                    snr_gamma: float = 0.0, pixel_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """MSE to the noise; with ``snr_gamma`` > 0, Min-SNR weighting (Hang et al. 2023), which trains faster;

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..routing import route_decision
 from .data import choose_captions, images_to_tensor, subject_count
+from .diffusion import subject_weights
 
 #: the data stream (and ``data.<stage>`` entry) each FLUX stage reads: paired data as stage 1, multi-subject as 2
 DATA_STAGE = {"flux_subject": "stage1", "flux_router": "stage2"}
@@ -148,13 +149,10 @@ def conditioned_prediction(pipe, scfg: dict, record, inputs: StepInputs, teacher
 
 
 def token_weights(cover: torch.Tensor, object_weight: float) -> Optional[torch.Tensor]:
-    """``[I, 1]`` loss weights, mean 1: an image token weighs ``1 + object_weight`` x the share of it subjects
-    cover. Subjects cover a few percent of a scene, so a plain loss is spent on the backdrop, where the
-    references carry nothing; None when the weight is 0."""
-    if not object_weight:
-        return None
-    weight = 1.0 + object_weight * (1.0 - cover[-1])
-    return (weight / weight.mean())[:, None]
+    """``[I, 1]`` loss weights, mean 1 (:func:`subject_weights` of the share of each image token subjects cover):
+    the references carry nothing on the backdrop; None when the weight is 0."""
+    weight = subject_weights(1.0 - cover[-1], object_weight, 0)
+    return None if weight is None else weight[:, None]
 
 
 def sample_forward(pipe, scfg: dict, record, inputs: StepInputs, teacher: bool) -> Dict[str, torch.Tensor]:
