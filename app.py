@@ -20,8 +20,7 @@ from anystory.app import generate_tab, storyboard_run, storyboard_tab
 from anystory.app.jobs import SessionJobs, one_job_per_session
 from anystory.app.retention import (DEFAULT_RETENTION_S, RETENTION_ENV, SessionFiles, anonymize_uploads, private_root,
                                     retention_seconds)
-from anystory.app.background import LABEL as BACKGROUND_LABEL
-from anystory.app.background import STRENGTH_LABEL, STRENGTH_RANGE, background_controls
+from anystory.app.background import background_controls
 from anystory.app.gallery import captioned, frame_items, routing_items
 from anystory.app.editor_limits import LimitedEditor
 from anystory.app.environment import probe_environment
@@ -514,22 +513,18 @@ def _story_form(d, kept: SessionFiles) -> SimpleNamespace:
                               elem_id="story-routes")
     story_legend = gr.HTML()
     return SimpleNamespace(char_inputs=char_inputs, shots=shots, title=story_title, seed=story_seed,
-                           steps=story_steps, background=story_bg, background_start=story_bg_start, run_btn=story_btn, example_btn=example_btn, export_btn=export_btn,
+                           steps=story_steps, background=story_bg, background_start=story_bg_start,
+                           run_btn=story_btn, example_btn=example_btn, export_btn=export_btn,
                            upload=script_upload, exported=script_files, status=story_status,
                            progress=story_progress, frames=frames, routes=frame_routes, legend=story_legend)
 
 
 def _story_background(on_upload):
     """The whole story's background reference (a script's ``settings.background``; a shot's own stays in scripts)."""
-    with gr.Accordion("Background reference for every shot (optional, SDXL only)", open=False,
-                      elem_id="story-background-reference"):
-        image = UploadImage(label=BACKGROUND_LABEL, type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                            height=160, elem_id="story-background")
-        image.upload(on_upload, image, None, queue=False, show_progress="hidden")
-        strength = gr.Number(label=f"{STRENGTH_LABEL} (empty: the model's own)", value=None,
-                             minimum=STRENGTH_RANGE[0], maximum=STRENGTH_RANGE[1], step=0.1,
-                             elem_id="story-background-strength")
-        raw_number(strength)
+    image, strength = background_controls("Background reference for every shot (optional, SDXL only)",
+                                          "story-background", type="filepath")
+    image.upload(on_upload, image, None, queue=False, show_progress="hidden")
+    raw_number(strength)
     return image, strength
 
 

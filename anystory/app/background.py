@@ -39,16 +39,19 @@ def background_call(handle, image: Any, strength: Any = None, what: str = LABEL)
     return {"background": picture, "background_start": start}
 
 
-def background_controls():
-    """The Generate tab's optional background: a collapsed accordion with the image and its strength.
-    Returns ``(image, strength)`` components, in the order :func:`background_call` takes their values."""
+def background_controls(title: str = "Background reference (optional, SDXL only)", elem: str = "background",
+                        **image_options):
+    """An optional background: a collapsed accordion with the image and its strength (the Generate tab's, and with
+    its own ``title``, element ids and image options the Storyboard tab's). Returns ``(image, strength)``
+    components, in the order :func:`background_call` takes their values."""
     import gradio as gr
 
     from .upload_image import UploadImage
 
-    with gr.Accordion("Background reference (optional, SDXL only)", open=False, elem_id="background-reference"):
-        image = UploadImage(label=LABEL, image_mode=None, sources=["upload", "clipboard"], height=160, elem_id="background-image")
+    with gr.Accordion(title, open=False, elem_id=f"{elem}-reference"):
+        image = UploadImage(label=LABEL, image_mode=None, sources=["upload", "clipboard"], height=160,
+                            elem_id=f"{elem}-image", **image_options)
         strength = gr.Number(label=f"{STRENGTH_LABEL} (empty: the model's own)", value=None,
                              minimum=STRENGTH_RANGE[0], maximum=STRENGTH_RANGE[1], step=0.1,
-                             elem_id="background-strength")
+                             elem_id=f"{elem}-strength")
     return image, strength
