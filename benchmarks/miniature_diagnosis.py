@@ -179,7 +179,7 @@ def caption_sensitivity(base, cases) -> list:
     identity ("an object on sand"), relative to the right caption; mean over ``CAPTION_T``, same noise.
     Zero: the model does not use that word where the object is. Beside it (``text_<attribute>``): how far the
     wrong word moves the prompt embeddings the UNet reads (relative L2): whether the text encoders tell them apart."""
-    from anystory.training.diffusion import encode_images, text_conditioning, training_scheduler
+    from anystory.training.diffusion import encode_images, predicted_noise, text_conditioning, training_scheduler
 
     scheduler = training_scheduler(base)
     out = []
@@ -195,7 +195,7 @@ def caption_sensitivity(base, cases) -> list:
         for t in CAPTION_T:
             tt = torch.tensor([t])
             noisy = scheduler.add_noise(latents, noise, tt).expand(len(captions), -1, -1, -1)
-            pred = base.unet(noisy, tt, embeds, added_cond_kwargs=added).sample
+            pred = predicted_noise(scheduler, noisy, base.unet(noisy, tt, embeds, added_cond_kwargs=added).sample, tt)
             errors += (((pred - noise) ** 2).mean(1, keepdim=True) * weight).sum((1, 2, 3)) / weight.sum()
         row = {a: float(errors[i + 1] / errors[0] - 1) for i, a in enumerate(SWAPS)}
         row.update({f"text_{a}": float((embeds[i + 1] - embeds[0]).norm() / embeds[0].norm())

@@ -25,8 +25,8 @@ from ..data.formats import Record
 from ..data.synthetic import caption_for, generic_caption_for
 from ..sdxl.background import background_tensors, encode_background, with_background
 from .data import SyntheticSource, choose_captions, images_to_tensor, records_batch, source_for, subject_count
-from .diffusion import (decode_latents, diffusion_loss, encode_images, noisy_latents, predicted_clean, text_conditioning,
-                        training_scheduler)
+from .diffusion import (decode_latents, diffusion_loss, encode_images, noisy_latents, predicted_clean, prediction_target,
+                        text_conditioning, training_scheduler)
 from .loop import STAGE_IDS, StageLoop, make_accelerator
 from .stage1 import freeze_all, prepare_training
 from .subject_step import one_hot_targets
@@ -87,7 +87,8 @@ def background_step(cfg: dict, pipe, source: SyntheticSource, scheduler, step: i
             noise = noise + offset * torch.randn(noise.shape[:2], generator=generator)[..., None, None].to(noise)
             noisy = scheduler.add_noise(latents, noise, t)
         pred = pipe.unet(noisy, t, embeds, added_cond_kwargs=added).sample
-        loss = diffusion_loss(scheduler, pred, noise, t, float(scfg["snr_gamma"]),
+        target = prediction_target(scheduler, latents, noise, t)
+        loss = diffusion_loss(scheduler, pred, target, t, float(scfg["snr_gamma"]),
                               backdrop_weight(data.targets, lat_hw, float(scfg.get("background_loss_weight", 1.0))))
         out = {"diffusion": loss, "loss": loss}
         colour_weight = float(scfg.get("x0_colour_weight", 0.0))

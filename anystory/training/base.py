@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from .data import choose_captions, images_to_tensor, indices, world_for
-from .diffusion import (diffusion_loss, encode_images, noisy_latents, subject_weights, text_conditioning,
-                        training_scheduler)
+from .diffusion import (diffusion_loss, encode_images, noisy_latents, prediction_target, subject_weights,
+                        text_conditioning, training_scheduler)
 from .loop import StageLoop, make_accelerator
 
 
@@ -29,7 +29,8 @@ def base_step(cfg: dict, pipe, world, scheduler, step: int, batch: int, generato
     noisy, noise, t = noisy_latents(scheduler, latents, generator)
     pred = pipe.unet(noisy, t, embeds, added_cond_kwargs=added).sample
     weight = object_weights(scenes, latents.shape[-2:], float(scfg.get("object_weight", 0.0)))
-    return diffusion_loss(scheduler, pred, noise, t, float(scfg["snr_gamma"]), weight)
+    target = prediction_target(scheduler, latents, noise, t)
+    return diffusion_loss(scheduler, pred, target, t, float(scfg["snr_gamma"]), weight)
 
 
 def object_weights(scenes, size, object_weight: float):

@@ -40,6 +40,7 @@ class ModelConfig(Section):
     anystory: Dict[str, Any] = field(default_factory=dict)
     save_dtype: str = "float32"
     vae: Optional[Dict[str, Any]] = None  # AutoencoderKL config entries over the tiny VAE's (None: no mid attention)
+    scheduler: Optional[Dict[str, Any]] = None  # EulerDiscreteScheduler config entries over the tiny one's
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The denoising objective shared by the base model and both AnyStory stages (SDXL's epsilon prediction)."""
+"""The denoising objective shared by the base model and both AnyStory stages: SDXL's epsilon prediction, or the
+v-prediction the scheduler's config names (``prediction_type``), as diffusers' own training scripts read it."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -30,10 +31,35 @@ def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
 
 
 def predicted_clean(scheduler: DDPMScheduler, noisy: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The clean latents an epsilon prediction implies at timestep ``t``: :func:`noisy_latents`'s noising inverted
-    (DDPM's formula), in float32."""
+    """The clean latents a prediction implies at timestep ``t``: :func:`noisy_latents`'s noising inverted
+    (DDPM's formula for epsilon, ``sqrt(a) x_t - sqrt(1 - a) v`` for v), in float32."""
     alpha_bar = scheduler.alphas_cumprod.to(noisy.device)[t].float().view(-1, 1, 1, 1)
+    if prediction_type(scheduler) == "v_prediction":
+        return alpha_bar.sqrt() * noisy.float() - (1 - alpha_bar).sqrt() * pred.float()
     return (noisy.float() - (1 - alpha_bar).sqrt() * pred.float()) / alpha_bar.sqrt()
+
+
+def predicted_noise(scheduler: DDPMScheduler, noisy: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The noise a prediction implies (itself for epsilon, ``sqrt(a) v + sqrt(1 - a) x_t`` for v): one scale on
+    which models of either kind compare."""
+    if prediction_type(scheduler) == "v_prediction":
+        alpha_bar = scheduler.alphas_cumprod.to(noisy.device)[t].float().view(-1, 1, 1, 1)
+        return alpha_bar.sqrt() * pred.float() + (1 - alpha_bar).sqrt() * noisy.float()
+    return pred
+
+
+def prediction_type(scheduler: DDPMScheduler) -> str:
+    kind = scheduler.config.prediction_type
+    if kind not in ("epsilon", "v_prediction"):
+        raise ValueError(f"training supports prediction_type 'epsilon' or 'v_prediction', the scheduler says {kind!r}")
+    return kind
+
+
+def prediction_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to output: the noise, or the velocity ``sqrt(a) noise - sqrt(1 - a) x0``."""
+    if prediction_type(scheduler) == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    return noise
 
 
 def text_conditioning(pipe, captions: Sequence[str], dropped: Optional[torch.Tensor], height: int, width: int):
@@ -75,14 +101,24 @@ def subject_weights(share: torch.Tensor, object_weight: float, dims) -> Optional
     return weight / weight.mean(dim=dims, keepdim=True)
 
 
-def diffusion_loss(scheduler: DDPMScheduler, pred: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+def diffusion_loss(scheduler: DDPMScheduler, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
                    snr_gamma: float = 0.0, pixel_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """MSE to the noise; with ``snr_gamma`` > 0, Min-SNR weighting (Hang et al. 2023), which trains faster;
-    ``pixel_weight`` (``[B, 1, h, w]``, mean 1 per sample) weights latent positions."""
-    error = F.mse_loss(pred.float(), noise.float(), reduction="none")
+    """MSE to :func:`prediction_target`; with ``snr_gamma`` > 0, Min-SNR weighting (Hang et al. 2023), which
+    trains faster; ``pixel_weight`` (``[B, 1, h, w]``, mean 1 per sample) weights latent positions."""
+    error = F.mse_loss(pred.float(), target.float(), reduction="none")
     per_sample = (error if pixel_weight is None else error * pixel_weight.float()).mean(dim=(1, 2, 3))
     if snr_gamma and snr_gamma > 0:
-        alpha_bar = scheduler.alphas_cumprod.to(t.device)[t]
-        snr = alpha_bar / (1 - alpha_bar)
-        per_sample = per_sample * torch.clamp(snr, max=snr_gamma) / snr
+        per_sample = per_sample * min_snr_weight(scheduler, t, snr_gamma)
     return per_sample.mean()
+
+
+def min_snr_weight(scheduler: DDPMScheduler, t: torch.Tensor, snr_gamma: float) -> torch.Tensor:
+    """``min(SNR, gamma) / SNR`` for epsilon. For v, whose loss is ``(SNR + 1)`` x the clean-latent loss,
+    ``min(SNR + 1, gamma) / (SNR + 1)``: the paper's ``min(SNR, gamma) / (SNR + 1)`` would weigh the pure-noise
+    steps of a zero-terminal-SNR schedule 0, and those are the steps where the prompt alone must place the
+    subjects."""
+    alpha_bar = scheduler.alphas_cumprod.to(t.device)[t].float()
+    snr = alpha_bar / (1 - alpha_bar)
+    if prediction_type(scheduler) == "v_prediction":
+        return torch.clamp(snr + 1, max=snr_gamma) / (snr + 1)
+    return torch.clamp(snr, max=snr_gamma) / snr

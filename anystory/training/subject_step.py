@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import choose_captions, images_to_tensor, subject_batch, subject_count
-from .diffusion import diffusion_loss, encode_images, noisy_latents, text_conditioning
+from .diffusion import diffusion_loss, encode_images, noisy_latents, prediction_target, text_conditioning
 from .routing import router_miou, routing_loss
 
 
@@ -59,7 +59,8 @@ def subject_step(cfg: dict, stage: str, pipe, source, scheduler, step: int, batc
     try:
         noisy, noise, t = noisy_latents(scheduler, latents, generator, total=batch, rows=rows)
         pred = pipe.unet(noisy, t, embeds, added_cond_kwargs=added).sample
-        diff = diffusion_loss(scheduler, pred, noise, t, float(scfg["snr_gamma"]))
+        target = prediction_target(scheduler, latents, noise, t)
+        diff = diffusion_loss(scheduler, pred, target, t, float(scfg["snr_gamma"]))
         out = {"diffusion": diff, "loss": diff}
         if not teacher_routing:
             route = routing_loss(pipe.anystory_state, data.targets)
