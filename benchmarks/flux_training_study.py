@@ -1,8 +1,9 @@
-"""Does FLUX training teach the router and the subject path? Tiny FLUX components (built in code, random base),
-the synthetic world at 32 px, both FLUX stages trained by the real trainer, measured before and after on held-out
-two-subject scenes (another world seed than training's), with bootstrap 95% intervals over scenes.
+"""Does FLUX training teach the router and the subject path? Tiny FLUX components built in code, the synthetic
+world at 32 px; with ``--base-steps`` the tiny base first learns the world from captions (stage ``flux_base``, as
+FLUX.1-dev comes trained), then both AnyStory stages are trained by the real trainer and measured before and after
+on held-out two-subject scenes (another world seed than training's), with bootstrap 95% intervals over scenes.
 
-    python -m benchmarks.flux_training_study --steps 500 --router-steps 800 --pairs 60
+    python -m benchmarks.flux_training_study --base-steps 3000 --steps 500 --router-steps 800 --pairs 60
 
 Per held-out scene, one denoising prediction at noise level ``--sigma`` with a generic caption ("two objects on
 ..."), so what a subject looks like can come only from its reference:
@@ -39,7 +40,7 @@ import torch
 from anystory.data.synthetic import SyntheticWorld, WorldConfig
 from anystory.training.config import load_config
 from anystory.training.data import SyntheticSource, choose_captions
-from anystory.training.flux_config import FLUX_STAGES
+from anystory.training.flux_config import RELEASE_STAGES
 from anystory.training.flux_stages import load_stage_input
 from anystory.training.runner import run_stages
 from anystory.training.flux_step import (StepInputs, conditioned_prediction, encode_latents, encode_text,
@@ -138,15 +139,15 @@ def _fmt(c: dict) -> str:
     return f"{c['value']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]"
 
 
-def _train(cfg: dict, work: str, args) -> str:
-    """Both FLUX stages by the real trainer (a finished stage in ``work`` is kept: ``--out`` reuses a run), or
-    the subject stage alone with ``--router-steps 0``; the folder of the weights to measure."""
+def _train(work: str, args, stages) -> str:
+    """``stages`` by the real trainer (a finished stage in ``work`` is kept: ``--out`` reuses a run); the folder
+    of the last one's weights."""
     run = ["--config", CONFIG, "--set", f"work_dir={work}", "--set", "trackers=[]", "--set", "log_every=50",
-           "--set", "save_every=1000000"] + [x for item in args.set for x in ("--set", item)]
+           "--set", "save_every=1000000", "--set", f"flux_base.steps={args.base_steps}",
+           "--set", f"flux_base.batch_size={args.base_batch}"] + [x for item in args.set for x in ("--set", item)]
     for stage, steps in (("flux_subject", args.steps), ("flux_router", args.router_steps)):
         run += ["--set", f"{stage}.steps={steps}", "--set", f"{stage}.batch_size={args.batch}",
                 "--set", f"{stage}.heldout_batches=0"]
-    stages = FLUX_STAGES if args.router_steps else FLUX_STAGES[:1]
     run_stages(run + ["--stages", ",".join(stages)], log=print)
     return os.path.join(work, stages[-1], "anystory")
 
@@ -170,6 +171,10 @@ def main(argv=None) -> int:
     p.add_argument("--router-steps", type=int, default=800, help="steps of the flux_router stage (0: not trained; "
                    "the subject path is measured after its stage, the router as it starts)")
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--base-steps", type=int, default=0, help="steps of the flux_base stage, trained first: the tiny "
+                   "base learns the world from captions, so the measured 'before' is a base that can denoise "
+                   "(0: the random base)")
+    p.add_argument("--base-batch", type=int, default=8)
     p.add_argument("--pairs", type=int, default=60, help="held-out two-subject scenes")
     p.add_argument("--sigma", type=float, default=0.6)
     p.add_argument("--set", action="append", default=[], help="a training config override (KEY=VALUE), repeatable")
@@ -182,17 +187,20 @@ def main(argv=None) -> int:
     work = args.out or tempfile.mkdtemp(prefix="flux_training_study_")
     seed = TUNING_SEED if args.tuning else HELDOUT_SEED
     cfg = load_config(CONFIG, {"work_dir": work})
+    started = time.time()
+    if args.base_steps:
+        _train(work, args, ("flux_base",))
     source = SyntheticSource(SyntheticWorld(seed, WorldConfig(**cfg["world"])))
     records = [source.record("stage2", i, 2) for i in range(args.pairs)]
-    started = time.time()
     before = measure(load_stage_input(cfg, "flux_subject"), cfg, records, args.sigma, seed)
-    trained = _train(cfg, work, args)
+    trained = _train(work, args, RELEASE_STAGES if args.router_steps else RELEASE_STAGES[:1])
     pipe = load_stage_input(cfg, "flux_subject")
     pipe.load_anystory_weights(trained, redux_base=pipe.redux_embedder)
     after = measure(pipe, cfg, records, args.sigma, seed)
     table, paired = summarise(before, after), contrasts(after)
     _report(table, paired, f"\n{len(after)} {'tuning' if args.tuning else 'held-out'} two-subject scenes (world seed "
-            f"{seed}), sigma {args.sigma}, {args.steps} + {args.router_steps} steps x batch {args.batch}"
+            f"{seed}), sigma {args.sigma}, base {args.base_steps} x {args.base_batch}, "
+            f"{args.steps} + {args.router_steps} steps x batch {args.batch}"
             f"{', ' + ' '.join(args.set) if args.set else ''}; {time.time() - started:.0f} s")
     with open(os.path.join(work, "results.json"), "w") as f:
         json.dump({"args": vars(args), "table": table, "paired": paired, "before": before, "after": after}, f,

@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import yaml
 
 from ..presets import MINIATURE
-from .flux_config import FLUX_ROUTER, FLUX_STAGES, FLUX_SUBJECT, FluxModelConfig, FluxStageConfig
+from .flux_config import (FLUX_ROUTER, FLUX_STAGES, FLUX_SUBJECT, RELEASE_STAGES, FluxBaseConfig, FluxModelConfig,
+                          FluxStageConfig)
 from .typed_config import Section, StageConfig, build, merge, refuse_unknown, section
 
 STAGES = ("vae", "clip", "base", "stage1", "stage2", "background", "export")
@@ -150,6 +151,7 @@ class TrainingConfig(Section):
     background: BackgroundConfig = section(BackgroundConfig, steps=0, batch_size=12, lr=2e-3,
                                            subjects=[0.3, 0.4, 0.3], generic_caption=0.5)
     flux: FluxModelConfig = field(default_factory=FluxModelConfig)
+    flux_base: FluxBaseConfig = field(default_factory=FluxBaseConfig)
     flux_subject: FluxStageConfig = FLUX_SUBJECT
     flux_router: FluxStageConfig = FLUX_ROUTER
 
@@ -169,7 +171,7 @@ def _open_keys(cfg: TrainingConfig) -> None:
 def _check_values(cfg: TrainingConfig) -> None:
     if cfg.backbone not in ("sdxl", "flux"):
         raise ValueError(f"backbone must be 'sdxl' or 'flux', got {cfg.backbone!r}")
-    for stage in ("stage1", "stage2", "background") + FLUX_STAGES:
+    for stage in ("stage1", "stage2", "background") + RELEASE_STAGES:
         probs = cfg[stage].subjects
         if not probs or any(p < 0 for p in probs) or sum(probs) <= 0 or len(probs) > 4:
             raise ValueError(f"{stage}.subjects must be 1-4 non-negative weights for 1, 2, ... subjects, got {probs}")

@@ -21,7 +21,7 @@ from ..data.synthetic import Sample, SyntheticWorld, WorldConfig
 from ..subjects import Subject, prepare_subjects
 
 #: Each stage draws from its own stream of world indices, far apart.
-STREAM = {"vae": 0, "clip": 1, "base": 2, "stage1": 3, "stage2": 4, "background": 5, "heldout": 9}
+STREAM = {"vae": 0, "clip": 1, "base": 2, "stage1": 3, "stage2": 4, "background": 5, "flux_base": 6, "heldout": 9}
 
 
 def world_for(cfg: dict, split: str = "train") -> SyntheticWorld:

@@ -12,7 +12,9 @@ from typing import List, Optional
 from ..hub import FLUX_BASE, FLUX_REDUX
 from .typed_config import Section, StageConfig, section
 
-FLUX_STAGES = ("flux_subject", "flux_router")
+FLUX_STAGES = ("flux_base", "flux_subject", "flux_router")
+#: the stages that train the release's weights (``anystory_flux.bin``); ``flux_base`` trains the tiny base model
+RELEASE_STAGES = FLUX_STAGES[1:]
 
 #: trainable parts of the released weights; "router" names its three parts at once
 PARTS = ("ref", "redux", "router_lora", "router_embedder", "routing_map")
@@ -33,6 +35,22 @@ class FluxModelConfig(Section):
     max_sequence_length: int = 512
     reference_size: int = 512  # the release's reference resolution (base "tiny": its own, 32)
     single_blocks: int = 2  # base "tiny" only: single blocks of the tiny transformer
+
+
+@dataclass
+class FluxBaseConfig(StageConfig):
+    """``flux_base``: the tiny FLUX base learns the synthetic world from its captions before the subject stages
+    (the SDXL miniature's ``base``). Off by default (steps 0): FLUX.1-dev comes trained."""
+
+    steps: int = 0
+    batch_size: int = 8
+    lr: float = 1e-3
+    ema: float = 0.99
+    guidance: float = 3.5  # the guidance embedding's input while the base learns (the subject stages' value)
+    generic_caption: float = 0.15
+    drop_text: float = 0.1
+    object_weight: float = 0.0  # image tokens weigh 1 + object_weight x (their share of subject pixels)
+    heldout_batches: int = 4
 
 
 @dataclass

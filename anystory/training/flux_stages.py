@@ -1,5 +1,6 @@
 """The FLUX stages: train the release's weights (``anystory_flux.bin``) with the SDXL trainer's runner and loop.
 
+    flux_base     the tiny base model alone, on the synthetic world (``flux_base``; off for a trained FLUX)
     flux_subject  the subject path: reference-pass LoRA ("ref") and the gated Redux projection ("redux")
     flux_router   the router: its LoRA ("router_lora"), token embedder ("router_embedder") and the processors'
                   routing-map projections ("routing_map")
@@ -24,7 +25,8 @@ from ..flux.adapter_scope import REF_ADAPTER, ROUTER_ADAPTER
 from ..flux.weights_flux import EMBEDDER_PARAMS, RELEASE_FILENAME, read_released_file
 from .config import stage_dir
 from .data import source_for
-from .flux_config import FLUX_STAGES, trained_parts
+from .flux_base import load_trained_base
+from .flux_config import RELEASE_STAGES, trained_parts
 from .flux_step import DATA_STAGE, flux_step
 from .loop import StageLoop, TrainedModules, make_accelerator
 
@@ -36,8 +38,9 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(name, name))
 
 
-def load_flux_base(cfg: dict):
-    """(pipeline without AnyStory weights, the Redux base the release's projections add to)."""
+def load_flux_base(cfg: dict, trained: bool = True):
+    """(pipeline without AnyStory weights, the Redux base the release's projections add to); the tiny base with the
+    ``flux_base`` stage's transformer when that stage has run (``trained``)."""
     from ..flux.pipeline_flux import AnyStoryFluxPipeline
 
     fcfg = cfg["flux"]
@@ -47,6 +50,8 @@ def load_flux_base(cfg: dict):
 
         components = tiny_flux_components(int(cfg["seed"]), int(fcfg["single_blocks"]))
         pipe = AnyStoryFluxPipeline(**components, reference_size=TINY_REFERENCE_SIZE)
+        if trained:
+            load_trained_base(cfg, pipe.transformer)
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
         return pipe, tiny_redux_base() if dtype == torch.float32 else tiny_redux_base().to(dtype=dtype)
@@ -65,7 +70,7 @@ def starting_weights(cfg: dict, stage: str, transformer, redux_dim: int):
     """The previous FLUX stage's output, else ``flux.init_from``, else a fresh start."""
     from ..flux.release_export import initial_released_state_dict
 
-    previous = FLUX_STAGES[:FLUX_STAGES.index(stage)]
+    previous = RELEASE_STAGES[:RELEASE_STAGES.index(stage)]
     for earlier in reversed(previous):
         path = os.path.join(stage_dir(cfg, earlier), "anystory", RELEASE_FILENAME)
         if os.path.isfile(path):
@@ -78,6 +83,8 @@ def starting_weights(cfg: dict, stage: str, transformer, redux_dim: int):
 
 
 def load_stage_input(cfg: dict, stage: str):
+    if stage == "flux_base":
+        return load_flux_base(cfg, trained=False)[0]
     pipe, redux_base = load_flux_base(cfg)
     weights = starting_weights(cfg, stage, pipe.transformer, pipe.image_encoder.config.hidden_size)
     pipe.load_anystory_weights(weights, redux_base=redux_base)

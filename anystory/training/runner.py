@@ -91,6 +91,10 @@ def _done(cfg: dict, stage: str) -> bool:
         return False
     with open(state) as f:
         finished = json.load(f).get("done", False)
+    if stage == "flux_base":
+        from .flux_base import trained_base_path
+
+        return finished and os.path.isfile(trained_base_path(cfg))
     output = _pipeline_dir(cfg, stage) if stage in MINIATURE_ONLY else _anystory_dir(cfg, stage)
     return finished and os.path.isdir(output)
 
@@ -180,6 +184,8 @@ def run_stages(argv=None, only=None, log=print) -> int:
         if stage == "background" and not int(cfg["background"]["steps"]):
             log("[background] steps: 0; not trained (the weights ship without a background reference)")
             continue
+        if stage == "flux_base" and not int(cfg["flux_base"]["steps"]):
+            continue  # the FLUX base comes trained; only the tiny one built in code learns the world here
         if stage != "export" and _done(cfg, stage):
             log(f"[{stage}] already finished in {stage_dir(cfg, stage)}; skipped")
             pipe = None
@@ -200,6 +206,7 @@ def run_stages(argv=None, only=None, log=print) -> int:
         metrics["wall_seconds"] = round(time.time() - started, 1)
         metrics["processes"] = state.num_processes
         summary[stage] = metrics
+        pipe = None if stage == "flux_base" else pipe  # the next stage loads the trained base with AnyStory's weights
         if main:
             with open(summary_path, "w") as f:
                 json.dump(summary, f, indent=1, default=float)
@@ -210,6 +217,7 @@ def run_stages(argv=None, only=None, log=print) -> int:
 STAGE_FUNCTIONS = {"vae": ("vae", "train_vae"), "clip": ("clip", "train_clip"), "base": ("base", "train_base"),
                    "stage1": ("stage1", "train_stage1"), "stage2": ("stage2", "train_stage2"),
                    "background": ("background", "train_background"),
+                   "flux_base": ("flux_base", "train_flux_base"),
                    "flux_subject": ("flux_stages", "train_flux_subject"),
                    "flux_router": ("flux_stages", "train_flux_router")}
 
@@ -226,7 +234,11 @@ def _run(stage: str, cfg: dict, pipe, summary: dict, log, main: bool = True) -> 
         return metrics
     if stage in MINIATURE_ONLY or (stage == "stage1" and cfg["stage1"].get("train_unet")):
         save_base_pipeline(pipe, _pipeline_dir(cfg, stage))
-    if stage in FLUX_STAGES:  # anystory_flux.bin in the release's layout
+    if stage == "flux_base":
+        from .flux_base import save_trained_base
+
+        save_trained_base(cfg, pipe.transformer)
+    elif stage in FLUX_STAGES:  # anystory_flux.bin in the release's layout
         from .flux_stages import save_flux_weights
 
         save_flux_weights(cfg, pipe, _anystory_dir(cfg, stage))

@@ -1,6 +1,6 @@
 """FLUX training on two processes (``accelerate launch`` with the shipped DDP config, on a CPU through gloo): two
-processes with batch 1 each compute what one process with batch 2 computes, in both FLUX stages (the FLUX
-router draws no noise, so both stages agree to float rounding), and write one ``anystory_flux.bin``."""
+processes with batch 1 each compute what one process with batch 2 computes, in the tiny base's stage and both
+AnyStory stages (the FLUX router draws no noise, so all agree to float rounding), and write one file per stage."""
 import json
 import os
 import subprocess
@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from anystory.flux.weights_flux import read_released_file
 
@@ -20,7 +21,8 @@ RTOL = 1e-5
 
 def _args(work, batch):
     return ["--config", TINY, "--set", f"work_dir={work}", "--set", "trackers=[]", "--set", "log_every=1",
-            "--set", f"flux_subject.steps={STEPS}", "--set", f"flux_router.steps={STEPS}",
+            "--set", f"flux_base.steps={STEPS}", "--set", f"flux_base.batch_size={batch}",
+            "--set", "flux_base.heldout_batches=0", "--set", f"flux_subject.steps={STEPS}", "--set", f"flux_router.steps={STEPS}",
             "--set", f"flux_subject.batch_size={batch}", "--set", f"flux_router.batch_size={batch}",
             "--set", "flux_subject.heldout_batches=0", "--set", "flux_router.heldout_batches=0"]
 
@@ -47,7 +49,13 @@ def runs(tmp_path_factory):
     return one, two, out
 
 
-@pytest.mark.parametrize("stage", ["flux_subject", "flux_router"])
+def _weights(work, stage):
+    if stage == "flux_base":
+        return {"transformer": load_file(str(work / stage / "transformer.safetensors"))}
+    return read_released_file(str(work / stage / "anystory" / "anystory_flux.bin"))
+
+
+@pytest.mark.parametrize("stage", ["flux_base", "flux_subject", "flux_router"])
 def test_two_processes_follow_one_process_with_twice_the_batch(runs, stage):
     one, two, _ = runs
     a, b = _rows(one, stage), _rows(two, stage)
@@ -56,7 +64,7 @@ def test_two_processes_follow_one_process_with_twice_the_batch(runs, stage):
     for x, y in zip(a, b):
         for key in keys:
             assert y[key] == pytest.approx(x[key], rel=RTOL), (key, x, y)
-    w1, w2 = (read_released_file(str(w / stage / "anystory" / "anystory_flux.bin")) for w in (one, two))
+    w1, w2 = _weights(one, stage), _weights(two, stage)
     assert max((w1[g][k] - w2[g][k]).abs().max().item() for g in w1 for k in w1[g]) < 1e-5
 
 
@@ -66,6 +74,7 @@ def test_one_file_written_by_the_main_process(runs):
         assert sorted(os.listdir(two / stage)) == ["anystory", "checkpoint", "log.jsonl"]
         assert os.listdir(two / stage / "anystory") == ["anystory_flux.bin"]
         assert len(_rows(two, stage)) == STEPS
+    assert sorted(os.listdir(two / "flux_base")) == ["checkpoint", "log.jsonl", "transformer.safetensors"]
     summary = json.loads((two / "summary.json").read_text())
     assert summary["flux_subject"]["processes"] == summary["flux_router"]["processes"] == 2
     assert out.count("[flux_subject] step 1/") == 1
