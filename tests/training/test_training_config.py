@@ -138,6 +138,8 @@ def _values_the_stages_read(name):
                                "world.max_rotation": 15, "base.steps": 30000},
         "miniature_v2i.yaml": {**common, "threads": 1, "work_dir": "runs/miniature_v2i", "base.object_weight": 6.0,
                                "world.max_rotation": 15, "world.max_subjects": 1},
+        "miniature_v2j.yaml": {**common, "threads": 1, "work_dir": "runs/miniature_v2j", "base.object_weight": 6.0,
+                               "world.max_rotation": 15, "model.tiny_spec.block_out_channels": [64, 128]},
         "miniature_v2h.yaml": {**common, "threads": 1, "work_dir": "runs/miniature_v2h", "base.object_weight": 6.0,
                                "world.max_rotation": 15, "model.scheduler.prediction_type": "v_prediction",
                                "model.scheduler.rescale_betas_zero_snr": True},
