@@ -19,6 +19,7 @@ import time
 import torch
 
 from anystory import Subject
+from anystory.cli_options import add_threads
 from anystory.data.synthetic import IDENTITIES, SyntheticWorld
 from anystory.loading import load_miniature
 from anystory.presets import preset_for
@@ -64,7 +65,8 @@ def main(argv=None) -> int:
     p.add_argument("--against", default=None, help="the folder to compare with (default: the shipped assets/miniature)")
     p.add_argument("--subjects", default="0,1,2")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2, help="torch threads (the app uses the machine's cores)")
+    add_threads(p)
+    p.set_defaults(threads=os.cpu_count() or 1)  # the app runs on all of the machine's cores
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
