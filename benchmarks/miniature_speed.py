@@ -39,7 +39,7 @@ def _call(pipe, count: int):
     def run(seed: int):
         pipe(PROMPTS[count], subjects=subjects, height=settings.size, width=settings.size,
              generator=torch.Generator().manual_seed(max(seed, 0)), output_type="np", **settings.call())
-    return run, settings
+    return run
 
 
 def measure(models: dict, counts, repeats: int) -> dict:
@@ -47,7 +47,7 @@ def measure(models: dict, counts, repeats: int) -> dict:
     configs = []
     for name, pipe in models.items():
         for count in counts:
-            run, _ = _call(pipe, count)
+            run = _call(pipe, count)
             run(-1)
             configs.append(((name, count), run))
     times = {key: [] for key, _ in configs}

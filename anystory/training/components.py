@@ -19,7 +19,7 @@ def tiny_spec(cfg: dict) -> TinySpec:
 def build_components(cfg: dict) -> dict:
     """``tiny_sdxl_components`` at the config's size, with shorter tokenizers (captions are short) and a VAE
     without the mid-block attention, so it is fully convolutional and can be trained on small crops; the scheduler
-with the config's entries (a v-prediction, zero-terminal-SNR miniature is a scheduler config)."""
+    with the config's entries (a v-prediction, zero-terminal-SNR miniature is a scheduler config)."""
     spec = tiny_spec(cfg)
     comps = tiny_sdxl_components(seed=int(cfg["seed"]), spec=spec)
     length = int(cfg["model"]["tokenizer_max_length"])
@@ -29,7 +29,8 @@ with the config's entries (a v-prediction, zero-terminal-SNR miniature is a sche
     vae_config.update(cfg["model"].get("vae", {}) or {"mid_block_add_attention": False})
     torch.manual_seed(int(cfg["seed"]) + 1)
     comps["vae"] = AutoencoderKL.from_config(vae_config)
-    comps["scheduler"] = EulerDiscreteScheduler.from_config(comps["scheduler"].config, **(cfg["model"].get("scheduler") or {}))
+    entries = cfg["model"].get("scheduler") or {}
+    comps["scheduler"] = EulerDiscreteScheduler.from_config(comps["scheduler"].config, **entries)
     return comps
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import stage_dir
 from .data import choose_captions, indices, world_for
-from .flux_step import encode_latents, encode_text, sample_sigmas, token_cover, token_weights
+from .flux_step import encode_latents, encode_text, flow_loss, sample_sigmas, token_cover, token_weights
 from .loop import StageLoop, TrainedModules, make_accelerator
 
 WEIGHTS = "transformer.safetensors"
@@ -66,11 +66,8 @@ def flux_base_step(cfg: dict, pipe, world, step: int, batch: int, generator: tor
     guidance = torch.full_like(sigmas, float(scfg["guidance"]))
     pred = pipe.transformer(hidden_states=noisy, timestep=sigmas, guidance=guidance, pooled_projections=pooled,
                             encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=img_ids, return_dict=False)[0]
-    error = (pred.float() - (noise - latents).float()) ** 2
     weights = [token_weights(token_cover(s.routing_target(), grid), float(scfg["object_weight"])) for s in scenes]
-    if weights[0] is not None:
-        error = error * torch.stack(weights).to(error)
-    loss = error.mean()
+    loss = flow_loss(pred, latents, noise, None if weights[0] is None else torch.stack(weights))
     return {"diffusion": loss, "loss": loss}
 
 

@@ -155,16 +155,22 @@ def token_weights(cover: torch.Tensor, object_weight: float) -> Optional[torch.T
     return None if weight is None else weight[:, None]
 
 
+def flow_loss(pred: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor,
+              weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """FLUX's rectified-flow loss: the predicted velocity against ``noise - x0``; ``weight`` (``[I, 1]`` or
+    ``[B, I, 1]``, :func:`token_weights`) weighs image tokens."""
+    target = (noise - latents).float()
+    if weight is None:
+        return F.mse_loss(pred.float(), target)
+    return ((pred.float() - target) ** 2 * weight.to(target.device)).mean()
+
+
 def sample_forward(pipe, scfg: dict, record, inputs: StepInputs, teacher: bool) -> Dict[str, torch.Tensor]:
     """One sample's losses (the routing loss when the router ran); ``teacher``: several subjects routed by the
     ground truth instead of the router."""
     pred, logits = conditioned_prediction(pipe, scfg, record, inputs, teacher)
-    target = (inputs.noise - inputs.latents).float()
     weight = token_weights(token_cover(record.routing_target(), inputs.grid), float(scfg.get("object_weight", 0.0)))
-    if weight is None:
-        out = {"diffusion": F.mse_loss(pred.float(), target)}
-    else:
-        out = {"diffusion": ((pred.float() - target)[0] ** 2 * weight.to(target.device)).mean()}
+    out = {"diffusion": flow_loss(pred, inputs.latents, inputs.noise, weight)}
     if logits is not None:
         out["routing"], miou = routing_terms(logits, subject_labels(token_cover(record.routing_target(), inputs.grid)))
         out["miou"] = torch.tensor(miou)

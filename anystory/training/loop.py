@@ -28,8 +28,8 @@ from ..errors import StageStopped
 from ..weights import load_tensors, save_tensors
 from .config import stage_dir
 
-STAGE_IDS = {"vae": 1, "clip": 2, "base": 3, "stage1": 4, "stage2": 5, "background": 6, "flux_subject": 7, "flux_base": 9,
-             "flux_router": 8}
+STAGE_IDS = {"vae": 1, "clip": 2, "base": 3, "stage1": 4, "stage2": 5, "background": 6, "flux_subject": 7,
+             "flux_router": 8, "flux_base": 9}
 
 
 def make_accelerator(cfg: dict, stage: Optional[str] = None) -> Accelerator:
