@@ -53,7 +53,7 @@ from anystory import Subject
 from anystory.cli_options import add_miniature_sampling
 from anystory.data.identity_classifier import IdentityClassifier, object_crop
 from anystory.data.object_finder import find_objects
-from anystory.data.synthetic import COLOURS, IDENTITIES, SHADE, SyntheticWorld, WorldConfig
+from anystory.data.synthetic import COLOURS, IDENTITIES, SHADE, SyntheticWorld, WorldConfig, caption_for
 from anystory.regions import region_pixels
 from anystory.subjects import prepare_subjects
 from anystory.training.trajectory import drawn_objects
@@ -194,9 +194,11 @@ def generated_miou(maps: torch.Tensor, masks: list) -> Optional[float]:
     return miou_labels(maps.argmax(0).numpy(), gt_sub, n + 1)
 
 
-MODES = ("on", "second", "plain", "off", "oracle", "none")
+MODES = ("on", "second", "plain", "off", "oracle", "none", "named")
 LABELS = {"on": "routing on", "second": "second pass, fixed to the first's last map", "plain": "routing on, plain argmax",
-          "off": "routing off", "oracle": "oracle routing (drawn objects)", "none": "no subjects (base)"}
+          "off": "routing off", "oracle": "oracle routing (drawn objects)", "none": "no subjects (base)",
+          "named": "no subjects, the prompt naming them (base)"}
+NO_SUBJECTS = ("none", "named")
 FIDELITY = ("identity", "named", "shape", "colour", "texture", "found")
 PER_STEP = ("on",)
 
@@ -212,7 +214,7 @@ def _generate(pipe, prompt, refs, mode: str, size: int, steps: int, guidance: fl
     if mode == "plain":
         pipe.anystory.register_to_config(routing_single_region=False, routing_trajectory_weight=0.0)
     try:
-        return pipe(prompt, subjects=refs if mode != "none" else [], num_inference_steps=steps,
+        return pipe(prompt, subjects=[] if mode in NO_SUBJECTS else refs, num_inference_steps=steps,
                     guidance_scale=guidance, generator=torch.Generator().manual_seed(seed), output_type="np",
                     routing_background_bias=0.0 if mode == "plain" else None, **kwargs)
     finally:
@@ -313,18 +315,21 @@ def step_routing(maps: List[torch.Tensor], masks: list, size: int) -> Optional[l
     return rows
 
 
-def single_subject(pipe, world, classifier, steps: int, guidance: float, modes, per_identity: int = 2) -> dict:
-    """Fidelity of one subject per image (the largest object drawn), per mode."""
+def single_subject(pipe, world, classifier, steps: int, guidance: float, modes, per_identity: int = 2,
+                   offset: int = 10_000) -> dict:
+    """Fidelity of one subject per image (the largest object drawn), per mode; image ``i`` uses seed index
+    ``offset + i`` (its reference, background and sampling seed), so disjoint offsets give disjoint image sets."""
     size = world.config.image_size
     rows = {mode: [] for mode in modes if mode not in ("off", "oracle")}
     for k, identity in enumerate(IDENTITIES):
         for j in range(per_identity):
             index = k * per_identity + j
-            refs = [Subject(world.reference(identity, 10_000 + index).image, name=identity.name)]
+            refs = [Subject(world.reference(identity, offset + index).image, name=identity.name)]
             bg = world.config.backgrounds[index % len(world.config.backgrounds)]
             for mode in rows:
-                image = _to_uint8(_generate(pipe, f"an object on {bg}", refs, mode, size, steps, guidance,
-                                            seed=10_000 + index).images[0])
+                prompt = caption_for([identity], bg) if mode == "named" else f"an object on {bg}"
+                image = _to_uint8(_generate(pipe, prompt, refs, mode, size, steps, guidance,
+                                            seed=offset + index).images[0])
                 objects = find_objects(image)
                 rows[mode].append(fidelity(image, [objects[0] if objects else None], [identity], classifier))
     return {mode: {key: bootstrap(rs, lambda u, key=key: mean_of([v for r in u for v in r[key]])) for key in FIDELITY}
@@ -339,9 +344,9 @@ def run_generation(pipe, world, classifier, pairs, steps: int, guidance: float, 
     seconds = []
     for k, subjects, bg in pairs:
         refs = [Subject(world.reference(s, k, slot).image, name=s.name) for slot, s in enumerate(subjects)]
-        prompt = f"two objects on {bg}"
         images, drawn, first_maps = {}, {}, None
         for mode in modes:
+            prompt = caption_for(subjects, bg) if mode == "named" else f"two objects on {bg}"
             override = None
             if mode == "second":
                 last = first_maps[-1][0] if first_maps else None
@@ -420,6 +425,8 @@ def main(argv=None) -> int:
     p.add_argument("--scenes", type=int, default=40, help="held-out scenes for the teacher-forced mIoU (0: skip)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--single", type=int, default=2, help="references per identity in the one-subject part (0: skip)")
+    p.add_argument("--single-offset", type=int, default=10_000,
+                   help="first seed index of the one-subject images (e.g. 20000: a set kept for tuning)")
     p.add_argument("--layout", type=int, default=40, help="held-out pairs for the layout part (0: skip)")
     p.add_argument("--out", default="runs/routing_study")
     args = p.parse_args(argv)
@@ -441,7 +448,8 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     report = {"model": model, "command": "python -m benchmarks.routing_study " + " ".join(argv or []),
-              "classifier_validation": getattr(classifier, "metrics", {}), "modes": modes}
+              "classifier_validation": getattr(classifier, "metrics", {}), "modes": modes,
+              "single_offset": args.single_offset}
     if args.scenes:
         report["teacher_forced_miou"] = teacher_forced_miou(pipe, world, args.scenes)
     if args.pairs:
@@ -450,7 +458,7 @@ def main(argv=None) -> int:
                                               args.steps, args.guidance, args.out, modes)
     if args.single:
         report["single_subject"] = single_subject(pipe, world, classifier, args.steps, args.guidance, modes,
-                                                  args.single)
+                                                  args.single, args.single_offset)
     if args.layout:
         report["layout"] = layout_study(pipe, world, classifier, held_out_pairs(world, args.layout), args.steps,
                                         args.guidance, args.out)
@@ -491,10 +499,13 @@ def markdown_table(r: dict) -> str:
     one = r.get("single_subject")
     if one:
         om = [m for m in modes if m in one]
-        lines += ["", f"**One subject** ({one[om[0]]['images']} images, 16 identities x references)", "",
+        lines += ["", f"**One subject** ({one[om[0]]['images']} images, 16 identities x references, seed indices "
+                  f"{r.get('single_offset', 10_000)}-{r.get('single_offset', 10_000) + one[om[0]]['images'] - 1})", "",
                   "| measurement | " + " | ".join(LABELS[m] for m in om) + " |", "|---" * (len(om) + 1) + "|"]
-        for key, name in (("named", "fidelity: best of 16 named identities (chance 0.0625)"),
-                          ("shape", "fidelity: shape"), ("colour", "fidelity: colour"), ("texture", "fidelity: texture")):
+        for key, name in (("identity", "fidelity: exact identity (chance 0.005)"),
+                          ("named", "fidelity: best of 16 named identities (chance 0.0625)"),
+                          ("shape", "fidelity: shape"), ("colour", "fidelity: colour"), ("texture", "fidelity: texture"),
+                          ("found", "an object drawn")):
             lines.append(f"| {name} | " + " | ".join(ci(one[m][key], "{:.2f}") for m in om) + " |")
     if r.get("layout"):
         lines += layout_lines(r["layout"])

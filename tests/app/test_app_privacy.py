@@ -142,7 +142,10 @@ def test_the_app_leaves_nothing_when_it_stops(server):
     path = _upload(server.url, "holiday.jpg.png")
     root = os.path.dirname(os.path.dirname(os.path.dirname(path)))
     server.proc.send_signal(signal.SIGINT)
-    server.proc.wait(timeout=30)
+    try:
+        server.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the app did not stop within 30 s of SIGINT:\n" + server.log.read_text())
     assert not os.path.exists(root), server.log.read_text()
 
 

@@ -1,8 +1,12 @@
-"""The routing study's own arithmetic: bootstrap intervals, oracle maps from drawn objects, per-step shares."""
+"""The routing study's own arithmetic: bootstrap intervals, oracle maps from drawn objects, per-step shares; what
+each mode of the one-subject part asks the pipeline for."""
+import types
+
 import numpy as np
 import torch
 
-from benchmarks.routing_study import bootstrap, mean_of, oracle_maps, step_routing
+from anystory.data.synthetic import IDENTITIES, SyntheticWorld, WorldConfig
+from benchmarks.routing_study import STUDY_SEED, bootstrap, mean_of, oracle_maps, single_subject, step_routing
 
 
 def test_bootstrap_interval_brackets_the_value_and_narrows_with_more_units():
@@ -29,3 +33,36 @@ def test_oracle_maps_and_step_shares():
     assert other == 1.0 and own == 0.0
     (other, own), = step_routing([maps[None]], [a, b], size=8)
     assert other == 0.0 and own == 1.0
+
+
+class _RecordingPipe:
+    """Stands in for the miniature: records each call's prompt, subject count and seed; draws nothing."""
+    vae_scale_factor = 4
+
+    def __init__(self):
+        self.calls = []
+        self.anystory = types.SimpleNamespace(config=types.SimpleNamespace(routing_single_region=True,
+                                                                           routing_trajectory_weight=0.0),
+                                              register_to_config=lambda **kwargs: None)
+
+    def set_routing_override(self, override):
+        pass
+
+    def __call__(self, prompt, subjects, generator, **kwargs):
+        self.calls.append((prompt, len(subjects), generator.initial_seed()))
+        return types.SimpleNamespace(images=[np.full((64, 64, 3), 0.5, np.float32)])
+
+
+def test_the_one_subject_part_names_the_identity_only_in_the_named_control_and_counts_a_blank_as_wrong():
+    world = SyntheticWorld(STUDY_SEED, WorldConfig(image_size=64, reference_size=64))
+    pipe = _RecordingPipe()
+    rows = single_subject(pipe, world, None, steps=2, guidance=3.0, modes=["on", "none", "named"], per_identity=1,
+                          offset=20_000)
+    by_mode = {mode: [c for k, c in enumerate(pipe.calls) if k % 3 == i] for i, mode in enumerate(["on", "none", "named"])}
+    first = IDENTITIES[0]
+    assert by_mode["on"][0][:2] == ("an object on " + world.config.backgrounds[0], 1)
+    assert by_mode["none"][0][:2] == ("an object on " + world.config.backgrounds[0], 0)
+    assert by_mode["named"][0][:2] == (f"a {first.name} on {world.config.backgrounds[0]}", 0)
+    assert [c[2] for c in by_mode["named"]] == list(range(20_000, 20_000 + len(IDENTITIES)))
+    assert all(rows[m]["identity"]["value"] == 0.0 and rows[m]["found"]["value"] == 0.0 for m in rows)
+    assert rows["named"]["images"] == len(IDENTITIES)
