@@ -73,6 +73,7 @@ class SubjectStageConfig(DiffusionStageConfig):
 
     subjects: List[float] = field(default_factory=lambda: [0.5, 0.3, 0.2])  # weights of 1, 2, ... subjects
     drop_semantic: float = 0.1  # share of samples without the semantic tokens
+    object_weight: float = 0.0  # latent cells weigh 1 + object_weight x (their share of subject pixels)
 
 
 @dataclass

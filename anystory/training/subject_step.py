@@ -12,8 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import choose_captions, images_to_tensor, subject_batch, subject_count
-from .diffusion import diffusion_loss, encode_images, noisy_latents, prediction_target, text_conditioning
+from .data import area_targets, choose_captions, images_to_tensor, subject_batch, subject_count
+from .diffusion import (diffusion_loss, encode_images, noisy_latents, prediction_target, subject_weights,
+                        text_conditioning)
 from .routing import router_miou, routing_loss
 
 
@@ -21,6 +22,13 @@ def one_hot_targets(targets: torch.Tensor, hw) -> torch.Tensor:
     """``[B, K, H, W]`` ground truth -> one-hot at ``hw`` (the class covering most of each cell)."""
     frac = F.adaptive_avg_pool2d(targets.float(), tuple(hw))
     return F.one_hot(frac.argmax(1), targets.shape[1]).movedim(-1, 1).float()
+
+
+def target_weights(targets: torch.Tensor, hw, object_weight: float) -> Optional[torch.Tensor]:
+    """``[B, 1, h, w]`` loss weights from the routing ground truth ``[B, N+1, H, W]`` (background last): cells
+    covered by subjects weigh more, as in the base stage (``object_weight``); None when it is 0. Without them
+    the backdrop, most of every scene, dominates the loss that teaches the encoder who a subject is."""
+    return subject_weights(area_targets(targets[:, :-1].sum(1, keepdim=True), hw), object_weight, (1, 2, 3))
 
 
 def subject_step(cfg: dict, stage: str, pipe, source, scheduler, step: int, batch: int, generator: torch.Generator,
@@ -60,7 +68,8 @@ def subject_step(cfg: dict, stage: str, pipe, source, scheduler, step: int, batc
         noisy, noise, t = noisy_latents(scheduler, latents, generator, total=batch, rows=rows)
         pred = pipe.unet(noisy, t, embeds, added_cond_kwargs=added).sample
         target = prediction_target(scheduler, latents, noise, t)
-        diff = diffusion_loss(scheduler, pred, target, t, float(scfg["snr_gamma"]))
+        weight = target_weights(data.targets, lat_hw, float(scfg.get("object_weight", 0.0)))
+        diff = diffusion_loss(scheduler, pred, target, t, float(scfg["snr_gamma"]), weight)
         out = {"diffusion": diff, "loss": diff}
         if not teacher_routing:
             route = routing_loss(pipe.anystory_state, data.targets)
