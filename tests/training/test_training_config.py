@@ -138,7 +138,7 @@ def _values_the_stages_read(name):
                                "world.max_rotation": 15, "base.steps": 30000},
         "miniature_v3.yaml": {**common, "threads": 1, "work_dir": "runs/miniature_v3", "base.object_weight": 6.0,
                               "world.max_rotation": 15, "base.steps": 30000, "vae.steps": 6000,
-                              "vae.object_weight": 4.0},
+                              "vae.object_weight": 4.0, "clip.steps": 3000},
         "miniature_v2i.yaml": {**common, "threads": 1, "work_dir": "runs/miniature_v2i", "base.object_weight": 6.0,
                                "world.max_rotation": 15, "world.max_subjects": 1},
         "miniature_v2j.yaml": {**common, "threads": 1, "work_dir": "runs/miniature_v2j", "base.object_weight": 6.0,
