@@ -7,6 +7,9 @@ Rows, each a stage a subject's identity has to pass through (every figure: value
 
 - *renders*: the held-out renders themselves, read at their exact masks (the classifier's own ceiling);
 - *VAE*: the same renders encoded and decoded by the model's VAE, read at the same masks;
+- *CLIP zero-shot* (no judge): the base's image encoder embeds each reference (as the semantic path prepares it)
+  and its ``text_encoder_2`` every one of the 192 identities' names; the nearest name is read as shape, colour and
+  texture. What the semantic path can tell apart at best, if CLIP is its only source;
 - *base, prompt naming it*: the text-to-image model with no reference, the prompt naming the identity
   ("a red striped star on sand"), the largest object drawn (the control of issue 27);
 - *base, generic prompt*: no reference, "an object on sand" (what chance looks like on these images);
@@ -49,13 +52,15 @@ from benchmarks.common import write_report
 from benchmarks.routing_study import (STUDY_SEED, _generate, _to_uint8, bootstrap, ci, fidelity, held_out_pairs,
                                       mean_of, oracle_maps)
 
-PARTS = ("render", "vae", "base", "generic", "one_gt", "one_on", "two_gt", "two_on", "captions")
+PARTS = ("render", "vae", "clip", "base", "generic", "one_gt", "one_on", "two_gt", "two_on", "captions")
 LABELS = {"render": "held-out renders (classifier ceiling)", "vae": "VAE reconstruction of the renders",
+          "clip": "CLIP zero-shot: the reference's image embedding, nearest of the 192 names",
           "base": "base model, prompt naming the identity, no reference",
           "generic": "base model, generic prompt, no reference (chance)",
           "one_gt": "one subject, ground-truth routing (stage 1's regime)",
           "one_on": "one subject, learned router (stage 2, shipped rule)",
           "two_gt": "two subjects, ground-truth routing", "two_on": "two subjects, learned router (shipped rule)"}
+ONE_SUBJECT = ("render", "vae", "base", "generic", "one_gt", "one_on")  # generated or read per image
 KEYS = ("identity", "shape", "colour", "texture", "found")
 SWAPS = ("shape", "colour", "texture", "generic")
 CAPTION_T = (100, 300, 500, 700, 900)
@@ -119,7 +124,7 @@ def one_subject_rows(pipe, base, world, classifier, cases, parts, steps: int, gu
     """Per part, one fidelity row per image (see :func:`benchmarks.routing_study.fidelity`)."""
     size = world.config.image_size
     latent = size // pipe.vae_scale_factor
-    rows = {p: [] for p in parts if p in PARTS[:6]}
+    rows = {p: [] for p in parts if p in ONE_SUBJECT}
     for index, identity, bg, scene in cases:
         subject = [identity]
         mask = scene.masks[0]
@@ -202,6 +207,30 @@ def caption_sensitivity(base, cases) -> list:
                     for i, a in enumerate(SWAPS[:3])})
         out.append(row)
     return out
+
+
+@torch.no_grad()
+def clip_rows(base, world: SyntheticWorld, cases) -> list:
+    """One fidelity row per case: the 192-way zero-shot reading of its reference by ``base``'s CLIP pair."""
+    from PIL import Image
+
+    from anystory.data.synthetic import ALL_IDENTITIES
+    from anystory.subjects import prepare_subjects
+
+    size = base.image_encoder.config.image_size
+    tokens = base.tokenizer_2([i.name for i in ALL_IDENTITIES], padding="max_length", truncation=True,
+                              max_length=base.tokenizer_2.model_max_length, return_tensors="pt").input_ids
+    names = F.normalize(base.text_encoder_2(tokens).text_embeds, dim=-1)
+    rows = []
+    for index, identity, _, _ in cases:
+        image = prepare_subjects([Subject(world.reference(identity, index).image)])[0].image
+        pixels = base.feature_extractor(images=[image.resize((size, size), Image.BICUBIC)],
+                                        return_tensors="pt").pixel_values
+        guess = ALL_IDENTITIES[int((F.normalize(base.image_encoder(pixels).image_embeds, dim=-1) @ names.T).argmax())]
+        hits = [a == b for a, b in zip(guess.labels, identity.labels)]
+        rows.append({"identity": [all(hits)], "shape": hits[:1], "colour": hits[1:2], "texture": hits[2:],
+                     "found": [True]})
+    return rows
 
 
 def summarise(rows: dict) -> dict:
@@ -332,6 +361,8 @@ def main(argv=None) -> int:
                             [int(k) for k in args.pca_codes.split(",") if k])
     pairs = held_out_pairs(world, args.first_pair + args.pairs)[args.first_pair:]
     rows.update(two_subject_rows(pipe, world, classifier, pairs, parts, args.steps, args.guidance))
+    if "clip" in parts:
+        rows["clip"] = clip_rows(base, world, cases)
     report = {"command": "python -m benchmarks.miniature_diagnosis " + " ".join(sys.argv[1:] if argv is None else argv),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit or "?",
               "model": model, "base": args.base, "base_weights": args.base_weights, "vae": args.vae, "steps": args.steps,

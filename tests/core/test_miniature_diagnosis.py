@@ -134,3 +134,35 @@ def test_write_report_writes_both_files_and_prints_the_table(tmp_path, capsys):
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == {"a": 1}
     assert (tmp_path / "out" / "results.md").read_text() == "| t |\n"
     assert "| t |" in capsys.readouterr().out
+
+
+def test_clip_rows_read_the_nearest_of_the_192_names_attribute_by_attribute():
+    """An image encoder that always embeds like the first named identity's name: its own references read right on
+    every attribute, the others right exactly where they share an attribute with it."""
+    import types
+
+    import torch.nn.functional as F
+
+    from benchmarks.miniature_diagnosis import clip_rows
+
+    base = AnyStorySDXLPipeline(**tiny_sdxl_components(seed=0))
+    first = IDENTITIES[0]
+    tokens = base.tokenizer_2([first.name], padding="max_length", max_length=base.tokenizer_2.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        embed = F.normalize(base.text_encoder_2(tokens).text_embeds, dim=-1)
+
+    class Constant(torch.nn.Module):
+        config = base.image_encoder.config
+
+        def forward(self, pixels):
+            return types.SimpleNamespace(image_embeds=embed.expand(len(pixels), -1))
+
+    base.image_encoder = Constant()
+    world = SyntheticWorld(424242, image_size=32)
+    cases = one_subject_cases(world, 1, offset=700)
+    rows = clip_rows(base, world, cases)
+    assert len(rows) == len(IDENTITIES) and rows[0]["identity"] == [True]
+    for (_, identity, _, _), row in zip(cases, rows):
+        assert row["shape"] == [identity.shape == first.shape] and row["colour"] == [identity.colour == first.colour]
+        assert row["texture"] == [identity.texture == first.texture] and row["identity"] == [identity == first]
