@@ -79,6 +79,7 @@ class SubjectStageConfig(DiffusionStageConfig):
 @dataclass
 class Stage1Config(SubjectStageConfig):
     train_unet: bool = False  # also fine-tune the UNet; off in every shipped config (stage1.py says why)
+    semantic_alignment: float = 0.0  # weight of the semantic tokens' pull toward their subject's name (subject_step.py)
 
 
 @dataclass

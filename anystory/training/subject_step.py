@@ -31,6 +31,23 @@ def target_weights(targets: torch.Tensor, hw, object_weight: float) -> Optional[
     return subject_weights(area_targets(targets[:, :-1].sum(1, keepdim=True), hw), object_weight, (1, 2, 3))
 
 
+def semantic_alignment_loss(pipe, semantic_tokens: torch.Tensor, samples) -> torch.Tensor:
+    """MSE between each subject's semantic tokens ``[B, N, T, D]`` and the prompt embeddings of its name alone
+    (positions 1..T, after the start token; frozen text encoders). The decoupled cross-attention starts from the text
+    projections, so tokens near a name's embeddings act on the UNet as the name in the prompt does: the base's own
+    knowledge of a shape, reached from a reference instead of a word. Needs every reference's ``name``."""
+    b, n, t, _ = semantic_tokens.shape
+    names = [ref.name for s in samples for ref in s.references]
+    if len(names) != b * n or not all(names):
+        raise ValueError("stage1.semantic_alignment needs every subject's name (the records' references[i].name); "
+                         "set it to 0 for data without names")
+    with torch.no_grad():
+        embeds = pipe.encode_prompt(names, device=semantic_tokens.device, num_images_per_prompt=1,
+                                    do_classifier_free_guidance=False)[0]
+    target = embeds[:, 1:1 + t].reshape(b, n, t, -1)
+    return F.mse_loss(semantic_tokens.float(), target.float())
+
+
 def subject_step(cfg: dict, stage: str, pipe, source, scheduler, step: int, batch: int, generator: torch.Generator,
                  teacher_routing: bool, routing_weight: float = 0.0, count: int = None,
                  data_stage: str = None, rows: Optional[slice] = None) -> Dict[str, torch.Tensor]:
@@ -52,6 +69,8 @@ def subject_step(cfg: dict, stage: str, pipe, source, scheduler, step: int, batc
         embeds, added = text_conditioning(pipe, captions, dropped, h, w)
     adapter = pipe.anystory
     encoded = pipe.encode_subjects(**data.tensors)
+    alignment_weight = float(scfg.get("semantic_alignment", 0.0))
+    alignment = semantic_alignment_loss(pipe, encoded["semantic_tokens"], scenes) if alignment_weight else None
     drop_sem = float(scfg.get("drop_semantic", 0.0))
     if drop_sem > 0:  # the unconditional half of CFG at inference: blank-image semantic tokens, references kept
         drop = torch.from_numpy(rng.random(batch)[rows] < drop_sem).to(device)[:, None, None, None]
@@ -71,10 +90,12 @@ def subject_step(cfg: dict, stage: str, pipe, source, scheduler, step: int, batc
         weight = target_weights(data.targets, lat_hw, float(scfg.get("object_weight", 0.0)))
         diff = diffusion_loss(scheduler, pred, target, t, float(scfg["snr_gamma"]), weight)
         out = {"diffusion": diff, "loss": diff}
+        if alignment is not None:
+            out.update(alignment=alignment, loss=diff + alignment_weight * alignment)
         if not teacher_routing:
             route = routing_loss(pipe.anystory_state, data.targets)
             per_layer = router_miou(pipe.anystory_state, data.targets)
-            out.update(routing=route, loss=diff + routing_weight * route,
+            out.update(routing=route, loss=out["loss"] + routing_weight * route,
                        miou=torch.tensor(float(np.mean(list(per_layer.values())))))
         return out
     finally:
