@@ -34,7 +34,8 @@ def server(tmp_path_factory):
     """``app.py --model tiny`` with a 2-second retention window, on loopback."""
     port = _free_port()
     log = tmp_path_factory.mktemp("privacy") / "server.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
+               PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")  # the log shows how far a stop got; SIGABRT dumps threads
     env.pop("GRADIO_TEMP_DIR", None)
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "app.py", "--model", "tiny", "--host", "127.0.0.1", "--port", str(port),
@@ -123,18 +124,21 @@ def test_small_hostile_requests_cost_the_server_little_memory(server, tmp_path):
             handle_file(STAR), None, {"background": handle_file(str(big)), "layers": [], "composite": None},
             api_name="/on_mask_inputs"),
     }
-    for name, send in requests.items():
-        before = _rss_mb(server.proc.pid)
-        try:
-            response = send()
-        except AppError as e:  # a refusal raised on the server (gr.Error) reaches the client as an AppError
-            response = e
-        grown = _rss_mb(server.proc.pid) - before
-        assert grown < 200, (name, grown, response)
-        if isinstance(response, httpx.Response):
-            assert response.status_code != 200, (name, response.text[:200])
-        elif name == "editor value 8000x8000":
-            assert "8000x8000 pixels; the limit is 4096x4096" in str(response), response
+    try:
+        for name, send in requests.items():
+            before = _rss_mb(server.proc.pid)
+            try:
+                response = send()
+            except AppError as e:  # a refusal raised on the server (gr.Error) reaches the client as an AppError
+                response = e
+            grown = _rss_mb(server.proc.pid) - before
+            assert grown < 200, (name, grown, response)
+            if isinstance(response, httpx.Response):
+                assert response.status_code != 200, (name, response.text[:200])
+            elif name == "editor value 8000x8000":
+                assert "8000x8000 pixels; the limit is 4096x4096" in str(response), response
+    finally:
+        client.close()  # its heartbeat keeps a stream to the app open; the next test stops the app
     assert server.proc.poll() is None
 
 
@@ -145,7 +149,9 @@ def test_the_app_leaves_nothing_when_it_stops(server):
     try:
         server.proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        pytest.fail("the app did not stop within 30 s of SIGINT:\n" + server.log.read_text())
+        server.proc.send_signal(signal.SIGABRT)  # faulthandler writes every thread's stack to the log
+        server.proc.wait(timeout=10)
+        pytest.fail("the app did not stop within 30 s of SIGINT; its threads then:\n" + server.log.read_text())
     assert not os.path.exists(root), server.log.read_text()
 
 
