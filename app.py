@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import secrets
+import signal
 import shutil
 import sys
 import tempfile
@@ -738,6 +739,13 @@ def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
     return pairs
 
 
+def stop_on_signals() -> None:
+    """SIGTERM (how services and containers stop a process) and SIGINT, even where a launch in the background left
+    it ignored, end the app the way Ctrl-C does: Gradio closes the server and ``main`` deletes every visitor's files."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -762,6 +770,7 @@ def main(argv=None) -> int:
     cache = os.environ["GRADIO_TEMP_DIR"]
     kept = SessionFiles(cache, cache, ttl)  # session folders inside the cache: served as they are, no copies
     kept.start_sweeper()
+    stop_on_signals()
     try:
         demo = build_demo(handle, segmenter, kept=kept)
         demo.queue(default_concurrency_limit=1, max_size=32)
