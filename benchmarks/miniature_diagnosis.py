@@ -211,21 +211,15 @@ def caption_sensitivity(base, cases) -> list:
 
 @torch.no_grad()
 def clip_rows(base, world: SyntheticWorld, cases) -> list:
-    """One fidelity row per case: the 192-way zero-shot reading of its reference by ``base``'s CLIP pair."""
-    from PIL import Image
-
+    """One fidelity row per case: the 192-way zero-shot reading of its reference by ``base``'s CLIP pair, the
+    reference prepared as the pipeline prepares it for the semantic path."""
     from anystory.data.synthetic import ALL_IDENTITIES
-    from anystory.subjects import prepare_subjects
+    from anystory.training.clip import clip_pixels, name_embeddings
 
-    size = base.image_encoder.config.image_size
-    tokens = base.tokenizer_2([i.name for i in ALL_IDENTITIES], padding="max_length", truncation=True,
-                              max_length=base.tokenizer_2.model_max_length, return_tensors="pt").input_ids
-    names = F.normalize(base.text_encoder_2(tokens).text_embeds, dim=-1)
+    names = name_embeddings(base, [i.name for i in ALL_IDENTITIES], "cpu")
     rows = []
     for index, identity, _, _ in cases:
-        image = prepare_subjects([Subject(world.reference(identity, index).image)])[0].image
-        pixels = base.feature_extractor(images=[image.resize((size, size), Image.BICUBIC)],
-                                        return_tensors="pt").pixel_values
+        pixels = clip_pixels(base, [world.reference(identity, index).image], world.config.reference_size)
         guess = ALL_IDENTITIES[int((F.normalize(base.image_encoder(pixels).image_embeds, dim=-1) @ names.T).argmax())]
         hits = [a == b for a, b in zip(guess.labels, identity.labels)]
         rows.append({"identity": [all(hits)], "shape": hits[:1], "colour": hits[1:2], "texture": hits[2:],

@@ -22,25 +22,34 @@ from .data import indices, world_for
 from .loop import StageLoop, make_accelerator
 
 
+def clip_pixels(pipe, references, size: int) -> torch.Tensor:
+    """CLIP pixel values of reference images, prepared as ``pipe.subject_tensors`` prepares CLIP's input:
+    ``prepare_subjects`` (square crop on white), resized to the reference size ``size``, then the feature extractor."""
+    images = [prepare_subjects([Subject(r)])[0].image.resize((size, size), Image.BICUBIC) for r in references]
+    return pipe.feature_extractor(images=images, return_tensors="pt").pixel_values
+
+
+def name_embeddings(pipe, names, device) -> torch.Tensor:
+    """Unit-norm ``text_encoder_2`` embeddings of subject names, the text side of the CLIP pair."""
+    tok = pipe.tokenizer_2(list(names), padding="max_length", max_length=pipe.tokenizer_2.model_max_length,
+                           truncation=True, return_tensors="pt").input_ids.to(device)
+    return F.normalize(pipe.text_encoder_2(tok).text_embeds, dim=-1)
+
+
 def clip_batch(pipe, world, step: int, batch: int, device, size: int, split: str = "clip"):
-    """(CLIP pixel values of reference views, names), prepared as ``pipe.subject_tensors`` prepares CLIP's input:
-    ``prepare_subjects`` (square crop on white), resized to the reference size, then the feature extractor."""
-    images, names = [], []
+    """(CLIP pixel values of reference views of random subjects, their names): :func:`clip_pixels`."""
+    references, names = [], []
     for i in indices(split, step, batch):
         rng = np.random.default_rng([world.seed, i, 99])
         ident = world.pool[int(rng.integers(len(world.pool)))]
-        prepared = prepare_subjects([Subject(world.reference(ident, i).image)])[0]
-        images.append(prepared.image.resize((size, size), Image.BICUBIC))
+        references.append(world.reference(ident, i).image)
         names.append(ident.name)
-    pixels = pipe.feature_extractor(images=images, return_tensors="pt").pixel_values
-    return pixels.to(device), names
+    return clip_pixels(pipe, references, size).to(device), names
 
 
 def contrastive_loss(pipe, pixels: torch.Tensor, names, logit_scale: torch.Tensor):
     """Symmetric InfoNCE between image and text embeddings; returns (loss, image->text top-1 accuracy)."""
-    tok = pipe.tokenizer_2(list(names), padding="max_length", max_length=pipe.tokenizer_2.model_max_length,
-                           truncation=True, return_tensors="pt").input_ids.to(pixels.device)
-    text = F.normalize(pipe.text_encoder_2(tok).text_embeds, dim=-1)
+    text = name_embeddings(pipe, names, pixels.device)
     image = F.normalize(pipe.image_encoder(pixels).image_embeds, dim=-1)
     logits = logit_scale.exp().clamp(max=100) * image @ text.T
     same = torch.tensor([[a == b for b in names] for a in names], dtype=torch.float32, device=pixels.device)
