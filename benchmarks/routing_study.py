@@ -499,8 +499,9 @@ def markdown_table(r: dict) -> str:
     one = r.get("single_subject")
     if one:
         om = [m for m in modes if m in one]
-        lines += ["", f"**One subject** ({one[om[0]]['images']} images, 16 identities x references, seed indices "
-                  f"{r.get('single_offset', 10_000)}-{r.get('single_offset', 10_000) + one[om[0]]['images'] - 1})", "",
+        first, images = r.get("single_offset", 10_000), one[om[0]]["images"]
+        lines += ["", f"**One subject** ({images} images, 16 identities x references, seed indices "
+                  f"{first}-{first + images - 1})", "",
                   "| measurement | " + " | ".join(LABELS[m] for m in om) + " |", "|---" * (len(om) + 1) + "|"]
         for key, name in (("identity", "fidelity: exact identity (chance 0.005)"),
                           ("named", "fidelity: best of 16 named identities (chance 0.0625)"),
