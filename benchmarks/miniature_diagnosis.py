@@ -14,7 +14,8 @@ Rows, each a stage a subject's identity has to pass through (every figure: value
   ("a red striped star on sand"), the largest object drawn (the control of issue 27);
 - *base, generic prompt*: no reference, "an object on sand" (what chance looks like on these images);
 - *one subject, ground-truth routing*: the reference, the prompt naming nothing, every layer of every step
-  routed to the subject's exact mask in the held-out scene (the regime stage 1 trains the encoder in);
+  routed to the subject's exact mask in the held-out scene (the regime stage 1 trains the encoder in), or to it
+  grown by ``--gt-dilation`` pixels for a model trained with ``stage1.routing_dilation``;
 - *one subject, learned router*: the same with the model's inference rule (stage 2's routers);
 - *two subjects, ground-truth routing* / *learned router*: the routing study's pairs, each routed to the
   subjects' masks in the held-out scene of the same index, or by the router; objects matched to subjects as in
@@ -47,6 +48,7 @@ from anystory.data.identity_classifier import IdentityClassifier
 from anystory.data.object_finder import find_objects
 from anystory.data.synthetic import (COLOURS, IDENTITIES, SHAPES, TEXTURES, Identity, SyntheticWorld, WorldConfig,
                                      caption_for)
+from anystory.training.subject_step import dilated_targets
 from anystory.training.trajectory import drawn_objects
 from benchmarks.common import write_report
 from benchmarks.routing_study import (STUDY_SEED, _generate, _to_uint8, bootstrap, ci, fidelity, held_out_pairs,
@@ -119,8 +121,18 @@ def largest(image: np.ndarray) -> list:
     return [objects[0] if objects else None]
 
 
+def routed_masks(masks: list, radius: int) -> list:
+    """The ground-truth rows' routing regions: each subject's mask grown by ``radius`` pixels, as stage 1 routes
+    with ``stage1.routing_dilation`` (0: the exact masks)."""
+    if not radius:
+        return masks
+    t = torch.from_numpy(np.stack(masks).astype(np.float32))
+    grown = dilated_targets(torch.cat([t, 1 - t.amax(0, keepdim=True)])[None], radius)[0, :-1]
+    return [m.numpy() > 0.5 for m in grown]
+
+
 def one_subject_rows(pipe, base, world, classifier, cases, parts, steps: int, guidance: float,
-                     pca_codes=()) -> dict:
+                     pca_codes=(), dilation: int = 0) -> dict:
     """Per part, one fidelity row per image (see :func:`benchmarks.routing_study.fidelity`)."""
     size = world.config.image_size
     latent = size // pipe.vae_scale_factor
@@ -139,7 +151,7 @@ def one_subject_rows(pipe, base, world, classifier, cases, parts, steps: int, gu
                 image = text_only(base, prompt, steps, guidance, seed=index)
                 masks = largest(image)
             else:
-                override = oracle_maps([mask], size, latent) if part == "one_gt" else None
+                override = oracle_maps(routed_masks([mask], dilation), size, latent) if part == "one_gt" else None
                 image = _to_uint8(_generate(pipe, f"an object on {bg}", refs, "on", size, steps, guidance,
                                             seed=index, override=override).images[0])
                 masks = largest(image)
@@ -151,7 +163,7 @@ def one_subject_rows(pipe, base, world, classifier, cases, parts, steps: int, gu
     return rows
 
 
-def two_subject_rows(pipe, world, classifier, pairs, parts, steps: int, guidance: float) -> dict:
+def two_subject_rows(pipe, world, classifier, pairs, parts, steps: int, guidance: float, dilation: int = 0) -> dict:
     """Per part, one fidelity row per pair (both subjects)."""
     size = world.config.image_size
     latent = size // pipe.vae_scale_factor
@@ -160,7 +172,8 @@ def two_subject_rows(pipe, world, classifier, pairs, parts, steps: int, guidance
         refs = [Subject(world.reference(s, k, slot).image, name=s.name) for slot, s in enumerate(subjects)]
         scene = world.scene(k, identities=subjects, background_name=bg)
         for part in rows:
-            override = oracle_maps(list(scene.masks), size, latent) if part == "two_gt" else None
+            override = (oracle_maps(routed_masks(list(scene.masks), dilation), size, latent) if part == "two_gt"
+                        else None)
             image = _to_uint8(_generate(pipe, f"two objects on {bg}", refs, "on", size, steps, guidance, seed=k,
                                         override=override).images[0])
             rows[part].append(fidelity(image, drawn_objects(image, subjects, classifier), subjects, classifier))
@@ -282,7 +295,9 @@ def markdown(report: dict) -> str:
     lines = [f"`{report['command']}` ({report['date']}, commit {report['commit']}, {report['seconds_total']:.0f} s; "
              f"{report['steps']} steps, guidance {report['guidance']:g}; model {report['model']}"
              + (f"; base rows: {report['base']}" + (f" + {report['base_weights']}" if report['base_weights'] else "")
-                if report["base"] else "") + (f"; VAE (every row): {report['vae']}" if report["vae"] else "") + ")", "",
+                if report["base"] else "") + (f"; VAE (every row): {report['vae']}" if report["vae"] else "")
+             + (f"; ground-truth regions grown {report['gt_dilation']} px" if report.get("gt_dilation") else "") + ")",
+             "",
              "| where | units | exact identity (chance .005) | shape (chance .125) | colour (chance .167) "
              "| texture (chance .25) | object drawn |", "|---|---|---|---|---|---|---|"]
     if set(res) == {"captions"}:
@@ -317,6 +332,8 @@ def parse(argv=None):
     p.add_argument("--offset", type=int, default=10_000, help="first seed index of the one-subject rows")
     p.add_argument("--pairs", type=int, default=80, help="study pairs in the two-subject rows")
     p.add_argument("--first-pair", type=int, default=0)
+    p.add_argument("--gt-dilation", type=int, default=0, help="pixels the ground-truth rows' routing regions grow "
+                   "by (the model's stage1.routing_dilation: its training regime)")
     p.add_argument("--out", default="runs/miniature_diagnosis")
     args = p.parse_args(argv)
     parts = [x for x in args.parts.split(",") if x]
@@ -352,15 +369,16 @@ def main(argv=None) -> int:
         for target in {id(pipe): pipe, id(base): base}.values():
             target.vae = load_vae(args.vae, pipe.vae)
     rows = one_subject_rows(pipe, base, world, classifier, cases, parts, args.steps, args.guidance,
-                            [int(k) for k in args.pca_codes.split(",") if k])
+                            [int(k) for k in args.pca_codes.split(",") if k], args.gt_dilation)
     pairs = held_out_pairs(world, args.first_pair + args.pairs)[args.first_pair:]
-    rows.update(two_subject_rows(pipe, world, classifier, pairs, parts, args.steps, args.guidance))
+    rows.update(two_subject_rows(pipe, world, classifier, pairs, parts, args.steps, args.guidance, args.gt_dilation))
     if "clip" in parts:
         rows["clip"] = clip_rows(base, world, cases)
     report = {"command": "python -m benchmarks.miniature_diagnosis " + " ".join(sys.argv[1:] if argv is None else argv),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit or "?",
               "model": model, "base": args.base, "base_weights": args.base_weights, "vae": args.vae, "steps": args.steps,
-              "guidance": args.guidance, "pairs": [args.first_pair, args.first_pair + args.pairs],
+              "guidance": args.guidance, "gt_dilation": args.gt_dilation,
+              "pairs": [args.first_pair, args.first_pair + args.pairs],
               "one_subject_seeds": [args.offset, args.offset + len(cases)],
               "results": summarise(rows), "seconds_total": time.time() - started}
     write_report(args.out, report, markdown(report))

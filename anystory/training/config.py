@@ -80,6 +80,7 @@ class SubjectStageConfig(DiffusionStageConfig):
 class Stage1Config(SubjectStageConfig):
     train_unet: bool = False  # also fine-tune the UNet; off in every shipped config (stage1.py says why)
     semantic_alignment: float = 0.0  # weight of the semantic tokens' pull toward their subject's name (subject_step.py)
+    routing_dilation: int = 0  # pixels each subject's routed region grows by (subject_step.dilated_targets)
 
 
 @dataclass
@@ -102,6 +103,7 @@ class TrajectoryConfig(Section):
 @dataclass
 class Stage2Config(SubjectStageConfig):
     routing_weight: float = 0.1
+    routing_dilation: int = 0  # pixels each subject's routed region grows by (subject_step.dilated_targets)
     logit_adjustment_tau: float = 1.0  # inference background logit adjustment: tau x log(prior ratio)
     single_region: bool = False  # inference: one connected region per subject
     trajectory: Optional[TrajectoryConfig] = None

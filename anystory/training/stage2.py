@@ -15,12 +15,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 from .data import SyntheticSource, source_for, subject_count
 from .diffusion import training_scheduler
 from .loop import StageLoop, TrainedModules, make_accelerator
 from .stage1 import evaluate, freeze_all, prepare_training, sampler
-from .subject_step import subject_step
+from .subject_step import dilated_targets, subject_step
 
 
 def stage2_parameters(adapter) -> dict:
@@ -29,16 +30,19 @@ def stage2_parameters(adapter) -> dict:
 
 
 def routing_priors(cfg: dict, samples: int = 512) -> dict:
-    """Mean area of the background and of one subject in stage 2's training scenes (its subject-count mix)."""
+    """Mean area of the background and of one subject in stage 2's training scenes (its subject-count mix), each
+    subject's region grown as the stage's routing targets are (``routing_dilation``)."""
     source = source_for(cfg, "stage2")
     rng = np.random.default_rng([int(cfg["seed"]), 6])
     background, subject = [], []
+    radius = int(cfg["stage2"].get("routing_dilation", 0))
     for i in range(samples):
         count = subject_count(rng, cfg["stage2"]["subjects"])
         if isinstance(source, SyntheticSource):  # world index i (not the stage's stream), as the miniature measured
             target = source.world.sample(i, count=count).scene.routing_target()
         else:
             target = source.record("stage2", i, count).routing_target()
+        target = dilated_targets(torch.from_numpy(target)[None].float(), radius)[0].numpy()
         background.append(float(target[-1].mean()))
         subject += [float(m.mean()) for m in target[:-1]]
     return {"background": float(np.mean(background)), "subject": float(np.mean(subject))}

@@ -24,6 +24,18 @@ def one_hot_targets(targets: torch.Tensor, hw) -> torch.Tensor:
     return F.one_hot(frac.argmax(1), targets.shape[1]).movedim(-1, 1).float()
 
 
+def dilated_targets(targets: torch.Tensor, radius: int) -> torch.Tensor:
+    """Ground truth ``[B, N+1, H, W]`` (background last) with every subject's mask grown by ``radius`` pixels (a
+    square max filter) and the background what no subject covers. Teacher routing to the exact mask hands the UNet
+    each subject's outline, so the encoder never has to carry shape: the conditions learn to fill the routed region
+    (docs/experiments/miniature-diagnosis.md, 2.11). A wider region makes the reference say where its outline is."""
+    if radius <= 0:
+        return targets
+    subjects = F.max_pool2d(targets[:, :-1].float(), 2 * radius + 1, stride=1, padding=radius)
+    background = (1 - subjects.amax(1, keepdim=True)).clamp(min=0)
+    return torch.cat([subjects, background], 1).to(targets.dtype)
+
+
 def target_weights(targets: torch.Tensor, hw, object_weight: float) -> Optional[torch.Tensor]:
     """``[B, 1, h, w]`` loss weights from the routing ground truth ``[B, N+1, H, W]`` (background last): cells
     covered by subjects weigh more, as in the base stage (``object_weight``); None when it is 0. Without them
@@ -76,11 +88,12 @@ def subject_step(cfg: dict, stage: str, pipe, source, scheduler, step: int, batc
         drop = torch.from_numpy(rng.random(batch)[rows] < drop_sem).to(device)[:, None, None, None]
         encoded["semantic_tokens"] = torch.where(drop, encoded["semantic_uncond_tokens"], encoded["semantic_tokens"])
     lat_hw = tuple(latents.shape[-2:])
+    regions = dilated_targets(data.targets, int(scfg.get("routing_dilation", 0)))  # where each subject is routed
     pipe.start_anystory_call(adapter.conditioning(
         **encoded,
         scales=torch.ones(count, device=device), reference_scales=torch.ones(count, device=device),
         latent_hw=lat_hw,
-        forced_maps=one_hot_targets(data.targets, lat_hw).to(latents.dtype) if teacher_routing else None,
+        forced_maps=one_hot_targets(regions, lat_hw).to(latents.dtype) if teacher_routing else None,
         collect_soft_maps=not teacher_routing,
     ))
     try:
@@ -93,8 +106,8 @@ def subject_step(cfg: dict, stage: str, pipe, source, scheduler, step: int, batc
         if alignment is not None:
             out.update(alignment=alignment, loss=diff + alignment_weight * alignment)
         if not teacher_routing:
-            route = routing_loss(pipe.anystory_state, data.targets)
-            per_layer = router_miou(pipe.anystory_state, data.targets)
+            route = routing_loss(pipe.anystory_state, regions)
+            per_layer = router_miou(pipe.anystory_state, regions)
             out.update(routing=route, loss=out["loss"] + routing_weight * route,
                        miou=torch.tensor(float(np.mean(list(per_layer.values())))))
         return out

@@ -166,3 +166,13 @@ def test_clip_rows_read_the_nearest_of_the_192_names_attribute_by_attribute():
     for (_, identity, _, _), row in zip(cases, rows):
         assert row["shape"] == [identity.shape == first.shape] and row["colour"] == [identity.colour == first.colour]
         assert row["texture"] == [identity.texture == first.texture] and row["identity"] == [identity == first]
+
+
+def test_routed_masks_grow_each_subject_as_stage_one_routes_and_zero_keeps_them():
+    from benchmarks.miniature_diagnosis import routed_masks
+    masks = list(SyntheticWorld(0).scene(4, count=2).masks)
+    assert routed_masks(masks, 0) is masks
+    grown = routed_masks(masks, 3)
+    assert len(grown) == 2 and all(g.dtype == bool and g.shape == m.shape for g, m in zip(grown, masks))
+    assert all((g >= m).all() and g.sum() > m.sum() for g, m in zip(grown, masks))
+    assert parse(["--gt-dilation", "6"])[0].gt_dilation == 6 and parse([])[0].gt_dilation == 0
