@@ -24,6 +24,7 @@ import json
 import math
 import os
 import time
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -38,6 +39,7 @@ from ..cli_options import add_miniature_sampling
 from ..data.synthetic import COLOURS, SHAPES, SyntheticWorld, WorldConfig
 from ..presets import MINIATURE
 from .data import area_targets
+from .subject_step import dilated_targets
 
 
 def drawn_objects(image: np.ndarray, subjects, classifier: IdentityClassifier) -> list:
@@ -188,6 +190,14 @@ def train_routers(adapter, data: List[Trajectory], iterations: int, lr: float, b
             "seconds": round(time.time() - started, 1)}
 
 
+def grown(data: List[Trajectory], radius: int) -> List[Trajectory]:
+    """The recordings with each drawn object grown by ``radius`` pixels (``stage2.routing_dilation``): the routers
+    learn the regions stage 1 conditioned (``subject_step.dilated_targets``), not the outlines themselves."""
+    if radius <= 0:
+        return data
+    return [dataclasses.replace(d, target=dilated_targets(d.target[None].float(), radius)[0]) for d in data]
+
+
 def retrain_routers(pipe, classifier: IdentityClassifier, world: SyntheticWorld, settings: dict, log=print,
                     cache: Optional[str] = None) -> dict:
     """Record ``settings["samples"]`` trajectories (world indices from ``first_index``), then train the routers on
@@ -207,6 +217,7 @@ def retrain_routers(pipe, classifier: IdentityClassifier, world: SyntheticWorld,
             torch.save([vars(d) for d in data], cache)
     if not data:
         raise RuntimeError("no trajectory kept a drawn object for every subject: nothing to train the routers on")
+    data = grown(data, int(settings.get("routing_dilation", 0)))
     recorded = time.time() - started
     held = max(1, len(data) // 8)
     kind, bias = "router", float(pipe.anystory.config.routing_background_bias)
@@ -227,7 +238,8 @@ def train_trajectory(cfg: dict, pipe, log=print, trajectory_background_bias: Opt
     ``trajectory_background_bias``: the trajectory routers' adjustment when ``combine_weight`` is set."""
     from .data import world_for
 
-    settings = dict(cfg["stage2"]["trajectory"], trajectory_background_bias=trajectory_background_bias)
+    settings = dict(cfg["stage2"]["trajectory"], trajectory_background_bias=trajectory_background_bias,
+                    routing_dilation=cfg["stage2"].get("routing_dilation", 0))
     classifier = IdentityClassifier.load(settings["classifier"])
     return retrain_routers(pipe, classifier, world_for(cfg, "train"), settings, log)
 

@@ -147,3 +147,21 @@ def test_stage2_refuses_combine_without_the_trajectory_routers_adjustment(pipe):
     cfg = {"stage2": {"steps": 1, "trajectory": {"samples": 1, "iterations": 1, "combine_weight": 0.5}}}
     with pytest.raises(ValueError, match="combine_weight needs logit_adjustment_tau"):
         train_stage2(cfg, pipe, log=lambda *_: None)
+
+
+def test_routing_dilation_grows_the_drawn_objects_the_routers_learn(pipe, world, recorded, tmp_path, monkeypatch):
+    assert trajectory.grown(recorded, 0) is recorded
+    bigger = trajectory.grown(recorded, 3)
+    for old, new in zip(recorded, bigger):
+        assert new.latents is old.latents and torch.equal(new.tokens, old.tokens)
+        assert (new.target[:-1] >= old.target[:-1]).all() and new.target[:-1].sum() > old.target[:-1].sum()
+        assert (new.target[-1] <= old.target[-1]).all()
+    cache = tmp_path / "trajectories.pt"
+    torch.save([vars(t) for t in recorded], cache)
+    seen = []
+    monkeypatch.setattr(trajectory, "train_routers", lambda adapter, data, *a, **k: (seen.append(data), {"seconds": 0,
+                        "heldout_step0_agreement_before": 0.0, "heldout_step0_agreement_after": 0.0})[1])
+    settings = {"samples": 5, "iterations": 1, "lr": 1e-2, "batch_size": 2, "routing_dilation": 3}
+    trajectory.retrain_routers(pipe, None, world, settings, log=lambda *_: None, cache=str(cache))
+    held = max(1, len(recorded) // 8)
+    assert all(torch.equal(a.target, b.target) for a, b in zip(seen[0], bigger[held:]))
