@@ -318,6 +318,21 @@ def test_one_click_story_example_renders_captioned_frames(page):
     page.screenshot(path=os.path.join(OUT, "app_browser_story_example.png"), full_page=True)
 
 
+def _settled_box(page, locator, timeout_ms: int = 15_000) -> dict:
+    """The locator's bounding box once it has stopped moving (the same for 500 ms): the folded section opens with an
+    animation and the page lays out again as images arrive, so a box read too early puts a stroke elsewhere on a
+    slow machine."""
+    last, still = None, 0
+    for _ in range(timeout_ms // 100):
+        box = locator.bounding_box()
+        still = still + 1 if box is not None and box == last else 0
+        if still >= 5:
+            return box
+        last = box
+        page.wait_for_timeout(100)
+    raise AssertionError(f"the element kept moving for {timeout_ms} ms (last box {last})")
+
+
 def test_a_box_drawn_on_the_region_canvas_fills_the_region_field(page):
     """Issue 18: each subject's region drawn on a canvas of the output's shape; the drawing's box is the region."""
     page.locator("#subject-1-region-box").get_by_text("Region (optional)").click()  # folded at first
@@ -325,8 +340,7 @@ def test_a_box_drawn_on_the_region_canvas_fills_the_region_field(page):
     sync_api.expect(canvas).to_be_visible(timeout=30_000)
     sync_api.expect(page.locator("#subject-1-region-canvas button[aria-label=Brush]")).to_have_class(
         re.compile("highlight"), timeout=10_000)
-    page.wait_for_timeout(500)
-    box = canvas.bounding_box()  # the editor's area: the canvas image sits in its middle, at the display's scale
+    box = _settled_box(page, canvas)  # the editor's area: the canvas image sits in its middle, at the display's scale
     x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     page.mouse.move(x - 40, y - 20)
     page.mouse.down()
