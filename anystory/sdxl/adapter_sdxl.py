@@ -47,6 +47,7 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
         max_subjects: int = MAX_SUBJECTS,
         gumbel_tau: float = 1.0,
         routing_background_bias: float = 0.0,
+        routing_background_bias_single: Optional[float] = None,
         routing_single_region: bool = False,
         routing_trajectory_weight: float = 0.0,
         routing_trajectory_background_bias: float = 0.0,

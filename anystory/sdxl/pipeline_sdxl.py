@@ -181,6 +181,7 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
         (``AnyStorySDXLAdapter.start`` takes it). ``regions``: ``[N, H, W]`` from
         :func:`anystory.regions.routing_regions`; ``None`` settings use the values stored with the weights."""
         device, dtype = self._execution_device, self.unet.dtype
+        routing_background_bias = self._background_bias(len(prepared), routing_background_bias)
         encoded = self.encode_subjects(**self.subject_tensors(prepared, device, dtype)) if prepared else None
         offset = None
         if background is not None:
@@ -199,6 +200,13 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
             routing_regions=None if regions is None else regions.to(device), record_maps=record_maps,
             start_offset=offset,
             **({} if routing_background_bias is None else {"background_bias": routing_background_bias}))
+
+    def _background_bias(self, count: int, given: Optional[float]) -> Optional[float]:
+        """The call's background adjustment: the caller's, else a lone subject's own when the weights store one
+        (``routing_background_bias_single``: the adjustment keeps subjects apart, and one subject has nothing to be
+        kept from - it only shrinks its region), else ``None`` (the stored adjustment)."""
+        single = self.anystory.config.get("routing_background_bias_single")
+        return single if given is None and count == 1 and single is not None else given
 
     # ---- call --------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -105,6 +105,7 @@ class Stage2Config(SubjectStageConfig):
     routing_weight: float = 0.1
     routing_dilation: int = 0  # pixels each subject's routed region grows by (subject_step.dilated_targets)
     logit_adjustment_tau: float = 1.0  # inference background logit adjustment: tau x log(prior ratio)
+    logit_adjustment_tau_single: Optional[float] = None  # its tau for a call with one subject (None: the same)
     single_region: bool = False  # inference: one connected region per subject
     trajectory: Optional[TrajectoryConfig] = None
 

@@ -343,3 +343,34 @@ def test_each_call_hands_the_processors_a_fresh_typed_state(pipe):
             adapter.start(adapter.conditioning(prev_map=torch.ones(1, 2, 4, 4)))  # written while running, not an input
     finally:
         adapter.start()
+
+
+def test_a_lone_subject_gets_its_own_stored_background_adjustment(pipe, monkeypatch):
+    """``routing_background_bias_single``: calls with one subject use it, calls with more the stored adjustment, a
+    caller's value wins over both, and weights without it behave as before."""
+    seen = []
+    import anystory.sdxl.attention_processors as processors
+
+    original = processors.routing_maps
+
+    def spy(logits, training, tau=1.0, background_bias=0.0, *rest, **options):
+        seen.append(background_bias)
+        return original(logits, training, tau, background_bias, *rest, **options)
+
+    monkeypatch.setattr(processors, "routing_maps", spy)
+    one, two = [Subject(_image(1))], [Subject(_image(1)), Subject(_image(2))]
+    stored = pipe.anystory.config.routing_background_bias
+    assert pipe.anystory.config.routing_background_bias_single is None
+    _run(pipe, one, steps=1)
+    assert set(seen) == {stored}
+    pipe.anystory.register_to_config(routing_background_bias_single=stored - 0.75)
+    try:
+        for subjects, expected in ((one, stored - 0.75), (two, stored)):
+            seen.clear()
+            _run(pipe, subjects, steps=1)
+            assert set(seen) == {expected}
+        seen.clear()
+        _run(pipe, one, steps=1, routing_background_bias=2.5)
+        assert set(seen) == {2.5}
+    finally:
+        pipe.anystory.register_to_config(routing_background_bias_single=None)

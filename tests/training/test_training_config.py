@@ -141,7 +141,7 @@ def _values_the_stages_read(name):
                               "vae.object_weight": 4.0, "clip.steps": 3000, "stage1.steps": 2400,
                               "stage1.generic_caption": 1.0, "stage1.object_weight": 6.0,
                               "stage1.semantic_alignment": 1.0, "stage1.routing_dilation": 6,
-                              "stage2.routing_dilation": 6},
+                              "stage2.routing_dilation": 6, "stage2.logit_adjustment_tau_single": 0.0},
         "miniature_v2i.yaml": {**common, "threads": 1, "work_dir": "runs/miniature_v2i", "base.object_weight": 6.0,
                                "world.max_rotation": 15, "world.max_subjects": 1},
         "miniature_v2j.yaml": {**common, "threads": 1, "work_dir": "runs/miniature_v2j", "base.object_weight": 6.0,
