@@ -463,6 +463,7 @@ def main(argv=None) -> int:
         report["layout"] = layout_study(pipe, world, classifier, held_out_pairs(world, args.layout), args.steps,
                                         args.guidance, args.out)
     report["routing_background_bias"] = pipe.anystory.config.routing_background_bias
+    report["routing_background_bias_single"] = pipe.anystory.config.get("routing_background_bias_single")
     report["routing_single_region"] = pipe.anystory.config.routing_single_region
     report["routing_trajectory_weight"] = pipe.anystory.config.routing_trajectory_weight
     report["routing_trajectory_background_bias"] = pipe.anystory.config.routing_trajectory_background_bias
@@ -486,7 +487,9 @@ def ci(b: Optional[dict], fmt: str = "{:.3f}") -> str:
 def markdown_table(r: dict) -> str:
     g, modes = r.get("generation"), r["modes"]
     weight = r.get("routing_trajectory_weight") or 0.0
-    lines = [f"Background logit adjustment of this model: {r['routing_background_bias']:.3f}; one region per "
+    single = r.get("routing_background_bias_single")
+    lines = [f"Background logit adjustment of this model: {r['routing_background_bias']:.3f}"
+             + ("" if single is None else f" (a call with one subject: {single:.3f})") + "; one region per "
              f"subject: {'on' if r.get('routing_single_region') else 'off'}; trajectory router: "
              + (f"weight {weight:g}, its adjustment {r['routing_trajectory_background_bias']:.3f}. " if weight else "none. ")
              + "Every figure: value [bootstrap 95% interval].", ""]

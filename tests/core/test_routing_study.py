@@ -66,3 +66,11 @@ def test_the_one_subject_part_names_the_identity_only_in_the_named_control_and_c
     assert [c[2] for c in by_mode["named"]] == list(range(20_000, 20_000 + len(IDENTITIES)))
     assert all(rows[m]["identity"]["value"] == 0.0 and rows[m]["found"]["value"] == 0.0 for m in rows)
     assert rows["named"]["images"] == len(IDENTITIES)
+
+
+def test_the_table_states_a_lone_subjects_own_adjustment_only_when_the_model_has_one():
+    from benchmarks.routing_study import markdown_table
+    report = {"modes": ["on"], "routing_background_bias": 1.087, "routing_single_region": True}
+    assert "one subject:" not in markdown_table(report).splitlines()[0]
+    head = markdown_table({**report, "routing_background_bias_single": 0.0}).splitlines()[0]
+    assert "Background logit adjustment of this model: 1.087 (a call with one subject: 0.000); one region" in head
