@@ -43,6 +43,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from typing import List, Optional
 
@@ -447,7 +448,8 @@ def main(argv=None) -> int:
     world = SyntheticWorld(STUDY_SEED, WorldConfig(image_size=size, reference_size=pipe.anystory.config.reference_size))
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
-    report = {"model": model, "command": "python -m benchmarks.routing_study " + " ".join(argv or []),
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+    report = {"model": model, "command": f"python -m benchmarks.routing_study {command}",
               "classifier_validation": getattr(classifier, "metrics", {}), "modes": modes,
               "single_offset": args.single_offset}
     if args.scenes:
