@@ -173,7 +173,8 @@ def test_background_logit_adjustment_is_inference_only():
     assert torch.equal(a, b)
 
 
-def test_background_bias_reaches_the_router_and_is_validated(pipe, monkeypatch):
+def _background_biases(monkeypatch) -> list:
+    """Every background adjustment the routers are given from now on (in the order they get it)."""
     seen = []
     import anystory.sdxl.attention_processors as processors
 
@@ -184,6 +185,11 @@ def test_background_bias_reaches_the_router_and_is_validated(pipe, monkeypatch):
         return original(logits, training, tau, background_bias, *rest, **options)
 
     monkeypatch.setattr(processors, "routing_maps", spy)
+    return seen
+
+
+def test_background_bias_reaches_the_router_and_is_validated(pipe, monkeypatch):
+    seen = _background_biases(monkeypatch)
     subjects = [Subject(_image(1)), Subject(_image(2))]
     _run(pipe, subjects, steps=1)
     assert set(seen) == {pipe.anystory.config.routing_background_bias}
@@ -348,16 +354,7 @@ def test_each_call_hands_the_processors_a_fresh_typed_state(pipe):
 def test_a_lone_subject_gets_its_own_stored_background_adjustment(pipe, monkeypatch):
     """``routing_background_bias_single``: calls with one subject use it, calls with more the stored adjustment, a
     caller's value wins over both, and weights without it behave as before."""
-    seen = []
-    import anystory.sdxl.attention_processors as processors
-
-    original = processors.routing_maps
-
-    def spy(logits, training, tau=1.0, background_bias=0.0, *rest, **options):
-        seen.append(background_bias)
-        return original(logits, training, tau, background_bias, *rest, **options)
-
-    monkeypatch.setattr(processors, "routing_maps", spy)
+    seen = _background_biases(monkeypatch)
     one, two = [Subject(_image(1))], [Subject(_image(1)), Subject(_image(2))]
     stored = pipe.anystory.config.routing_background_bias
     assert pipe.anystory.config.routing_background_bias_single is None
