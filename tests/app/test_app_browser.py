@@ -479,9 +479,8 @@ def test_the_region_canvas_is_whole_and_shows_the_region_as_a_box(app, browser, 
         pg.locator("#subject-1-region-box").get_by_text("Region (optional)").click()
         canvas = pg.locator("#subject-1-region-canvas canvas").first
         sync_api.expect(canvas).to_be_visible(timeout=30_000)
-        pg.wait_for_timeout(1000)
+        box = _settled_box(pg, canvas)
         outer = pg.locator("#subject-1-region-canvas").bounding_box()
-        box = canvas.bounding_box()
         assert outer["x"] - 1 <= box["x"] and box["x"] + box["width"] <= outer["x"] + outer["width"] + 1, (box, outer)
         assert 0 <= box["x"] and box["x"] + box["width"] <= width, (box, width)
         field = pg.locator("#subject-1-region textarea, #subject-1-region input").first
@@ -501,8 +500,7 @@ def test_the_region_canvas_is_whole_and_shows_the_region_as_a_box(app, browser, 
 
         brush = pg.locator("#subject-1-region-canvas button[aria-label=Brush]")
         sync_api.expect(brush).to_have_class(re.compile("highlight"), timeout=10_000)  # selected again, by the app
-        pg.wait_for_timeout(1000)
-        box = canvas.bounding_box()  # where it is now (taking its picture scrolled it into view)
+        box = _settled_box(pg, canvas)  # where it is now (taking its picture scrolled it into view)
         cx, cy = box["x"] + (x0 + x1) / 2, box["y"] + (y0 + y1) / 2
         pg.mouse.move(cx + 35, cy - 40)
         pg.mouse.down()
