@@ -87,11 +87,12 @@ def train_stage2(cfg: dict, pipe, log=print) -> dict:
         log(f"[stage2] held-out routing loss {after['routing']:.4f}, mIoU {after['miou']:.3f}"
             + (f" (before: {before['routing']:.4f}, {before['miou']:.3f})" if before else ""))
     priors = routing_priors(cfg)
+    log_ratio = math.log(priors["background"] / priors["subject"])
     tau = float(scfg.get("logit_adjustment_tau", 1.0))
-    bias = tau * math.log(priors["background"] / priors["subject"])
+    bias = tau * log_ratio
     single_region = bool(scfg.get("single_region", False))
     tau_single = scfg.get("logit_adjustment_tau_single")
-    bias_single = None if tau_single is None else float(tau_single) * math.log(priors["background"] / priors["subject"])
+    bias_single = None if tau_single is None else float(tau_single) * log_ratio
     pipe.anystory.register_to_config(routing_background_bias=bias, routing_single_region=single_region,
                                      routing_background_bias_single=bias_single)
     log(f"[stage2] class priors: background {priors['background']:.3f}, one subject {priors['subject']:.3f} "
@@ -105,7 +106,7 @@ def train_stage2(cfg: dict, pipe, log=print) -> dict:
 
         tau = scfg["trajectory"].get("logit_adjustment_tau")
         # the retrained routers learn the drawn objects' prior: their own adjustment
-        own = None if tau is None else float(tau) * math.log(priors["background"] / priors["subject"])
+        own = None if tau is None else float(tau) * log_ratio
         combine = scfg["trajectory"].get("combine_weight")
         out["trajectory"] = train_trajectory(cfg, pipe, log, own if combine else None)
         if own is not None and not combine:  # the retrained routers replace stage 2's, with their adjustment
