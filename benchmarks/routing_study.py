@@ -17,8 +17,8 @@ neither ("two objects on sand"), so identity can only come from the reference im
    subject A's colour (and vice versa), with routing on vs off. "Off" forces every subject's map to 1
    everywhere (``set_routing_override`` with all-ones maps): each subject's conditions reach every position.
    Routing on uses the model's inference rule (the miniature's: the background logit adjustment, one region
-   per subject and the trajectory router, ``router.py``); "plain argmax" is the paper's rule, a per-layer argmax
-   of the stage-2 router with none of them.
+   per subject, the gap between subjects and the trajectory router, ``router.py``); "plain argmax" is the
+   paper's rule, a per-layer argmax of the stage-2 router with none of them.
    "Second pass" generates again with every layer of every step routed by the last-step map of routing on (its
    own decision, held for the whole call; twice the cost). "Oracle" forces every layer's routing to the objects that routing on drew (their masks, background
    elsewhere): what is left is leakage that no routing decision can remove.
@@ -212,8 +212,10 @@ def _generate(pipe, prompt, refs, mode: str, size: int, steps: int, guidance: fl
     pipe.set_routing_override(override)
     single_region = pipe.anystory.config.routing_single_region
     trajectory_weight = pipe.anystory.config.routing_trajectory_weight
+    gap = getattr(pipe.anystory.config, "routing_subject_gap", 0)
     if mode == "plain":
-        pipe.anystory.register_to_config(routing_single_region=False, routing_trajectory_weight=0.0)
+        pipe.anystory.register_to_config(routing_single_region=False, routing_trajectory_weight=0.0,
+                                         routing_subject_gap=0)
     try:
         return pipe(prompt, subjects=[] if mode in NO_SUBJECTS else refs, num_inference_steps=steps,
                     guidance_scale=guidance, generator=torch.Generator().manual_seed(seed), output_type="np",
@@ -221,7 +223,7 @@ def _generate(pipe, prompt, refs, mode: str, size: int, steps: int, guidance: fl
     finally:
         pipe.set_routing_override(None)
         pipe.anystory.register_to_config(routing_single_region=single_region,
-                                         routing_trajectory_weight=trajectory_weight)
+                                         routing_trajectory_weight=trajectory_weight, routing_subject_gap=gap)
 
 
 def scene_boxes(world: SyntheticWorld, k: int, subjects, bg: str) -> list:
@@ -467,6 +469,7 @@ def main(argv=None) -> int:
     report["routing_background_bias"] = pipe.anystory.config.routing_background_bias
     report["routing_background_bias_single"] = pipe.anystory.config.get("routing_background_bias_single")
     report["routing_single_region"] = pipe.anystory.config.routing_single_region
+    report["routing_subject_gap"] = getattr(pipe.anystory.config, "routing_subject_gap", 0)
     report["routing_trajectory_weight"] = pipe.anystory.config.routing_trajectory_weight
     report["routing_trajectory_background_bias"] = pipe.anystory.config.routing_trajectory_background_bias
     report["seconds_total"] = round(time.time() - t0, 1)
@@ -492,7 +495,8 @@ def markdown_table(r: dict) -> str:
     single = r.get("routing_background_bias_single")
     lines = [f"Background logit adjustment of this model: {r['routing_background_bias']:.3f}"
              + ("" if single is None else f" (a call with one subject: {single:.3f})") + "; one region per "
-             f"subject: {'on' if r.get('routing_single_region') else 'off'}; trajectory router: "
+             f"subject: {'on' if r.get('routing_single_region') else 'off'}; gap between subjects: "
+             f"{r.get('routing_subject_gap') or 0} latent positions; trajectory router: "
              + (f"weight {weight:g}, its adjustment {r['routing_trajectory_background_bias']:.3f}. " if weight else "none. ")
              + "Every figure: value [bootstrap 95% interval].", ""]
     tf = r.get("teacher_forced_miou")

@@ -49,6 +49,7 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
         routing_background_bias: float = 0.0,
         routing_background_bias_single: Optional[float] = None,
         routing_single_region: bool = False,
+        routing_subject_gap: int = 0,
         routing_trajectory_weight: float = 0.0,
         routing_trajectory_background_bias: float = 0.0,
         background_rank: int = 0,
@@ -58,6 +59,8 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
         background_start: float = 0.0,
     ):
         super().__init__()
+        if not isinstance(routing_subject_gap, int) or isinstance(routing_subject_gap, bool) or routing_subject_gap < 0:
+            raise ValueError(f"routing_subject_gap must be a whole number of latent positions >= 0, got {routing_subject_gap!r}")
         cross_dim = unet_config["cross_attention_dim"]
         self.reference_net = ReferenceNet(unet_config)
         self.semantic_qformer = QFormer(image_embed_dim, cross_dim, num_semantic_tokens, qformer_dim, qformer_depth, qformer_heads)
@@ -149,6 +152,7 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
         values.setdefault("gumbel_tau", self.config.gumbel_tau)
         values.setdefault("background_bias", self.config.routing_background_bias)
         values.setdefault("single_region", self.config.routing_single_region)
+        values.setdefault("subject_gap", self.config.get("routing_subject_gap", 0))
         values.setdefault("trajectory_weight", self.config.routing_trajectory_weight)
         values.setdefault("trajectory_background_bias", self.config.routing_trajectory_background_bias)
         return SDXLConditioning(training=self.training, **values)

@@ -67,6 +67,7 @@ class SDXLConditioning:
     gumbel_tau: float = 1.0
     background_bias: float = 0.0  # inference routing's background logit adjustment (see router.py)
     single_region: bool = False  # inference routing keeps each subject's largest region per layer (router.py)
+    subject_gap: int = 0  # inference routing keeps this many latent positions of background between subjects (router.py)
     trajectory_weight: float = 0.0  # inference routing adds the trajectory router's logits with this weight (router.py)
     trajectory_background_bias: float = 0.0  # the trajectory router's own background logit adjustment
     forced_maps: Optional[torch.Tensor] = None  # [N+1, H, W] (test/debug hook) or [Bc, N+1, H, W] (teacher routing) one-hot maps for every layer
@@ -312,9 +313,11 @@ class AnyStoryCrossAttnProcessor:
             closed = _resize_map(regions.float(), hw).flatten(2) < 0.5  # [1 or Bc, N, L]
             logits = _closed_off(logits, closed)
             second = None if second is None else _closed_off(second, closed)
-        gate, soft = routing_maps(logits, st.training, st.gumbel_tau, st.background_bias,
-                                  hw if st.single_region else None, second, st.trajectory_weight,
-                                  st.trajectory_background_bias)
+        gap = math.ceil(st.subject_gap * hw[0] / st.latent_hw[0]) if st.subject_gap else 0  # on this layer's grid
+        gate, soft = routing_maps(logits, st.training, st.gumbel_tau, st.background_bias, hw=hw,
+                                  single_region=st.single_region, subject_gap=gap, trajectory_logits=second,
+                                  trajectory_weight=st.trajectory_weight,
+                                  trajectory_background_bias=st.trajectory_background_bias)
         if st.collect_soft_maps:
             st.soft_maps[self.name] = soft
         return gate

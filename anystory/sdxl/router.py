@@ -36,6 +36,13 @@ argmax, and every other subject's winning set, hence its regions, is what it wou
 Its flood fill reads one flag back to the host per iteration: nothing on a CPU, a sync per iteration on an
 accelerator (not measured there).
 
+A gap between subjects (inference only, ``subject_gap`` latent positions; 0 = off). Two subjects whose regions
+touch get objects that touch, and where the sampler joins them into one, each carries the other's colour (the
+miniature's remaining leakage with one region per subject: docs/experiments/miniature-diagnosis.md, 2.16).
+:func:`kept_apart` gives the background every subject position that has another subject's within the gap (on
+each layer's grid: the gap scaled to it, rounded up), after the one-region rule. It stays removal-invariant: a
+subject that wins nowhere removes nothing from the others, and one that wins a position keeps one.
+
 Trajectory router (inference only, optional; ``routing_trajectory_weight`` > 0 in the config). A second set of
 routers, trained on the model's own sampling trajectories toward the objects it finally drew
 (``anystory/training/trajectory.py``), sees early where each blob will form, which stage 2's routers (trained on
@@ -115,14 +122,30 @@ def _adjusted(logits: torch.Tensor, background_bias: float) -> torch.Tensor:
     return logits
 
 
+def kept_apart(labels: torch.Tensor, hw: Tuple[int, int], classes: int, gap: int) -> torch.Tensor:
+    """``labels`` ``[B, L]`` with every subject position that has another subject's position within ``gap`` cells
+    (Chebyshev distance, on the ``hw`` grid) given to the background, so that at least ``gap`` background cells
+    part any two subjects. A subject that would lose every position keeps them (the others still give way), so a
+    subject that wins a position keeps one; a subject that wins none removes nothing. Per sample."""
+    batch, n = labels.shape[0], classes - 1
+    grid = labels.view(batch, 1, *hw) == torch.arange(n, device=labels.device).view(1, n, 1, 1)  # [B, N, h, w]
+    occupied = grid.float()
+    others = occupied.sum(1, keepdim=True) - occupied
+    near = F.max_pool2d(others, 2 * gap + 1, stride=1, padding=gap) > 0
+    emptied = ~(grid & ~near).flatten(2).any(-1)  # [B, N]: nothing would be left
+    drop = (grid & near & ~emptied[..., None, None]).any(1).flatten(1)
+    return torch.where(drop, n, labels)
+
+
 def routing_maps(logits: torch.Tensor, training: bool, tau: float = 1.0, background_bias: float = 0.0,
-                 single_region_hw: Optional[Tuple[int, int]] = None,
+                 hw: Optional[Tuple[int, int]] = None, single_region: bool = False, subject_gap: int = 0,
                  trajectory_logits: Optional[torch.Tensor] = None, trajectory_weight: float = 0.0,
                  trajectory_background_bias: float = 0.0):
     """(gating map, soft map) from router logits ``[B, K, L]`` (class ``K-1`` the background); the gating map is
-    one-hot over ``K`` in the forward pass. ``background_bias``, ``single_region_hw`` (the layer's grid, for
-    :func:`largest_regions`; None = off) and the trajectory router's logits (added with ``trajectory_weight``
-    after their own ``trajectory_background_bias``) apply to the inference decision only."""
+    one-hot over ``K`` in the forward pass. ``background_bias``, ``single_region`` (:func:`largest_regions`),
+    ``subject_gap`` (cells, :func:`kept_apart`; both need ``hw``, the layer's grid) and the trajectory router's
+    logits (added with ``trajectory_weight`` after their own ``trajectory_background_bias``) apply to the inference
+    decision only."""
     soft = logits.float().softmax(dim=1)
     if training:
         hard = F.gumbel_softmax(logits.float(), tau=tau, hard=True, dim=1)
@@ -131,7 +154,13 @@ def routing_maps(logits: torch.Tensor, training: bool, tau: float = 1.0, backgro
         if trajectory_logits is not None:
             adjusted = adjusted + trajectory_weight * _adjusted(trajectory_logits, trajectory_background_bias)
         labels = route_decision(adjusted)
-        if single_region_hw is not None:
-            labels = largest_regions(labels, single_region_hw, logits.shape[1])
+        if (single_region or subject_gap) and hw is None:
+            raise ValueError("one region per subject and the gap between subjects need the layer's grid (hw)")
+        if single_region:
+            labels = largest_regions(labels, hw, logits.shape[1])
+        if subject_gap:
+            labels = kept_apart(labels, hw, logits.shape[1], subject_gap)
+            if single_region:  # the gap may cut a region in two
+                labels = largest_regions(labels, hw, logits.shape[1])
         hard = F.one_hot(labels, logits.shape[1]).movedim(-1, 1).float()
     return hard.to(logits.dtype), soft

@@ -107,6 +107,7 @@ class Stage2Config(SubjectStageConfig):
     logit_adjustment_tau: float = 1.0  # inference background logit adjustment: tau x log(prior ratio)
     logit_adjustment_tau_single: Optional[float] = None  # its tau for a call with one subject (None: the same)
     single_region: bool = False  # inference: one connected region per subject
+    subject_gap: int = 0  # inference: latent positions of background kept between two subjects (sdxl/router.py)
     trajectory: Optional[TrajectoryConfig] = None
 
 
@@ -180,6 +181,10 @@ def _check_values(cfg: TrainingConfig) -> None:
         probs = cfg[stage].subjects
         if not probs or any(p < 0 for p in probs) or sum(probs) <= 0 or len(probs) > 4:
             raise ValueError(f"{stage}.subjects must be 1-4 non-negative weights for 1, 2, ... subjects, got {probs}")
+    for name, value in (("stage1.routing_dilation", cfg.stage1.routing_dilation),
+                        ("stage2.routing_dilation", cfg.stage2.routing_dilation), ("stage2.subject_gap", cfg.stage2.subject_gap)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
     if cfg.stage2.trajectory is not None and not cfg.stage2.trajectory.classifier:
         raise ValueError("stage2.trajectory.classifier: required (the identity classifier's safetensors file)")
 

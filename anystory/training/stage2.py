@@ -5,8 +5,9 @@ Loss: diffusion loss (its gradient reaches the router through the straight-throu
 ``routing_weight * mean ||M - M_gt||^2`` on the soft maps (paper: 0.1). Logged: both losses and router mIoU.
 Afterwards the class priors of the training targets set the inference logit adjustment (``router.py``):
 ``logit_adjustment_tau * log(p_background / p_subject)`` (Menon et al.'s tau; default 1; with
-``logit_adjustment_tau_single`` a call with one subject gets its own, as nothing is there to keep it from), and ``single_region``
-(default off) stores the one-region-per-subject inference rule with the weights. With ``trajectory`` set, the
+``logit_adjustment_tau_single`` a call with one subject gets its own, as nothing is there to keep it from), ``single_region``
+(default off) and ``subject_gap`` (default 0) store the one-region-per-subject rule and the gap between subjects
+with the weights. With ``trajectory`` set, the
 routers are then trained on the model's own sampling trajectories (``trajectory.py``).
 
     python -m anystory.training.stage2 --config configs/miniature.yaml
@@ -93,14 +94,15 @@ def train_stage2(cfg: dict, pipe, log=print) -> dict:
     single_region = bool(scfg.get("single_region", False))
     tau_single = scfg.get("logit_adjustment_tau_single")
     bias_single = None if tau_single is None else float(tau_single) * log_ratio
+    gap = int(scfg.get("subject_gap", 0))
     pipe.anystory.register_to_config(routing_background_bias=bias, routing_single_region=single_region,
-                                     routing_background_bias_single=bias_single)
+                                     routing_background_bias_single=bias_single, routing_subject_gap=gap)
     log(f"[stage2] class priors: background {priors['background']:.3f}, one subject {priors['subject']:.3f} "
         f"-> inference background logit adjustment {tau:g} x log ratio = {bias:.3f}; one region per subject: "
-        f"{'on' if single_region else 'off'}")
+        f"{'on' if single_region else 'off'}; gap between subjects: {gap}")
     out = {"heldout_before": before, "heldout_after": after, "seconds": loop.seconds, "routing_priors": priors,
            "routing_background_bias": bias, "logit_adjustment_tau": tau, "routing_single_region": single_region,
-           "routing_background_bias_single": bias_single}
+           "routing_background_bias_single": bias_single, "routing_subject_gap": gap}
     if scfg.get("trajectory"):  # the routers again, on the model's own sampling trajectories (trajectory.py)
         from .trajectory import train_trajectory
 

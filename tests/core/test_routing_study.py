@@ -74,3 +74,5 @@ def test_the_table_states_a_lone_subjects_own_adjustment_only_when_the_model_has
     assert "one subject:" not in markdown_table(report).splitlines()[0]
     head = markdown_table({**report, "routing_background_bias_single": 0.0}).splitlines()[0]
     assert "Background logit adjustment of this model: 1.087 (a call with one subject: 0.000); one region" in head
+    assert "gap between subjects: 0 latent positions" in head
+    assert "gap between subjects: 2 latent positions" in markdown_table({**report, "routing_subject_gap": 2})

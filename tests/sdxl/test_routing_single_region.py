@@ -54,12 +54,12 @@ def test_equal_regions_keep_the_first_and_samples_are_independent():
 def test_the_rule_is_inference_only():
     torch.manual_seed(0)
     logits = torch.randn(1, 3, 36)
-    gate, _ = routing_maps(logits, training=False, single_region_hw=(6, 6))
+    gate, _ = routing_maps(logits, training=False, hw=(6, 6), single_region=True)
     plain, _ = routing_maps(logits, training=False)
     assert not torch.equal(gate, plain), "random logits fragment; the rule must cut them"
     assert torch.equal(gate.argmax(1), largest_regions(plain.argmax(1), (6, 6), 3))
     torch.manual_seed(1)
-    trained, _ = routing_maps(logits, training=True, single_region_hw=(6, 6))
+    trained, _ = routing_maps(logits, training=True, hw=(6, 6), single_region=True)
     torch.manual_seed(1)
     assert torch.equal(trained, routing_maps(logits, training=True)[0])
 

@@ -48,14 +48,14 @@ def test_without_a_trajectory_router_the_decision_is_the_adjusted_argmax():
     assert torch.equal(gate, F.one_hot(route_decision(adjusted), 4).movedim(-1, 1).float())
 
 
-@pytest.mark.parametrize("single_region", [None, (6, 6)])
-def test_a_subject_winning_nowhere_leaves_the_others_and_a_batch_equals_its_samples(single_region):
+@pytest.mark.parametrize("rules", [{}, {"hw": (6, 6), "single_region": True},
+                                   {"hw": (6, 6), "single_region": True, "subject_gap": 1}])
+def test_a_subject_winning_nowhere_leaves_the_others_and_a_batch_equals_its_samples(rules):
     torch.manual_seed(1)
     stage2, trajectory = torch.randn(2, 4, 36) * 2, torch.randn(2, 4, 36) * 2
     stage2[:, 1] -= 1e4
     trajectory[:, 1] -= 1e4  # subject 1 wins nowhere
-    kw = dict(training=False, background_bias=1.0, single_region_hw=single_region, trajectory_weight=0.5,
-              trajectory_background_bias=0.5)
+    kw = dict(training=False, background_bias=1.0, trajectory_weight=0.5, trajectory_background_bias=0.5, **rules)
     labels = _labels(routing_maps(stage2, trajectory_logits=trajectory, **kw)[0])
     assert not (labels == 1).any() and len(labels.unique()) == 3
     keep = [0, 2, 3]

@@ -61,6 +61,13 @@ def test_exponents_without_a_dot_read_as_numbers(tmp_path):
     assert cfg.stage2.lr == 1e-4 and cfg.flux_router.lr == 3e-5 and isinstance(cfg.stage2.lr, float)
 
 
+@pytest.mark.parametrize("text, message", [("stage2: {subject_gap: -1}\n", "stage2.subject_gap must be >= 0, got -1"),
+                                           ("stage1: {routing_dilation: -2}\n", "stage1.routing_dilation must be >= 0")])
+def test_negative_distances_are_refused(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(_yaml(tmp_path, text))
+
+
 def test_a_trajectory_part_needs_its_classifier(tmp_path):
     with pytest.raises(ValueError, match="stage2.trajectory.classifier: required"):
         load_config(_yaml(tmp_path, "stage2: {trajectory: {samples: 4}}\n"))
@@ -141,7 +148,8 @@ def _values_the_stages_read(name):
                               "vae.object_weight": 4.0, "clip.steps": 3000, "stage1.steps": 2400,
                               "stage1.generic_caption": 1.0, "stage1.object_weight": 6.0,
                               "stage1.semantic_alignment": 1.0, "stage1.routing_dilation": 6,
-                              "stage2.routing_dilation": 6, "stage2.logit_adjustment_tau_single": 0.0},
+                              "stage2.routing_dilation": 6, "stage2.logit_adjustment_tau_single": 0.0,
+                              "stage2.subject_gap": 1},
         "miniature_v2i.yaml": {**common, "threads": 1, "work_dir": "runs/miniature_v2i", "base.object_weight": 6.0,
                                "world.max_rotation": 15, "world.max_subjects": 1},
         "miniature_v2j.yaml": {**common, "threads": 1, "work_dir": "runs/miniature_v2j", "base.object_weight": 6.0,

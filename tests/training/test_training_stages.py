@@ -135,7 +135,8 @@ def test_command_builds_a_miniature_that_loads_and_generates(tmp_path):
     out = tmp_path / "export"
     code = run_stages(["--config", SMOKE, "--set", f"work_dir={tmp_path / 'run'}", "--set", f"export_dir={out}",
                        "--set", "log_every=1000", "--set", "stage2.logit_adjustment_tau=1.5",
-                       "--set", "stage2.single_region=true", "--set", "stage2.logit_adjustment_tau_single=0.25"]
+                       "--set", "stage2.single_region=true", "--set", "stage2.logit_adjustment_tau_single=0.25",
+                       "--set", "stage2.subject_gap=2"]
                       + [f"--set={s}.steps=1" for s in ("vae", "clip", "base", "stage1", "stage2")], log=lambda *_: None)
     assert code == 0
     for name in ("model_index.json", "anystory.safetensors", "anystory_config.json", "unet", "vae", "image_encoder"):
@@ -158,6 +159,7 @@ def test_command_builds_a_miniature_that_loads_and_generates(tmp_path):
     assert pipe.anystory.config.routing_background_bias == pytest.approx(bias)
     assert config["routing_single_region"] is True and pipe.anystory.state.single_region is True
     assert config["routing_background_bias_single"] == pytest.approx(0.25 * np.log(priors["background"] / priors["subject"]))
+    assert config["routing_subject_gap"] == 2 and pipe.anystory.conditioning().subject_gap == 2
     # a second run finds every stage finished and only re-exports
     assert run_stages(["--config", SMOKE, "--set", f"work_dir={tmp_path / 'run'}", "--set", f"export_dir={out}"]
                       + [f"--set={s}.steps=1" for s in ("vae", "clip", "base", "stage1", "stage2")],
