@@ -1,20 +1,14 @@
 """One region per subject (``routing_single_region``, the miniature's inference rule): every layer's map gives
 each subject one 8-connected region, and the routing guarantees still hold with the rule on: a subject routed
 nowhere changes nothing, and a batch gives what single calls give."""
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import torch
 from scipy import ndimage
 
-from anystory import AnyStorySDXLPipeline, Subject
-from anystory.sdxl.attention_processors import AnyStoryCrossAttnProcessor
+from anystory import Subject
 from anystory.sdxl.router import largest_regions, routing_maps
-from anystory.sdxl.tiny_sdxl import TINY_ANYSTORY_CONFIG, tiny_sdxl_components
-from helpers.routing import noise_image
-
-PROMPT = "a red striped star and a blue dotted moon on sand"
+from helpers.routing import PROMPT, assert_routed_nowhere_changes_nothing, noise_image, record_gates, run_routed, tiny_pipe
 EIGHT = np.ones((3, 3))  # 8-connectivity
 
 
@@ -66,32 +60,12 @@ def test_the_rule_is_inference_only():
 
 @pytest.fixture(scope="module")
 def pipe():
-    p = AnyStorySDXLPipeline(**tiny_sdxl_components(seed=0))
-    p.set_progress_bar_config(disable=True)
-    torch.manual_seed(0)
-    p.init_anystory(**TINY_ANYSTORY_CONFIG, routing_single_region=True)
-    return p
-
-
-def _run(pipe, subjects, **kw):
-    kw.setdefault("generator", torch.Generator().manual_seed(0))
-    return pipe(kw.pop("prompt", PROMPT), subjects=subjects, num_inference_steps=2, output_type="np",
-                routing_background_bias=1.0, **kw)
+    return tiny_pipe(routing_single_region=True)
 
 
 @pytest.fixture
 def gates(monkeypatch):
-    """Every cross-attention layer's gating map, with its grid."""
-    seen = []
-    original = AnyStoryCrossAttnProcessor._route
-
-    def route(self, hidden, hw):
-        gate = original(self, hidden, hw)
-        seen.append((gate.clone(), hw))
-        return gate
-
-    monkeypatch.setattr(AnyStoryCrossAttnProcessor, "_route", route)
-    return seen
+    return record_gates(monkeypatch)
 
 
 def _most_regions(seen) -> int:
@@ -101,46 +75,29 @@ def _most_regions(seen) -> int:
 
 def test_every_layer_routes_each_subject_to_one_region(pipe, gates):
     subjects = [Subject(noise_image(1)), Subject(noise_image(2))]
-    _run(pipe, subjects)
+    run_routed(pipe, subjects)
     assert len(gates) > 0 and _most_regions(gates) == 1
     pipe.anystory.register_to_config(routing_single_region=False)
     try:
         gates.clear()
-        _run(pipe, subjects)
+        run_routed(pipe, subjects)
         assert _most_regions(gates) > 1, "the untrained router fragments its maps; the rule must be what joins them"
     finally:
         pipe.anystory.register_to_config(routing_single_region=True)
 
 
 def test_subject_routed_nowhere_changes_nothing_with_the_rule(pipe, monkeypatch):
-    """B allowed nowhere (``routing_regions``), A routed by the learned router with the rule: the output equals
-    the call with A alone, for any reference of B."""
-    allowed = torch.zeros(2, 32, 32)
-    allowed[0, :, :20] = 1
-    original = pipe.anystory.start
-
-    def start(conditioning=None):
-        if conditioning is not None:
-            conditioning = replace(conditioning, routing_regions=allowed[: conditioning.num_subjects])
-        return original(conditioning)
-
-    monkeypatch.setattr(pipe.anystory, "start", start)
-    alone = _run(pipe, [Subject(noise_image(1))], return_routing_maps=True)
-    assert torch.stack([m[0, 0] for m in alone.routing_maps]).mean() > 0.05, "A must hold part of the image"
-    for b_seed in (2, 5):
-        both = _run(pipe, [Subject(noise_image(1)), Subject(noise_image(b_seed), scale=2.0)], return_routing_maps=True)
-        assert all(m[:, 1].max() == 0 for m in both.routing_maps)
-        assert np.abs(both.images - alone.images).max() <= 1e-6
+    assert_routed_nowhere_changes_nothing(pipe, monkeypatch)
 
 
 def test_batch_equals_single_calls_with_the_rule(pipe):
     subjects = [Subject(noise_image(1)), Subject(noise_image(2))]
     latents = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(3))
     prompts = [PROMPT, "two toys on a wooden table"]
-    singles = [_run(pipe, subjects, prompt=prompts[i], latents=latents[i:i + 1]).images[0] for i in range(2)]
-    same = _run(pipe, subjects, latents=latents, num_images_per_prompt=2).images
+    singles = [run_routed(pipe, subjects, prompt=prompts[i], latents=latents[i:i + 1]).images[0] for i in range(2)]
+    same = run_routed(pipe, subjects, latents=latents, num_images_per_prompt=2).images
     assert np.abs(same[0] - singles[0]).max() <= 1e-4
-    assert np.abs(same[1] - _run(pipe, subjects, latents=latents[1:]).images[0]).max() <= 1e-4
-    batch = _run(pipe, subjects, prompt=prompts, latents=latents).images
+    assert np.abs(same[1] - run_routed(pipe, subjects, latents=latents[1:]).images[0]).max() <= 1e-4
+    batch = run_routed(pipe, subjects, prompt=prompts, latents=latents).images
     for i in range(2):
         assert np.abs(batch[i] - singles[i]).max() <= 1e-4

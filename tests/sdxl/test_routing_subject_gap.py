@@ -2,19 +2,15 @@
 subjects' regions are parted by at least the gap (scaled to the layer's grid) of background, and the routing
 guarantees still hold with it: a subject routed nowhere changes nothing, and a batch gives what single calls give."""
 import math
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from anystory import AnyStorySDXLPipeline, Subject
-from anystory.sdxl.attention_processors import AnyStoryCrossAttnProcessor
 from anystory.sdxl.router import kept_apart, largest_regions, routing_maps
 from anystory.sdxl.tiny_sdxl import TINY_ANYSTORY_CONFIG, tiny_sdxl_components
-from helpers.routing import noise_image
-
-PROMPT = "a red striped star and a blue dotted moon on sand"
+from helpers.routing import PROMPT, assert_routed_nowhere_changes_nothing, noise_image, record_gates, run_routed, tiny_pipe
 LATENT = 32  # the tiny pipeline's latent side at its default size
 
 
@@ -118,32 +114,12 @@ GAP = 4  # latent positions; each layer parts the subjects by the gap scaled to 
 
 @pytest.fixture(scope="module")
 def pipe():
-    p = AnyStorySDXLPipeline(**tiny_sdxl_components(seed=0))
-    p.set_progress_bar_config(disable=True)
-    torch.manual_seed(0)
-    p.init_anystory(**TINY_ANYSTORY_CONFIG, routing_single_region=True, routing_subject_gap=GAP)
-    return p
-
-
-def _run(pipe, subjects, **kw):
-    kw.setdefault("generator", torch.Generator().manual_seed(0))
-    return pipe(kw.pop("prompt", PROMPT), subjects=subjects, num_inference_steps=2, output_type="np",
-                routing_background_bias=1.0, **kw)
+    return tiny_pipe(routing_single_region=True, routing_subject_gap=GAP)
 
 
 @pytest.fixture
 def gates(monkeypatch):
-    """Every cross-attention layer's gating map, with its grid."""
-    seen = []
-    original = AnyStoryCrossAttnProcessor._route
-
-    def route(self, hidden, hw):
-        gate = original(self, hidden, hw)
-        seen.append((gate.clone(), hw))
-        return gate
-
-    monkeypatch.setattr(AnyStoryCrossAttnProcessor, "_route", route)
-    return seen
+    return record_gates(monkeypatch)
 
 
 def _closest_at_each_layer(seen) -> list:
@@ -154,45 +130,28 @@ def _closest_at_each_layer(seen) -> list:
 
 def test_every_layer_parts_the_subjects_by_the_gap(pipe, gates):
     subjects = [Subject(noise_image(1)), Subject(noise_image(2))]
-    _run(pipe, subjects)
+    run_routed(pipe, subjects)
     rows = _closest_at_each_layer(gates)
     assert rows and all(d > gap for d, gap in rows)
     assert any(d < math.inf for d, _ in rows), "both subjects must hold positions somewhere"
     pipe.anystory.register_to_config(routing_subject_gap=0)
     try:
         gates.clear()
-        _run(pipe, subjects)
+        run_routed(pipe, subjects)
         assert any(d <= gap for d, gap in _closest_at_each_layer(gates)), "without the rule the subjects must meet"
     finally:
         pipe.anystory.register_to_config(routing_subject_gap=GAP)
 
 
 def test_subject_routed_nowhere_changes_nothing_with_the_gap(pipe, monkeypatch):
-    """B allowed nowhere (``routing_regions``), A routed by the learned router with the gap: the output equals
-    the call with A alone, for any reference of B."""
-    allowed = torch.zeros(2, LATENT, LATENT)
-    allowed[0, :, :20] = 1
-    original = pipe.anystory.start
-
-    def start(conditioning=None):
-        if conditioning is not None:
-            conditioning = replace(conditioning, routing_regions=allowed[: conditioning.num_subjects])
-        return original(conditioning)
-
-    monkeypatch.setattr(pipe.anystory, "start", start)
-    alone = _run(pipe, [Subject(noise_image(1))], return_routing_maps=True)
-    assert torch.stack([m[0, 0] for m in alone.routing_maps]).mean() > 0.05, "A must hold part of the image"
-    for b_seed in (2, 5):
-        both = _run(pipe, [Subject(noise_image(1)), Subject(noise_image(b_seed), scale=2.0)], return_routing_maps=True)
-        assert all(m[:, 1].max() == 0 for m in both.routing_maps)
-        assert np.abs(both.images - alone.images).max() <= 1e-6
+    assert_routed_nowhere_changes_nothing(pipe, monkeypatch, LATENT)
 
 
 def test_batch_equals_single_calls_with_the_gap(pipe):
     subjects = [Subject(noise_image(1)), Subject(noise_image(2))]
     latents = torch.randn(2, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(3))
     prompts = [PROMPT, "two toys on a wooden table"]
-    singles = [_run(pipe, subjects, prompt=prompts[i], latents=latents[i:i + 1]).images[0] for i in range(2)]
-    batch = _run(pipe, subjects, prompt=prompts, latents=latents).images
+    singles = [run_routed(pipe, subjects, prompt=prompts[i], latents=latents[i:i + 1]).images[0] for i in range(2)]
+    batch = run_routed(pipe, subjects, prompt=prompts, latents=latents).images
     for i in range(2):
         assert np.abs(batch[i] - singles[i]).max() <= 1e-4
