@@ -7,7 +7,7 @@ Afterwards the class priors of the training targets set the inference logit adju
 ``logit_adjustment_tau * log(p_background / p_subject)`` (Menon et al.'s tau; default 1; with
 ``logit_adjustment_tau_single`` a call with one subject gets its own, as nothing is there to keep it from), ``single_region``
 (default off) and ``subject_gap`` (default 0) store the one-region-per-subject rule and the gap between subjects
-with the weights. With ``trajectory`` set, the
+with the weights; the gap is stored after the trajectory part, which samples without it. With ``trajectory`` set, the
 routers are then trained on the model's own sampling trajectories (``trajectory.py``).
 
     python -m anystory.training.stage2 --config configs/miniature.yaml
@@ -96,7 +96,7 @@ def train_stage2(cfg: dict, pipe, log=print) -> dict:
     bias_single = None if tau_single is None else float(tau_single) * log_ratio
     gap = int(scfg.get("subject_gap", 0))
     pipe.anystory.register_to_config(routing_background_bias=bias, routing_single_region=single_region,
-                                     routing_background_bias_single=bias_single, routing_subject_gap=gap)
+                                     routing_background_bias_single=bias_single)
     log(f"[stage2] class priors: background {priors['background']:.3f}, one subject {priors['subject']:.3f} "
         f"-> inference background logit adjustment {tau:g} x log ratio = {bias:.3f}; one region per subject: "
         f"{'on' if single_region else 'off'}; gap between subjects: {gap}")
@@ -117,6 +117,8 @@ def train_stage2(cfg: dict, pipe, log=print) -> dict:
         if own is not None:
             log(f"[stage2] after the trajectory part: {'trajectory routers' if combine else 'background'} logit "
                 f"adjustment {tau:g} x log ratio = {own:.3f}" + (f", added with weight {combine:g}" if combine else ""))
+    # stored last: the trajectory part samples without the gap (chosen on the tuning sets: miniature-diagnosis, 2.16)
+    pipe.anystory.register_to_config(routing_subject_gap=gap)
     return out
 
 

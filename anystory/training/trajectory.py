@@ -234,7 +234,8 @@ def retrain_routers(pipe, classifier: IdentityClassifier, world: SyntheticWorld,
 
 
 def train_trajectory(cfg: dict, pipe, log=print, trajectory_background_bias: Optional[float] = None) -> dict:
-    """Stage 2's last part when ``stage2.trajectory`` is set (after the inference rule is stored: it samples with it).
+    """Stage 2's last part when ``stage2.trajectory`` is set (after the inference rule is stored: it samples with
+    it, all but the gap between subjects, stored after it).
     ``trajectory_background_bias``: the trajectory routers' adjustment when ``combine_weight`` is set."""
     from .data import world_for
 

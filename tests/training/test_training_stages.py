@@ -126,17 +126,21 @@ def test_config_errors_name_the_problem(tmp_path):
         load_config(SMOKE, {"stage2": {"subjects": [0, 0]}})
 
 
-def test_command_builds_a_miniature_that_loads_and_generates(tmp_path):
+def test_command_builds_a_miniature_that_loads_and_generates(tmp_path, monkeypatch):
+    import anystory.training.trajectory as trajectory
     from anystory.data.synthetic import Identity, SyntheticWorld
     from anystory.sdxl.miniature import load_miniature
     from anystory.training.runner import run_stages
 
     torch.set_num_threads(1)
+    gaps_sampled = []  # the trajectory part (a stand-in here) samples with the stored rule but the gap
+    monkeypatch.setattr(trajectory, "train_trajectory",
+                        lambda cfg, pipe, log, bias: gaps_sampled.append(pipe.anystory.config.routing_subject_gap) or {})
     out = tmp_path / "export"
     code = run_stages(["--config", SMOKE, "--set", f"work_dir={tmp_path / 'run'}", "--set", f"export_dir={out}",
                        "--set", "log_every=1000", "--set", "stage2.logit_adjustment_tau=1.5",
                        "--set", "stage2.single_region=true", "--set", "stage2.logit_adjustment_tau_single=0.25",
-                       "--set", "stage2.subject_gap=2"]
+                       "--set", "stage2.subject_gap=2", "--set", "stage2.trajectory.classifier=unused.safetensors"]
                       + [f"--set={s}.steps=1" for s in ("vae", "clip", "base", "stage1", "stage2")], log=lambda *_: None)
     assert code == 0
     for name in ("model_index.json", "anystory.safetensors", "anystory_config.json", "unet", "vae", "image_encoder"):
@@ -160,6 +164,7 @@ def test_command_builds_a_miniature_that_loads_and_generates(tmp_path):
     assert config["routing_single_region"] is True and pipe.anystory.state.single_region is True
     assert config["routing_background_bias_single"] == pytest.approx(0.25 * np.log(priors["background"] / priors["subject"]))
     assert config["routing_subject_gap"] == 2 and pipe.anystory.conditioning().subject_gap == 2
+    assert gaps_sampled == [0]
     # a second run finds every stage finished and only re-exports
     assert run_stages(["--config", SMOKE, "--set", f"work_dir={tmp_path / 'run'}", "--set", f"export_dir={out}"]
                       + [f"--set={s}.steps=1" for s in ("vae", "clip", "base", "stage1", "stage2")],
