@@ -1,6 +1,6 @@
 """Seconds per image of a miniature at the app's defaults, beside the shipped one, on this machine's CPU.
 
-    python -m benchmarks.miniature_speed --model runs/miniature_v3/export [--against assets/miniature]
+    python -m benchmarks.miniature_speed --model runs/miniature/export-candidate [--against assets/miniature]
 
 Each model generates at its own preset (``presets.preset_for``: the pipeline's native size, 20 steps, guidance 3),
 whole calls timed (prompt encoding, reference encoding, denoising, decoding), with 0, 1 and 2 subjects
