@@ -129,6 +129,9 @@ EXAMPLES = [
     [3, None, STAR, MOON, HEART, None, "a red striped star, a blue dotted moon and a yellow dotted heart on sand", 11],
     [4, None, STAR, MOON, HEART, TRIANGLE, "four objects on stone: a star, a moon, a heart and a triangle", 21],
 ]
+#: Said in the UI: what the miniature was trained on bounds what its examples can show (docs/experiments/miniature.md).
+EXAMPLES_LABEL = ("Examples: 1 to 4 subjects of the miniature's synthetic world, each with a fixed seed (the miniature "
+                  "was trained on scenes of up to 3 subjects: with 4 it often loses one)")
 #: Photos (public-domain / CC0, from scikit-image): for SDXL or FLUX weights; the miniature never saw a photo.
 PHOTO_EXAMPLES = [
     [2, None, _ex("astronaut.png"), _ex("cat.png"), None, None, "an astronaut holding a cat in a garden", 5],
@@ -361,8 +364,7 @@ def _generate_tab(demo, handle: ModelHandle, segmenter, kept: SessionFiles, jobs
     run_btn.click(on_generate, [count, prompt] + settings + slot_inputs, outputs[:5] + [matting_status, outputs[5]],
                   show_progress="hidden")
     ex_inputs = [prompt] + [slot_inputs[k * fields] for k in range(n_slots)] + [slot_inputs[1], settings[1], count]
-    for rows, label, elem in ((EXAMPLES, "Examples: 1 to 4 subjects of the miniature's synthetic world, each with a "
-                                         "fixed seed", "examples"),
+    for rows, label, elem in ((EXAMPLES, EXAMPLES_LABEL, "examples"),
                               (PHOTO_EXAMPLES, _photo_examples_label(handle.kind), "photo-examples")):
         gr.Examples(examples=[[row[6]] + row[2: 2 + n_slots] + [row[1], row[7], row[0]] for row in rows
                               if row[0] <= n_slots], inputs=ex_inputs, label=label, elem_id=elem)
@@ -375,7 +377,7 @@ def _photo_examples_label(kind: str) -> str:
     if kind in ("sdxl", "flux"):
         return label
     return label + (f": these need SDXL or FLUX weights - the model running now ({kind}) knows only the synthetic "
-                    "world and turns a photo into a coloured blob")
+                    "world and turns a photo into one of its own shapes in the photo's colours")
 
 
 def _output_panel() -> list:

@@ -135,7 +135,7 @@ def test_synthetic_examples_name_backdrops_of_the_world_and_photo_examples_say_w
     assert all(any(f"on {b}" in row[6] for b in BACKGROUNDS) for row in app.EXAMPLES)
     blocks, handle = demo
     labels = {c["props"].get("elem_id"): c["props"].get("label") for c in blocks.get_config_file()["components"]}
-    assert "synthetic world" in labels["examples"]
+    assert "synthetic world" in labels["examples"] and "up to 3 subjects" in labels["examples"]
     assert handle.kind not in ("sdxl", "flux") and "need SDXL or FLUX weights" in labels["photo-examples"]
     assert "need SDXL or FLUX weights" in app._photo_examples_label("miniature")
     assert "need" not in app._photo_examples_label("sdxl") and "need" not in app._photo_examples_label("flux")
