@@ -71,13 +71,11 @@ def on_white(image: Image.Image) -> Image.Image:
 def table(rows: List[dict]) -> str:
     lines = ["| prompt | seed | subject | drawn | shape | colour | texture | shown (all three) |",
              "|---|---|---|---|---|---|---|---|"]
-    mark = {True: "yes", False: "no"}
     for r in rows:
         for k, name in enumerate(r["subjects"]):
-            got = {key: r["read"][key][k] for key in ("found", "shape", "colour", "texture", "identity")}
-            lines.append(f"| {r['prompt'] if k == 0 else ''} | {r['seed'] if k == 0 else ''} | {name} | "
-                         + " | ".join(mark[bool(got[key])] for key in ("found", "shape", "colour", "texture", "identity"))
-                         + " |")
+            marks = " | ".join("yes" if r["read"][key][k] else "no"
+                               for key in ("found", "shape", "colour", "texture", "identity"))
+            lines.append(f"| {r['prompt'] if k == 0 else ''} | {r['seed'] if k == 0 else ''} | {name} | {marks} |")
     shown = sum(v for r in rows for v in r["read"]["identity"])
     total = sum(len(r["subjects"]) for r in rows)
     return "\n".join(lines + ["", f"Subjects shown (shape, colour and texture read right): {shown} of {total}."])

@@ -152,7 +152,7 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
         values.setdefault("gumbel_tau", self.config.gumbel_tau)
         values.setdefault("background_bias", self.config.routing_background_bias)
         values.setdefault("single_region", self.config.routing_single_region)
-        values.setdefault("subject_gap", self.config.get("routing_subject_gap", 0))
+        values.setdefault("subject_gap", self.config.routing_subject_gap)
         values.setdefault("trajectory_weight", self.config.routing_trajectory_weight)
         values.setdefault("trajectory_background_bias", self.config.routing_trajectory_background_bias)
         return SDXLConditioning(training=self.training, **values)

@@ -205,7 +205,7 @@ class AnyStorySDXLPipeline(AnyStoryPipelineMixin, StableDiffusionXLPipeline):
         """The call's background adjustment: the caller's, else a lone subject's own when the weights store one
         (``routing_background_bias_single``: the adjustment keeps subjects apart, and one subject has nothing to be
         kept from - it only shrinks its region), else ``None`` (the stored adjustment)."""
-        single = self.anystory.config.get("routing_background_bias_single")
+        single = self.anystory.config.routing_background_bias_single
         return single if given is None and count == 1 and single is not None else given
 
     # ---- call --------------------------------------------------------------------------------------------------

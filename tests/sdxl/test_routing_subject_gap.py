@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from anystory import AnyStorySDXLPipeline, Subject
+from anystory import Subject
 from anystory.sdxl.router import kept_apart, largest_regions, routing_maps
-from anystory.sdxl.tiny_sdxl import TINY_ANYSTORY_CONFIG, tiny_sdxl_components
 from helpers.routing import PROMPT, assert_routed_nowhere_changes_nothing, noise_image, record_gates, run_routed, tiny_pipe
+
 LATENT = 32  # the tiny pipeline's latent side at its default size
 
 
@@ -105,8 +105,7 @@ def test_the_rule_is_inference_only_and_needs_the_grid():
 def test_the_adapter_refuses_a_gap_that_is_not_a_whole_number():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="routing_subject_gap"):
-            AnyStorySDXLPipeline(**tiny_sdxl_components(seed=0)).init_anystory(**TINY_ANYSTORY_CONFIG,
-                                                                             routing_subject_gap=bad)
+            tiny_pipe(routing_subject_gap=bad)
 
 
 GAP = 4  # latent positions; each layer parts the subjects by the gap scaled to its grid, rounded up
