@@ -5,8 +5,9 @@
 A rebuild is deterministic by design (seeded data, seeded initialisation, RNG states in every checkpoint), so two
 runs of ``python -m anystory.training --config ...`` must write the same weights, whether or not they were stopped
 and resumed. This reads every ``.safetensors`` file of both folders and compares names, dtypes, shapes and bytes;
-every other file is compared byte for byte except ``training_summary.json``, which records wall-clock times. It
-prints one line per file and exits 1 when anything differs, naming the first differing tensors.
+every ``.json`` file by its parsed content (key order and indentation are not the model), every other file byte for
+byte - all but ``training_summary.json``, which records wall-clock times. It prints one line per file and exits 1
+when anything differs, naming the first differing tensors or keys.
 """
 from __future__ import annotations
 
@@ -39,6 +40,20 @@ def _tensor_differences(a: dict, b: dict) -> list:
     return problems
 
 
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _json_differences(a, b, where: str = "") -> list:
+    if isinstance(a, dict) and isinstance(b, dict):
+        problems = [f"only in one: {where}{k}" for k in sorted(set(a) ^ set(b))]
+        for k in sorted(set(a) & set(b)):
+            problems += _json_differences(a[k], b[k], f"{where}{k}.")
+        return problems
+    return [] if a == b and type(a) is type(b) else [f"{where.rstrip('.') or 'value'}: {a!r} vs {b!r}"]
+
+
 def compare(first: str, second: str) -> dict:
     """``{relative path: (tensor count or None, [problems])}`` for every file of either export."""
     files_a, files_b = _files(first), _files(second)
@@ -49,6 +64,8 @@ def compare(first: str, second: str) -> dict:
         if path.endswith(".safetensors"):
             a, b = load_file(pa), load_file(pb)
             report[path] = (len(a), _tensor_differences(a, b))
+        elif path.endswith(".json"):
+            report[path] = (None, _json_differences(_read_json(pa), _read_json(pb)))
         else:
             with open(pa, "rb") as fa, open(pb, "rb") as fb:
                 report[path] = (None, [] if fa.read() == fb.read() else ["bytes differ"])

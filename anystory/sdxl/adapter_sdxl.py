@@ -28,6 +28,12 @@ from ..weights import ANYSTORY_WEIGHTS as WEIGHTS_NAME
 from ..weights import anystory_files, check_state_dict, load_tensors, save_tensors
 
 
+def _unet_shape(unet_config) -> dict:
+    """The UNet's config without the folder it was loaded from (diffusers' ``_name_or_path``): a path on the
+    training machine is not part of the model, and it would make two rebuilds in different folders differ."""
+    return {k: v for k, v in dict(unet_config).items() if k != "_name_or_path"}
+
+
 class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
     config_name = CONFIG_NAME
 
@@ -85,7 +91,7 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
     def from_unet(cls, unet: UNet2DConditionModel, image_embed_dim: int, **config) -> "AnyStorySDXLAdapter":
         """A fresh adapter for ``unet``: ReferenceNet from its weights, semantic projections from its to_k/to_v."""
         layers = cross_attention_layers(unet)
-        adapter = cls(dict(unet.config), layers, image_embed_dim, **config)
+        adapter = cls(_unet_shape(unet.config), layers, image_embed_dim, **config)
         adapter.reference_net = ReferenceNet.from_unet(unet)
         modules = dict(unet.named_modules())
         with torch.no_grad():
@@ -170,7 +176,8 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
         os.makedirs(directory, exist_ok=True)
         save_tensors(self.state_dict(), os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-            json.dump({k: v for k, v in self.config.items() if not k.startswith("_")}, f, indent=1)
+            config = {k: v for k, v in self.config.items() if not k.startswith("_")}
+            json.dump({**config, "unet_config": _unet_shape(config["unet_config"])}, f, indent=1)
 
     @classmethod
     def load_anystory(cls, path: str, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):

@@ -24,10 +24,25 @@ def folder_size_mb(directory: str) -> float:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(directory) for f in fs) / 2**20
 
 
+def _drop_load_paths(directory: str) -> None:
+    """diffusers records in each model's config the folder it was loaded from (``_name_or_path``): in a written
+    model that is a path on the training machine, and it would make two rebuilds in different folders differ.
+    Loading sets it again, so nothing reads it from the file."""
+    for folder, _, names in os.walk(directory):
+        for name in (n for n in names if n.endswith(".json")):
+            path = os.path.join(folder, name)
+            with open(path) as f:
+                config = json.load(f)
+            if isinstance(config, dict) and config.pop("_name_or_path", None) is not None:
+                with open(path, "w") as f:
+                    f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def save_base_pipeline(pipe: AnyStorySDXLPipeline, directory: str) -> None:
     """The SDXL components alone (no ``anystory`` component), via diffusers' ``save_pretrained``."""
     bare = AnyStorySDXLPipeline(**{k: getattr(pipe, k) for k in COMPONENTS})
     bare.save_pretrained(directory, safe_serialization=True)
+    _drop_load_paths(directory)
 
 
 def export_miniature(cfg: dict, pipe: AnyStorySDXLPipeline, summary: dict, log=print) -> dict:
@@ -57,4 +72,4 @@ def export_miniature(cfg: dict, pipe: AnyStorySDXLPipeline, summary: dict, log=p
         shutil.rmtree(out)
     os.replace(tmp, out)
     log(f"[export] wrote {out} ({size:.1f} MB)")
-    return {"size_mb": round(size, 2), "path": out}
+    return {"size_mb": round(size, 2)}  # no folder: the summary ships with the model

@@ -50,12 +50,20 @@ def test_a_tensor_that_differs_in_any_bit_is_named(tmp_path, capsys, change, exp
 
 
 def test_a_changed_config_or_a_missing_file_is_a_difference(tmp_path):
-    a = _export(tmp_path / "a", _tensors())
-    b = _export(tmp_path / "b", _tensors(), config={"routing_subject_gap": 2})
+    a = _export(tmp_path / "a", _tensors(), config={"routing_subject_gap": 1, "unet_config": {"in_channels": 8}})
+    b = _export(tmp_path / "b", _tensors(), config={"routing_subject_gap": 2, "unet_config": {"in_channels": 8.0}})
     os.remove(os.path.join(b, "unet", "diffusion_pytorch_model.safetensors"))
     report = compare(a, b)
-    assert report["anystory_config.json"][1] == ["bytes differ"]
+    assert report["anystory_config.json"][1] == ["routing_subject_gap: 1 vs 2", "unet_config.in_channels: 8 vs 8.0"]
     assert report[os.path.join("unet", "diffusion_pytorch_model.safetensors")][1] == ["missing from the second export"]
+
+
+def test_a_config_is_compared_by_content_not_by_its_formatting(tmp_path):
+    a = _export(tmp_path / "a", _tensors(), config={"x": 1, "y": [1, 2]})
+    b = _export(tmp_path / "b", _tensors())
+    with open(os.path.join(b, "anystory_config.json"), "w") as f:
+        f.write('{\n  "y": [1, 2],\n  "x": 1\n}\n')
+    assert compare(a, b)["anystory_config.json"][1] == []
 
 
 def test_a_path_that_is_not_a_folder_is_refused(tmp_path, capsys):

@@ -165,10 +165,12 @@ def test_command_builds_a_miniature_that_loads_and_generates(tmp_path, monkeypat
     assert config["routing_background_bias_single"] == pytest.approx(0.25 * np.log(priors["background"] / priors["subject"]))
     assert config["routing_subject_gap"] == 2 and pipe.anystory.conditioning().subject_gap == 2
     assert gaps_sampled == [0]
-    # a second run finds every stage finished and only re-exports
+    # a second run finds every stage finished and only re-exports, from the stages' folders
     assert run_stages(["--config", SMOKE, "--set", f"work_dir={tmp_path / 'run'}", "--set", f"export_dir={out}"]
                       + [f"--set={s}.steps=1" for s in ("vae", "clip", "base", "stage1", "stage2")],
                       log=lambda *_: None) == 0
+    for config in out.rglob("*.json"):  # no folder of the training machine: rebuilds elsewhere write the same files
+        assert str(tmp_path) not in config.read_text(), config
 
 
 def test_missing_miniature_says_how_to_rebuild(tmp_path):
