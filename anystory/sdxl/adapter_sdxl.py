@@ -29,8 +29,8 @@ from ..weights import anystory_files, check_state_dict, load_tensors, save_tenso
 
 
 def _unet_shape(unet_config) -> dict:
-    """The UNet's config without the folder it was loaded from (diffusers' ``_name_or_path``): a path on the
-    training machine is not part of the model, and it would make two rebuilds in different folders differ."""
+    """The UNet's config as written: without the folder it was loaded from (diffusers' ``_name_or_path``), a path
+    on the training machine that is not part of the model and would make two rebuilds in different folders differ."""
     return {k: v for k, v in dict(unet_config).items() if k != "_name_or_path"}
 
 
@@ -91,7 +91,7 @@ class AnyStorySDXLAdapter(ModelMixin, ConfigMixin):
     def from_unet(cls, unet: UNet2DConditionModel, image_embed_dim: int, **config) -> "AnyStorySDXLAdapter":
         """A fresh adapter for ``unet``: ReferenceNet from its weights, semantic projections from its to_k/to_v."""
         layers = cross_attention_layers(unet)
-        adapter = cls(_unet_shape(unet.config), layers, image_embed_dim, **config)
+        adapter = cls(dict(unet.config), layers, image_embed_dim, **config)
         adapter.reference_net = ReferenceNet.from_unet(unet)
         modules = dict(unet.named_modules())
         with torch.no_grad():

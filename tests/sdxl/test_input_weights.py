@@ -66,3 +66,13 @@ def test_image_encoder_as_a_folder_without_subfolder(weights, tmp_path):
     encoder.save_pretrained(str(tmp_path / "encoder"))
     pipe = load_sdxl_anystory(weights, str(tmp_path / "base"), image_encoder=(str(tmp_path / "encoder"), None))
     assert pipe.anystory is not None and pipe.image_encoder.config.hidden_size == encoder.config.hidden_size
+
+
+def test_written_weights_name_no_folder_of_the_machine_that_wrote_them(tmp_path):
+    pipe = _pipe()
+    pipe.unet.register_to_config(_name_or_path="/home/someone/runs/base/unet")  # as diffusers' from_pretrained does
+    pipe.init_anystory(**TINY_ANYSTORY_CONFIG)
+    pipe.save_anystory_weights(str(tmp_path))
+    with open(os.path.join(tmp_path, "anystory_config.json")) as f:
+        assert "/home/someone" not in f.read()
+    assert _pipe().load_anystory_weights(str(tmp_path)).config.unet_config["in_channels"] == pipe.unet.config.in_channels
